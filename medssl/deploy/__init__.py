@@ -1,0 +1,3 @@
+"""medssl.deploy."""
+
+from __future__ import annotations

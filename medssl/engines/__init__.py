@@ -1,0 +1,3 @@
+"""medssl.engines."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""medssl.losses."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""medssl.methods."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""medssl.networks."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""medssl.tracking."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""medssl.transforms."""
+
+from __future__ import annotations
