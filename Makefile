@@ -1,0 +1,37 @@
+# medssl — the two README commands: `make demo` and `make test`.
+# Each target creates .venv if missing, installs torch==2.13.0 FIRST (a local CPU wheel on our machines; any
+# other spec downloads a multi-GB CUDA build), then the package with its dev extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medssl-installed
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/medssl demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) benchmarks/ingest_dicom.py
+	$(PY) benchmarks/ingest_nifti.py
+	$(PY) benchmarks/augment.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check medssl tests benchmarks
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,164 @@
+"""`medssl` command line: thin Typer wrappers over library functions.
+
+Exit codes: 0 success; 1 a `MedsslError` (one red line, `--verbose` for the traceback); 2 bad usage;
+3 `ingest` finished but quarantined some inputs (see quarantine.csv).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medssl.errors import MedsslError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(name="medssl", help="Self-supervised learning for 3D medical images on MONAI.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("medssl")
+
+EXIT_ERROR, EXIT_QUARANTINED = 1, 3
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")]
+
+
+def _setup(verbose: bool) -> None:
+    from medssl.log import setup_logging
+
+    setup_logging(verbose, err_console)
+
+
+def _fail(e: Exception, verbose: bool) -> typer.Exit:
+    if verbose:
+        err_console.print_exception()
+    err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+    return typer.Exit(EXIT_ERROR)
+
+
+def _csv_list(value: str, cast: type) -> list:
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"{value!r}: expected a comma-separated list of {cast.__name__}") from e
+
+
+@app.command()
+def ingest(
+    sources: Annotated[list[Path], typer.Argument(help="Files/folders: NIfTI, DICOM (any layout), MSD dataset.json, MedMNIST .npz.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (datalist.json, manifest.csv, quarantine.csv, nifti/).")],
+    labels: Annotated[list[Path] | None, typer.Option("--labels", help="Folder(s)/files of label maps, paired with images by name.")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel worker processes.", min=1)] = 1,
+    tilt: Annotated[str, typer.Option(help="Gantry-tilted DICOM: quarantine | resample.")] = "quarantine",
+    uneven: Annotated[str, typer.Option(help="Uneven DICOM slice spacing: quarantine | resample.")] = "quarantine",
+    four_d: Annotated[str, typer.Option("--four-d", help="4D DICOM series: split | quarantine.")] = "split",
+    copy_nifti: Annotated[bool, typer.Option("--copy-nifti", help="Copy NIfTI inputs under case-id names (hides file names).")] = False,
+    salt: Annotated[str | None, typer.Option(envvar="MEDSSL_SALT", help="Secret salt of the case-id hash.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Ingest NIfTI / DICOM / MedMNIST into a PHI-free MONAI datalist, a manifest and a quarantine report."""
+    from medssl.data.ingest import IngestOptions
+    from medssl.data.ingest import ingest as run_ingest
+
+    _setup(verbose)
+    try:
+        opts = IngestOptions(tilt=tilt, uneven=uneven, four_d=four_d, copy_nifti=copy_nifti, salt=salt)
+        report = run_ingest(sources, out, labels=labels, workers=workers, options=opts,
+                            progress=sys.stderr.isatty())
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    table = Table(title=f"medssl ingest → {report.out}")
+    for col in ("section", "volumes"):
+        table.add_column(col)
+    for name, n in report.counts.items():
+        table.add_row(name, str(n))
+    table.add_row("[red]quarantined[/]", str(len(report.quarantined)))
+    table.add_row("unchanged (skipped)", str(report.reused))
+    console.print(table)
+    if report.quarantined:
+        q = Table(title=f"quarantined ({report.quarantine})", show_lines=False)
+        for col in ("path", "reason", "detail"):
+            q.add_column(col, overflow="fold")
+        for row in report.quarantined[:20]:
+            q.add_row(row["path"], row["reason"], row["detail"])
+        console.print(q)
+        if len(report.quarantined) > 20:
+            console.print(f"… and {len(report.quarantined) - 20} more in {report.quarantine}")
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def split(
+    datalist: Annotated[Path, typer.Argument(help="datalist.json written by `medssl ingest`.")],
+    fractions: Annotated[str, typer.Option(help="Label fractions in percent, comma-separated.")] = "1,5,10,25,50,100",
+    seeds: Annotated[str, typer.Option(help="Seeds, comma-separated.")] = "0,1,2",
+    test_fraction: Annotated[float, typer.Option(help="Share of labelled cases in the fixed test set.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Share of labelled cases in each seed's validation set.")] = 0.1,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="splits.json path (default: beside the datalist).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Write splits.json: a fixed test set, per-seed validation and nested label fractions."""
+    from medssl.data.splits import split_datalist
+
+    _setup(verbose)
+    try:
+        path, splits = split_datalist(datalist, fractions=_csv_list(fractions, float), seeds=_csv_list(seeds, int),
+                                      test_fraction=test_fraction, val_fraction=val_fraction, out=out)
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    console.print(splits_table(splits, title=f"medssl split → {path}"))
+
+
+def splits_table(splits: dict, title: str) -> Table:
+    """Rich table of case counts per seed and fraction."""
+    table = Table(title=title)
+    fr = list(next(iter(splits["seeds"].values()))["fractions"].keys()) if splits["seeds"] else []
+    for col in ["seed", "test", "val"] + [f"{f}%" for f in fr] + ["unlabeled pool"]:
+        table.add_column(col, justify="right")
+    for seed, s in splits["seeds"].items():
+        pool = splits.get("unlabeled", {}).get(seed, [])
+        table.add_row(seed, str(len(splits["test"])), str(len(s["validation"])),
+                      *[str(len(s["fractions"][f])) for f in fr], str(len(pool)))
+    return table
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
+    sample: Annotated[Path | None, typer.Option(help="Sample data folder (default: the one shipped in examples/data).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """The main job end-to-end on the small real sample shipped in the repository."""
+    from medssl.demo import run_demo
+
+    _setup(verbose)
+    try:
+        run_demo(out, sample=sample, console=console)
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+
+
+@app.command()
+def version() -> None:
+    """Print medssl, MONAI and torch versions."""
+    import monai
+    import torch
+
+    import medssl
+
+    console.print(f"medssl {medssl.__version__}  monai {monai.__version__}  torch {torch.__version__}")
+
+
+def main() -> None:  # pragma: no cover - console-script convenience
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
