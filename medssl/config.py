@@ -1,0 +1,245 @@
+"""Run configurations: plain dataclasses, loadable from YAML plus dotted ``key=value`` overrides.
+
+A config is data only (no objects): it round-trips through ``to_dict`` / ``from_dict``, is logged to
+MLflow as flattened params and embedded in every checkpoint.
+
+Example::
+
+    cfg = PretrainConfig.from_yaml("pretrain.yaml", overrides=["lr=3e-4", "method_kwargs.temperature=0.2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medssl.errors import MedsslError
+
+__all__ = ["PretrainConfig", "flatten_dict", "apply_overrides"]
+
+log = logging.getLogger(__name__)
+
+_AMP = (None, "bf16", "fp16")
+_NORM = ("robust", "ct", "none")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `medssl pretrain` needs; every field is a plain JSON/YAML value.
+
+    Args:
+        datalist: MONAI datalist JSON (``medssl ingest`` output); paths inside are relative to it.
+        sections: datalist sections forming the unlabelled pool (labels, if any, are ignored).
+        splits: optional ``splits.json``; cases it holds out (validation/test) are removed from the pool.
+        method: SSL method name (``medssl.methods``) or ``"package.module:callable"``.
+        method_kwargs: extra constructor arguments of the method.
+        encoder: encoder name (``medssl.networks.encoders``) or ``"package.module:callable"``.
+        encoder_kwargs: extra constructor arguments of the encoder.
+        augment: ``None`` (the method's default batched on-device augmentation) or ``"module:callable"``.
+        augment_kwargs: overrides passed to the augmentation factory.
+        in_channels: image channels C.
+        roi_size: crop size ``(D, H, W)`` in voxels fed to the augmentation.
+        target_spacing: resample to this voxel size in mm ``(x, y, z)``; ``None`` keeps the native grid.
+        normalisation: ``"robust"`` (per-volume percentile scaling, MRI), ``"ct"`` (HU window) or ``"none"``.
+        ct_window: HU window ``(min, max)`` mapped to [0, 1] for ``normalisation="ct"``.
+        batch_size: volumes per micro-batch B; one optimizer step sees ``batch_size * grad_accum`` volumes.
+        grad_accum: micro-batches accumulated per optimizer step.
+        lr: peak learning rate (after warm-up).
+        min_lr: final learning rate of the cosine decay.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up length in optimizer steps.
+        total_steps: optimizer steps; if 0, derived from ``epochs``.
+        epochs: passes over the pool, used only when ``total_steps == 0``.
+        grad_clip: max global grad norm (``None``/0 disables clipping).
+        amp: ``"bf16"``, ``"fp16"`` or ``None``; ignored (with a warning) on CPU.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        seed: seed of model init, data order, crops and augmentation.
+        deterministic: ``torch.use_deterministic_algorithms(True)`` during the run.
+        checkpoint_every: write ``step_XXXXXXX.pt`` (and ``last.pt``) every N steps; 0 = only at the end.
+        keep_checkpoints: periodic checkpoints kept (oldest deleted); ``last.pt`` is always kept.
+        out_dir: run folder (checkpoints, ``metrics.jsonl``, ``encoder.pt``/``.json``, config YAML).
+        cache_rate: share of volumes kept in the in-memory ``CacheDataset`` (filled lazily).
+        num_workers: threads for loading; 0 (default) loads in the training process, which was
+            faster than workers for small volumes on 2 CPU cores.
+        max_nan_steps: K; this many non-finite losses in a row abort the run.
+        log_every: metrics are logged every N steps.
+        preview: log an augmentation preview PNG at the start.
+        experiment: MLflow experiment name; ``None`` disables MLflow tracking.
+        run_name: MLflow run name (default: the out dir name).
+        tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns.db``).
+        parent_run_id: MLflow parent run (sweeps).
+        tags: extra MLflow tags.
+    """
+
+    datalist: str = ""
+    sections: list[str] = field(default_factory=lambda: ["unlabeled", "training"])
+    splits: str | None = None
+    method: str = "simclr"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    encoder: str = "swinvit"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    augment: str | None = None
+    augment_kwargs: dict[str, Any] = field(default_factory=dict)
+    in_channels: int = 1
+    roi_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    target_spacing: list[float] | None = None
+    normalisation: str = "robust"
+    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    total_steps: int = 100
+    epochs: int = 0
+    grad_clip: float | None = 1.0
+    amp: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/pretrain"
+    cache_rate: float = 1.0
+    num_workers: int = 0
+    max_nan_steps: int = 5
+    log_every: int = 1
+    preview: bool = True
+    experiment: str | None = "medssl-pretrain"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check value ranges; raises ``ValueError`` naming the field and value."""
+        if self.amp not in _AMP:
+            raise ValueError(f"amp must be one of {_AMP}, got {self.amp!r}")
+        if self.normalisation not in _NORM:
+            raise ValueError(f"normalisation must be one of {_NORM}, got {self.normalisation!r}")
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise ValueError(f"roi_size must be 3 positive ints (D, H, W), got {self.roi_size!r}")
+        if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
+            raise ValueError(f"target_spacing must be 3 positive mm values, got {self.target_spacing!r}")
+        for name in ("batch_size", "grad_accum", "max_nan_steps", "log_every", "in_channels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.total_steps == 0 and self.epochs == 0:
+            raise ValueError("set total_steps or epochs (both are 0)")
+        if not 0.0 <= self.cache_rate <= 1.0:
+            raise ValueError(f"cache_rate must be in [0, 1], got {self.cache_rate!r}")
+        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, "
+                             f"{self.weight_decay}")
+
+    # -- (de)serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> PretrainConfig:
+        """Build from a dict, then apply dotted overrides (``["lr=1e-3", "method_kwargs.tau=0.1"]``).
+
+        Raises:
+            MedsslError: unknown keys (named, with the valid ones).
+        """
+        data = apply_overrides(dict(data), overrides or [])
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MedsslError(f"unknown PretrainConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise MedsslError(f"invalid pretraining config: {e}") from e
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> PretrainConfig:
+        """Load a YAML mapping of config fields, then apply dotted overrides."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise MedsslError(f"cannot read config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise MedsslError(f"config {path} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data, overrides)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """YAML text of :meth:`to_dict`; also written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any) -> PretrainConfig:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict; ``"a.b=1"`` values are parsed as YAML (``1`` → int, ``[1,2]`` → list).
+
+    Args:
+        data: nested dict, modified in place and returned.
+        overrides: ``["key.sub=value", ...]`` or ``{"key.sub": value}``.
+
+    Raises:
+        MedsslError: an override string without ``=``.
+    """
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        for o in overrides:
+            if "=" not in o:
+                raise MedsslError(f"override {o!r} must look like key=value (e.g. lr=1e-3)")
+            k, v = o.split("=", 1)
+            items.append((k.strip(), _parse_value(v)))
+    for key, value in items:
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar/list parsing plus ``1e-3`` → float and ``None`` → None (YAML 1.1 reads both as strings)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        if value in ("None", "none"):
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def flatten_dict(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` → ``{"a.b": 1, "c": [1, 2]}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_dict(v, key + "."))
+        else:
+            out[key] = v
+    return out

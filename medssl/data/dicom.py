@@ -1,0 +1,458 @@
+"""DICOM series reader: scan files → group by series → sort along the normal → check geometry → volume.
+
+Pipeline (see docs/CONTRACTS.md):
+
+1. `find_dicom_files` walks paths and keeps files that look like DICOM (128-byte preamble + ``DICM``,
+   a plausible leading tag for preamble-less files, or a DICOM-like extension).
+2. `scan_dicom` reads headers only (large elements such as PixelData are deferred), turns each file into
+   `DicomFrame`s via `medssl.data.dicom_frames.frames_from_dataset` and groups them by SeriesInstanceUID.
+   Files that look like DICOM but cannot be parsed become ``QuarantineError("unreadable_dicom")``.
+3. `load_series` checks one series (`medssl.data.resample`) and stacks it into `DicomVolume`s:
+   ``array`` ``(X, Y, Z)`` in NIfTI voxel order (X = columns, Y = rows bottom-up, Z = ascending position
+   along the slice normal; the dcm2niix layout) with a RAS affine in mm.
+
+PHI: UIDs are used only as grouping keys and never appear in labels, metadata, reprs, log lines or
+exception messages. Series are named by folder, SeriesNumber, modality and file count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medssl.data.dicom_types import DicomFrame
+from medssl.data.resample import check_stack, resample_stack, sort_frames, split_temporal
+from medssl.errors import QuarantineError
+
+__all__ = [
+    "DicomSeries",
+    "DicomVolume",
+    "find_dicom_files",
+    "scan_dicom",
+    "load_series",
+    "read_dicom_series",
+    "read_dicom_files",
+    "group_dicom_files",
+    "save_nifti",
+]
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".dc3", ".ima"}
+# Non-PHI header attributes copied into DicomVolume.meta (keyword -> meta key).
+_META_KEYWORDS = {
+    "Manufacturer": "manufacturer",
+    "ManufacturerModelName": "model",
+    "KVP": "kvp",
+    "ConvolutionKernel": "convolution_kernel",
+    "MagneticFieldStrength": "field_strength",
+    "BodyPartExamined": "body_part",
+    "SeriesNumber": "series_number",
+    "GantryDetectorTilt": "gantry_detector_tilt",
+    "SliceThickness": "slice_thickness",
+}
+_INT16 = np.iinfo(np.int16)
+
+
+@dataclass
+class DicomSeries:
+    """The frames of one SeriesInstanceUID and a PHI-free label such as ``"CT series 3 (28 files) in scans/a"``."""
+
+    frames: list[DicomFrame] = field(repr=False)
+    label: str
+
+    @property
+    def files(self) -> list[Path]:
+        """Distinct source files, sorted."""
+        return sorted({f.path for f in self.frames})
+
+
+@dataclass
+class DicomVolume:
+    """One 3D volume converted from DICOM.
+
+    Attributes:
+        array: ``(X, Y, Z)`` voxels in NIfTI order; int16 when every rescaled value is an integer within
+            int16 range (CT in HU), else float32.
+        affine: ``(4, 4)`` voxel → RAS mm (nibabel convention).
+        modality: DICOM Modality (``"CT"``, ``"MR"``…).
+        meta: non-PHI facts (manufacturer, kVp, kernel, thickness, n_frames, transfer syntax) and
+            ``notes`` (list of strings: warnings, what resampling did); ``resampled`` when resampled.
+        source_files: files holding the frames of this volume.
+        temporal_index: index of the volume in a split 4D series (sorted temporal keys), ``None`` for 3D.
+        identity: stable identifier (series UID + temporal index) for salted case ids; never write it out.
+    """
+
+    array: np.ndarray = field(repr=False)
+    affine: np.ndarray = field(repr=False)
+    modality: str
+    meta: dict[str, object] = field(repr=False)
+    source_files: list[Path] = field(repr=False)
+    temporal_index: int | None = None
+    identity: str = field(default="", repr=False)
+
+    def __repr__(self) -> str:
+        spacing = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return (f"DicomVolume(shape={self.array.shape}, dtype={self.array.dtype}, modality={self.modality!r}, "
+                f"spacing_mm={tuple(round(float(s), 4) for s in spacing)}, temporal_index={self.temporal_index})")
+
+
+# ----------------------------------------------------------------------------------------- discovery
+def _sniff(path: Path) -> str:
+    """``"dicom"`` (preamble), ``"maybe"`` (plausible tag / extension), ``"empty"`` or ``"no"``."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return "no"
+    if not head:
+        return "empty"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    # Preamble-less (raw) DICOM starts with a group 0x0002/0x0008 element, little endian.
+    if len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0:
+        return "maybe"
+    return "maybe" if path.suffix.lower() in DICOM_SUFFIXES else "no"
+
+
+def _walk(paths: Iterable[str | Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+        elif p.is_file():
+            out.append(p)
+    return out
+
+
+def find_dicom_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files under ``paths`` (files or folders, walked recursively) that look like DICOM.
+
+    The check is cheap (reads 132 bytes). Files of any other kind (README, NIfTI…) are skipped
+    silently; hidden files and folders are ignored. Empty files with a DICOM extension are kept so
+    that `scan_dicom` can report them.
+
+    Returns:
+        Sorted, de-duplicated paths.
+    """
+    keep = []
+    for f in _walk(paths):
+        kind = _sniff(f)
+        if kind in ("dicom", "maybe") or (kind == "empty" and f.suffix.lower() in DICOM_SUFFIXES):
+            keep.append(f)
+    return sorted(set(keep))
+
+
+def _header_meta(ds: object) -> dict[str, object]:
+    meta: dict[str, object] = {}
+    for kw, key in _META_KEYWORDS.items():
+        val = getattr(ds, kw, None)
+        if val is None or val == "":
+            continue
+        try:
+            meta[key] = float(val) if kw in ("KVP", "MagneticFieldStrength", "SliceThickness",
+                                             "GantryDetectorTilt") else (
+                int(val) if kw == "SeriesNumber" else str(val))
+        except (TypeError, ValueError):
+            meta[key] = str(val)
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsuid is not None:
+        meta["transfer_syntax"] = getattr(tsuid, "name", str(tsuid))
+    return meta
+
+
+def _read_file(path: Path) -> list[DicomFrame]:
+    """Header-read one file into frames; `QuarantineError` for unreadable / non-image files."""
+    import pydicom
+
+    from medssl.data.dicom_frames import frames_from_dataset  # sibling module; decoding lives there
+
+    kind = _sniff(path)
+    if kind == "empty":
+        raise QuarantineError("empty_file", "zero-byte file", path)
+    try:
+        # Deferred reading: elements > 64 KiB (PixelData) are read from the file only when accessed.
+        ds = pydicom.dcmread(path, defer_size="64 KB", force=kind != "dicom")
+    except Exception as e:  # pydicom raises many types for corrupt input
+        raise QuarantineError("unreadable_dicom", f"cannot parse as DICOM ({type(e).__name__})", path) from None
+    if kind != "dicom" and not any(k in ds for k in ("SOPClassUID", "Rows", "PixelData", "SeriesInstanceUID")):
+        raise QuarantineError("unreadable_dicom", "no DICOM preamble and no image attributes", path)
+    try:
+        frames = frames_from_dataset(ds, path)
+    except QuarantineError:
+        raise
+    except Exception as e:
+        raise QuarantineError("unreadable_dicom", f"invalid image attributes ({type(e).__name__})", path) from None
+    meta = _header_meta(ds)
+    for f in frames:
+        for k, v in meta.items():
+            f.extra.setdefault(k, v)
+    return frames
+
+
+def _series_label(frames: list[DicomFrame], root: Path | None) -> str:
+    f0 = frames[0]
+    files = {f.path for f in frames}
+    folder = os.path.commonpath([str(p.parent) for p in files]) if files else ""
+    if root is not None:
+        try:
+            folder = str(Path(folder).relative_to(root.parent)) or folder
+        except ValueError:
+            pass
+    number = f0.extra.get("series_number", "?")
+    extra = f", {len(frames)} frames" if len(frames) != len(files) else ""
+    return f"{f0.modality or 'DICOM'} series {number} ({len(files)} files{extra}) in {folder}"
+
+
+def scan_dicom(paths: Iterable[str | Path] | str | Path, *,
+               workers: int = 1) -> tuple[list[DicomSeries], list[QuarantineError]]:
+    """Read the headers of every DICOM file under ``paths`` and group the frames by series.
+
+    Args:
+        paths: files and/or folders (walked recursively); a single path is accepted too.
+        workers: threads reading headers in parallel (I/O bound; 1 = sequential).
+
+    Returns:
+        ``(series, quarantined)``: series sorted by label; one `QuarantineError` per unusable file
+        (``unreadable_dicom``, ``empty_file``, or the frame reader's reason for non-image objects).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = list(paths)
+    files = find_dicom_files(paths)
+    root = Path(paths[0]) if len(paths) == 1 and Path(paths[0]).is_dir() else None
+
+    def one(p: Path) -> list[DicomFrame] | QuarantineError:
+        try:
+            return _read_file(p)
+        except QuarantineError as e:
+            return e
+
+    if workers > 1 and len(files) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one, files))
+    else:
+        results = [one(p) for p in files]
+    bad = [r for r in results if isinstance(r, QuarantineError)]
+    by_uid: dict[str, list[DicomFrame]] = defaultdict(list)
+    for r in results:
+        if not isinstance(r, QuarantineError):
+            for f in r:
+                by_uid[f.series_uid].append(f)
+    series = sorted((DicomSeries(frames=fr, label=_series_label(fr, root)) for fr in by_uid.values()),
+                    key=lambda s: s.label)
+    for e in bad:
+        logger.info("quarantined DICOM file %s: %s", e.path, e.reason)
+    logger.debug("found %d DICOM series in %d files", len(series), len(files))
+    return series, bad
+
+
+# ----------------------------------------------------------------------------------------- stacking
+def _load_planes(frames: Sequence[DicomFrame], workers: int) -> tuple[np.ndarray, bool]:
+    """Decode planes into ``(N, rows, cols)`` float32; also whether all values are int16 integers."""
+    n, rows, cols = len(frames), frames[0].rows, frames[0].cols
+    buf = np.empty((n, rows, cols), dtype=np.float32)
+
+    def fill(k: int) -> bool:
+        plane = np.asarray(frames[k].load(), dtype=np.float32)
+        if plane.shape != (rows, cols):
+            raise QuarantineError("mixed_image_size", f"decoded plane {plane.shape} != header {(rows, cols)}",
+                                  frames[k].path)
+        buf[k] = plane
+        return bool(np.all(np.isfinite(plane)) and plane.min() >= _INT16.min and plane.max() <= _INT16.max
+                    and np.array_equal(np.rint(plane), plane))
+
+    # Decoding (JPEG 2000 etc.) runs in C and releases the GIL: a thread pool scales across slices.
+    if workers > 1 and n > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            ints = list(pool.map(fill, range(n)))
+    else:
+        ints = [fill(k) for k in range(n)]
+    return buf, all(ints)
+
+
+def _to_nifti_order(buf: np.ndarray) -> np.ndarray:
+    """``(N, rows, cols)`` → ``(X=cols, Y=rows bottom-up, Z=N)`` view (no copy)."""
+    return buf[:, ::-1, :].transpose(2, 1, 0)
+
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _affine(origin: np.ndarray, u: np.ndarray, v: np.ndarray, w: np.ndarray, ps_row: float, ps_col: float,
+            rows: int) -> np.ndarray:
+    """RAS affine of the `_to_nifti_order` layout; ``origin`` = LPS position of pixel (row 0, col 0)."""
+    m = np.eye(4)
+    m[:3, 0] = u * ps_col
+    m[:3, 1] = -v * ps_row
+    m[:3, 2] = w
+    m[:3, 3] = origin + (rows - 1) * ps_row * v
+    return _LPS_TO_RAS @ m
+
+
+def _volume_meta(frames: Sequence[DicomFrame], notes: list[str]) -> dict[str, object]:
+    f0 = frames[0]
+    meta: dict[str, object] = {"modality": f0.modality}
+    meta.update({k: v for k, v in f0.extra.items() if isinstance(v, (str, int, float, bool))})
+    if f0.slice_thickness is not None:
+        meta["slice_thickness"] = float(f0.slice_thickness)
+    meta["n_frames"] = len(frames)
+    meta["notes"] = list(notes)
+    return meta
+
+
+def _build_volume(frames: list[DicomFrame], *, tilt: str, uneven: str, target_slice_spacing: float | None,
+                  temporal_index: int | None, workers: int) -> DicomVolume:
+    frames, d = sort_frames(frames)
+    report = check_stack(frames, d)
+    blocking = [p for p in report.problems
+                if p.reason in ("missing_slices",)
+                or (p.reason == "gantry_tilt" and tilt != "resample")
+                or (p.reason == "uneven_spacing" and uneven != "resample")]
+    if blocking:
+        raise QuarantineError("+".join(p.reason for p in blocking), "; ".join(p.detail for p in blocking),
+                              frames[0].path.parent)
+    f0 = frames[0]
+    u, v = np.asarray(f0.orientation[:3], float), np.asarray(f0.orientation[3:], float)
+    ps_row, ps_col = float(f0.pixel_spacing[0]), float(f0.pixel_spacing[1])
+    buf, is_int = _load_planes(frames, workers)
+    notes = list(report.warnings)
+    meta_extra: dict[str, object] = {}
+    needs_resample = bool(report.problems) or (target_slice_spacing is not None and len(frames) > 1)
+    if needs_resample:
+        out, origin, step, note = resample_stack(buf, frames, d, target_slice_spacing)
+        problems = "; ".join(p.short for p in report.problems) or "regular stack"
+        meta_extra["resampled"] = f"{problems} -> regular orthogonal grid, {step:.4g} mm along the normal ({note})"
+        notes.append(str(meta_extra["resampled"]))
+        array = _to_nifti_order(out)
+        affine = _affine(origin, u, v, report.normal * step, ps_row, ps_col, out.shape[1])
+        is_int = False
+    else:
+        array = _to_nifti_order(buf)
+        if len(frames) > 1:
+            w = (np.asarray(frames[-1].position, float) - np.asarray(f0.position, float)) / (len(frames) - 1)
+        else:
+            w = report.normal * float(f0.slice_thickness or 1.0)
+            notes.append("single slice: slice spacing taken from SliceThickness (or 1 mm)")
+        affine = _affine(np.asarray(f0.position, float), u, v, w, ps_row, ps_col, f0.rows)
+    array = array.astype(np.int16 if is_int else np.float32)  # keeps the F-like layout: fast NIfTI write
+    meta = _volume_meta(frames, notes)
+    meta.update(meta_extra)
+    if temporal_index is not None:
+        meta["temporal_index"] = temporal_index
+    ident = f"{f0.series_uid}|{temporal_index}" if temporal_index is not None else f0.series_uid
+    return DicomVolume(array=array, affine=affine, modality=f0.modality, meta=meta,
+                       source_files=sorted({f.path for f in frames}), temporal_index=temporal_index,
+                       identity=ident)
+
+
+def _check_options(tilt: str, uneven: str, four_d: str, target_slice_spacing: float | None) -> None:
+    if tilt not in ("quarantine", "resample"):
+        raise ValueError(f"tilt must be 'quarantine' or 'resample', got {tilt!r}")
+    if uneven not in ("quarantine", "resample"):
+        raise ValueError(f"uneven must be 'quarantine' or 'resample', got {uneven!r}")
+    if four_d not in ("split", "quarantine"):
+        raise ValueError(f"four_d must be 'split' or 'quarantine', got {four_d!r}")
+    if target_slice_spacing is not None and not target_slice_spacing > 0:
+        raise ValueError(f"target_slice_spacing must be > 0 mm, got {target_slice_spacing!r}")
+
+
+def load_series(series: DicomSeries | Sequence[DicomFrame], *, tilt: str = "quarantine",
+                uneven: str = "quarantine", four_d: str = "split", target_slice_spacing: float | None = None,
+                workers: int = 4) -> list[DicomVolume]:
+    """Check and stack one series into one volume (or one per temporal key for 4D series).
+
+    Args:
+        series: a `DicomSeries` from `scan_dicom` (or its frames).
+        tilt: gantry tilt (stacking direction not along the normal): ``"quarantine"`` (default) or
+            ``"resample"`` onto a regular orthogonal grid (axes: row dir, column dir, normal).
+        uneven: uneven slice steps (deviation > max(0.01 mm, 1 %) of the median step): ``"quarantine"``
+            (default) or ``"resample"``. Missing slices (a step ≈ k × the median, k ≥ 2) always quarantine.
+        four_d: several frames per position distinguished by ``temporal_key``: ``"split"`` into one volume
+            per key (default) or ``"quarantine"`` (reason ``four_d``).
+        target_slice_spacing: output step along the normal in mm when resampling (default: median
+            observed step); giving it forces resampling.
+        workers: threads decoding slices.
+
+    Returns:
+        Volumes, sorted by temporal key.
+
+    Raises:
+        QuarantineError: ``mixed_orientation``, ``mixed_image_size``, ``mixed_pixel_spacing``,
+            ``duplicate_slices``, ``four_d``, ``missing_slices``, ``gantry_tilt``, ``uneven_spacing``
+            (several unresolved problems are joined with ``+``, e.g. ``gantry_tilt+uneven_spacing``).
+        ValueError: bad option values.
+    """
+    _check_options(tilt, uneven, four_d, target_slice_spacing)
+    frames = list(series.frames if isinstance(series, DicomSeries) else series)
+    if not frames:
+        raise QuarantineError("no_frames", "empty series")
+    stacks = split_temporal(frames)  # raises mixed_* / duplicate_slices
+    if len(stacks) > 1 and four_d == "quarantine":
+        sizes = sorted({len(s) for s in stacks})
+        raise QuarantineError("four_d", f"4D series: {len(stacks)} volumes of {'/'.join(map(str, sizes))} slices "
+                              "(four_d='split' converts each)", frames[0].path.parent)
+    opts = dict(tilt=tilt, uneven=uneven, target_slice_spacing=target_slice_spacing, workers=workers)
+    if len(stacks) == 1:
+        return [_build_volume(stacks[0], temporal_index=None, **opts)]
+    return [_build_volume(s, temporal_index=i, **opts) for i, s in enumerate(stacks)]
+
+
+def read_dicom_series(folder: str | Path, **options: object) -> list[DicomVolume]:
+    """Convenience: every series under ``folder`` → volumes (strict).
+
+    Args:
+        folder: folder (or file) to scan.
+        **options: passed to `load_series`.
+
+    Raises:
+        QuarantineError: when no series is found (``no_dicom_series``) or a series fails its checks.
+    """
+    series, bad = scan_dicom([folder])
+    if not series:
+        raise bad[0] if bad else QuarantineError("no_dicom_series", "no DICOM image found", folder)
+    return [v for s in series for v in load_series(s, **options)]  # type: ignore[arg-type]
+
+
+def read_dicom_files(files: Sequence[str | Path], **options: object) -> list[DicomVolume]:
+    """The files of one series (as grouped by `group_dicom_files`) → volumes; see `load_series`.
+
+    Unusable files among ``files`` are skipped with a warning; raises `QuarantineError` when none is usable.
+    """
+    series, bad = scan_dicom(list(files))
+    if not series:
+        raise bad[0] if bad else QuarantineError("no_dicom_series", "no DICOM image found")
+    for e in bad:
+        logger.warning("skipping unusable DICOM file %s (%s)", e.path, e.reason)
+    return [v for s in series for v in load_series(s, **options)]  # type: ignore[arg-type]
+
+
+def group_dicom_files(paths: Iterable[str | Path], *,
+                      workers: int = 1) -> tuple[list[tuple[list[str], str]], list[tuple[str, str, str]]]:
+    """Ingest helper: ``([(files, label) per series], [(path, reason, detail) per bad file])``."""
+    series, bad = scan_dicom(list(paths), workers=workers)
+    groups = [([str(p) for p in s.files], s.label) for s in series]
+    return groups, [(str(e.path), e.reason, e.detail) for e in bad]
+
+
+def save_nifti(volume: DicomVolume, path: str | Path) -> Path:
+    """Write ``volume`` as NIfTI-1 (sform and qform = affine, code 1 scanner; units mm, s)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(volume.array, volume.affine)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path

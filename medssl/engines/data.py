@@ -1,0 +1,241 @@
+"""Pretraining data: a MONAI ``CacheDataset`` of normalised volumes and a restorable random-crop batcher.
+
+The per-step work is only: pick the next volumes of the epoch's order, cut a random crop of each,
+stack them into ``(B, C, D, H, W)``; all augmentation then runs batched on the training device.
+The order is ``permutation(seed, epoch)`` and each crop offset is drawn from an RNG seeded with
+``(seed, epoch, position)``, so the data position ``(epoch, position)`` is all a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import CacheDataset
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from medssl.errors import MedsslError
+
+__all__ = ["load_pool", "preprocessing", "SafeCacheDataset", "CropBatcher"]
+
+log = logging.getLogger(__name__)
+
+_ERROR_KEY = "_medssl_load_error"
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def load_pool(datalist: str | Path, sections: Sequence[str] = ("unlabeled", "training"),
+              splits: str | Path | None = None) -> list[dict[str, Any]]:
+    """The unlabelled pool: items of ``sections`` (labels dropped), minus validation/test cases of ``splits``.
+
+    Args:
+        datalist: MONAI datalist JSON; relative paths are resolved against its folder.
+        sections: sections to take images from; missing sections are ignored.
+        splits: optional ``splits.json``; every ``case_id`` listed under a key containing ``val`` or
+            ``test`` (at any depth) is excluded, so pretraining never sees held-out cases.
+
+    Returns:
+        ``[{"image": absolute path, "case_id": str}, ...]`` without duplicate images.
+
+    Raises:
+        MedsslError: unreadable datalist or an empty pool.
+    """
+    datalist = Path(datalist)
+    try:
+        data = json.loads(datalist.read_text())
+    except (OSError, ValueError) as e:
+        raise MedsslError(f"cannot read datalist {datalist}: {e}") from e
+    held_out = _held_out_cases(Path(splits)) if splits else set()
+    items, seen = [], set()
+    for section in sections:
+        for it in data.get(section, []):
+            image = it["image"] if isinstance(it, dict) else it
+            path = Path(image) if Path(image).is_absolute() else (datalist.parent / image).resolve()
+            case_id = it.get("case_id", path.name) if isinstance(it, dict) else path.name
+            if str(path) in seen or case_id in held_out:
+                continue
+            seen.add(str(path))
+            items.append({"image": str(path), "case_id": case_id})
+    if not items:
+        raise MedsslError(f"no images in sections {list(sections)} of {datalist}"
+                          + (f" after removing {len(held_out)} held-out cases of {splits}" if held_out else ""))
+    log.info("pretraining pool: %d volumes from %s %s", len(items), datalist, list(sections))
+    return items
+
+
+def _held_out_cases(splits: Path) -> set[str]:
+    """Case ids under any key containing ``val`` or ``test`` in ``splits.json``."""
+    try:
+        data = json.loads(splits.read_text())
+    except (OSError, ValueError) as e:
+        raise MedsslError(f"cannot read splits {splits}: {e}") from e
+    out: set[str] = set()
+
+    def collect(node: Any, held: bool) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                collect(v, held or "val" in str(k).lower() or "test" in str(k).lower())
+        elif isinstance(node, list):
+            for v in node:
+                collect(v, held)
+        elif held and isinstance(node, str):
+            out.add(node)
+
+    collect(data, False)
+    return out
+
+
+def preprocessing(normalisation: str = "robust", target_spacing: Sequence[float] | None = None,
+                  ct_window: Sequence[float] = (-1000.0, 1000.0)) -> Compose:
+    """Deterministic chain: load → channel first → RAS → optional resampling (mm) → normalise → float32.
+
+    Args:
+        normalisation: ``"robust"`` (per-volume 0.5–99.5 percentile scaling to [0, 1], robust to the
+            wildly different MRI scales), ``"ct"`` (``ct_window`` HU → [0, 1], clipped) or ``"none"``.
+        target_spacing: voxel size in mm ``(x, y, z)``; ``None`` keeps the native grid.
+        ct_window: HU range mapped to [0, 1], e.g. ``(-1000, 1000)``.
+
+    Returns:
+        A MONAI ``Compose`` mapping ``{"image": path}`` to ``{"image": MetaTensor (C, X, Y, Z)}``.
+    """
+    keys = ["image"]
+    chain: list = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS)]
+    if target_spacing is not None:
+        chain.append(Spacingd(keys, pixdim=tuple(float(s) for s in target_spacing), mode="bilinear"))
+    if normalisation == "robust":
+        chain.append(_robust_normaliser(keys))
+    elif normalisation == "ct":
+        chain.append(ScaleIntensityRanged(keys, a_min=float(ct_window[0]), a_max=float(ct_window[1]),
+                                          b_min=0.0, b_max=1.0, clip=True))
+    elif normalisation != "none":
+        raise ValueError(f"normalisation must be robust|ct|none, got {normalisation!r}")
+    chain.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+    return Compose(chain)
+
+
+def _robust_normaliser(keys: list[str]):
+    """medssl's robust normaliser when present (same as finetuning uses), else MONAI percentile scaling."""
+    try:
+        from medssl.transforms.intensity import NormalizeIntensityRobustd
+
+        return NormalizeIntensityRobustd(keys)
+    except Exception as e:  # noqa: BLE001 - optional sibling module; fall back to the MONAI equivalent
+        from monai.transforms import ScaleIntensityRangePercentilesd
+
+        log.debug("NormalizeIntensityRobustd unavailable (%s); using ScaleIntensityRangePercentilesd", e)
+        return ScaleIntensityRangePercentilesd(keys, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+
+
+class SafeCacheDataset(CacheDataset):
+    """``CacheDataset`` whose failing items become error markers instead of exceptions.
+
+    A volume that cannot be loaded or preprocessed yields ``{"image": path, "_medssl_load_error": reason}``
+    (cached, so it is tried once); :class:`CropBatcher` logs and skips it.
+    """
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as e:  # noqa: BLE001 - any reader/transform failure quarantines this one volume
+            return {"image": self.data[idx].get("image"), _ERROR_KEY: f"{type(e).__name__}: {_short(e)}"}
+
+
+def _short(e: Exception, n: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else "")[:n]
+
+
+class CropBatcher:
+    """Restorable stream of random crops ``(B, C, D, H, W)`` from a dataset of ``{"image": (C, X, Y, Z)}``.
+
+    Args:
+        dataset: indexable of dicts with ``"image"`` tensors (e.g. :class:`SafeCacheDataset`).
+        roi_size: crop size ``(D, H, W)``; smaller volumes are zero-padded (centred) up to it.
+        seed: order/crop seed.
+    """
+
+    def __init__(self, dataset: Sequence[dict[str, Any]], roi_size: Sequence[int], seed: int = 0) -> None:
+        if len(dataset) == 0:
+            raise MedsslError("empty pretraining dataset")
+        self.dataset = dataset
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.seed = int(seed)
+        self.epoch, self.position = 0, 0
+        self.skipped: dict[int, str] = {}
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def _advance(self) -> tuple[int, int, int]:
+        """Return ``(index, epoch, position)`` of the next sample and move the cursor."""
+        if self.position >= len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        idx, epoch, pos = int(self._order[self.position]), self.epoch, self.position
+        self.position += 1
+        return idx, epoch, pos
+
+    def _fetch(self, idx: int) -> torch.Tensor | None:
+        if idx in self.skipped:
+            return None
+        try:
+            item = self.dataset[idx]
+            reason = item.get(_ERROR_KEY) if isinstance(item, dict) else None
+            image = None if reason else item["image"]
+        except Exception as e:  # noqa: BLE001 - a non-cached item failing at train time is skipped too
+            reason, image = f"{type(e).__name__}: {_short(e)}", None
+        if reason:
+            path = getattr(self.dataset, "data", [{}] * (idx + 1))[idx].get("image", f"#{idx}")
+            self.skipped[idx] = reason
+            log.warning("skipping volume %s: %s", path, reason)
+            if len(self.skipped) == len(self.dataset):
+                raise MedsslError("every volume of the pretraining pool failed to load; see the warnings above")
+            return None
+        return torch.as_tensor(image)
+
+    def crop(self, image: torch.Tensor, epoch: int, position: int) -> torch.Tensor:
+        """Random ``roi_size`` crop of ``(C, X, Y, Z)``, padding (centred, zeros) where the volume is smaller."""
+        pad: list[int] = []
+        for s, r in zip(reversed(image.shape[1:]), reversed(self.roi_size), strict=True):
+            extra = max(0, r - s)
+            pad += [extra // 2, extra - extra // 2]
+        if any(pad):
+            image = F.pad(image, pad)
+        rng = np.random.default_rng([self.seed, epoch, position, 1])
+        starts = [int(rng.integers(0, s - r + 1)) for s, r in zip(image.shape[1:], self.roi_size, strict=True)]
+        sl = tuple(slice(a, a + r) for a, r in zip(starts, self.roi_size, strict=True))
+        return image[(slice(None), *sl)]
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """The next ``batch_size`` crops stacked as ``(B, C, D, H, W)`` float32 (CPU)."""
+        crops = []
+        while len(crops) < batch_size:
+            idx, epoch, pos = self._advance()
+            image = self._fetch(idx)
+            if image is not None:
+                crops.append(self.crop(image, epoch, pos))
+        return torch.stack(crops).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "order_seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state.get("order_seed", self.seed)) != self.seed:
+            log.warning("resuming with data seed %s (checkpoint had %s)", self.seed, state.get("order_seed"))
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,53 @@
+"""Augmentation preview: a PNG grid of the views a method is trained on (middle slices), for MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["save_augment_preview", "PREVIEW_KEYS"]
+
+#: batch keys shown, in column order, when present
+PREVIEW_KEYS = ("view1", "view1_mask", "view1_target", "view2", "view2_mask", "view2_target")
+
+
+def save_augment_preview(batch: dict[str, torch.Tensor], path: str | Path, max_rows: int = 4) -> Path:
+    """Write a grid: one row per sample, one column per view key; each cell the middle D slice of channel 0.
+
+    Args:
+        batch: SSL batch dict (``view1``, ``view2`` ``(B, C, D, H, W)``; masks ``(B, 1, D, H, W)``; ...).
+        path: output ``.png``.
+        max_rows: samples shown.
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = [k for k in PREVIEW_KEYS if isinstance(batch.get(k), torch.Tensor) and batch[k].ndim == 5]
+    if not keys:
+        raise ValueError(f"batch has none of the view keys {PREVIEW_KEYS}; got {sorted(batch)}")
+    rows = min(max_rows, batch[keys[0]].shape[0])
+    fig = Figure(figsize=(2.2 * len(keys), 2.2 * rows), dpi=80)
+    FigureCanvasAgg(fig)
+    for r in range(rows):
+        for c, key in enumerate(keys):
+            vol = batch[key][r, 0].detach().float().cpu()  # (D, H, W)
+            ax = fig.add_subplot(rows, len(keys), r * len(keys) + c + 1)
+            ax.imshow(vol[vol.shape[0] // 2].numpy(), cmap="gray", vmin=0 if key.endswith("mask") else None,
+                      vmax=1 if key.endswith("mask") else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                title = key
+                rot = batch.get(key.split("_")[0] + "_rot")
+                if isinstance(rot, torch.Tensor) and key in ("view1", "view2"):
+                    title += f" (rot {int(rot[0])})"
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,190 @@
+"""End-to-end ingest: real datasets, the bad-input corpus, re-runs, workers and PHI."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medssl.data.ingest import IngestOptions, ingest
+
+
+def _nii(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _good_volume(seed: int, shape=(12, 14, 10)) -> np.ndarray:
+    return np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
+
+
+def _good_label(shape=(12, 14, 10)) -> np.ndarray:
+    lab = np.zeros(shape, np.uint8)
+    lab[3:6, 3:6, 3:6] = 1
+    lab[6:9, 6:9, 6:9] = 2
+    return lab
+
+
+@pytest.fixture
+def nifti_corpus(tmp_path: Path) -> Path:
+    """Good cases plus every NIfTI-level bad input of issue 3."""
+    src = tmp_path / "src"
+    for i in range(3):
+        _nii(src / "imagesTr" / f"good{i}.nii.gz", _good_volume(i))
+        _nii(src / "labelsTr" / f"good{i}.nii.gz", _good_label())
+    _nii(src / "imagesTr" / "unlab.nii.gz", _good_volume(9))
+    (src / "imagesTr" / "zero.nii.gz").write_bytes(b"")
+    data = (src / "imagesTr" / "good0.nii.gz").read_bytes()
+    (src / "imagesTr" / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    nan = _good_volume(3)
+    nan[2, 2, 2] = np.nan
+    nan[3, 3, 3] = np.inf
+    _nii(src / "imagesTr" / "nan.nii.gz", nan)
+    _nii(src / "imagesTr" / "flat2d.nii.gz", _good_volume(4, (16, 16)))
+    _nii(src / "imagesTr" / "multichannel.nii.gz", _good_volume(5, (12, 14, 10, 3)))
+    _nii(src / "imagesTr" / "const.nii.gz", np.full((12, 14, 10), 7, np.float32))
+    _nii(src / "imagesTr" / "wrongshape.nii.gz", _good_volume(6))
+    _nii(src / "labelsTr" / "wrongshape.nii.gz", _good_label((12, 14, 11)))
+    _nii(src / "imagesTr" / "floatlab.nii.gz", _good_volume(7))
+    _nii(src / "labelsTr" / "floatlab.nii.gz", _good_label().astype(np.float32) * 0.5)
+    return src
+
+
+EXPECTED_REASONS = {
+    "zero.nii.gz": "empty_file",
+    "truncated.nii.gz": "truncated_file",
+    "nan.nii.gz": "non_finite",
+    "flat2d.nii.gz": "not_3d",
+    "multichannel.nii.gz": "not_3d",
+    "const.nii.gz": "constant",
+}
+
+
+def test_bad_nifti_inputs_are_quarantined_with_reasons_and_good_ones_kept(nifti_corpus: Path, tmp_path: Path):
+    report = ingest([nifti_corpus], tmp_path / "out", options=IngestOptions(salt="s"))
+    q = {Path(r["path"]).name + ("@label" if "labelsTr" in r["path"] else ""): r for r in report.quarantined}
+    for name, reason in EXPECTED_REASONS.items():
+        assert q[name]["reason"] == reason, (name, q.get(name))
+        assert q[name]["detail"], name
+    assert q["wrongshape.nii.gz@label"]["reason"] == "label_shape_mismatch"
+    assert "11" in q["wrongshape.nii.gz@label"]["detail"]
+    assert q["floatlab.nii.gz@label"]["reason"] == "label_not_integer"
+    assert report.exit_code == 3
+    # good cases survive; images whose label was bad stay as unlabeled volumes
+    assert report.counts["training"] == 3
+    assert report.counts["unlabeled"] == 3  # unlab + wrongshape + floatlab
+    rows = _rows(report.quarantine)
+    assert {r["reason"] for r in rows} >= set(EXPECTED_REASONS.values())
+    manifest = _rows(report.manifest)
+    assert len(manifest) == 6
+    assert all(len(r["sha256"]) == 64 for r in manifest)
+
+
+def test_datalist_loads_with_monai_and_paths_resolve(nifti_corpus: Path, tmp_path: Path):
+    from monai.data import load_decathlon_datalist
+
+    report = ingest([nifti_corpus], tmp_path / "out", options=IngestOptions(salt="s"))
+    items = load_decathlon_datalist(str(report.datalist), data_list_key="training")
+    assert len(items) == 3
+    for it in items:
+        assert Path(it["image"]).is_file() and Path(it["label"]).is_file()
+        assert it["case_id"].startswith("c") and "good" not in it["case_id"]
+    unl = load_decathlon_datalist(str(report.datalist), data_list_key="unlabeled", is_segmentation=False)
+    assert len(unl) == 3
+
+
+def test_rerun_skips_unchanged_and_redoes_changed(nifti_corpus: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    first = ingest([nifti_corpus], out, options=IngestOptions(salt="s"))
+    again = ingest([nifti_corpus], out, options=IngestOptions(salt="s"))
+    assert again.processed == 0 and again.reused == 12
+    assert (out / "datalist.json").read_text() == first.datalist.read_text()
+    # a changed file is processed again
+    _nii(nifti_corpus / "imagesTr" / "nan.nii.gz", _good_volume(11))
+    third = ingest([nifti_corpus], out, options=IngestOptions(salt="s"))
+    assert third.processed == 1
+    assert "nan.nii.gz" not in {Path(r["path"]).name for r in third.quarantined}
+    assert third.counts["unlabeled"] == 4
+
+
+def test_two_workers_give_identical_outputs(nifti_corpus: Path, tmp_path: Path):
+    a = ingest([nifti_corpus], tmp_path / "a", workers=1, options=IngestOptions(salt="s"))
+    b = ingest([nifti_corpus], tmp_path / "b", workers=2, options=IngestOptions(salt="s"))
+    assert a.datalist.read_text() == b.datalist.read_text()
+    assert a.manifest.read_text() == b.manifest.read_text()
+    assert a.quarantine.read_text().replace(str(tmp_path), "") == b.quarantine.read_text().replace(str(tmp_path), "")
+
+
+def test_copy_nifti_hides_original_names(nifti_corpus: Path, tmp_path: Path):
+    report = ingest([nifti_corpus], tmp_path / "out", options=IngestOptions(salt="s", copy_nifti=True))
+    text = report.datalist.read_text() + report.manifest.read_text()
+    assert "good0" not in text and "imagesTr" not in text
+    dl = json.loads(report.datalist.read_text())
+    assert all((report.out / it["image"]).is_file() for it in dl["training"])
+
+
+def test_salt_changes_case_ids_and_is_persisted(nifti_corpus: Path, tmp_path: Path):
+    a = json.loads(ingest([nifti_corpus], tmp_path / "a").datalist.read_text())
+    a2 = json.loads(ingest([nifti_corpus], tmp_path / "a").datalist.read_text())
+    b = json.loads(ingest([nifti_corpus], tmp_path / "b").datalist.read_text())
+    ids = lambda d: sorted(it["case_id"] for it in d["training"])  # noqa: E731
+    assert ids(a) == ids(a2)  # persisted salt: stable ids on re-run
+    assert ids(a) != ids(b)  # different output folder, different random salt
+
+
+def test_no_input_found_is_an_error(tmp_path: Path):
+    from medssl.errors import MedsslError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MedsslError, match="no NIfTI"):
+        ingest([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_hippocampus_200_cases_with_labels(hippocampus_dir: Path, tmp_path: Path):
+    from monai.data import load_decathlon_datalist
+
+    report = ingest([hippocampus_dir], tmp_path / "out", options=IngestOptions(salt="s"))
+    assert report.quarantined == []
+    assert report.counts["training"] == 200
+    items = load_decathlon_datalist(str(report.datalist), data_list_key="training")
+    assert len({it["case_id"] for it in items}) == 200
+    manifest = _rows(report.manifest)
+    assert {r["modality"] for r in manifest} == {"MRI"}
+    assert all(r["label_classes"] == "0 1 2" for r in manifest)
+    assert all(r["spacing_mm"] == "1,1,1" for r in manifest)
+    maxes = [float(r["max"]) for r in manifest]
+    assert max(maxes) / min(maxes) > 1000  # the wildly varying MRI scales are visible in the manifest
+
+
+def test_medmnist_1584_volumes_with_classes(medmnist_dir: Path, tmp_path: Path):
+    report = ingest([medmnist_dir / "adrenalmnist3d.npz"], tmp_path / "out", options=IngestOptions(salt="s"))
+    assert report.quarantined == []
+    dl = json.loads(report.datalist.read_text())
+    assert (len(dl["training"]), len(dl["validation"]), len(dl["test"])) == (1188, 98, 298)
+    counts = {s: np.bincount([it["class"] for it in dl[s]]).tolist() for s in ("training", "validation", "test")}
+    assert counts == {"training": [929, 259], "validation": [76, 22], "test": [229, 69]}
+
+
+def test_truncated_gzip_detail_names_the_file(tmp_path: Path):
+    src = tmp_path / "src"
+    _nii(src / "a.nii.gz", _good_volume(0))
+    raw = gzip.decompress((src / "a.nii.gz").read_bytes())
+    (src / "b.nii.gz").write_bytes(gzip.compress(raw)[:-30])
+    shutil.copy(src / "a.nii.gz", src / "c.nii.gz")
+    report = ingest([src], tmp_path / "out", options=IngestOptions(salt="s"))
+    q = {Path(r["path"]).name: r for r in report.quarantined}
+    assert set(q) == {"b.nii.gz"}
+    assert str(src / "b.nii.gz") in q["b.nii.gz"]["path"]
+    assert report.counts["unlabeled"] == 2

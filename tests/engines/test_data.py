@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from medssl.engines.data import CropBatcher, SafeCacheDataset, load_pool, preprocessing
+from medssl.errors import MedsslError
+
+
+def _dataset(datalist: Path) -> SafeCacheDataset:
+    return SafeCacheDataset(load_pool(datalist), preprocessing("robust"), runtime_cache=True, copy_cache=False,
+                            progress=False)
+
+
+def test_pool_sections_and_held_out_cases(tiny_datalist: Path, tmp_path: Path) -> None:
+    pool = load_pool(tiny_datalist)
+    assert len(pool) == 6 and all(Path(p["image"]).is_absolute() for p in pool)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"seeds": {"0": {"val": ["case1"], "test": ["case2"], "train": ["case3"]}}}))
+    kept = {p["case_id"] for p in load_pool(tiny_datalist, splits=splits)}
+    assert kept == {"case0", "case3", "case4", "case5"}
+    with pytest.raises(MedsslError, match="no images"):
+        load_pool(tiny_datalist, sections=["validation"])
+
+
+def test_preprocessing_normalises_every_scale(tiny_datalist: Path) -> None:
+    ds = _dataset(tiny_datalist)
+    for i in range(len(ds)):
+        img = ds[i]["image"]
+        assert img.ndim == 4 and img.shape[0] == 1 and img.dtype == torch.float32
+        assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0 and float(img.max()) > 0.9
+
+
+def test_batcher_pads_crops_and_restores_position(tiny_datalist: Path) -> None:
+    ds = _dataset(tiny_datalist)
+    a = CropBatcher(ds, (20, 20, 20), seed=3)  # larger than some volumes (14-24 voxels): padded
+    first = a.next_batch(4)
+    assert first.shape == (4, 1, 20, 20, 20)
+    state = a.state_dict()
+    assert state == {"epoch": 0, "position": 4, "order_seed": 3}
+    nxt = [a.next_batch(4) for _ in range(3)]  # crosses into epoch 1 and 2
+    assert a.epoch == 2
+    b = CropBatcher(ds, (20, 20, 20), seed=3)
+    b.load_state_dict(state)
+    for x in nxt:
+        assert torch.equal(b.next_batch(4), x)
+    c = CropBatcher(ds, (20, 20, 20), seed=3)
+    assert torch.equal(c.next_batch(4), first)  # a pure function of (seed, epoch, position)
+    assert not torch.equal(CropBatcher(ds, (20, 20, 20), seed=4).next_batch(4), first)
+
+
+def test_bad_volume_is_logged_and_skipped(tiny_datalist: Path, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file at all")
+    data = json.loads(tiny_datalist.read_text())
+    items = [{"image": str(tiny_datalist.parent / it["image"]), "case_id": it["case_id"]} for it in data["unlabeled"]]
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"unlabeled": items[:2] + [{"image": str(bad), "case_id": "bad"}]}))
+    batcher = CropBatcher(_dataset(dl), (8, 8, 8), seed=0)
+    with caplog.at_level(logging.WARNING, logger="medssl"):
+        batches = [batcher.next_batch(2) for _ in range(3)]  # three epochs over 2 good volumes
+    assert all(b.shape == (2, 1, 8, 8, 8) for b in batches)
+    assert list(batcher.skipped) == [2] and "broken.nii.gz" in caplog.text and "skipping volume" in caplog.text
+    assert caplog.text.count("skipping volume") == 1  # remembered, not retried every epoch
+    dl.write_text(json.dumps({"unlabeled": [{"image": str(bad), "case_id": "bad"}]}))
+    with pytest.raises(MedsslError, match="every volume"):
+        CropBatcher(_dataset(dl), (8, 8, 8)).next_batch(1)
