@@ -39,7 +39,7 @@ def _setup(verbose: bool) -> None:
 def _fail(e: Exception, verbose: bool) -> typer.Exit:
     if verbose:
         err_console.print_exception()
-    err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_ERROR)
 
 

@@ -43,7 +43,9 @@ class PretrainConfig:
         augment: ``None`` (the method's default batched on-device augmentation) or ``"module:callable"``.
         augment_kwargs: overrides passed to the augmentation factory.
         in_channels: image channels C.
-        roi_size: crop size ``(D, H, W)`` in voxels fed to the augmentation.
+        roi_size: view size ``(D, H, W)`` in voxels produced by the augmentation (network input).
+        source_size: largest window ``(D, H, W)`` of a cached volume handed to the augmentation, which
+            draws the views inside it; ``None`` hands whole volumes (small MRI). E.g. ``[96, 96, 96]`` for CT.
         target_spacing: resample to this voxel size in mm ``(x, y, z)``; ``None`` keeps the native grid.
         normalisation: ``"robust"`` (per-volume percentile scaling, MRI), ``"ct"`` (HU window) or ``"none"``.
         ct_window: HU window ``(min, max)`` mapped to [0, 1] for ``normalisation="ct"``.
@@ -87,6 +89,7 @@ class PretrainConfig:
     augment_kwargs: dict[str, Any] = field(default_factory=dict)
     in_channels: int = 1
     roi_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    source_size: list[int] | None = None
     target_spacing: list[float] | None = None
     normalisation: str = "robust"
     ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
@@ -128,7 +131,13 @@ class PretrainConfig:
             raise ValueError(f"normalisation must be one of {_NORM}, got {self.normalisation!r}")
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
             raise ValueError(f"roi_size must be 3 positive ints (D, H, W), got {self.roi_size!r}")
-        if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
+        if self.source_size is not None and (len(self.source_size) != 3 or min(self.source_size) < 1):
+            raise ValueError(
+                f"source_size must be 3 positive ints (D, H, W) or None, got {self.source_size!r}"
+            )
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
+        ):
             raise ValueError(f"target_spacing must be 3 positive mm values, got {self.target_spacing!r}")
         for name in ("batch_size", "grad_accum", "max_nan_steps", "log_every", "in_channels"):
             if int(getattr(self, name)) < 1:
@@ -141,8 +150,10 @@ class PretrainConfig:
         if not 0.0 <= self.cache_rate <= 1.0:
             raise ValueError(f"cache_rate must be in [0, 1], got {self.cache_rate!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
-            raise ValueError(f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, "
-                             f"{self.weight_decay}")
+            raise ValueError(
+                f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, "
+                f"{self.weight_decay}"
+            )
 
     # -- (de)serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -150,7 +161,9 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> PretrainConfig:
+    def from_dict(
+        cls, data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
+    ) -> PretrainConfig:
         """Build from a dict, then apply dotted overrides (``["lr=1e-3", "method_kwargs.tau=0.1"]``).
 
         Raises:
@@ -167,7 +180,9 @@ class PretrainConfig:
             raise MedsslError(f"invalid pretraining config: {e}") from e
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> PretrainConfig:
+    def from_yaml(
+        cls, path: str | Path, overrides: list[str] | dict[str, Any] | None = None
+    ) -> PretrainConfig:
         """Load a YAML mapping of config fields, then apply dotted overrides."""
         path = Path(path)
         try:
@@ -191,7 +206,7 @@ class PretrainConfig:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict; ``"a.b=1"`` values are parsed as YAML (``1`` → int, ``[1,2]`` → list).
+    """Set dotted keys in a nested dict; values are parsed as YAML (``1`` → int, ``[1,2]`` → list).
 
     Args:
         data: nested dict, modified in place and returned.

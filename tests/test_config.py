@@ -10,9 +10,19 @@ from medssl.errors import MedsslError
 
 def test_yaml_with_dotted_overrides(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("datalist: d.json\nmethod: simclr\nmethod_kwargs: {temperature: 0.1}\nroi_size: [32, 32, 32]\n")
-    cfg = PretrainConfig.from_yaml(path, overrides=["lr=1e-3", "method_kwargs.temperature=0.2", "amp=None",
-                                                    "roi_size=[16, 24, 32]", "encoder_kwargs.depths=[1,1]"])
+    path.write_text(
+        "datalist: d.json\nmethod: simclr\nmethod_kwargs: {temperature: 0.1}\nroi_size: [32, 32, 32]\n"
+    )
+    cfg = PretrainConfig.from_yaml(
+        path,
+        overrides=[
+            "lr=1e-3",
+            "method_kwargs.temperature=0.2",
+            "amp=None",
+            "roi_size=[16, 24, 32]",
+            "encoder_kwargs.depths=[1,1]",
+        ],
+    )
     assert cfg.lr == pytest.approx(1e-3) and isinstance(cfg.lr, float)
     assert cfg.method_kwargs == {"temperature": 0.2} and cfg.amp is None
     assert cfg.roi_size == [16, 24, 32] and cfg.encoder_kwargs == {"depths": [1, 1]}

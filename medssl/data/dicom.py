@@ -18,10 +18,12 @@ exception messages. Series are named by folder, SeriesNumber, modality and file 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,18 +48,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".dc3", ".ima"}
-# Non-PHI header attributes copied into DicomVolume.meta (keyword -> meta key).
-_META_KEYWORDS = {
-    "Manufacturer": "manufacturer",
-    "ManufacturerModelName": "model",
-    "KVP": "kvp",
-    "ConvolutionKernel": "convolution_kernel",
-    "MagneticFieldStrength": "field_strength",
-    "BodyPartExamined": "body_part",
-    "SeriesNumber": "series_number",
-    "GantryDetectorTilt": "gantry_detector_tilt",
-    "SliceThickness": "slice_thickness",
-}
+# Non-PHI header attributes added to the frames' ``extra`` (dicom_frames supplies manufacturer, kVp…).
+_META_KEYWORDS = {"SeriesNumber": "series_number", "GantryDetectorTilt": "gantry_detector_tilt",
+                  "BodyPartExamined": "body_part"}
 _INT16 = np.iinfo(np.int16)
 
 
@@ -159,15 +152,24 @@ def _header_meta(ds: object) -> dict[str, object]:
         if val is None or val == "":
             continue
         try:
-            meta[key] = float(val) if kw in ("KVP", "MagneticFieldStrength", "SliceThickness",
-                                             "GantryDetectorTilt") else (
-                int(val) if kw == "SeriesNumber" else str(val))
+            meta[key] = int(val) if kw == "SeriesNumber" else float(val) if kw == "GantryDetectorTilt" else str(val)
         except (TypeError, ValueError):
-            meta[key] = str(val)
-    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if tsuid is not None:
-        meta["transfer_syntax"] = getattr(tsuid, "name", str(tsuid))
+            continue
     return meta
+
+
+def _set_transfer_syntax(ds: object) -> None:
+    """Raw (preamble-less) datasets lack file meta: record the encoding pydicom detected while reading."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _read_file(path: Path) -> list[DicomFrame]:
@@ -181,11 +183,14 @@ def _read_file(path: Path) -> list[DicomFrame]:
         raise QuarantineError("empty_file", "zero-byte file", path)
     try:
         # Deferred reading: elements > 64 KiB (PixelData) are read from the file only when accessed.
-        ds = pydicom.dcmread(path, defer_size="64 KB", force=kind != "dicom")
+        # Preamble-less files are read whole (they are rare) so their encoding can be recorded below.
+        ds = pydicom.dcmread(path, defer_size="64 KB" if kind == "dicom" else None, force=kind != "dicom")
     except Exception as e:  # pydicom raises many types for corrupt input
         raise QuarantineError("unreadable_dicom", f"cannot parse as DICOM ({type(e).__name__})", path) from None
-    if kind != "dicom" and not any(k in ds for k in ("SOPClassUID", "Rows", "PixelData", "SeriesInstanceUID")):
-        raise QuarantineError("unreadable_dicom", "no DICOM preamble and no image attributes", path)
+    if kind != "dicom":
+        if not any(k in ds for k in ("SOPClassUID", "Rows", "PixelData", "SeriesInstanceUID")):
+            raise QuarantineError("unreadable_dicom", "no DICOM preamble and no image attributes", path)
+        _set_transfer_syntax(ds)
     try:
         frames = frames_from_dataset(ds, path)
     except QuarantineError:
@@ -208,9 +213,10 @@ def _series_label(frames: list[DicomFrame], root: Path | None) -> str:
             folder = str(Path(folder).relative_to(root.parent)) or folder
         except ValueError:
             pass
-    number = f0.extra.get("series_number", "?")
+    number = f0.extra.get("series_number")
+    num = f" {number}" if number is not None else ""
     extra = f", {len(frames)} frames" if len(frames) != len(files) else ""
-    return f"{f0.modality or 'DICOM'} series {number} ({len(files)} files{extra}) in {folder}"
+    return f"{f0.modality or 'DICOM'} series{num} ({len(files)} files{extra}) in {folder}"
 
 
 def scan_dicom(paths: Iterable[str | Path] | str | Path, *,
@@ -257,22 +263,60 @@ def scan_dicom(paths: Iterable[str | Path] | str | Path, *,
 
 
 # ----------------------------------------------------------------------------------------- stacking
+def _plane_ok(plane: np.ndarray, shape: tuple[int, int], path: Path) -> bool:
+    """Check the decoded shape; return whether every value is an integer within int16 range."""
+    if plane.shape != shape:
+        raise QuarantineError("mixed_image_size", f"decoded plane {plane.shape} != header {shape}", path)
+    return bool(np.all(np.isfinite(plane)) and plane.min() >= _INT16.min and plane.max() <= _INT16.max
+                and np.array_equal(np.rint(plane), plane))
+
+
+def _decode_chunk(items: list[tuple[str, int]], shape: tuple[int, int]) -> list[tuple[np.ndarray, bool]]:
+    """Process-pool worker: re-read each file with the same reader and decode the requested frames."""
+    out, cache = [], {}
+    for path, index in items:
+        if path not in cache:
+            cache = {path: {f.frame_index: f for f in _read_file(Path(path))}}
+        plane = np.asarray(cache[path][index].load(), dtype=np.float32)
+        out.append((plane, _plane_ok(plane, shape, Path(path))))
+    return out
+
+
+def _compressed(frames: Sequence[DicomFrame]) -> bool:
+    name = str(frames[0].extra.get("transfer_syntax", ""))
+    return any(k in name for k in ("JPEG", "RLE", "Deflate"))
+
+
 def _load_planes(frames: Sequence[DicomFrame], workers: int) -> tuple[np.ndarray, bool]:
-    """Decode planes into ``(N, rows, cols)`` float32; also whether all values are int16 integers."""
-    n, rows, cols = len(frames), frames[0].rows, frames[0].cols
-    buf = np.empty((n, rows, cols), dtype=np.float32)
+    """Decode planes into ``(N, rows, cols)`` float32; also whether all values are int16 integers.
+
+    Uncompressed pixels are read by a thread pool (I/O, numpy). Compressed ones (JPEG 2000, JPEG-LS…) go to
+    forked worker processes when there are >= 8 frames: the pylibjpeg decoders hold the GIL (measured:
+    2 threads no faster than 1 on 20 JPEG 2000 slices), so threads do not scale there.
+    """
+    n, shape = len(frames), (frames[0].rows, frames[0].cols)
+    buf = np.empty((n, *shape), dtype=np.float32)
+    workers = max(1, min(workers, n))
+    if workers > 1 and n >= 8 and _compressed(frames) and not mp.current_process().daemon:
+        chunks = [list(range(n))[i::workers] for i in range(workers)]
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+                futures = [pool.submit(_decode_chunk, [(str(frames[k].path), frames[k].frame_index) for k in c],
+                                       shape) for c in chunks]
+                ints = []
+                for c, fut in zip(chunks, futures, strict=True):
+                    for k, (plane, ok) in zip(c, fut.result(), strict=True):
+                        buf[k] = plane
+                        ints.append(ok)
+            return buf, all(ints)
+        except (OSError, BrokenProcessPool) as e:  # e.g. no fork available: decode in this process
+            logger.debug("process-pool decoding unavailable (%s); using threads", type(e).__name__)
 
     def fill(k: int) -> bool:
-        plane = np.asarray(frames[k].load(), dtype=np.float32)
-        if plane.shape != (rows, cols):
-            raise QuarantineError("mixed_image_size", f"decoded plane {plane.shape} != header {(rows, cols)}",
-                                  frames[k].path)
-        buf[k] = plane
-        return bool(np.all(np.isfinite(plane)) and plane.min() >= _INT16.min and plane.max() <= _INT16.max
-                    and np.array_equal(np.rint(plane), plane))
+        buf[k] = np.asarray(frames[k].load(), dtype=np.float32)
+        return _plane_ok(buf[k], shape, frames[k].path)
 
-    # Decoding (JPEG 2000 etc.) runs in C and releases the GIL: a thread pool scales across slices.
-    if workers > 1 and n > 1:
+    if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             ints = list(pool.map(fill, range(n)))
     else:
@@ -349,6 +393,9 @@ def _build_volume(frames: list[DicomFrame], *, tilt: str, uneven: str, target_sl
     meta.update(meta_extra)
     if temporal_index is not None:
         meta["temporal_index"] = temporal_index
+        key = f0.temporal_key
+        if isinstance(key, tuple) and key and isinstance(key[0], str):
+            meta["temporal_key"] = f"{key[0]}=" + ",".join(str(x) for x in key[1:])
     ident = f"{f0.series_uid}|{temporal_index}" if temporal_index is not None else f0.series_uid
     return DicomVolume(array=array, affine=affine, modality=f0.modality, meta=meta,
                        source_files=sorted({f.path for f in frames}), temporal_index=temporal_index,

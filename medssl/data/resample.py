@@ -106,8 +106,10 @@ def _key_order(keys: list[object]) -> list[object]:
 def split_temporal(frames: Sequence[DicomFrame]) -> list[list[DicomFrame]]:
     """Check a series is one consistent stack, or split it into 3D stacks by ``temporal_key``.
 
-    A series is 4D only when positions repeat and the repeats are told apart by ``temporal_key``;
-    temporal keys are ignored when every position is distinct (e.g. per-slice AcquisitionNumber in CT).
+    A series is 4D only when positions repeat and the repeats are told apart by a temporal key: the frames'
+    ``temporal_key``, else the first of ``extra["temporal_candidates"]`` (e.g. acquisition number) that
+    splits the series into stacks without repeated positions. Temporal keys are ignored when every
+    position is distinct (e.g. per-slice AcquisitionNumber in CT).
 
     Raises:
         QuarantineError: ``mixed_image_size``, ``mixed_orientation``, ``mixed_pixel_spacing``,
@@ -120,21 +122,31 @@ def split_temporal(frames: Sequence[DicomFrame]) -> list[list[DicomFrame]]:
     if dup.size == 0:
         return [frames]
     path = frames[0].path.parent
-    where = f"e.g. at {d[dup[0]]:.2f} mm along the slice normal"
-    if any(f.temporal_key is None for f in frames):
-        raise QuarantineError("duplicate_slices", f"{dup.size} frame(s) repeat a slice position ({where}) "
-                              "and no temporal key separates them", path)
-    groups: dict[object, list[DicomFrame]] = defaultdict(list)
+    for key in _temporal_key_functions(frames):
+        groups: dict[object, list[DicomFrame]] = defaultdict(list)
+        for f in frames:
+            groups[key(f)].append(f)
+        if len(groups) > 1 and all(_duplicates(sort_frames(g)[1]).size == 0 for g in groups.values()):
+            return [groups[k] for k in _key_order(list(groups))]
+    raise QuarantineError("duplicate_slices", f"{dup.size} frame(s) repeat a slice position (e.g. at "
+                          f"{d[dup[0]]:.2f} mm along the slice normal) and no temporal key (temporal position, "
+                          "b-value, trigger time, acquisition number) separates them", path)
+
+
+def _temporal_key_functions(frames: Sequence[DicomFrame]) -> list:
+    """Candidate temporal keys in precedence order: ``temporal_key``, then ``extra["temporal_candidates"]``."""
+    fns = []
+    if all(f.temporal_key is not None for f in frames):
+        fns.append(lambda f: f.temporal_key)
+    names: list[str] = []
     for f in frames:
-        groups[f.temporal_key].append(f)
-    stacks = [groups[k] for k in _key_order(list(groups))]
-    for s in stacks:
-        _, ds = sort_frames(s)
-        inner = _duplicates(ds)
-        if inner.size:
-            raise QuarantineError("duplicate_slices", f"{inner.size} frame(s) repeat a slice position within one "
-                                  f"temporal volume (e.g. at {ds[inner[0]]:.2f} mm along the normal)", path)
-    return stacks
+        for name in f.extra.get("temporal_candidates", {}) or {}:
+            if name not in names:
+                names.append(name)
+    for name in names:
+        if all(name in (f.extra.get("temporal_candidates") or {}) for f in frames):
+            fns.append(lambda f, name=name: f.extra["temporal_candidates"][name])
+    return fns
 
 
 def _runs(values: np.ndarray) -> str:
@@ -159,6 +171,17 @@ def check_stack(frames: Sequence[DicomFrame], d: np.ndarray) -> StackReport:
     gdt = frames[0].extra.get("gantry_detector_tilt")
     if len(frames) < 2:
         return report
+    rel = pos - pos[0]
+    inplane = rel - np.outer(rel @ n, n)
+    off = np.linalg.norm(inplane, axis=1)
+    if off.max() > TILT_OFFSET_MM:
+        angle = math.degrees(math.atan2(float(off[-1]), float(d[-1] - d[0])))
+        quoted = f"; GantryDetectorTilt {float(gdt):g} deg" if gdt is not None else ""
+        detail = (f"gantry tilt {angle:.1f} deg (slice origins shift up to {off.max():.2f} mm in-plane along the "
+                  f"stack{quoted})")
+        report.problems.append(Problem("gantry_tilt", detail, f"gantry_tilt {angle:.1f} deg"))
+    elif gdt is not None and abs(float(gdt)) > 0.01:
+        report.warnings.append(f"GantryDetectorTilt {float(gdt):g} deg but slice positions are orthogonal")
     med = float(np.median(steps))
     ratio = steps / med
     mult = np.rint(ratio)
@@ -182,17 +205,6 @@ def check_stack(frames: Sequence[DicomFrame], d: np.ndarray) -> StackReport:
                       f"({steps.min():.2f}-{steps.max():.2f} mm along the normal, median {med:.2f} mm)")
             report.problems.append(Problem("uneven_spacing", detail,
                                            f"uneven spacing {steps.min():.2f}-{steps.max():.2f} mm"))
-    rel = pos - pos[0]
-    inplane = rel - np.outer(rel @ n, n)
-    off = np.linalg.norm(inplane, axis=1)
-    if off.max() > TILT_OFFSET_MM:
-        angle = math.degrees(math.atan2(float(off[-1]), float(d[-1] - d[0])))
-        quoted = f"; GantryDetectorTilt {float(gdt):g} deg" if gdt is not None else ""
-        detail = (f"gantry tilt {angle:.1f} deg (slice origins shift up to {off.max():.2f} mm in-plane along the "
-                  f"stack{quoted})")
-        report.problems.append(Problem("gantry_tilt", detail, f"gantry_tilt {angle:.1f} deg"))
-    elif gdt is not None and abs(float(gdt)) > 0.01:
-        report.warnings.append(f"GantryDetectorTilt {float(gdt):g} deg but slice positions are orthogonal")
     return report
 
 

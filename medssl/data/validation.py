@@ -228,8 +228,9 @@ def intensity_stats(array: np.ndarray) -> dict[str, float]:
 
     ``min``/``max``/``mean`` use every voxel. ``std`` and the percentiles use a regular strided subsample
     (every k-th voxel along each axis, ``k = ceil((N / 2e6) ** (1 / ndim))``) when the array holds more than
-    :data:`STATS_MAX_VOXELS` = 2M voxels: a 512×512×300 CT (79M voxels) is then summarised from ~2M voxels
-    (k = 4) in ~0.1 s instead of a ~5 s full sort, with percentile errors well below one HU step.
+    :data:`STATS_MAX_VOXELS` = 2M voxels. Measured on a 512×512×300 int16 volume (79M voxels, k = 4, 1.2M
+    voxels kept): 0.10 s instead of 1.2 s for ``np.percentile`` on all voxels; the subsample's percentiles
+    differ by sampling error only (2 HU at p0.5 and 1 HU at p1 for Gaussian noise of σ = 300 HU).
 
     Args:
         array: voxel values of any shape, e.g. ``(X, Y, Z)`` in HU.

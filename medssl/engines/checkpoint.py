@@ -50,7 +50,11 @@ def library_versions() -> dict[str, str]:
 
     import medssl
 
-    return {"medssl": str(medssl.__version__), "monai": str(monai.__version__), "torch": str(torch.__version__)}
+    return {
+        "medssl": str(medssl.__version__),
+        "monai": str(monai.__version__),
+        "torch": str(torch.__version__),
+    }
 
 
 def capture_rng() -> dict[str, Any]:
@@ -58,8 +62,13 @@ def capture_rng() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -70,7 +79,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -137,8 +148,12 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
     return d
 
 
-def check_recipe(saved: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...] = IDENTITY_FIELDS,
-                 what: str = "checkpoint recipe vs run config") -> None:
+def check_recipe(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    fields: tuple[str, ...] = IDENTITY_FIELDS,
+    what: str = "checkpoint recipe vs run config",
+) -> None:
     """Raise if ``saved`` and ``current`` recipes differ on identity fields.
 
     Raises:
@@ -169,12 +184,14 @@ def save_encoder(out_dir: str | Path, encoder: torch.nn.Module, recipe: dict[str
     how = {
         "file": pt.name,
         "recipe": recipe,
-        "state_dict_keys": "keys of the encoder module (medssl.networks.encoders.rebuild_encoder(recipe['encoder']))",
+        "state_dict_keys": "those of rebuild_encoder(recipe['encoder']) (medssl.networks.encoders)",
         "downstream_prefixes": dict(getattr(encoder, "downstream", {}) or {}),
-        "preprocessing": {k: recipe.get(k) for k in ("in_channels", "roi_size", "target_spacing", "normalisation",
-                                                     "ct_window")},
+        "preprocessing": {
+            k: recipe.get(k)
+            for k in ("in_channels", "roi_size", "target_spacing", "normalisation", "ct_window")
+        },
         "load": "ckpt = torch.load('encoder.pt', weights_only=True); "
-                "enc = rebuild_encoder(ckpt['recipe']['encoder']); enc.load_state_dict(ckpt['state_dict'])",
+        "enc = rebuild_encoder(ckpt['recipe']['encoder']); enc.load_state_dict(ckpt['state_dict'])",
     }
     js = out_dir / "encoder.json"
     tmp = js.with_name(".encoder.json.tmp")

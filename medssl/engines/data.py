@@ -1,8 +1,9 @@
 """Pretraining data: a MONAI ``CacheDataset`` of normalised volumes and a restorable random-crop batcher.
 
-The per-step work is only: pick the next volumes of the epoch's order, cut a random crop of each,
-stack them into ``(B, C, D, H, W)``; all augmentation then runs batched on the training device.
-The order is ``permutation(seed, epoch)`` and each crop offset is drawn from an RNG seeded with
+The per-step work is only: pick the next cached volumes of the epoch's order (cut to at most
+``source_size`` at a random position), hand them as a list to the batched on-device augmentation,
+which pads them, draws the views and stacks ``(B, C, D, H, W)``. The order is
+``permutation(seed, epoch)`` and each window offset is drawn from an RNG seeded with
 ``(seed, epoch, position)``, so the data position ``(epoch, position)`` is all a checkpoint needs.
 """
 
@@ -16,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import CacheDataset
 from monai.transforms import (
     Compose,
@@ -38,8 +38,11 @@ _ERROR_KEY = "_medssl_load_error"
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def load_pool(datalist: str | Path, sections: Sequence[str] = ("unlabeled", "training"),
-              splits: str | Path | None = None) -> list[dict[str, Any]]:
+def load_pool(
+    datalist: str | Path,
+    sections: Sequence[str] = ("unlabeled", "training"),
+    splits: str | Path | None = None,
+) -> list[dict[str, Any]]:
     """The unlabelled pool: items of ``sections`` (labels dropped), minus validation/test cases of ``splits``.
 
     Args:
@@ -71,8 +74,10 @@ def load_pool(datalist: str | Path, sections: Sequence[str] = ("unlabeled", "tra
             seen.add(str(path))
             items.append({"image": str(path), "case_id": case_id})
     if not items:
-        raise MedsslError(f"no images in sections {list(sections)} of {datalist}"
-                          + (f" after removing {len(held_out)} held-out cases of {splits}" if held_out else ""))
+        raise MedsslError(
+            f"no images in sections {list(sections)} of {datalist}"
+            + (f" after removing {len(held_out)} held-out cases of {splits}" if held_out else "")
+        )
     log.info("pretraining pool: %d volumes from %s %s", len(items), datalist, list(sections))
     return items
 
@@ -99,8 +104,11 @@ def _held_out_cases(splits: Path) -> set[str]:
     return out
 
 
-def preprocessing(normalisation: str = "robust", target_spacing: Sequence[float] | None = None,
-                  ct_window: Sequence[float] = (-1000.0, 1000.0)) -> Compose:
+def preprocessing(
+    normalisation: str = "robust",
+    target_spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] = (-1000.0, 1000.0),
+) -> Compose:
     """Deterministic chain: load → channel first → RAS → optional resampling (mm) → normalise → float32.
 
     Args:
@@ -113,14 +121,21 @@ def preprocessing(normalisation: str = "robust", target_spacing: Sequence[float]
         A MONAI ``Compose`` mapping ``{"image": path}`` to ``{"image": MetaTensor (C, X, Y, Z)}``.
     """
     keys = ["image"]
-    chain: list = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS)]
+    chain: list = [
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS),
+    ]
     if target_spacing is not None:
         chain.append(Spacingd(keys, pixdim=tuple(float(s) for s in target_spacing), mode="bilinear"))
     if normalisation == "robust":
         chain.append(_robust_normaliser(keys))
     elif normalisation == "ct":
-        chain.append(ScaleIntensityRanged(keys, a_min=float(ct_window[0]), a_max=float(ct_window[1]),
-                                          b_min=0.0, b_max=1.0, clip=True))
+        chain.append(
+            ScaleIntensityRanged(
+                keys, a_min=float(ct_window[0]), a_max=float(ct_window[1]), b_min=0.0, b_max=1.0, clip=True
+            )
+        )
     elif normalisation != "none":
         raise ValueError(f"normalisation must be robust|ct|none, got {normalisation!r}")
     chain.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
@@ -160,19 +175,23 @@ def _short(e: Exception, n: int = 300) -> str:
 
 
 class CropBatcher:
-    """Restorable stream of random crops ``(B, C, D, H, W)`` from a dataset of ``{"image": (C, X, Y, Z)}``.
+    """Restorable stream of volumes (or random windows of them) from a dataset of ``{"image": (C, X, Y, Z)}``.
 
     Args:
         dataset: indexable of dicts with ``"image"`` tensors (e.g. :class:`SafeCacheDataset`).
-        roi_size: crop size ``(D, H, W)``; smaller volumes are zero-padded (centred) up to it.
-        seed: order/crop seed.
+        source_size: largest window ``(D, H, W)`` in voxels handed to the augmentation; larger volumes
+            are cut at a random position (e.g. ``(96, 96, 96)`` for whole-body CT), smaller axes kept
+            whole. ``None``: whole volumes (small MRI such as the hippocampus crops).
+        seed: order/window seed.
     """
 
-    def __init__(self, dataset: Sequence[dict[str, Any]], roi_size: Sequence[int], seed: int = 0) -> None:
+    def __init__(
+        self, dataset: Sequence[dict[str, Any]], source_size: Sequence[int] | None = None, seed: int = 0
+    ) -> None:
         if len(dataset) == 0:
             raise MedsslError("empty pretraining dataset")
         self.dataset = dataset
-        self.roi_size = tuple(int(r) for r in roi_size)
+        self.source_size = tuple(int(r) for r in source_size) if source_size is not None else None
         self.seed = int(seed)
         self.epoch, self.position = 0, 0
         self.skipped: dict[int, str] = {}
@@ -204,32 +223,37 @@ class CropBatcher:
             self.skipped[idx] = reason
             log.warning("skipping volume %s: %s", path, reason)
             if len(self.skipped) == len(self.dataset):
-                raise MedsslError("every volume of the pretraining pool failed to load; see the warnings above")
+                raise MedsslError(
+                    "every volume of the pretraining pool failed to load; see the warnings above"
+                )
             return None
         return torch.as_tensor(image)
 
     def crop(self, image: torch.Tensor, epoch: int, position: int) -> torch.Tensor:
-        """Random ``roi_size`` crop of ``(C, X, Y, Z)``, padding (centred, zeros) where the volume is smaller."""
-        pad: list[int] = []
-        for s, r in zip(reversed(image.shape[1:]), reversed(self.roi_size), strict=True):
-            extra = max(0, r - s)
-            pad += [extra // 2, extra - extra // 2]
-        if any(pad):
-            image = F.pad(image, pad)
+        """Random window of at most ``source_size`` voxels per axis of ``(C, X, Y, Z)`` (a view, no copy);
+        axes already within ``source_size`` (or all, when it is ``None``) are kept whole."""
+        if self.source_size is None:
+            return image
         rng = np.random.default_rng([self.seed, epoch, position, 1])
-        starts = [int(rng.integers(0, s - r + 1)) for s, r in zip(image.shape[1:], self.roi_size, strict=True)]
-        sl = tuple(slice(a, a + r) for a, r in zip(starts, self.roi_size, strict=True))
+        sl = []
+        for s, r in zip(image.shape[1:], self.source_size, strict=True):
+            size = min(s, r)
+            start = int(rng.integers(0, s - size + 1))
+            sl.append(slice(start, start + size))
         return image[(slice(None), *sl)]
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        """The next ``batch_size`` crops stacked as ``(B, C, D, H, W)`` float32 (CPU)."""
-        crops = []
-        while len(crops) < batch_size:
+    def next_batch(self, batch_size: int) -> list[torch.Tensor]:
+        """The next ``batch_size`` volumes (windows), each ``(C, D_i, H_i, W_i)`` float32 on the CPU.
+
+        Sizes may differ; the batched augmentation pads them (e.g. ``BatchedSSLAugment`` takes a list).
+        """
+        vols = []
+        while len(vols) < batch_size:
             idx, epoch, pos = self._advance()
             image = self._fetch(idx)
             if image is not None:
-                crops.append(self.crop(image, epoch, pos))
-        return torch.stack(crops).float()
+                vols.append(self.crop(image, epoch, pos).float())
+        return vols
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "order_seed": self.seed}

@@ -13,7 +13,6 @@ and one dict holds every state (:mod:`medssl.engines.checkpoint`). MONAI provide
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ import torch
 
 from medssl.config import PretrainConfig, flatten_dict
 from medssl.engines import checkpoint as ck
+from medssl.engines.components import build_components, make_recipe, resolve_device
 from medssl.engines.data import CropBatcher, SafeCacheDataset, load_pool, preprocessing
 from medssl.engines.schedules import WarmupCosineSchedule
 from medssl.errors import MedsslError
@@ -56,62 +56,6 @@ class PretrainResult:
     skipped_volumes: dict[str, str] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _import(target: str) -> Callable:
-    module, _, attr = target.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for a in attr.split("."):
-            obj = getattr(obj, a)
-    except (ImportError, AttributeError) as e:
-        raise MedsslError(f"cannot import {target!r}: {e}") from e
-    return obj
-
-
-def build_components(config: PretrainConfig) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
-    """Encoder, method and batched augmentation from the config (names, or ``"module:callable"`` targets).
-
-    Returns:
-        ``(encoder, method, augment)`` where ``augment(images (B, C, D, H, W)) -> batch dict``.
-    """
-    roi = tuple(config.roi_size)
-    if ":" in config.encoder:
-        encoder = _import(config.encoder)(in_channels=config.in_channels, img_size=roi, **config.encoder_kwargs)
-    else:
-        from medssl.networks.encoders import build_encoder
-
-        encoder = build_encoder(config.encoder, in_channels=config.in_channels, img_size=roi,
-                                **config.encoder_kwargs)
-    if ":" in config.method:
-        method = _import(config.method)(encoder, **config.method_kwargs)
-    else:
-        from medssl.methods.base import build_method
-
-        method = build_method(config.method, encoder, **config.method_kwargs)
-    if config.augment:
-        augment = _import(config.augment)(config.method, roi, seed=config.seed, **config.augment_kwargs)
-    else:
-        from medssl.transforms.batched import BatchedSSLAugment
-
-        augment = BatchedSSLAugment.for_method(config.method, roi, seed=config.seed, **config.augment_kwargs)
-    return encoder, method, augment
-
-
-def make_recipe(config: PretrainConfig, encoder: torch.nn.Module) -> dict[str, Any]:
-    """The checkpoint recipe: everything needed to rebuild and feed the encoder elsewhere."""
-    enc = getattr(encoder, "recipe", None) or {"name": config.encoder, "kwargs": dict(config.encoder_kwargs)}
-    return {"encoder": enc, "method": config.method, "method_kwargs": dict(config.method_kwargs),
-            "in_channels": config.in_channels, "roi_size": list(config.roi_size),
-            "target_spacing": config.target_spacing, "normalisation": config.normalisation,
-            "ct_window": list(config.ct_window), "versions": ck.library_versions()}
-
-
 class Pretrainer:
     """Owns the optimizer, schedule, scaler, data stream and tracker of one pretraining run.
 
@@ -120,11 +64,17 @@ class Pretrainer:
         encoder: the encoder (a submodule of ``method``).
         method: ``nn.Module``; ``method(batch) -> {"loss": scalar, <float logs>}``, optional
             ``on_step_end(step, total_steps)``.
-        augment: ``augment(images (B, C, D, H, W)) -> batch dict`` on the images' device.
+        augment: ``augment(volumes) -> batch dict`` on the volumes' device; ``volumes`` is a list of
+            ``(C, D_i, H_i, W_i)`` tensors (sizes may differ), as ``BatchedSSLAugment`` takes.
     """
 
-    def __init__(self, config: PretrainConfig, encoder: torch.nn.Module, method: torch.nn.Module,
-                 augment: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        config: PretrainConfig,
+        encoder: torch.nn.Module,
+        method: torch.nn.Module,
+        augment: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    ) -> None:
         self.cfg, self.encoder, self.augment = config, encoder, augment
         self.device = resolve_device(config.device)
         self.method = method.to(self.device)
@@ -134,19 +84,30 @@ class Pretrainer:
             log.warning("amp=%s ignored on %s (AMP runs on CUDA only)", config.amp, self.device)
             self.amp_dtype = None
         self.pool = load_pool(config.datalist, config.sections, config.splits)
-        self.dataset = SafeCacheDataset(self.pool, preprocessing(config.normalisation, config.target_spacing,
-                                                                 config.ct_window),
-                                        cache_rate=config.cache_rate, num_workers=max(1, config.num_workers),
-                                        runtime_cache=config.num_workers == 0, copy_cache=False, progress=False)
-        self.batcher = CropBatcher(self.dataset, config.roi_size, seed=config.seed)
+        self.dataset = SafeCacheDataset(
+            self.pool,
+            preprocessing(config.normalisation, config.target_spacing, config.ct_window),
+            cache_rate=config.cache_rate,
+            num_workers=max(1, config.num_workers),
+            runtime_cache=config.num_workers == 0,
+            copy_cache=False,
+            progress=False,
+        )
+        self.batcher = CropBatcher(self.dataset, config.source_size, seed=config.seed)
         per_step = config.batch_size * config.grad_accum
         self.total_steps = config.total_steps or config.epochs * math.ceil(len(self.pool) / per_step)
         decay = [p for p in self.method.parameters() if p.requires_grad and p.ndim > 1]
         no_decay = [p for p in self.method.parameters() if p.requires_grad and p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-        self.schedule = WarmupCosineSchedule(self.optimizer, config.lr, config.min_lr, self.total_steps,
-                                             config.warmup_steps)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+        )
+        self.schedule = WarmupCosineSchedule(
+            self.optimizer, config.lr, config.min_lr, self.total_steps, config.warmup_steps
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.recipe = make_recipe(config, encoder)
         self.step, self.nan_run, self.tracker, self.checkpoints = 0, 0, None, []
@@ -157,12 +118,13 @@ class Pretrainer:
         """Run optimizer step ``self.step``; returns its logs, or ``None`` if skipped (non-finite loss)."""
         cfg, accum = self.cfg, self.cfg.grad_accum
         lr = self.schedule.apply()
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         for _ in range(accum):
-            images = self.batcher.next_batch(cfg.batch_size).to(self.device, non_blocking=True)
+            images = [v.to(self.device, non_blocking=True) for v in self.batcher.next_batch(cfg.batch_size)]
             batch = self.augment(images)
-            autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-                        else nullcontext())
+            autocast = (
+                torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+            )
             with autocast:
                 out = self.method(batch)
             loss = out["loss"]
@@ -170,33 +132,37 @@ class Pretrainer:
             if not math.isfinite(value):
                 return self._skip(value)
             self.scaler.scale(loss / accum).backward()
-            for k, v in out.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / accum
+            for k, v in out.items():  # logs stay on device until the one sync below
+                logs[k] = logs.get(k, 0.0) + torch.as_tensor(v).detach().float() / accum
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.grad_clip))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(self.method, "on_step_end"):
-            self.method.on_step_end(self.step, self.total_steps)
         self.schedule.step()
         self.step, self.nan_run = self.step + 1, 0
-        logs["lr"] = lr
-        return logs
+        if hasattr(self.method, "on_step_end"):  # e.g. EMA teacher; step = optimizer steps done (1-based)
+            self.method.on_step_end(self.step, self.total_steps)
+        values = torch.stack([v.to(self.device) for v in logs.values()]).tolist()
+        return {**dict(zip(logs, values, strict=True)), "lr": lr}
 
     def _skip(self, value: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.step, self.nan_run = self.step + 1, self.nan_run + 1
         self.result.skipped_steps.append(self.step)
-        log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", self.step, value, self.nan_run)
+        log.warning(
+            "step %d: non-finite loss (%s); step skipped (%d in a row)", self.step, value, self.nan_run
+        )
         if self.tracker:
             self.tracker.log_metrics({"skipped_nonfinite": 1.0}, self.step)
         if self.nan_run >= self.cfg.max_nan_steps:
-            raise MedsslError(f"{self.nan_run} consecutive steps had a non-finite loss (last at step {self.step}, "
-                              f"max_nan_steps={self.cfg.max_nan_steps}); lower lr, enable grad_clip or use "
-                              f"amp=bf16 instead of fp16. Last good checkpoint: {self._last_path()}")
+            raise MedsslError(
+                f"{self.nan_run} consecutive steps had a non-finite loss (last at step {self.step}, "
+                f"max_nan_steps={self.cfg.max_nan_steps}); lower lr, enable grad_clip or use "
+                f"amp=bf16 instead of fp16. Last good checkpoint: {self._last_path()}"
+            )
         return None
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -205,11 +171,20 @@ class Pretrainer:
         return p if p.exists() else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": 1, "recipe": self.recipe, "config": self.cfg.to_dict(), "step": self.step,
-                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
-                "augment": ck.component_state(self.augment), "rng": ck.capture_rng(),
-                "data": self.batcher.state_dict(), "mlflow_run_id": self.tracker.run_id if self.tracker else None}
+        return {
+            "format": 1,
+            "recipe": self.recipe,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "augment": ck.component_state(self.augment),
+            "rng": ck.capture_rng(),
+            "data": self.batcher.state_dict(),
+            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+        }
 
     def save_checkpoint(self) -> Path:
         """Write ``step_XXXXXXX.pt`` and ``last.pt`` atomically; prune old periodic ones."""
@@ -230,8 +205,11 @@ class Pretrainer:
         """
         state = ck.load_checkpoint(path, map_location=self.device)
         ck.check_recipe(state["recipe"], self.recipe)
-        changed = {k: (v, self.cfg.to_dict().get(k)) for k, v in state.get("config", {}).items()
-                   if self.cfg.to_dict().get(k) != v}
+        changed = {
+            k: (v, self.cfg.to_dict().get(k))
+            for k, v in state.get("config", {}).items()
+            if self.cfg.to_dict().get(k) != v
+        }
         if changed:
             log.info("resuming with changed config fields: %s", changed)
         self.method.load_state_dict(state["model"])
@@ -249,7 +227,7 @@ class Pretrainer:
 
     # -- the run --------------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None, progress: bool = True) -> PretrainResult:
-        """Train to ``total_steps`` (from a checkpoint when ``resume`` is given); see :func:`run_pretraining`."""
+        """Train to ``total_steps`` (from checkpoint ``resume`` if given); see :func:`run_pretraining`."""
         self.out.mkdir(parents=True, exist_ok=True)
         run_id = self.resume(resume).get("mlflow_run_id") if resume else None
         self.cfg.to_yaml(self.out / "config.yaml")
@@ -260,7 +238,10 @@ class Pretrainer:
         self.method.train()
         try:
             self._start_tracking(run_id, fresh=resume is None)
-            with _progress(progress, self.total_steps, self.step) as bar, open(self.out / "metrics.jsonl", "a") as mf:
+            with (
+                _progress(progress, self.total_steps, self.step) as bar,
+                open(self.out / "metrics.jsonl", "a") as mf,
+            ):
                 while self.step < self.total_steps:
                     logs = self.train_step()
                     if logs is not None:
@@ -298,31 +279,46 @@ class Pretrainer:
             r.run_id = self.tracker.run_id
 
     def _start_tracking(self, run_id: str | None, fresh: bool) -> None:
+        preview = self._preview() if fresh and self.cfg.preview else None
         if not self.cfg.experiment:
             return
         from medssl.tracking.mlflow_tracker import MlflowTracker, standard_tags
 
-        tags = {**standard_tags("pretrain", seed=self.cfg.seed, data_hash=_pool_hash(self.pool)), **self.cfg.tags,
-                "medssl.method": self.cfg.method, "medssl.encoder": self.cfg.encoder}
-        self.tracker = MlflowTracker(self.cfg.experiment, run_name=self.cfg.run_name or self.out.name,
-                                     tracking_uri=self.cfg.tracking_uri, tags=tags, run_id=run_id,
-                                     parent_run_id=self.cfg.parent_run_id, spool_path=self.out / "mlflow_spool.jsonl")
+        tags = {
+            **standard_tags("pretrain", seed=self.cfg.seed, data_hash=_pool_hash(self.pool)),
+            **self.cfg.tags,
+            "medssl.method": self.cfg.method,
+            "medssl.encoder": self.cfg.encoder,
+        }
+        self.tracker = MlflowTracker(
+            self.cfg.experiment,
+            run_name=self.cfg.run_name or self.out.name,
+            tracking_uri=self.cfg.tracking_uri,
+            tags=tags,
+            run_id=run_id,
+            parent_run_id=self.cfg.parent_run_id,
+            spool_path=self.out / "mlflow_spool.jsonl",
+        )
         self.result.run_id = self.tracker.run_id
         if fresh:
             self.tracker.log_params(flatten_dict(self.cfg.to_dict()))
-            if self.cfg.preview:
-                self.tracker.log_artifact(self._preview())
+        if preview is not None:
+            self.tracker.log_artifact(preview)
 
-    def _preview(self) -> Path:
-        """Preview PNG from a side batcher; RNG/augmentation states are restored so training is unaffected."""
+    def _preview(self) -> Path | None:
+        """``augment_preview.png`` from a side batcher; RNG/augmentation states are restored afterwards so
+        training is unaffected. A failure only warns."""
         from medssl.engines.preview import save_augment_preview
 
         rng, aug = ck.capture_rng(), ck.component_state(self.augment)
         try:
-            side = CropBatcher(self.dataset, self.cfg.roi_size, seed=self.cfg.seed + 1)
+            side = CropBatcher(self.dataset, self.cfg.source_size, seed=self.cfg.seed + 1)
             with torch.no_grad():
-                batch = self.augment(side.next_batch(min(4, self.cfg.batch_size)).to(self.device))
+                batch = self.augment([v.to(self.device) for v in side.next_batch(4)])
             return save_augment_preview(batch, self.out / "augment_preview.png")
+        except Exception as e:  # noqa: BLE001 - a preview must never stop a run
+            log.warning("augmentation preview failed: %s", e)
+            return None
         finally:
             ck.restore_rng(rng)
             ck.load_component_state(self.augment, aug)
@@ -348,8 +344,14 @@ class _progress:
             return lambda step, loss: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                            TimeRemainingColumn(), transient=False)
+        self.bar = Progress(
+            TextColumn("pretrain"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         self.bar.start()
         task = self.bar.add_task("pretrain", total=self.total, completed=self.start, loss="")
         return lambda step, loss: self.bar.update(task, completed=step, loss=f"loss {loss:.4f}")
@@ -359,8 +361,9 @@ class _progress:
             self.bar.stop()
 
 
-def run_pretraining(config: PretrainConfig, *, resume: str | Path | None = None,
-                    progress: bool = True) -> PretrainResult:
+def run_pretraining(
+    config: PretrainConfig, *, resume: str | Path | None = None, progress: bool = True
+) -> PretrainResult:
     """Pretrain an encoder with an SSL method; the library entry point behind ``medssl pretrain``.
 
     Seeds Python/NumPy/torch with ``config.seed``, builds encoder/method/augmentation

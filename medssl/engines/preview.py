@@ -36,8 +36,12 @@ def save_augment_preview(batch: dict[str, torch.Tensor], path: str | Path, max_r
         for c, key in enumerate(keys):
             vol = batch[key][r, 0].detach().float().cpu()  # (D, H, W)
             ax = fig.add_subplot(rows, len(keys), r * len(keys) + c + 1)
-            ax.imshow(vol[vol.shape[0] // 2].numpy(), cmap="gray", vmin=0 if key.endswith("mask") else None,
-                      vmax=1 if key.endswith("mask") else None)
+            ax.imshow(
+                vol[vol.shape[0] // 2].numpy(),
+                cmap="gray",
+                vmin=0 if key.endswith("mask") else None,
+                vmax=1 if key.endswith("mask") else None,
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

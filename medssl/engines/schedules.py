@@ -15,8 +15,9 @@ import torch
 __all__ = ["warmup_cosine", "WarmupCosineSchedule"]
 
 
-def warmup_cosine(step: int, base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                  start: float = 0.0) -> float:
+def warmup_cosine(
+    step: int, base: float, final: float, total_steps: int, warmup_steps: int = 0, start: float = 0.0
+) -> float:
     """Linear warm-up from ``start`` to ``base`` then cosine decay from ``base`` to ``final``.
 
     ``step`` counts optimizer steps from 0; the value at ``step`` is the one used *for* that step.
@@ -60,10 +61,18 @@ class WarmupCosineSchedule:
         warmup_steps: linear warm-up steps.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, min_lr: float, total_steps: int,
-                 warmup_steps: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        base_lr: float,
+        min_lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+    ) -> None:
         if total_steps < 1 or warmup_steps < 0:
-            raise ValueError(f"total_steps >= 1 and warmup_steps >= 0 expected, got {total_steps}, {warmup_steps}")
+            raise ValueError(
+                f"total_steps >= 1 and warmup_steps >= 0 expected, got {total_steps}, {warmup_steps}"
+            )
         self.optimizer = optimizer
         self.base_lr, self.min_lr = float(base_lr), float(min_lr)
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
@@ -85,8 +94,13 @@ class WarmupCosineSchedule:
         self.last_step += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "base_lr": self.base_lr, "min_lr": self.min_lr,
-                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        return {
+            "last_step": self.last_step,
+            "base_lr": self.base_lr,
+            "min_lr": self.min_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = int(state["last_step"])

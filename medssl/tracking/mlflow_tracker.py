@@ -38,24 +38,44 @@ def default_tracking_uri() -> str:
 
 
 def make_client(tracking_uri: str | None = None):
-    """An ``mlflow.MlflowClient`` for ``tracking_uri`` (default :func:`default_tracking_uri`)."""
+    """An ``mlflow.MlflowClient`` for ``tracking_uri`` (default :func:`default_tracking_uri`).
+
+    For a remote server, MLflow's own HTTP retries (7 retries with exponential backoff, 120 s timeout by
+    default) would block a training step for minutes during an outage; the tracker retries by itself, so
+    unless the user set them, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=10``
+    are set for this process.
+    """
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return MlflowClient(tracking_uri=uri)
 
 
 def git_sha(path: str | Path | None = None) -> str | None:
     """Commit of the git checkout holding ``path`` (default: the medssl sources), ``None`` outside git."""
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def standard_tags(kind: str, *, study: str | None = None, fraction: float | None = None, init: str | None = None,
-                  seed: int | None = None, data_hash: str | None = None, sha: str | None = None) -> dict[str, str]:
+def standard_tags(
+    kind: str,
+    *,
+    study: str | None = None,
+    fraction: float | None = None,
+    init: str | None = None,
+    seed: int | None = None,
+    data_hash: str | None = None,
+    sha: str | None = None,
+) -> dict[str, str]:
     """medssl's standard run tags (``medssl.kind``, ``medssl.study``, ``medssl.fraction``, ``medssl.init``,
     ``medssl.seed``, ``medssl.data_hash``, ``medssl.git_sha``); unset values are left out.
 
@@ -63,8 +83,15 @@ def standard_tags(kind: str, *, study: str | None = None, fraction: float | None
         kind: ``"pretrain"``, ``"finetune"``, ``"sweep"`` or ``"compare"``.
         sha: git commit; looked up with :func:`git_sha` when ``None``.
     """
-    tags = {"medssl.kind": kind, "medssl.study": study, "medssl.fraction": fraction, "medssl.init": init,
-            "medssl.seed": seed, "medssl.data_hash": data_hash, "medssl.git_sha": sha or git_sha()}
+    tags = {
+        "medssl.kind": kind,
+        "medssl.study": study,
+        "medssl.fraction": fraction,
+        "medssl.init": init,
+        "medssl.seed": seed,
+        "medssl.data_hash": data_hash,
+        "medssl.git_sha": sha or git_sha(),
+    }
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
@@ -72,7 +99,7 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """``<db folder>/mlartifacts/<experiment>`` for a local sqlite store; the server decides otherwise."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    db = Path(tracking_uri[len("sqlite:///"):])
+    db = Path(tracking_uri[len("sqlite:///") :])
     return (db.parent / "mlartifacts" / experiment.replace("/", "_")).resolve().as_uri()
 
 
@@ -97,11 +124,23 @@ class MlflowTracker:
         MedsslError: the run cannot be created (tracking server unreachable at start).
     """
 
-    def __init__(self, experiment: str, *, run_name: str | None = None, tracking_uri: str | None = None,
-                 tags: dict[str, Any] | None = None, parent_run_id: str | None = None, run_id: str | None = None,
-                 spool_path: str | Path | None = None, client: Any = None, flush_every_s: float = 5.0,
-                 max_buffer: int = 200, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 close_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        experiment: str,
+        *,
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        spool_path: str | Path | None = None,
+        client: Any = None,
+        flush_every_s: float = 5.0,
+        max_buffer: int = 200,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        close_timeout_s: float = 30.0,
+    ) -> None:
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = client if client is not None else make_client(self.tracking_uri)
         self.flush_every_s, self.max_buffer = float(flush_every_s), int(max_buffer)
@@ -112,7 +151,9 @@ class MlflowTracker:
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        self.experiment_id = self._retry_call(lambda: self._experiment_id(experiment), "get/create experiment")
+        self.experiment_id = self._retry_call(
+            lambda: self._experiment_id(experiment), "get/create experiment"
+        )
         if run_id is not None:
             try:
                 self.client.update_run(run_id, status="RUNNING")
@@ -120,8 +161,10 @@ class MlflowTracker:
                 log.warning("cannot reattach to MLflow run %s (%s); starting a new run", run_id, e)
                 run_id = None
         if run_id is None:
-            run = self._retry_call(lambda: self.client.create_run(self.experiment_id, tags=all_tags,
-                                                                  run_name=run_name), "create run")
+            run = self._retry_call(
+                lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name),
+                "create run",
+            )
             run_id = run.info.run_id
         elif all_tags:
             self.set_tags(all_tags)
@@ -133,7 +176,9 @@ class MlflowTracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=_artifact_location(self.tracking_uri, name))
+        return self.client.create_experiment(
+            name, artifact_location=_artifact_location(self.tracking_uri, name)
+        )
 
     def _retry_call(self, fn, what: str, attempts: int = 4):
         delay = self.backoff_s
@@ -174,7 +219,9 @@ class MlflowTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Queue a file upload (the file must still exist when the queue is sent)."""
-        self._queue.append({"type": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+        self._queue.append(
+            {"type": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path}
+        )
         self._maybe_flush(force=True)
 
     # -- sending --------------------------------------------------------------------------------------
@@ -212,8 +259,11 @@ class MlflowTracker:
             delay = min(self.backoff_s * 2 ** (self._failures - 1), self.max_backoff_s)
             self._next_try = time.monotonic() + delay
             if self._failures == 1:
-                log.warning("MLflow at %s unreachable; buffering to %s and retrying", self.tracking_uri,
-                            self.spool_path)
+                log.warning(
+                    "MLflow at %s unreachable; buffering to %s and retrying",
+                    self.tracking_uri,
+                    self.spool_path,
+                )
         else:
             if self._failures:
                 log.info("MLflow reachable again; buffered records sent")
@@ -247,9 +297,12 @@ class MlflowTracker:
                 return True
             wait = self._next_try - time.monotonic()
             if time.monotonic() + max(wait, 0) > deadline:
-                log.warning("MLflow unreachable at close; %s unsent record(s) kept in %s "
-                            "(replay with medssl.tracking.mlflow_tracker.flush_spool)",
-                            _count_lines(self.spool_path), self.spool_path)
+                log.warning(
+                    "MLflow unreachable at close; %s unsent record(s) kept in %s "
+                    "(replay with medssl.tracking.mlflow_tracker.flush_spool)",
+                    _count_lines(self.spool_path),
+                    self.spool_path,
+                )
                 return False
             time.sleep(max(wait, 0.0))
 
@@ -294,8 +347,11 @@ def send_records(client: Any, run_id: str, records: Iterable[dict[str, Any]]) ->
                     log.warning("artifact %s vanished before upload; skipped", rec["path"])
             elif kind == "status":
                 client.set_terminated(run_id, status=rec["status"], end_time=rec.get("end"))
-        if (len(batch["metric"]) >= _MAX_METRICS or len(batch["param"]) >= _MAX_PARAMS
-                or len(batch["tag"]) >= _MAX_TAGS):
+        if (
+            len(batch["metric"]) >= _MAX_METRICS
+            or len(batch["param"]) >= _MAX_PARAMS
+            or len(batch["tag"]) >= _MAX_TAGS
+        ):
             send_batch()
     send_batch()
 
@@ -322,7 +378,9 @@ def flush_spool(spool_path: str | Path, *, tracking_uri: str | None = None, clie
             j = i
             while j < len(records) and records[j]["run_id"] == run_id:
                 j += 1
-            send_records(client, run_id, [{k: v for k, v in r.items() if k != "run_id"} for r in records[i:j]])
+            send_records(
+                client, run_id, [{k: v for k, v in r.items() if k != "run_id"} for r in records[i:j]]
+            )
             sent, i = j, j
     except Exception:
         tmp = spool_path.with_name(spool_path.name + ".tmp")

@@ -10,8 +10,11 @@ Sampling of one sample (spatial extent ``S``, output size ``roi``):
 1. each view draws an isotropic side factor ``s ~ U(scale)``; its box is ``round(roi * s)`` voxels per
    axis, clipped to ``[1, S]``;
 2. view 1's start is uniform over the valid starts;
-3. ``n_candidates`` starts are drawn for view 2; the first whose overlap lies in
-   ``[min_overlap, max_overlap]`` is taken, else the candidate closest to that range.
+3. ``n_candidates`` placements of view 2 are built: a target overlap ``o ~ U(min_overlap, max_overlap)``
+   is split over the axes as ``o = f_0 f_1 f_2`` with ``f_a = o ** w_a``, ``w ~ Dirichlet(1, 1, 1)``; along
+   axis ``a`` view 2 shares ``f_a`` of the smaller box's side with view 1, on a random side. Placements
+   are clipped to the volume and their overlap recomputed; the first candidate inside
+   ``[min_overlap, max_overlap]`` wins, else the closest (small volumes can make the range unreachable).
 
 Overlap is ``|A ∩ B| / min(|A|, |B|)`` (voxels): the fraction of the smaller crop seen by both views.
 Example: two 32³ crops shifted by 16 voxels along one axis overlap by 0.5.
@@ -58,7 +61,8 @@ def crop_boxes(extent: torch.Tensor, roi_size: Sequence[int], scale: Sequence[fl
         max_overlap: highest accepted overlap.
         u_scale: ``(B, V)`` uniforms in ``[0, 1)`` for the side factors (``V`` views, 1 or 2).
         u_start1: ``(B, 3)`` uniforms for view 1's start.
-        u_start2: ``(B, K, 3)`` uniforms for view 2's ``K`` candidate starts, or ``None`` when ``V == 1``.
+        u_start2: ``(B, K, 7)`` uniforms for view 2's ``K`` candidate placements (target overlap,
+            3 Dirichlet weights, 3 sides), or ``None`` when ``V == 1``.
 
     Returns:
         ``(starts, sizes)``, each ``(B, V, 3)`` long.
@@ -72,7 +76,7 @@ def crop_boxes(extent: torch.Tensor, roi_size: Sequence[int], scale: Sequence[fl
     start1 = torch.floor(u_start1.double() * room[:, 0]).long()  # (B, 3)
     if sizes.shape[1] == 1:
         return start1[:, None], sizes
-    cand = torch.floor(u_start2.double() * room[:, 1, None, :]).long()  # (B, K, 3)
+    cand = _placements(start1, sizes, extent, float(min_overlap), float(max_overlap), u_start2.double())
     ov = box_overlap(start1[:, None], sizes[:, :1], cand, sizes[:, 1:2])  # (B, K)
     ok = (ov >= min_overlap) & (ov <= max_overlap)
     dist = (min_overlap - ov).clamp(min=0) + (ov - max_overlap).clamp(min=0)
@@ -80,6 +84,22 @@ def crop_boxes(extent: torch.Tensor, roi_size: Sequence[int], scale: Sequence[fl
     pick = torch.where(ok, k - ov.shape[1], dist).argmin(1)  # first accepted, else the closest
     start2 = cand[torch.arange(cand.shape[0], device=cand.device), pick]
     return torch.stack([start1, start2], 1), sizes
+
+
+def _placements(start1: torch.Tensor, sizes: torch.Tensor, extent: torch.Tensor, lo: float, hi: float,
+                u: torch.Tensor) -> torch.Tensor:
+    """Candidate starts ``(B, K, 3)`` of view 2 for target overlaps drawn from ``u`` ``(B, K, 7)``."""
+    o = (lo + (hi - lo) * u[..., 0]).clamp(min=1e-12)  # (B, K) target overlap
+    e = -torch.log(u[..., 1:4].clamp(min=1e-12))
+    w = e / e.sum(-1, keepdim=True)  # (B, K, 3) Dirichlet(1, 1, 1)
+    f = o[..., None] ** w  # per-axis shared fraction, prod = o
+    z1, z2 = sizes[:, None, 0].double(), sizes[:, None, 1].double()  # (B, 1, 3)
+    shared = f * torch.minimum(z1, z2)  # (B, K, 3) voxels shared along each axis
+    d = (z1 + z2) / 2 - shared  # centre distance giving that intersection
+    sign = torch.where(u[..., 4:7] < 0.5, -1.0, 1.0)
+    c2 = start1[:, None].double() + z1 / 2 + sign * d
+    start2 = torch.round(c2 - z2 / 2).long()
+    return torch.minimum(start2.clamp(min=0), (extent - sizes[:, 1])[:, None])
 
 
 class RandOverlapCropd(RandomizableTransform, MapTransform):
@@ -98,7 +118,7 @@ class RandOverlapCropd(RandomizableTransform, MapTransform):
         scale: isotropic side factor range of each box relative to ``roi_size`` (``(1, 1)`` = plain crops).
         min_overlap: lowest overlap ``|A ∩ B| / min(|A|, |B|)`` of the two views, in ``[0, 1]``.
         max_overlap: highest overlap, in ``[min_overlap, 1]``.
-        n_candidates: candidate positions of view 2 (rejection sampling; the closest wins if none fits).
+        n_candidates: candidate placements of view 2 (the first in range wins, else the closest).
         pad_value: value of the padding.
         keep_source: keep ``keys[0]`` in the output.
         box_key: if set, also store the boxes as a ``(V, 2, 3)`` long tensor (start, size) under this key.
@@ -128,7 +148,7 @@ class RandOverlapCropd(RandomizableTransform, MapTransform):
         v = len(self.view_keys)
         u_scale = torch.from_numpy(self.R.random_sample((1, v)))
         u1 = torch.from_numpy(self.R.random_sample((1, 3)))
-        u2 = torch.from_numpy(self.R.random_sample((1, self.n_candidates, 3))) if v == 2 else None
+        u2 = torch.from_numpy(self.R.random_sample((1, self.n_candidates, 7))) if v == 2 else None
         self._boxes = crop_boxes(torch.tensor([list(extent)]), self.roi_size, self.scale, self.min_overlap,
                                  self.max_overlap, u_scale, u1, u2)
 

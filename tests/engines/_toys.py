@@ -11,6 +11,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TinyEncoder", "ToyMethod", "ToyAugment", "tiny_encoder", "toy_method", "toy_augment"]
@@ -19,12 +20,22 @@ __all__ = ["TinyEncoder", "ToyMethod", "ToyAugment", "tiny_encoder", "toy_method
 class TinyEncoder(nn.Module):
     """Two 3D convs + global average: ``(B, C, D, H, W)`` → ``(B, width)``."""
 
-    def __init__(self, in_channels: int = 1, img_size: tuple[int, ...] = (16, 16, 16), width: int = 4) -> None:
+    def __init__(
+        self, in_channels: int = 1, img_size: tuple[int, ...] = (16, 16, 16), width: int = 4
+    ) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1), nn.ReLU(),
-                                 nn.Conv3d(width, width, 3, stride=2, padding=1), nn.ReLU())
-        self.recipe = {"name": "tiny", "class": "TinyEncoder", "kwargs": {"width": width, "in_channels": in_channels},
-                       "img_size": list(img_size)}
+        self.net = nn.Sequential(
+            nn.Conv3d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv3d(width, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.recipe = {
+            "name": "tiny",
+            "class": "TinyEncoder",
+            "kwargs": {"width": width, "in_channels": in_channels},
+            "img_size": list(img_size),
+        }
         self.downstream = {"TinyNet": "encoder."}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,19 +72,37 @@ class ToyMethod(nn.Module):
 
 
 class ToyAugment:
-    """view1 = images + noise (own ``torch.Generator``), view2 = flipped images, targets = images."""
+    """Each volume zero-padded/cut to ``roi_size`` (per sample, so batches can be split), then
+    view1 = volume + noise (own ``torch.Generator``), view2 = flipped volume, targets = volumes."""
 
-    def __init__(self, seed: int = 0, noise: float = 0.1) -> None:
+    def __init__(self, roi_size: tuple[int, ...], seed: int = 0, noise: float = 0.1) -> None:
+        self.roi = tuple(int(r) for r in roi_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.noise = noise
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, volumes: list[torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+        fixed = []
+        for v in volumes:  # (C, D, H, W)
+            pad = [
+                p
+                for s, r in zip(reversed(v.shape[1:]), reversed(self.roi), strict=True)
+                for p in (0, max(0, r - s))
+            ]
+            fixed.append(F.pad(v, pad)[:, : self.roi[0], : self.roi[1], : self.roi[2]])
+        images = torch.stack(fixed)  # (B, C, *roi)
         eps = torch.randn(images.shape, generator=self.generator).to(images.device)
-        return {"view1": images + self.noise * eps, "view1_target": images, "view2": images.flip(-1),
-                "view2_target": images.flip(-1), "view1_mask": (eps > 1.5).float()}
+        return {
+            "view1": images + self.noise * eps,
+            "view1_target": images,
+            "view2": images.flip(-1),
+            "view2_target": images.flip(-1),
+            "view1_mask": (eps > 1.5).float(),
+        }
 
 
-def tiny_encoder(in_channels: int = 1, img_size: tuple[int, ...] = (16, 16, 16), width: int = 4) -> TinyEncoder:
+def tiny_encoder(
+    in_channels: int = 1, img_size: tuple[int, ...] = (16, 16, 16), width: int = 4
+) -> TinyEncoder:
     return TinyEncoder(in_channels, img_size, width)
 
 
@@ -82,4 +111,4 @@ def toy_method(encoder: nn.Module, **kwargs) -> ToyMethod:
 
 
 def toy_augment(method: str, roi_size: tuple[int, ...], seed: int = 0, noise: float = 0.1) -> ToyAugment:
-    return ToyAugment(seed, noise)
+    return ToyAugment(roi_size, seed, noise)

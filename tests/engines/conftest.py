@@ -36,9 +36,21 @@ def tiny_datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def toy_config(datalist: Path, out: Path, **kw) -> PretrainConfig:
     """A CPU config on the toys: 16³ crops, batch 2, 6 steps, no MLflow, deterministic."""
-    base = dict(datalist=str(datalist), method=f"{TOYS}:toy_method", encoder=f"{TOYS}:tiny_encoder",
-                augment=f"{TOYS}:toy_augment", roi_size=[16, 16, 16], batch_size=2, total_steps=6, lr=1e-2,
-                warmup_steps=2, device="cpu", deterministic=True, out_dir=str(out), experiment=None,
-                preview=False)
+    base = dict(
+        datalist=str(datalist),
+        method=f"{TOYS}:toy_method",
+        encoder=f"{TOYS}:tiny_encoder",
+        augment=f"{TOYS}:toy_augment",
+        roi_size=[16, 16, 16],
+        batch_size=2,
+        total_steps=6,
+        lr=1e-2,
+        warmup_steps=2,
+        device="cpu",
+        deterministic=True,
+        out_dir=str(out),
+        experiment=None,
+        preview=False,
+    )
     base.update(kw)
     return PretrainConfig(**base)

@@ -40,8 +40,12 @@ def test_atomic_save_leaves_no_temp_and_load_checks(tmp_path: Path) -> None:
 
 
 def test_recipe_mismatch_names_both_values() -> None:
-    saved = {"method": "simclr", "encoder": {"name": "swinvit", "kwargs": {"feature_size": 12}},
-             "in_channels": 1, "roi_size": [32, 32, 32]}
+    saved = {
+        "method": "simclr",
+        "encoder": {"name": "swinvit", "kwargs": {"feature_size": 12}},
+        "in_channels": 1,
+        "roi_size": [32, 32, 32],
+    }
     ck.check_recipe(saved, json.loads(json.dumps(saved)))
     other = {**saved, "method": "byol", "encoder": {"name": "segresnet", "kwargs": {}}}
     with pytest.raises(ConfigMismatchError) as e:
@@ -72,4 +76,8 @@ def test_save_encoder_files(tmp_path: Path) -> None:
     loaded = torch.load(pt, weights_only=True)
     assert loaded["recipe"] == recipe and torch.equal(loaded["state_dict"]["weight"], enc.weight)
     how = json.loads(js.read_text())
-    assert how["downstream_prefixes"] == {"UNet": "encoder."} and how["preprocessing"]["roi_size"] == [8, 8, 8]
+    assert how["downstream_prefixes"] == {"UNet": "encoder."} and how["preprocessing"]["roi_size"] == [
+        8,
+        8,
+        8,
+    ]

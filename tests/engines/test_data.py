@@ -12,8 +12,9 @@ from medssl.errors import MedsslError
 
 
 def _dataset(datalist: Path) -> SafeCacheDataset:
-    return SafeCacheDataset(load_pool(datalist), preprocessing("robust"), runtime_cache=True, copy_cache=False,
-                            progress=False)
+    return SafeCacheDataset(
+        load_pool(datalist), preprocessing("robust"), runtime_cache=True, copy_cache=False, progress=False
+    )
 
 
 def test_pool_sections_and_held_out_cases(tiny_datalist: Path, tmp_path: Path) -> None:
@@ -35,37 +36,47 @@ def test_preprocessing_normalises_every_scale(tiny_datalist: Path) -> None:
         assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0 and float(img.max()) > 0.9
 
 
-def test_batcher_pads_crops_and_restores_position(tiny_datalist: Path) -> None:
+def test_batcher_windows_and_restores_position(tiny_datalist: Path) -> None:
     ds = _dataset(tiny_datalist)
-    a = CropBatcher(ds, (20, 20, 20), seed=3)  # larger than some volumes (14-24 voxels): padded
+    a = CropBatcher(ds, (20, 20, 20), seed=3)  # volumes are 14-24 voxels per side: some axes cut
     first = a.next_batch(4)
-    assert first.shape == (4, 1, 20, 20, 20)
+    assert len(first) == 4 and all(v.shape[0] == 1 and max(v.shape[1:]) <= 20 for v in first)
+    assert any(min(v.shape[1:]) < 20 for v in first)  # smaller axes kept whole (the augmentation pads)
     state = a.state_dict()
     assert state == {"epoch": 0, "position": 4, "order_seed": 3}
     nxt = [a.next_batch(4) for _ in range(3)]  # crosses into epoch 1 and 2
     assert a.epoch == 2
     b = CropBatcher(ds, (20, 20, 20), seed=3)
     b.load_state_dict(state)
-    for x in nxt:
-        assert torch.equal(b.next_batch(4), x)
-    c = CropBatcher(ds, (20, 20, 20), seed=3)
-    assert torch.equal(c.next_batch(4), first)  # a pure function of (seed, epoch, position)
-    assert not torch.equal(CropBatcher(ds, (20, 20, 20), seed=4).next_batch(4), first)
+    for batch in nxt:
+        assert all(torch.equal(x, y) for x, y in zip(b.next_batch(4), batch, strict=True))
+    c = CropBatcher(ds, (20, 20, 20), seed=3)  # a pure function of (seed, epoch, position)
+    assert all(torch.equal(x, y) for x, y in zip(c.next_batch(4), first, strict=True))
+    other = CropBatcher(ds, (20, 20, 20), seed=4).next_batch(4)
+    assert any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(other, first, strict=True))
+    whole = CropBatcher(ds, None, seed=3).next_batch(6)  # no source_size: every volume whole, once per epoch
+    assert sorted(v.numel() for v in whole) == sorted(ds[i]["image"].numel() for i in range(6))
 
 
-def test_bad_volume_is_logged_and_skipped(tiny_datalist: Path, tmp_path: Path,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_volume_is_logged_and_skipped(
+    tiny_datalist: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not a nifti file at all")
     data = json.loads(tiny_datalist.read_text())
-    items = [{"image": str(tiny_datalist.parent / it["image"]), "case_id": it["case_id"]} for it in data["unlabeled"]]
+    items = [
+        {"image": str(tiny_datalist.parent / it["image"]), "case_id": it["case_id"]}
+        for it in data["unlabeled"]
+    ]
     dl = tmp_path / "datalist.json"
     dl.write_text(json.dumps({"unlabeled": items[:2] + [{"image": str(bad), "case_id": "bad"}]}))
     batcher = CropBatcher(_dataset(dl), (8, 8, 8), seed=0)
     with caplog.at_level(logging.WARNING, logger="medssl"):
         batches = [batcher.next_batch(2) for _ in range(3)]  # three epochs over 2 good volumes
-    assert all(b.shape == (2, 1, 8, 8, 8) for b in batches)
-    assert list(batcher.skipped) == [2] and "broken.nii.gz" in caplog.text and "skipping volume" in caplog.text
+    assert all(len(b) == 2 and all(v.shape == (1, 8, 8, 8) for v in b) for b in batches)
+    assert (
+        list(batcher.skipped) == [2] and "broken.nii.gz" in caplog.text and "skipping volume" in caplog.text
+    )
     assert caplog.text.count("skipping volume") == 1  # remembered, not retried every epoch
     dl.write_text(json.dumps({"unlabeled": [{"image": str(bad), "case_id": "bad"}]}))
     with pytest.raises(MedsslError, match="every volume"):

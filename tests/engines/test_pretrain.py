@@ -24,11 +24,22 @@ def test_run_writes_checkpoints_encoder_and_metrics(tiny_datalist: Path, tmp_pat
     cfg = toy_config(tiny_datalist, tmp_path / "run", total_steps=4, checkpoint_every=2, keep_checkpoints=1)
     res = run_pretraining(cfg, progress=True)
     assert [s for s, _ in res.loss_history] == [1, 2, 3, 4] and res.final_loss == res.loss_history[-1][1]
-    assert [p.name for p in res.checkpoints] == ["step_0000004.pt"] and not (res.out_dir / "checkpoints"
-                                                                           / "step_0000002.pt").exists()
+    assert [p.name for p in res.checkpoints] == ["step_0000004.pt"] and not (
+        res.out_dir / "checkpoints" / "step_0000002.pt"
+    ).exists()
     ckpt = load_checkpoint(res.last_checkpoint)
-    assert set(ckpt) >= {"recipe", "config", "step", "model", "optimizer", "scheduler", "scaler", "rng", "data",
-                         "augment"}
+    assert set(ckpt) >= {
+        "recipe",
+        "config",
+        "step",
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "data",
+        "augment",
+    }
     assert ckpt["step"] == 4 and ckpt["scheduler"]["last_step"] == 4 and ckpt["data"]["position"] == 8 % 6
     assert ckpt["recipe"]["method"] == f"{TOYS}:toy_method" and ckpt["recipe"]["roi_size"] == [16, 16, 16]
     assert set(ckpt["recipe"]["versions"]) == {"medssl", "monai", "torch"} and ckpt["config"]["lr"] == 1e-2
@@ -36,7 +47,9 @@ def test_run_writes_checkpoints_encoder_and_metrics(tiny_datalist: Path, tmp_pat
     assert enc["recipe"]["encoder"]["name"] == "tiny" and "net.0.weight" in enc["state_dict"]
     assert json.loads(res.encoder_json.read_text())["downstream_prefixes"] == {"TinyNet": "encoder."}
     lines = [json.loads(x) for x in (res.out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3, 4] and {"loss", "lr", "pred_mean", "grad_norm"} <= set(lines[0])
+    assert [x["step"] for x in lines] == [1, 2, 3, 4] and {"loss", "lr", "pred_mean", "grad_norm"} <= set(
+        lines[0]
+    )
     assert lines[0]["lr"] == pytest.approx(5e-3)  # warm-up step 1 of 2
 
 
@@ -46,6 +59,7 @@ def test_checkpoint_round_trip_restores_every_state(tiny_datalist: Path, tmp_pat
     first = Pretrainer(cfg, *build_components(cfg))
     first.fit(progress=False)
     saved = first.state_dict()
+    assert first.method.step_end == [(1, 3), (2, 3), (3, 3)]  # EMA hook after every optimizer step
     torch.manual_seed(123)  # different init and RNG: all of it must come from the checkpoint
     second = Pretrainer(cfg, *build_components(cfg))
     second.resume(first.out / "checkpoints" / "last.pt")
@@ -54,17 +68,26 @@ def test_checkpoint_round_trip_restores_every_state(tiny_datalist: Path, tmp_pat
     for k, v in first.method.state_dict().items():
         assert torch.equal(second.method.state_dict()[k], v), k
     opt_a, opt_b = saved["optimizer"]["state"], second.optimizer.state_dict()["state"]
-    assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    assert opt_a.keys() == opt_b.keys() and all(
+        torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a
+    )
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
     assert torch.equal(second.augment.generator.get_state(), saved["augment"]["generator"])
 
 
 def _spawn(cfg_path: Path, env_extra: dict[str, str]) -> subprocess.Popen:
-    code = ("import sys; from medssl.config import PretrainConfig; from medssl.engines.pretrain import "
-            "run_pretraining; run_pretraining(PretrainConfig.from_yaml(sys.argv[1]), progress=False)")
+    code = (
+        "import sys; from medssl.config import PretrainConfig; from medssl.engines.pretrain import "
+        "run_pretraining; run_pretraining(PretrainConfig.from_yaml(sys.argv[1]), progress=False)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
-    return subprocess.Popen([sys.executable, "-c", code, str(cfg_path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(cfg_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_exact_resume_after_kill_9(tiny_datalist: Path, tmp_path: Path) -> None:
@@ -89,8 +112,10 @@ def test_exact_resume_after_kill_9(tiny_datalist: Path, tmp_path: Path) -> None:
     assert max(done) < 2 * n  # really interrupted before the end
 
     resumed = run_pretraining(killed, resume=Path(killed.out_dir) / "checkpoints" / "last.pt", progress=False)
-    ref = {json.loads(x)["step"]: json.loads(x)["loss"]
-           for x in (Path(straight.out_dir) / "metrics.jsonl").read_text().splitlines()}
+    ref = {
+        json.loads(x)["step"]: json.loads(x)["loss"]
+        for x in (Path(straight.out_dir) / "metrics.jsonl").read_text().splitlines()
+    }
     assert [s for s, _ in resumed.loss_history] == list(range(n + 1, 2 * n + 1))
     for step, loss in resumed.loss_history:
         assert abs(loss - ref[step]) <= 1e-6, (step, loss, ref[step])
@@ -99,16 +124,22 @@ def test_exact_resume_after_kill_9(tiny_datalist: Path, tmp_path: Path) -> None:
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_nonfinite_loss_skips_step_then_aborts(tiny_datalist: Path, tmp_path: Path,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_nonfinite_loss_skips_step_then_aborts(
+    tiny_datalist: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = toy_config(tiny_datalist, tmp_path / "nan", total_steps=5, method_kwargs={"nan_calls": [2]})
     with caplog.at_level(logging.WARNING, logger="medssl"):
         res = run_pretraining(cfg, progress=False)
     assert res.skipped_steps == [3] and [s for s, _ in res.loss_history] == [1, 2, 4, 5]
     assert "step 3: non-finite loss" in caplog.text
     assert all(torch.isfinite(v).all() for v in load_checkpoint(res.last_checkpoint)["model"].values())
-    bad = toy_config(tiny_datalist, tmp_path / "nan3", total_steps=8, max_nan_steps=3,
-                     method_kwargs={"nan_calls": [1, 2, 3]})
+    bad = toy_config(
+        tiny_datalist,
+        tmp_path / "nan3",
+        total_steps=8,
+        max_nan_steps=3,
+        method_kwargs={"nan_calls": [1, 2, 3]},
+    )
     with pytest.raises(MedsslError, match="3 consecutive steps had a non-finite loss"):
         run_pretraining(bad, progress=False)
 
@@ -117,8 +148,10 @@ def test_resume_from_other_method_or_encoder_names_both(tiny_datalist: Path, tmp
     cfg = toy_config(tiny_datalist, tmp_path / "a", total_steps=1)
     last = run_pretraining(cfg, progress=False).last_checkpoint
     other = cfg.replace(method=f"{TOYS}:ToyMethod", out_dir=str(tmp_path / "b"))
-    with pytest.raises(ConfigMismatchError, match="method: 'tests.engines._toys:toy_method' != "
-                                                  "'tests.engines._toys:ToyMethod'"):
+    with pytest.raises(
+        ConfigMismatchError,
+        match="method: 'tests.engines._toys:toy_method' != 'tests.engines._toys:ToyMethod'",
+    ):
         run_pretraining(other, resume=last, progress=False)
     with pytest.raises(ConfigMismatchError, match="roi_size: \\[16, 16, 16\\] != \\[8, 8, 8\\]"):
         run_pretraining(cfg.replace(roi_size=[8, 8, 8]), resume=last, progress=False)
@@ -126,22 +159,36 @@ def test_resume_from_other_method_or_encoder_names_both(tiny_datalist: Path, tmp
 
 def test_grad_accumulation_matches_full_batch(tiny_datalist: Path, tmp_path: Path) -> None:
     common = dict(total_steps=3, augment_kwargs={"noise": 0.0}, method_kwargs={"dropout": 0.0})
-    full = run_pretraining(toy_config(tiny_datalist, tmp_path / "full", batch_size=4, **common), progress=False)
-    acc = run_pretraining(toy_config(tiny_datalist, tmp_path / "acc", batch_size=2, grad_accum=2, **common),
-                          progress=False)
+    full = run_pretraining(
+        toy_config(tiny_datalist, tmp_path / "full", batch_size=4, **common), progress=False
+    )
+    acc = run_pretraining(
+        toy_config(tiny_datalist, tmp_path / "acc", batch_size=2, grad_accum=2, **common), progress=False
+    )
     for (_, a), (_, b) in zip(full.loss_history, acc.loss_history, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
     ma, mb = (load_checkpoint(r.last_checkpoint)["model"] for r in (full, acc))
     assert all(torch.allclose(ma[k], mb[k], atol=1e-6) for k in ma)
-    assert load_checkpoint(acc.last_checkpoint)["data"] == {"epoch": 1, "position": 6, "order_seed": 0}  # 12 seen
+    assert load_checkpoint(acc.last_checkpoint)["data"] == {
+        "epoch": 1,
+        "position": 6,
+        "order_seed": 0,
+    }  # 12 seen
 
 
 def test_mlflow_run_has_params_metrics_and_artifacts(tiny_datalist: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = toy_config(tiny_datalist, tmp_path / "tracked", total_steps=3, experiment="pretrain-test",
-                     tracking_uri=uri, preview=True, tags={"medssl.study": "unit"})
+    cfg = toy_config(
+        tiny_datalist,
+        tmp_path / "tracked",
+        total_steps=3,
+        experiment="pretrain-test",
+        tracking_uri=uri,
+        preview=True,
+        tags={"medssl.study": "unit"},
+    )
     res = run_pretraining(cfg, progress=False)
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(res.run_id)
@@ -158,7 +205,38 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_datalist: Path, tmp_pa
     assert losses == pytest.approx([loss for _, loss in res.loss_history])
     top = {f.path for f in client.list_artifacts(res.run_id)}
     assert {"augment_preview.png", "config.yaml", "encoder"} <= top
-    assert {f.path for f in client.list_artifacts(res.run_id, "encoder")} == {"encoder/encoder.pt",
-                                                                              "encoder/encoder.json"}
+    assert {f.path for f in client.list_artifacts(res.run_id, "encoder")} == {
+        "encoder/encoder.pt",
+        "encoder/encoder.json",
+    }
     png = (res.out_dir / "augment_preview.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and not (res.out_dir / "mlflow_spool.jsonl").exists()
+
+
+def test_real_method_augment_and_exact_inprocess_resume(tiny_datalist: Path, tmp_path: Path) -> None:
+    """The real SimCLR + SegResNet encoder + BatchedSSLAugment: trains, previews, and resumes exactly."""
+    pytest.importorskip("medssl.transforms.batched")
+    pytest.importorskip("medssl.methods.simclr")
+    common = dict(
+        method="simclr",
+        encoder="segresnet",
+        augment=None,
+        encoder_kwargs={"init_filters": 8, "blocks_down": [1, 1, 1, 1]},
+        method_kwargs={},
+        total_steps=4,
+        source_size=[20, 20, 20],
+    )
+    straight = run_pretraining(
+        toy_config(tiny_datalist, tmp_path / "s", preview=True, **common), progress=False
+    )
+    assert (tmp_path / "s" / "augment_preview.png").stat().st_size > 1000
+    ckpt = load_checkpoint(straight.last_checkpoint)
+    assert ckpt["recipe"]["encoder"]["name"] == "segresnet" and "generator" in ckpt["augment"]
+    half = toy_config(tiny_datalist, tmp_path / "h", **{**common, "total_steps": 2})
+    run_pretraining(half, progress=False)
+    resumed = run_pretraining(
+        half.replace(total_steps=4), resume=tmp_path / "h" / "checkpoints" / "last.pt", progress=False
+    )
+    assert [s for s, _ in resumed.loss_history] == [3, 4]
+    for (_, a), (_, b) in zip(straight.loss_history[2:], resumed.loss_history, strict=True):
+        assert abs(a - b) <= 1e-6

@@ -52,11 +52,20 @@ class FakeClient:
 
 
 def _tracker(client: FakeClient, tmp_path: Path, **kw) -> MlflowTracker:
-    return MlflowTracker("exp", client=client, spool_path=tmp_path / "spool.jsonl", flush_every_s=0.0,
-                         backoff_s=0.01, max_backoff_s=0.02, **kw)
+    return MlflowTracker(
+        "exp",
+        client=client,
+        spool_path=tmp_path / "spool.jsonl",
+        flush_every_s=0.0,
+        backoff_s=0.01,
+        max_backoff_s=0.02,
+        **kw,
+    )
 
 
-def test_outage_is_spooled_and_replayed_without_loss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_outage_is_spooled_and_replayed_without_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     client = FakeClient()
     tr = _tracker(client, tmp_path)
     tr.log_params({"lr": 0.1})
@@ -72,7 +81,9 @@ def test_outage_is_spooled_and_replayed_without_loss(tmp_path: Path, caplog: pyt
     client.down = False
     tr.log_metrics({"loss": 0.01}, 8)
     tr.flush()
-    assert [s for k, _, s in client.metrics if k == "loss"] == list(range(9))  # in order, none lost, no duplicate
+    assert [s for k, _, s in client.metrics if k == "loss"] == list(
+        range(9)
+    )  # in order, none lost, no duplicate
     assert not (tmp_path / "spool.jsonl").exists() and client.params == {"lr": "0.1"}
     assert tr.close() and client.status == "FINISHED"
 
@@ -95,8 +106,12 @@ def test_close_during_outage_leaves_spool_for_later(tmp_path: Path, caplog: pyte
     assert (tmp_path / "spool.jsonl").exists()
     client.down = False
     assert flush_spool(tmp_path / "spool.jsonl", client=client) == 3
-    assert client.metrics == [("loss", 2.0, 0)] and client.artifacts == ["a.txt"] and client.status == "FINISHED"
-    assert not (tmp_path / "spool.jsonl").exists() and flush_spool(tmp_path / "spool.jsonl", client=client) == 0
+    assert (
+        client.metrics == [("loss", 2.0, 0)] and client.artifacts == ["a.txt"] and client.status == "FINISHED"
+    )
+    assert (
+        not (tmp_path / "spool.jsonl").exists() and flush_spool(tmp_path / "spool.jsonl", client=client) == 0
+    )
 
 
 def test_backoff_does_not_retry_on_every_call(tmp_path: Path) -> None:
@@ -115,9 +130,18 @@ def test_default_uri_and_standard_tags(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert default_tracking_uri() == f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri() == "http://127.0.0.1:5000"
-    tags = standard_tags("finetune", study="hippo", fraction=10, init="ssl", seed=0, data_hash="abc", sha="deadbeef")
-    assert tags == {"medssl.kind": "finetune", "medssl.study": "hippo", "medssl.fraction": "10", "medssl.init": "ssl",
-                    "medssl.seed": "0", "medssl.data_hash": "abc", "medssl.git_sha": "deadbeef"}
+    tags = standard_tags(
+        "finetune", study="hippo", fraction=10, init="ssl", seed=0, data_hash="abc", sha="deadbeef"
+    )
+    assert tags == {
+        "medssl.kind": "finetune",
+        "medssl.study": "hippo",
+        "medssl.fraction": "10",
+        "medssl.init": "ssl",
+        "medssl.seed": "0",
+        "medssl.data_hash": "abc",
+        "medssl.git_sha": "deadbeef",
+    }
     assert "medssl.study" not in standard_tags("pretrain", sha="x")
 
 
@@ -125,11 +149,21 @@ def test_parent_child_runs_in_sqlite_store(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    parent = MlflowTracker("study", tracking_uri=uri, run_name="study-hippo", tags=standard_tags("sweep", sha="x"),
-                           spool_path=tmp_path / "p.jsonl")
-    child = MlflowTracker("study", tracking_uri=uri, run_name="f10-ssl-s0", parent_run_id=parent.run_id,
-                          tags=standard_tags("finetune", study="hippo", fraction=10, init="ssl", seed=0, sha="x"),
-                          spool_path=tmp_path / "c.jsonl")
+    parent = MlflowTracker(
+        "study",
+        tracking_uri=uri,
+        run_name="study-hippo",
+        tags=standard_tags("sweep", sha="x"),
+        spool_path=tmp_path / "p.jsonl",
+    )
+    child = MlflowTracker(
+        "study",
+        tracking_uri=uri,
+        run_name="f10-ssl-s0",
+        parent_run_id=parent.run_id,
+        tags=standard_tags("finetune", study="hippo", fraction=10, init="ssl", seed=0, sha="x"),
+        spool_path=tmp_path / "c.jsonl",
+    )
     child.log_params({"lr": 1e-3, "roi": [32, 32, 32]})
     for step in range(3):
         child.log_metrics({"dice": 0.5 + 0.1 * step}, step)
@@ -140,7 +174,9 @@ def test_parent_child_runs_in_sqlite_store(tmp_path: Path) -> None:
     run = client.get_run(child.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.tags["medssl.fraction"] == "10"
     assert run.data.params == {"lr": "0.001", "roi": "[32, 32, 32]"} and run.info.status == "FINISHED"
-    assert [m.value for m in client.get_metric_history(child.run_id, "dice")] == pytest.approx([0.5, 0.6, 0.7])
+    assert [m.value for m in client.get_metric_history(child.run_id, "dice")] == pytest.approx(
+        [0.5, 0.6, 0.7]
+    )
     assert [f.path for f in client.list_artifacts(child.run_id, "compare")] == ["compare/table.csv"]
     assert (tmp_path / "mlartifacts" / "study").is_dir()  # artifacts beside the sqlite file
     again = MlflowTracker("study", tracking_uri=uri, run_id=child.run_id, spool_path=tmp_path / "c.jsonl")

@@ -1,0 +1,249 @@
+"""Downstream (finetuning) networks whose encoder part matches an SSL encoder exactly.
+
+Four MONAI networks are supported, each paired with one encoder family of
+:mod:`medssl.networks.encoders`:
+
+=============  =============  ================================  ==========================================
+kind           encoder        encoder keys in the network       depth levels (layer-wise LR decay)
+=============  =============  ================================  ==========================================
+``SwinUNETR``  ``swinvit``    ``swinViT.*``                     0 ``patch_embed``, 1..4 ``layers1..4`` (+c)
+``UNETR``      ``vit``        ``vit.*``                         0 ``patch_embedding``, i+1 ``blocks.i``,
+                                                                L+1 ``norm``
+``SegResNet``  ``segresnet``  ``convInit.*``, ``down_layers.*``  0 ``convInit``, i+1 ``down_layers.i``
+``ResNet``     ``resnet3d``   everything but ``fc.*``           0 ``conv1``/``bn1``, i ``layer{i}``
+=============  =============  ================================  ==========================================
+
+:func:`build_downstream` builds the network either from an encoder recipe (SSL initialisation: the
+recipe's ``downstream_kwargs`` fix every encoder-shaping argument) or, for training from scratch, from the
+encoder family's own ``build`` arguments passed as plain kwargs: both paths go through the same recipe,
+so scratch and SSL runs differ only in the initial weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+from typing import Any
+
+import torch
+from monai.networks.nets import UNETR, ResNet, SegResNet, SwinUNETR
+from torch import nn
+
+from medssl.errors import ConfigMismatchError, MedsslError
+from medssl.networks.encoders import ENCODERS, build_encoder
+
+__all__ = [
+    "DOWNSTREAM_KINDS",
+    "ENCODER_FAMILY",
+    "build_downstream",
+    "scratch_recipe",
+    "encoder_prefix",
+    "encoder_key_prefixes",
+    "is_encoder_key",
+    "encoder_keys",
+    "encoder_depths",
+    "downstream_features",
+]
+
+logger = logging.getLogger(__name__)
+
+#: downstream kind → the encoder family (``medssl.networks.encoders.ENCODERS`` name) it pairs with
+ENCODER_FAMILY: dict[str, str] = {
+    "SwinUNETR": "swinvit",
+    "UNETR": "vit",
+    "SegResNet": "segresnet",
+    "ResNet": "resnet3d",
+}
+DOWNSTREAM_KINDS: tuple[str, ...] = tuple(ENCODER_FAMILY)
+
+_CLASSES: dict[str, type[nn.Module]] = {
+    "SwinUNETR": SwinUNETR,
+    "UNETR": UNETR,
+    "SegResNet": SegResNet,
+    "ResNet": ResNet,
+}
+# prefix added to the wrapped MONAI net's keys (``Encoder.downstream[kind]``)
+_KEY_PREFIX = {"SwinUNETR": "swinViT.", "UNETR": "vit.", "SegResNet": "", "ResNet": ""}
+# keys of the downstream net that belong to the encoder
+_ENCODER_PREFIXES = {
+    "SwinUNETR": ("swinViT.",),
+    "UNETR": ("vit.",),
+    "SegResNet": ("convInit.", "down_layers."),
+    "ResNet": ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."),
+}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ENCODER_FAMILY:
+        raise ValueError(f"unknown downstream network {kind!r}; known: {', '.join(DOWNSTREAM_KINDS)}")
+
+
+def encoder_prefix(kind: str) -> str:
+    """Prefix that turns the wrapped encoder net's keys into ``kind``'s keys (``"swinViT."`` for SwinUNETR)."""
+    _check_kind(kind)
+    return _KEY_PREFIX[kind]
+
+
+def encoder_key_prefixes(kind: str) -> tuple[str, ...]:
+    """Key prefixes of ``kind``'s state dict that belong to the encoder (the transferable part)."""
+    _check_kind(kind)
+    return _ENCODER_PREFIXES[kind]
+
+
+def is_encoder_key(key: str, kind: str) -> bool:
+    """Whether a state-dict (or parameter) name of a ``kind`` network belongs to its encoder."""
+    return key.startswith(encoder_key_prefixes(kind))
+
+
+def encoder_keys(model: nn.Module, kind: str) -> list[str]:
+    """State-dict keys (parameters and persistent buffers) of ``model``'s encoder part, in module order."""
+    return [k for k in model.state_dict() if is_encoder_key(k, kind)]
+
+
+def encoder_depths(model: nn.Module, kind: str) -> dict[str, int]:
+    """Depth level (0 = stem) of every encoder parameter of ``model``; decoder/head ones are absent.
+
+    Levels per kind are in the module table; UNETR's final ``vit.norm`` sits one level above the last
+    block (``num_blocks + 1``), a SwinUNETR v2 stage's ``layers{i}c`` shares the level of ``layers{i}``.
+    """
+    _check_kind(kind)
+    n_blocks = len(model.vit.blocks) if kind == "UNETR" else 0
+    depths = {}
+    for key, _ in model.named_parameters():
+        if is_encoder_key(key, kind):
+            depths[key] = _depth(key, kind, n_blocks)
+    return depths
+
+
+def _depth(key: str, kind: str, n_blocks: int) -> int:
+    if kind == "SwinUNETR":
+        m = re.match(r"swinViT\.layers(\d+)", key)
+        return int(m.group(1)) if m else 0  # patch_embed
+    if kind == "UNETR":
+        m = re.match(r"vit\.blocks\.(\d+)\.", key)
+        if m:
+            return int(m.group(1)) + 1
+        return 0 if key.startswith("vit.patch_embedding.") else n_blocks + 1  # final norm
+    if kind == "SegResNet":
+        m = re.match(r"down_layers\.(\d+)\.", key)
+        return int(m.group(1)) + 1 if m else 0
+    m = re.match(r"layer(\d)\.", key)  # ResNet: conv1/bn1 are the stem
+    return int(m.group(1)) if m else 0
+
+
+def scratch_recipe(kind: str, **encoder_kwargs: Any) -> dict[str, Any]:
+    """The encoder recipe a from-scratch ``kind`` network is built from.
+
+    Args:
+        kind: one of :data:`DOWNSTREAM_KINDS`.
+        encoder_kwargs: arguments of the paired encoder family's ``build`` (``in_channels``,
+            ``img_size`` ``(D, H, W)`` in voxels, ``feature_size`` …), exactly as pretraining takes them.
+    """
+    _check_kind(kind)
+    return build_encoder(ENCODER_FAMILY[kind], **encoder_kwargs).recipe
+
+
+def _encoder_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Accept an encoder recipe or a checkpoint recipe holding it under ``"encoder"``."""
+    if "downstream_kwargs" not in recipe and isinstance(recipe.get("encoder"), dict):
+        return recipe["encoder"]
+    return recipe
+
+
+def build_downstream(
+    kind: str, *, recipe: dict[str, Any] | None = None, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    """Build a downstream network whose encoder part is exactly the SSL encoder's architecture.
+
+    Args:
+        kind: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"`` (segmentation, output ``(B, out_channels, D,
+            H, W)``) or ``"ResNet"`` (classifier, output ``(B, out_channels)``: ``num_classes``).
+        recipe: the encoder recipe (``Encoder.recipe`` or a checkpoint recipe with it under ``"encoder"``)
+            for SSL initialisation; ``None`` for training from scratch.
+        out_channels: segmentation classes (incl. background) or classifier classes.
+        kwargs: with a recipe, extra constructor arguments of the MONAI class that do not shape the
+            encoder (e.g. ``norm_name`` of the SwinUNETR decoder); an encoder argument equal to the
+            recipe's is accepted, a different one refused. Without a recipe, the paired encoder family's
+            ``build`` arguments (``in_channels``, ``img_size``, ``feature_size``, ``depth`` …) plus
+            decoder/head constructor arguments.
+
+    Raises:
+        ValueError: unknown ``kind`` or bad arguments.
+        MedsslError: the recipe's encoder cannot initialise ``kind`` (names the kinds it can).
+        ConfigMismatchError: a kwarg contradicts the recipe's encoder (names field and both values).
+    """
+    _check_kind(kind)
+    if out_channels < 1:
+        raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+    if recipe is None:
+        family = ENCODERS[ENCODER_FAMILY[kind]]
+        build_args = set(inspect.signature(family.build).parameters) - {"cls"}
+        enc_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in build_args}
+        recipe = scratch_recipe(kind, **enc_kwargs)
+    enc = _encoder_recipe(recipe)
+    fits = enc.get("downstream_kwargs", {})
+    if kind not in fits:
+        raise MedsslError(
+            f"encoder {enc.get('name')!r} cannot initialise a {kind}; it transfers to: {sorted(fits) or 'none'}"
+        )
+    args = dict(fits[kind])
+    clash = {
+        k: (args[k], v)
+        for k, v in kwargs.items()
+        if k in args and json.dumps(args[k], default=str) != json.dumps(_listify(v), default=str)
+    }
+    if clash:
+        raise ConfigMismatchError(clash, what=f"SSL encoder recipe vs {kind} arguments")
+    args |= kwargs
+    if kind == "ResNet":
+        args |= {"num_classes": out_channels, "feed_forward": True}
+    else:
+        args["out_channels"] = out_channels
+    if kind == "SegResNet":
+        args.setdefault("spatial_dims", 3)
+    try:
+        model = _CLASSES[kind](**args)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for {kind}: {e}") from e
+    logger.debug("built %s with %s", kind, args)
+    return model
+
+
+def _listify(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_listify(x) for x in v]
+    return v
+
+
+def downstream_features(model: nn.Module, kind: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """Multi-scale encoder maps of a downstream net, as ``Encoder.forward_features`` gives them.
+
+    Args:
+        model: a network built by :func:`build_downstream`.
+        kind: its kind.
+        x: input ``(B, C, D, H, W)``.
+
+    Returns:
+        ``[(B, C_i, D_i, H_i, W_i)]`` shallow → deep (UNETR: blocks ``L/4, L/2, 3L/4`` and the final
+        normalised tokens reshaped onto the patch grid).
+    """
+    _check_kind(kind)
+    if kind == "SwinUNETR":
+        return list(model.swinViT(x, model.normalize))
+    if kind == "UNETR":
+        final, hidden = model.vit(x)
+        n = len(model.vit.blocks)
+        layers = sorted({min(n - 1, n * q // 4) for q in (1, 2, 3)})
+        return [model.proj_feat(hidden[i]) for i in layers] + [model.proj_feat(final)]
+    if kind == "SegResNet":
+        return model.encode(x)[1]
+    x = model.act(model.bn1(model.conv1(x)))
+    if not model.no_max_pool:
+        x = model.maxpool(x)
+    out = []
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        x = layer(x)
+        out.append(x)
+    return out

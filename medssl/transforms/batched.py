@@ -1,0 +1,261 @@
+"""Batched on-device SSL augmentation: the per-sample chain of :mod:`medssl.transforms.pipelines` applied to a
+whole ``(B, C, D, H, W)`` batch on its device (CPU or CUDA), so the data loader only reads cached volumes.
+
+Same distribution as the per-sample path for the same preset/overrides (tested statistically):
+the geometry, masks, shuffles and Bézier curves call the very same pure functions of uniform random
+numbers (:mod:`~medssl.transforms.views`, :mod:`~medssl.transforms.masking`,
+:mod:`~medssl.transforms.genesis`); flips, rot90 and intensity stages mirror MONAI's parameter
+distributions (``RandFlipd``, ``RandScaleIntensityd`` …) with per-sample parameters as ``(B,)`` tensors.
+
+Randomness: one CPU ``torch.Generator`` (``self.generator``, seeded by ``seed``) draws every parameter;
+voxel-sized random fields (noise, shuffle keys, noise fills) come from a generator on the images'
+device re-seeded from it at each call, so ``state_dict()`` (the CPU generator state) fully restores
+the stream on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medssl.transforms.genesis import bezier_lut, bezier_remap, paint_mask
+from medssl.transforms.intensity import gaussian_blur
+from medssl.transforms.masking import fill_masked, patch_mask, ratio_mask, sample_boxes, shuffle_blocks
+from medssl.transforms.pipelines import DEFAULTS, resolve_params
+from medssl.transforms.spatial import rotate_batch
+from medssl.transforms.views import crop_boxes, pad_extent
+
+__all__ = ["BatchedSSLAugment", "crop_batch"]
+
+
+def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_size: Sequence[int]) -> torch.Tensor:
+    """Per-sample boxes of ``x`` ``(B, C, D, H, W)`` resampled to ``roi_size`` → ``(B, C, *roi_size)``.
+
+    All boxes equal to ``roi_size``: one advanced-indexing gather (exact copy). Otherwise one
+    ``grid_sample`` (trilinear, ``align_corners=True``: the same sample positions as MONAI ``Resize``
+    with ``align_corners=True`` after ``SpatialCrop``, the per-sample path).
+    """
+    b, c, *shape = x.shape
+    roi = [int(r) for r in roi_size]
+    starts, sizes = starts.to(x.device), sizes.to(x.device)
+    if bool((sizes == torch.tensor(roi, device=x.device)).all()):
+        idx = [starts[:, a, None] + torch.arange(roi[a], device=x.device) for a in range(3)]  # (B, R_a)
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        out = x[bi, :, idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :]]
+        return out.permute(0, 4, 1, 2, 3).contiguous()  # (B, D, H, W, C) → (B, C, D, H, W)
+    coords = []
+    for a in range(3):
+        o = torch.arange(roi[a], device=x.device, dtype=torch.float32)
+        step = (sizes[:, a, None].float() - 1) / max(roi[a] - 1, 1)
+        pos = starts[:, a, None].float() + o * step  # (B, R_a) voxel positions
+        coords.append(2 * pos / max(shape[a] - 1, 1) - 1)
+    grid = torch.stack(torch.broadcast_tensors(coords[2][:, None, None, :], coords[1][:, None, :, None],
+                                               coords[0][:, :, None, None]), -1)  # (B, D, H, W, 3) as (w, h, d)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+class BatchedSSLAugment:
+    """Whole-batch SSL augmentation producing the SSL batch contract keys (docs/CONTRACTS.md).
+
+    Args:
+        roi_size: view size ``(D, H, W)`` in voxels.
+        seed: seed of ``self.generator``.
+        **params: any key of :data:`medssl.transforms.pipelines.DEFAULTS` (crop scale/overlap, flips,
+            rotations, intensity probabilities/ranges, masking, Genesis stages); missing keys take the
+            defaults (which switch every stage off). Use :meth:`for_method` for the method presets.
+
+    Call: ``aug(images)`` with ``images`` a ``(B, C, D, H, W)`` tensor or a list of ``(C, D_i, H_i, W_i)``
+    tensors of different sizes (padded on their device), returns ``{"view1": (B, C, *roi_size), …}`` on
+    the images' device. ``self.last_params`` holds the drawn boxes, flips and rotation labels (for tests).
+
+    Raises:
+        ValueError: unknown option or invalid value.
+    """
+
+    def __init__(self, roi_size: Sequence[int], seed: int = 0, **params: Any) -> None:
+        unknown = sorted(set(params) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s) {unknown}; known: {sorted(DEFAULTS)}")
+        self.roi_size = tuple(int(r) for r in roi_size)
+        # resolve_params validates; "simclr" only names a preset to start from, every key is then overridden
+        self.p = resolve_params("simclr", self.roi_size, **{**DEFAULTS, **params})
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._field_gens: dict[str, torch.Generator] = {}
+        self.last_params: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def for_method(cls, method: str, roi_size: tuple[int, int, int], seed: int = 0,
+                   **overrides: Any) -> BatchedSSLAugment:
+        """The preset of ``method`` (``simclr``, ``triplet``, ``byol``, ``vicreg``, ``rotation``, ``mae``,
+        ``genesis``, ``swin``) with ``overrides``; unknown names raise ``ValueError`` listing the known ones."""
+        return cls(roi_size, seed=seed, **resolve_params(method, roi_size, **overrides))
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"generator": CPU generator state}``: restores the whole random stream."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        on = {k: v for k, v in self.p.items() if v != DEFAULTS.get(k)}
+        return f"{type(self).__name__}(roi_size={self.roi_size}, seed={self.seed}, {on})"
+
+    # -- randomness -----------------------------------------------------------------------------------
+    def _u(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, dtype=torch.float64)
+
+    def _field_gen(self, device: torch.device) -> torch.Generator:
+        gen = self._field_gens.get(str(device))
+        if gen is None:
+            gen = self._field_gens[str(device)] = torch.Generator(device)
+        gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+        return gen
+
+    # -- input ----------------------------------------------------------------------------------------
+    def _canvas(self, images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad (centred, like MONAI ``SpatialPad(method="symmetric")``) to ≥ ``roi_size``; return the batch
+        and each sample's extent ``(B, 3)``."""
+        vols = [images[i] for i in range(images.shape[0])] if isinstance(images, torch.Tensor) else list(images)
+        if not vols or any(v.ndim != 4 for v in vols):
+            raise ValueError("images must be (B, C, D, H, W) or a non-empty list of (C, D, H, W) tensors")
+        exts = [pad_extent(v.shape[1:], self.roi_size) for v in vols]
+        extent = torch.tensor(exts)
+        if isinstance(images, torch.Tensor) and all(tuple(v.shape[1:]) == e for v, e in zip(vols, exts, strict=True)):
+            return images, extent
+        full = [max(e[a] for e in exts) for a in range(3)]
+        x = vols[0].new_full((len(vols), vols[0].shape[0], *full), float(self.p["pad_value"]))
+        for i, (v, e) in enumerate(zip(vols, exts, strict=True)):  # a loop over B for slicing only
+            lo = [(e[a] - v.shape[a + 1]) // 2 for a in range(3)]
+            x[i, :, lo[0]:lo[0] + v.shape[1], lo[1]:lo[1] + v.shape[2], lo[2]:lo[2] + v.shape[3]] = v
+        return x, extent
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def _where(self, apply: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(apply.to(old.device)[:, None, None, None, None], new, old)
+
+    def _intensity(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        p, b = self.p, y.shape[0]
+
+        def draw(prob: float, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+            apply = self._u(b) < prob
+            val = (lo + (hi - lo) * self._u(b)).to(device=y.device, dtype=y.dtype)
+            return apply.to(y.device), val[:, None, None, None, None]
+
+        if p["scale_prob"] > 0:  # RandScaleIntensityd: v * (1 + f), f ~ U(-a, a)
+            apply, f = draw(p["scale_prob"], -p["scale_factor"], p["scale_factor"])
+            y = self._where(apply, y * (1 + f), y)
+        if p["shift_prob"] > 0:  # RandShiftIntensityd: v + o, o ~ U(-a, a)
+            apply, o = draw(p["shift_prob"], -p["shift_offset"], p["shift_offset"])
+            y = self._where(apply, y + o, y)
+        if p["gamma_prob"] > 0:  # RandAdjustContrastd: ((v - min) / range) ** g * range + min
+            apply, g = draw(p["gamma_prob"], *p["gamma"])
+            mn = y.amin(dim=(1, 2, 3, 4), keepdim=True)
+            rng = y.amax(dim=(1, 2, 3, 4), keepdim=True) - mn
+            y = self._where(apply, ((y - mn) / (rng + 1e-7)) ** g * rng + mn, y)
+        if p["contrast_prob"] > 0:  # RandScaleIntensityFixedMeand: (v - mean) * (1 + f) + mean
+            apply, f = draw(p["contrast_prob"], -p["contrast_factor"], p["contrast_factor"])
+            mean = y.mean(dim=(1, 2, 3, 4), keepdim=True)
+            y = self._where(apply, (y - mean) * (1 + f) + mean, y)
+        if p["blur_prob"] > 0:  # RandGaussianSmoothd: sigma ~ U(lo, hi) per axis
+            apply = self._u(b) < p["blur_prob"]
+            lo, hi = p["blur_sigma"]
+            sigma = lo + (hi - lo) * self._u(b, 3)
+            sel = apply.nonzero().flatten()
+            if sel.numel():
+                y = y.clone()
+                y[sel.to(y.device)] = gaussian_blur(y[sel.to(y.device)], sigma[sel])
+        if p["noise_prob"] > 0:  # RandGaussianNoised: N(0, s), s ~ U(0, std)
+            apply, s = draw(p["noise_prob"], 0.0, p["noise_std"])
+            noise = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+            y = y + noise * s * apply[:, None, None, None, None].to(y.dtype)
+        return y
+
+    def _restoration(self, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p, (b, c, *shape) = self.p, y.shape
+        dev = y.device
+        mask = torch.zeros((b, *shape), dtype=torch.bool, device=dev) if self._has_mask() else None
+
+        def field() -> torch.Tensor:
+            return torch.rand(y.shape, generator=gen, device=dev, dtype=y.dtype)
+
+        if p["shuffle_prob"] > 0:
+            apply = (self._u(b) < p["shuffle_prob"]).to(dev)
+            k = int(p["shuffle_blocks"])
+            starts, sizes = sample_boxes(shape, p["shuffle_size"], self._u(b, k, 3), self._u(b, k, 3))
+            keys = torch.rand((b, shape[0] * shape[1] * shape[2]), generator=gen, device=dev, dtype=torch.float64)
+            shuffled, m = shuffle_blocks(y, starts.to(dev), sizes.to(dev), keys)
+            y = self._where(apply, shuffled, y)
+            mask |= m & apply[:, None, None, None]
+        if p["bezier_prob"] > 0:
+            apply = self._u(b) < p["bezier_prob"]
+            xs, ys = bezier_lut(self._u(b, 4), self._u(b) < 0.5)
+            y = self._where(apply, bezier_remap(y, xs.to(dev), ys.to(dev)), y)
+        if p["paint_prob"] > 0:
+            apply = (self._u(b) < p["paint_prob"]).to(dev)
+            outpaint = self._u(b) < p["outpaint_prob"]
+            kmax = int(p["paint_boxes"])
+            n = 1 + torch.floor(self._u(b) * kmax).long()
+            m = paint_mask(shape, outpaint.to(dev), n.to(dev), self._u(b, kmax, 3).to(dev), self._u(b, kmax, 3).to(dev))
+            m &= apply[:, None, None, None]
+            y = fill_masked(y, m, "noise", field())
+            mask |= m
+        if p["mask"] == "cuboid":
+            r = p["mask_ratio"]
+            lo, hi = (float(r), float(r)) if isinstance(r, (int, float)) else (float(r[0]), float(r[1]))
+            ratio = lo + (hi - lo) * self._u(b)
+            k = int(p["max_cuboids"])
+            starts, sizes = sample_boxes(shape, p["cuboid_size"], self._u(b, k, 3), self._u(b, k, 3))
+            m = ratio_mask(starts.to(dev), sizes.to(dev), ratio.to(dev), shape)
+            y = fill_masked(y, m, p["mask_fill"], field() if p["mask_fill"] == "noise" else None)
+            mask |= m
+        elif p["mask"] == "patch":
+            n = 1
+            for s, q in zip(shape, p["patch_size"], strict=True):
+                n *= s // q
+            m = patch_mask(self._u(b, n).to(dev), p["mask_ratio"], shape, p["patch_size"])
+            y = fill_masked(y, m, p["mask_fill"], field() if p["mask_fill"] == "noise" else None)
+            mask |= m
+        return y, mask
+
+    def _has_mask(self) -> bool:
+        p = self.p
+        return p["shuffle_prob"] > 0 or p["paint_prob"] > 0 or p["mask"] != "none"
+
+    # -- call -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Augment a batch; returns the SSL batch dict (``view1``, … see the class docstring)."""
+        p = self.p
+        x, extent = self._canvas(images)
+        b, dev = x.shape[0], x.device
+        v_n, k = int(p["n_views"]), int(p["n_candidates"])
+        starts, sizes = crop_boxes(extent, self.roi_size, p["scale"], p["min_overlap"], p["max_overlap"],
+                                   self._u(b, v_n), self._u(b, 3), self._u(b, k, 7) if v_n == 2 else None)
+        gen = self._field_gen(dev)
+        out: dict[str, torch.Tensor] = {}
+        self.last_params = {"starts": starts, "sizes": sizes}
+        for v in range(v_n):
+            name = f"view{v + 1}"
+            y = crop_batch(x, starts[:, v], sizes[:, v], self.roi_size)
+            if p["flip_prob"] > 0:
+                flips = self._u(b, 3) < p["flip_prob"]
+                for a in range(3):
+                    y = self._where(flips[:, a], y.flip(a + 2), y)
+                self.last_params[f"{name}_flips"] = flips
+            if p["n_rotations"]:
+                labels = torch.floor(self._u(b) * int(p["n_rotations"])).long()
+                y = rotate_batch(y, labels.to(dev), int(p["n_rotations"]), p["rot_axes"])
+                out[f"{name}_rot"] = labels.to(dev)
+            y = self._intensity(y, gen)
+            if p["targets"]:
+                out[f"{name}_target"] = y
+            y, mask = self._restoration(y, gen)
+            out[name] = y
+            if mask is not None:
+                out[f"{name}_mask"] = mask[:, None].to(y.dtype)
+        return out

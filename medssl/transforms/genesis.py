@@ -1,0 +1,164 @@
+"""Models Genesis distortions (Zhou et al., MICCAI 2019 / MedIA 2021, arXiv:2004.07882).
+
+* Non-linear intensity remapping by a cubic Bézier curve through ``(0, 0)``, two random control points
+  and ``(1, 1)`` — the 3D analogue of colorisation: the network restores the original intensities.
+  With probability ½ the curve is decreasing (intensity inversion), as in the reference code. Inputs are
+  expected in ``[0, 1]`` (the robust normaliser's output); values outside are clipped to it first.
+* In-painting (1–``max_boxes`` boxes, sides ``U(1/6, 1/3)`` of the view, filled with uniform noise) or,
+  with probability ``outpaint_prob`` (Genesis: 0.8), out-painting (everything outside 1–``max_boxes``
+  boxes of sides ``U(3/7, 4/7)`` is noise). The mask marks the noise voxels.
+
+Local voxel shuffling lives in :mod:`medssl.transforms.masking` (``RandLocalShuffled``). The Genesis
+chain is: shuffle (p 0.5) → Bézier (p 0.9) → paint (p 0.9); see :mod:`medssl.transforms.pipelines`.
+As elsewhere, the maths are pure batched functions of uniforms shared with the batched path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import convert_to_dst_type
+
+from medssl.transforms.masking import as_batch, boxes_mask, fill_masked, merge_mask, sample_boxes
+
+__all__ = ["bezier_lut", "bezier_remap", "paint_mask", "RandBezierRemapd", "RandInOutPaintd"]
+
+INPAINT_SIZE = (1 / 6, 1 / 3)
+OUTPAINT_SIZE = (3 / 7, 4 / 7)
+
+
+def bezier_lut(u: torch.Tensor, invert: torch.Tensor, n_points: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monotone look-up tables of the Bézier curves.
+
+    Args:
+        u: ``(B, 4)`` uniforms: control points ``P1 = (u0, u1)``, ``P2 = (u2, u3)``.
+        invert: ``(B,)`` bool, decreasing curve where true.
+        n_points: samples of the curve parameter ``t``.
+
+    Returns:
+        ``(xs, ys)``, each ``(B, n_points)``; ``xs`` ascending in ``[0, 1]``.
+    """
+    t = torch.linspace(0, 1, n_points, dtype=torch.float64, device=u.device)[None]
+    u = u.double()
+
+    def curve(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+        return 3 * (1 - t) ** 2 * t * p1[:, None] + 3 * (1 - t) * t**2 * p2[:, None] + t**3
+
+    xs = curve(u[:, 0], u[:, 2]).sort(1).values
+    ys = curve(u[:, 1], u[:, 3]).sort(1).values
+    ys = torch.where(invert[:, None].to(u.device), ys.flip(1), ys)
+    return xs.float(), ys.float()
+
+
+def bezier_remap(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``x`` ``(B, ...)`` through per-sample tables ``(B, n)``."""
+    b = x.shape[0]
+    v = x.reshape(b, -1).clamp(0, 1).contiguous()
+    xs, ys = xs.to(x).contiguous(), ys.to(x)
+    i = torch.searchsorted(xs, v).clamp(1, xs.shape[1] - 1)
+    x0, x1 = xs.gather(1, i - 1), xs.gather(1, i)
+    y0, y1 = ys.gather(1, i - 1), ys.gather(1, i)
+    w = ((v - x0) / (x1 - x0).clamp(min=1e-12)).clamp(0, 1)
+    return (y0 + w * (y1 - y0)).view_as(x)
+
+
+def paint_mask(shape: Sequence[int], outpaint: torch.Tensor, n_boxes: torch.Tensor, u_size: torch.Tensor,
+               u_start: torch.Tensor) -> torch.Tensor:
+    """Noise region of in-/out-painting, ``(B, D, H, W)`` bool.
+
+    Args:
+        shape: view size ``(D, H, W)``.
+        outpaint: ``(B,)`` bool, out-painting where true.
+        n_boxes: ``(B,)`` long, boxes used per sample (the first ``n_boxes`` of ``K``).
+        u_size: ``(B, K, 3)`` uniforms for box sides; ``u_start``: ``(B, K, 3)`` for positions.
+    """
+    s_in, z_in = sample_boxes(shape, INPAINT_SIZE, u_size, u_start)
+    s_out, z_out = sample_boxes(shape, OUTPAINT_SIZE, u_size, u_start)
+    o = outpaint.to(u_size.device)[:, None, None]
+    starts, sizes = torch.where(o, s_out, s_in), torch.where(o, z_out, z_in)
+    active = torch.arange(u_size.shape[1], device=u_size.device)[None] < n_boxes.to(u_size.device)[:, None]
+    union = boxes_mask(starts, sizes, active, shape)
+    return torch.where(outpaint.to(union.device)[:, None, None, None], ~union, union)
+
+
+class RandBezierRemapd(RandomizableTransform, MapTransform):
+    """Models-Genesis non-linear intensity remapping (the same curve for all keys).
+
+    Args:
+        keys: images ``(C, D, H, W)`` in ``[0, 1]``.
+        prob: probability of remapping (Genesis: 0.9).
+        n_points: curve samples of the look-up table.
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.9, n_points: int = 256,
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=prob)
+        self.n_points = int(n_points)
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._u = torch.from_numpy(self.R.random_sample((1, 4)))
+            self._invert = torch.tensor([self.R.random_sample() < 0.5])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        xs, ys = bezier_lut(self._u, self._invert, self.n_points)
+        for key in self.key_iterator(d):
+            d[key] = convert_to_dst_type(bezier_remap(as_batch(d[key]), xs, ys)[0], d[key])[0]
+        return d
+
+
+class RandInOutPaintd(RandomizableTransform, MapTransform):
+    """Models-Genesis in-painting / out-painting with uniform noise (see module docstring).
+
+    Args:
+        keys: images ``(C, D, H, W)`` (same region for all keys).
+        prob: probability of painting (Genesis: 0.9).
+        outpaint_prob: probability that a painting is out-painting (Genesis: 0.8).
+        max_boxes: number of boxes is uniform in ``[1, max_boxes]``.
+        mask_key: where the ``(1, D, H, W)`` float noise mask goes (OR-ed), or ``None``.
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.9, outpaint_prob: float = 0.8, max_boxes: int = 5,
+                 mask_key: str | None = "view1_mask", allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=prob)
+        if not 0.0 <= outpaint_prob <= 1.0 or max_boxes < 1:
+            raise ValueError(f"need 0 <= outpaint_prob <= 1 and max_boxes >= 1, got {outpaint_prob}, {max_boxes}")
+        self.outpaint_prob, self.max_boxes, self.mask_key = float(outpaint_prob), int(max_boxes), mask_key
+
+    def randomize(self, img: Any) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            k = self.max_boxes
+            self._outpaint = torch.tensor([self.R.random_sample() < self.outpaint_prob])
+            self._n = torch.tensor([int(self.R.randint(1, k + 1))])
+            self._u_size = torch.from_numpy(self.R.random_sample((1, k, 3)))
+            self._u_start = torch.from_numpy(self.R.random_sample((1, k, 3)))
+            self._u_fill = torch.from_numpy(self.R.random_sample((1, *img.shape)))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        first = d[keys[0]]
+        self.randomize(first)
+        mask = None
+        if self._do_transform:
+            mask = paint_mask(first.shape[1:], self._outpaint, self._n, self._u_size, self._u_start)
+            for key in keys:
+                x = as_batch(d[key])
+                d[key] = convert_to_dst_type(fill_masked(x, mask, "noise", self._u_fill[:, : x.shape[1]])[0],
+                                             d[key])[0]
+        merge_mask(d, self.mask_key, mask, first)
+        return d

@@ -1,0 +1,113 @@
+"""90° rotations that emit the rotation class (rotation prediction, SwinUNETR pretraining).
+
+Rotation classes (``n_classes``), for spatial axes ``(a0, a1, a2)`` of a ``(C, D, H, W)`` image:
+
+* ``4``: ``k * 90°`` in the plane ``spatial_axes`` (default ``(0, 1)``: the axial X–Y plane of a RAS
+  volume, as Tang et al. CVPR 2022), class ``k`` ∈ {0, 1, 2, 3}; ``torch.rot90(x, k, dims)``.
+* ``24``: every proper rotation of the cube. Class ``4 * f + k``: first face ``f`` ∈ 0..5 is turned to
+  the front (``[]``, ``rot90(1, (0,1))``, ``rot90(2, (0,1))``, ``rot90(3, (0,1))``, ``rot90(1, (0,2))``,
+  ``rot90(3, (0,2))``), then ``k`` quarter turns about axis 0 (plane ``(1, 2)``). Needs a cubic view.
+
+Class 0 is always the identity. Flips are not combined with rotations in the presets: a flip composed
+with a rotation equals another rotation's flip, which would make the label ambiguous.
+Other spatial augmentation (flips, small affine) uses MONAI's ``RandFlipd`` / ``RandAffined`` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform, Rotate90
+
+__all__ = ["rotation_ops", "rotate", "rotate_batch", "check_rotation_args", "RandRotate90Labeld"]
+
+Op = tuple[int, tuple[int, int]]  # (quarter turns k, spatial axes)
+
+_FACES: tuple[tuple[Op, ...], ...] = ((), ((1, (0, 1)),), ((2, (0, 1)),), ((3, (0, 1)),), ((1, (0, 2)),),
+                                      ((3, (0, 2)),))
+
+
+def rotation_ops(n_classes: int, spatial_axes: Sequence[int] = (0, 1)) -> list[tuple[Op, ...]]:
+    """The rotation of each class as a sequence of ``(k, spatial_axes)`` quarter turns (see module docstring)."""
+    axes = (int(spatial_axes[0]), int(spatial_axes[1]))
+    if n_classes == 4:
+        return [((k, axes),) if k else () for k in range(4)]
+    if n_classes == 24:
+        return [f + (((k, (1, 2)),) if k else ()) for f in _FACES for k in range(4)]
+    raise ValueError(f"n_classes must be 4 or 24, got {n_classes}")
+
+
+def rotate(x: torch.Tensor, ops: Sequence[Op], lead: int) -> torch.Tensor:
+    """Apply quarter turns to ``x`` whose spatial axes start at dimension ``lead`` (1 for ``(C, D, H, W)``)."""
+    for k, (a, b) in ops:
+        x = torch.rot90(x, k, (a + lead, b + lead))
+    return x
+
+
+def rotate_batch(x: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                 spatial_axes: Sequence[int] = (0, 1)) -> torch.Tensor:
+    """Rotate each sample of ``x`` ``(B, C, D, H, W)`` by its class ``labels`` ``(B,)``.
+
+    One indexed assignment per class present (≤ ``n_classes`` iterations), no per-sample loop.
+    """
+    out = x.clone()
+    for c, ops in enumerate(rotation_ops(n_classes, spatial_axes)):
+        if not ops:
+            continue
+        sel = (labels == c).nonzero().flatten()
+        if sel.numel():
+            out[sel] = rotate(x[sel], ops, lead=2)
+    return out
+
+
+def check_rotation_args(roi_size: Sequence[int], n_classes: int, spatial_axes: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless the rotations keep ``roi_size`` (rotated axes of equal length)."""
+    rotation_ops(n_classes, spatial_axes)
+    axes = range(3) if n_classes == 24 else spatial_axes
+    if len({int(roi_size[a]) for a in axes}) != 1:
+        raise ValueError(f"{n_classes}-class rotations about axes {tuple(axes)} need equal sizes there, "
+                         f"got roi_size {tuple(roi_size)}")
+
+
+class RandRotate90Labeld(RandomizableTransform, MapTransform):
+    """Rotate ``keys`` by a uniformly drawn rotation class and store the class under ``label_key``.
+
+    Uses MONAI ``Rotate90`` so a ``MetaTensor``'s affine follows the rotation. All keys get the same
+    rotation. The label is a 0-d long tensor (collated to ``(B,)``).
+
+    Args:
+        keys: images ``(C, D, H, W)``.
+        label_key: where the class in ``[0, n_classes)`` goes, e.g. ``"view1_rot"``.
+        n_classes: 4 or 24 (see module docstring).
+        spatial_axes: rotation plane of the 4-class set.
+
+    Raises:
+        ValueError: unsupported ``n_classes`` or axes.
+    """
+
+    def __init__(self, keys: KeysCollection, label_key: str = "view1_rot", n_classes: int = 4,
+                 spatial_axes: Sequence[int] = (0, 1), allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.label_key = label_key
+        self.n_classes = int(n_classes)
+        self.spatial_axes = tuple(int(a) for a in spatial_axes)
+        self.ops = rotation_ops(self.n_classes, self.spatial_axes)
+        self.label = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self.label = int(self.R.randint(self.n_classes))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            img = d[key]
+            for k, axes in self.ops[self.label]:
+                img = Rotate90(k=k, spatial_axes=axes)(img)
+            d[key] = img
+        d[self.label_key] = torch.tensor(self.label, dtype=torch.long)
+        return d

@@ -1,0 +1,99 @@
+"""A real ``mlflow server`` goes down mid-run and comes back: no metric is lost (issue 5)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from medssl.tracking.mlflow_tracker import MlflowTracker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(tmp: Path, port: int) -> subprocess.Popen:
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp / "artifacts"),
+        ],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    _stop(proc)
+    pytest.skip("mlflow server did not start within 40 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, 15)  # the server's own process group (uvicorn worker included)
+    proc.wait(timeout=20)
+
+
+@pytest.mark.timeout(90)
+def test_server_outage_loses_no_metric(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start(tmp_path, port)
+    try:
+        tr = MlflowTracker(
+            "outage",
+            tracking_uri=uri,
+            spool_path=tmp_path / "spool.jsonl",
+            flush_every_s=0.0,
+            backoff_s=0.2,
+            max_backoff_s=1.0,
+            close_timeout_s=30,
+        )
+        tr.log_params({"lr": 0.1})
+        for step in range(10):
+            tr.log_metrics({"loss": float(step)}, step)
+        _stop(server)
+        t0 = time.monotonic()
+        for step in range(10, 30):  # server down: nothing raises, nothing blocks for long
+            tr.log_metrics({"loss": float(step)}, step)
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 10 and (tmp_path / "spool.jsonl").exists()
+        server = _start(tmp_path, port)
+        for step in range(30, 40):
+            tr.log_metrics({"loss": float(step)}, step)
+        assert tr.close() is True
+        history = tr.client.get_metric_history(tr.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(40))  # all there, none twice
+        assert tr.client.get_run(tr.run_id).info.status == "FINISHED"
+        assert not (tmp_path / "spool.jsonl").exists()
+    finally:
+        if server.poll() is None:
+            _stop(server)
