@@ -201,7 +201,8 @@ def ingest(
 
     from medssl.data.dicom import group_dicom_files  # local: keeps discovery importable without pydicom
 
-    dicom_groups, dicom_bad = group_dicom_files(found.dicom_candidates) if found.dicom_candidates else ([], [])
+    dicom_groups, dicom_bad = (group_dicom_files(found.dicom_candidates, workers=workers)
+                               if found.dicom_candidates else ([], []))
     dicom_tasks: list[DicomTask] = []
     for files, label in dicom_groups:
         key = "dicom:" + "|".join(sorted(files))

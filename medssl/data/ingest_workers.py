@@ -6,6 +6,7 @@ quarantine rows; a bad input never raises out of here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -100,6 +101,26 @@ def _row(case_id: str, section: str, fmt: str, image_rel: str, label_rel: str, a
     }
 
 
+def _guarded(fn):
+    """An unexpected exception in one input becomes a quarantine row (``internal_error``), never a crash."""
+
+    @functools.wraps(fn)
+    def wrapper(task):
+        try:
+            return fn(task)
+        except QuarantineError:
+            raise
+        except Exception as e:  # noqa: BLE001 - by design: one bad input must not stop the batch
+            source = getattr(task, "image", None) or getattr(task, "description", None) or str(task)
+            log.debug("unexpected error on %s", source, exc_info=True)
+            return TaskResult(source=str(source), files=list(getattr(task, "files", []) or [str(source)]),
+                              quarantine=[{"path": str(source), "reason": "internal_error",
+                                           "detail": f"{type(e).__name__}: {e}"}])
+
+    return wrapper
+
+
+@_guarded
 def ingest_nifti(task: NiftiTask) -> TaskResult:
     """Load, validate and register one NIfTI image (+ optional label map)."""
     from medssl.data.nifti import load_nifti, orientation_code
@@ -152,6 +173,7 @@ def ingest_nifti(task: NiftiTask) -> TaskResult:
     return res
 
 
+@_guarded
 def ingest_dicom_series(task: DicomTask) -> TaskResult:
     """Convert one DICOM series (one or more 3D volumes) to NIfTI under ``out/nifti``."""
     from medssl.data.dicom import read_dicom_files, save_nifti
@@ -175,7 +197,10 @@ def ingest_dicom_series(task: DicomTask) -> TaskResult:
         except QuarantineError as e:
             res.quarantine.append({"path": task.description, "reason": e.reason, "detail": e.detail})
             continue
-        cid = make_case_id(vol.identity, task.salt)
+        identity = vol.identity or "|".join(sorted(Path(f).name for f in vol.source_files))
+        if vol.temporal_index is not None and not vol.identity:
+            identity += f"|t{vol.temporal_index}"
+        cid = make_case_id(identity, task.salt)
         dst = out / "nifti" / f"{cid}.nii.gz"
         save_nifti(vol, dst)
         spacing = np.sqrt((vol.affine[:3, :3] ** 2).sum(axis=0))

@@ -189,3 +189,71 @@ def test_truncated_gzip_detail_names_the_file(tmp_path: Path):
     assert set(q) == {"b.nii.gz"}
     assert str(src / "b.nii.gz") in q["b.nii.gz"]["path"]
     assert report.counts["unlabeled"] == 2
+
+
+def test_dicom_bad_inputs_and_phi_free_outputs(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Random bytes named .dcm, a series with a missing slice and two series mixed in one folder; the
+    outputs and logs never contain the PHI sentinels of the test DICOMs."""
+    import logging
+
+    from tests.data.dicom_factory import PHI, stack_positions, write_series
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "pacs"
+    orient = (1, 0, 0, 0, 1, 0)
+    vol = rng.integers(-200, 300, (8, 12, 10)).astype(np.float32)
+    # two good series in ONE folder
+    write_series(src / "mixed", vol, positions=stack_positions((0, 0, 0), orient, 8, 2.0), series_number=1)
+    write_series(src / "mixed", vol[:6] + 5, positions=stack_positions((5, 5, 5), orient, 6, 3.0),
+                 series_number=2, naming="shuffle")
+    # a series with slice 4 missing
+    paths = write_series(src / "gap", vol, positions=stack_positions((0, 0, 0), orient, 8, 2.0), series_number=3)
+    paths[4].unlink()
+    # random bytes named .dcm, and a zero-byte file
+    (src / "junk").mkdir()
+    (src / "junk" / "random.dcm").write_bytes(b"DICM" + rng.bytes(2000))
+    (src / "junk" / "empty.dcm").write_bytes(b"")
+    caplog.set_level(logging.DEBUG, logger="medssl")
+    report = ingest([src], tmp_path / "out", options=IngestOptions(salt="s"))
+    reasons = {r["reason"] for r in report.quarantined}
+    assert "missing_slices" in reasons, report.quarantined
+    assert any(Path(r["path"]).name == "random.dcm" for r in report.quarantined), report.quarantined
+    assert report.counts["unlabeled"] == 2  # both series of the mixed folder
+    shapes = sorted(r["shape"] for r in _rows(report.manifest))
+    assert shapes == ["10x12x6", "10x12x8"]
+    text = "".join(p.read_text() for p in (report.datalist, report.manifest, report.quarantine)) + caplog.text
+    for value in PHI.values():
+        assert value not in text
+    assert report.exit_code == 3
+
+
+def test_real_dicom_ingest_phi_scan(totalseg_dir: Path, ge_head_dir: Path, tmp_path: Path,
+                                    caplog: pytest.LogCaptureFixture):
+    """The real DICOM series convert (CT JPEG 2000) or quarantine (GE tilt) and leak no identifiers."""
+    import logging
+
+    import pydicom
+
+    caplog.set_level(logging.DEBUG, logger="medssl")
+    report = ingest([totalseg_dir / "example_ct_dicom", ge_head_dir / "dicom"], tmp_path / "out",
+                    options=IngestOptions(salt="s"))
+    assert report.counts["unlabeled"] == 1
+    (q,) = report.quarantined
+    assert "gantry_tilt" in q["reason"] and "18.5" in q["detail"]
+    resampled = ingest([ge_head_dir / "dicom"], tmp_path / "out2",
+                       options=IngestOptions(salt="s", tilt="resample", uneven="resample"))
+    assert resampled.quarantined == [] and resampled.counts["unlabeled"] == 1
+    identifiers = set()
+    for f in list((totalseg_dir / "example_ct_dicom").iterdir())[:3] + list((ge_head_dir / "dicom").iterdir())[:3]:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for tag in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "InstitutionName",
+                    "SeriesInstanceUID", "StudyInstanceUID"):
+            value = str(ds.get(tag, "") or "")
+            if len(value) >= 4 and value.upper() not in {"REMOVED", "ANONYMOUS"}:
+                identifiers.add(value)
+    assert identifiers  # the scan below must look for something
+    for out in (report.out, resampled.out):
+        text = "".join(p.read_text() for p in (out / "datalist.json", out / "manifest.csv", out / "quarantine.csv"))
+        text += caplog.text
+        for value in identifiers:
+            assert value not in text, value

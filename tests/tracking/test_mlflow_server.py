@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,8 +56,8 @@ def _start(tmp: Path, port: int) -> subprocess.Popen:
     pytest.skip("mlflow server did not start within 40 s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, 15)  # the server's own process group (uvicorn worker included)
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    os.killpg(proc.pid, sig)  # the server's own process group (uvicorn worker included)
     proc.wait(timeout=20)
 
 
@@ -80,7 +81,7 @@ def test_server_outage_loses_no_metric(tmp_path: Path, monkeypatch: pytest.Monke
         tr.log_params({"lr": 0.1})
         for step in range(10):
             tr.log_metrics({"loss": float(step)}, step)
-        _stop(server)
+        _stop(server, signal.SIGKILL)  # the server dies mid-run
         t0 = time.monotonic()
         for step in range(10, 30):  # server down: nothing raises, nothing blocks for long
             tr.log_metrics({"loss": float(step)}, step)
