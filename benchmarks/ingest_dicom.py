@@ -52,11 +52,11 @@ def _synthetic(folder: Path, n: int = 60, naming: str = "ordered") -> Path:
     return folder
 
 
-def _ours(src: Path, out: Path, workers: int) -> Path:
+def _ours(src: Path, out: Path, workers: int, decode: str = "auto") -> Path:
     from medssl.data.dicom import load_series, save_nifti, scan_dicom
 
     series, _ = scan_dicom(src, workers=workers)
-    (vol,) = load_series(series[0], workers=workers)
+    (vol,) = load_series(series[0], workers=workers, decode=decode)
     return save_nifti(vol, out)
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="medssl decode workers")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("dicom2nifti").setLevel(logging.ERROR)
@@ -102,17 +102,20 @@ def main() -> None:
                  "synthetic CT, uncompressed, 512x512x60": _synthetic(tmp / "synth")}
         rows = []
         for name, src in cases.items():
-            t_ours, t_theirs = [], []
+            times: dict[str, list[float]] = {"threads": [], "processes": [], "theirs": []}
             for r in range(args.repeats + 1):  # run 0 warms caches/imports and is not timed
-                for tool in (("ours", "theirs") if r % 2 else ("theirs", "ours")):
+                tools = list(times) if r % 2 else list(times)[::-1]
+                for tool in tools:
                     out = tmp / f"{tool}_{r}.nii.gz"
                     t0 = time.perf_counter()
-                    _ours(src, out, args.workers) if tool == "ours" else _theirs(src, out)
-                    dt = time.perf_counter() - t0
+                    _theirs(src, out) if tool == "theirs" else _ours(src, out, args.workers, tool)
                     if r:
-                        (t_ours if tool == "ours" else t_theirs).append(dt)
-            mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-            rows.append((name, mo, mt, mt / mo, _same_grid(tmp / "ours_1.nii.gz", tmp / "theirs_1.nii.gz")))
+                        times[tool].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            same = _same_grid(tmp / "threads_1.nii.gz", tmp / "theirs_1.nii.gz")
+            same_p = _same_grid(tmp / "processes_1.nii.gz", tmp / "theirs_1.nii.gz")
+            rows.append((name, med["threads"], med["processes"], med["theirs"], same if same == same_p else
+                         f"threads: {same}, processes: {same_p}"))
         # Robustness aside (not timed): the same synthetic series with InstanceNumbers not in spatial order.
         shuffled = _synthetic(tmp / "shuffled", n=12, naming="shuffle")
         try:
@@ -131,12 +134,13 @@ def main() -> None:
 
         ver = version("dicom2nifti")
     print(f"Machine: {os.cpu_count()} CPUs (nproc), {_cpu()}; python {platform.python_version()}, "
-          f"pydicom {pydicom.__version__}, dicom2nifti {ver}; medssl decode threads: {args.workers}; "
+          f"pydicom {pydicom.__version__}, dicom2nifti {ver}; medssl decode workers: {args.workers}; "
           f"median of {args.repeats} runs\n")
-    print("| series | medssl (s) | dicom2nifti (s) | speed-up | same geometry & values |")
-    print("|---|---:|---:|---:|---|")
-    for name, mo, mt, ratio, same in rows:
-        print(f"| {name} | {mo:.3f} | {mt:.3f} | {ratio:.2f}x | {same} |")
+    print("| series | medssl, thread decode (s) | medssl, process decode (s) | dicom2nifti (s) | speed-up "
+          "(threads / processes) | same geometry & values |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, mt_, mp_, md, same in rows:
+        print(f"| {name} | {mt_:.3f} | {mp_:.3f} | {md:.3f} | {md / mt_:.2f}x / {md / mp_:.2f}x | {same} |")
     print(f"\nSynthetic 512x512x12 CT whose InstanceNumbers are shuffled (positions valid): medssl converts it; "
           f"dicom2nifti {d2n_shuffled} (same geometry: {same_shuffled}).")
 

@@ -130,6 +130,59 @@ def splits_table(splits: dict, title: str) -> Table:
 
 
 @app.command()
+def pretrain(
+    datalist: Annotated[Path | None, typer.Option(help="datalist.json of the unlabeled pool (from `medssl ingest`).")] = None,
+    method: Annotated[str | None, typer.Option(help="SSL method: simclr, triplet, rotation, mae, genesis, swin, vicreg, byol.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder: swinvit, vit, segresnet, resnet3d, unet.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (checkpoints, encoder.pt/.json).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (PretrainConfig fields); options given here win.")] = None,
+    splits: Annotated[Path | None, typer.Option(help="splits.json: its validation/test cases are kept out of pretraining.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Volumes per micro-batch.")] = None,
+    roi: Annotated[str | None, typer.Option(help="View size D,H,W in voxels, e.g. 32,32,32.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of init, data order and augmentation.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume exactly (e.g. OUT/checkpoints/last.pt).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. --set lr=3e-4 --set method_kwargs.temperature=0.2.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Pretrain an encoder on unlabeled volumes (tracked in MLflow; exact resume from checkpoints)."""
+    from medssl.config import PretrainConfig
+    from medssl.engines.pretrain import run_pretraining
+
+    _setup(verbose)
+    given = {"datalist": datalist, "method": method, "encoder": encoder, "out_dir": out, "splits": splits,
+             "total_steps": steps, "batch_size": batch_size, "device": device, "seed": seed,
+             "roi_size": _csv_list(roi, int) if roi else None}
+    cli_values = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+    try:
+        if config is not None:
+            cfg = PretrainConfig.from_yaml(config, overrides=cli_values)
+        else:
+            cfg = PretrainConfig.from_dict(cli_values)
+        if overrides:
+            cfg = PretrainConfig.from_dict(cfg.to_dict(), overrides=list(overrides))
+        if not cfg.datalist:
+            raise MedsslError("no datalist: pass --datalist or set `datalist` in --config")
+        result = run_pretraining(cfg, resume=resume, progress=sys.stderr.isatty())
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    table = Table(title=f"medssl pretrain → {result.out_dir}")
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    hist = result.loss_history
+    rows = [("steps run", len(hist)), ("first loss", f"{hist[0][1]:.4f}" if hist else "-"),
+            ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
+            ("skipped non-finite steps", len(result.skipped_steps)),
+            ("skipped volumes", len(result.skipped_volumes)), ("encoder", result.encoder_path),
+            ("how to load", result.encoder_json), ("last checkpoint", result.last_checkpoint),
+            ("MLflow run", result.run_id or "tracking disabled")]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
     sample: Annotated[Path | None, typer.Option(help="Sample data folder (default: the one shipped in examples/data).")] = None,

@@ -287,17 +287,19 @@ def _compressed(frames: Sequence[DicomFrame]) -> bool:
     return any(k in name for k in ("JPEG", "RLE", "Deflate"))
 
 
-def _load_planes(frames: Sequence[DicomFrame], workers: int) -> tuple[np.ndarray, bool]:
+def _load_planes(frames: Sequence[DicomFrame], workers: int, decode: str = "auto") -> tuple[np.ndarray, bool]:
     """Decode planes into ``(N, rows, cols)`` float32; also whether all values are int16 integers.
 
-    Uncompressed pixels are read by a thread pool (I/O, numpy). Compressed ones (JPEG 2000, JPEG-LS…) go to
-    forked worker processes when there are >= 8 frames: the pylibjpeg decoders hold the GIL (measured:
-    2 threads no faster than 1 on 20 JPEG 2000 slices), so threads do not scale there.
+    ``decode="threads"``: a thread pool of ``workers``. ``"processes"``: forked worker processes.
+    ``"auto"``: processes for compressed series (JPEG 2000, JPEG-LS, RLE) of >= 8 frames, else threads;
+    the pylibjpeg decoders hold the GIL (measured: 2 threads no faster than 1 on 20 JPEG 2000 slices).
+    Processes are never used inside a daemonic worker process (falls back to threads).
     """
     n, shape = len(frames), (frames[0].rows, frames[0].cols)
     buf = np.empty((n, *shape), dtype=np.float32)
     workers = max(1, min(workers, n))
-    if workers > 1 and n >= 8 and _compressed(frames) and not mp.current_process().daemon:
+    use_proc = decode == "processes" or (decode == "auto" and n >= 8 and _compressed(frames))
+    if workers > 1 and use_proc and not mp.current_process().daemon:
         chunks = [list(range(n))[i::workers] for i in range(workers)]
         try:
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
@@ -355,7 +357,7 @@ def _volume_meta(frames: Sequence[DicomFrame], notes: list[str]) -> dict[str, ob
 
 
 def _build_volume(frames: list[DicomFrame], *, tilt: str, uneven: str, target_slice_spacing: float | None,
-                  temporal_index: int | None, workers: int) -> DicomVolume:
+                  temporal_index: int | None, workers: int, decode: str) -> DicomVolume:
     frames, d = sort_frames(frames)
     report = check_stack(frames, d)
     blocking = [p for p in report.problems
@@ -368,7 +370,7 @@ def _build_volume(frames: list[DicomFrame], *, tilt: str, uneven: str, target_sl
     f0 = frames[0]
     u, v = np.asarray(f0.orientation[:3], float), np.asarray(f0.orientation[3:], float)
     ps_row, ps_col = float(f0.pixel_spacing[0]), float(f0.pixel_spacing[1])
-    buf, is_int = _load_planes(frames, workers)
+    buf, is_int = _load_planes(frames, workers, decode)
     notes = list(report.warnings)
     meta_extra: dict[str, object] = {}
     needs_resample = bool(report.problems) or (target_slice_spacing is not None and len(frames) > 1)
@@ -415,7 +417,7 @@ def _check_options(tilt: str, uneven: str, four_d: str, target_slice_spacing: fl
 
 def load_series(series: DicomSeries | Sequence[DicomFrame], *, tilt: str = "quarantine",
                 uneven: str = "quarantine", four_d: str = "split", target_slice_spacing: float | None = None,
-                workers: int = 4) -> list[DicomVolume]:
+                workers: int = 4, decode: str = "auto") -> list[DicomVolume]:
     """Check and stack one series into one volume (or one per temporal key for 4D series).
 
     Args:
@@ -428,7 +430,9 @@ def load_series(series: DicomSeries | Sequence[DicomFrame], *, tilt: str = "quar
             per key (default) or ``"quarantine"`` (reason ``four_d``).
         target_slice_spacing: output step along the normal in mm when resampling (default: median
             observed step); giving it forces resampling.
-        workers: threads decoding slices.
+        workers: threads or processes decoding slices (1 = in this thread).
+        decode: ``"auto"`` (processes for compressed series of >= 8 frames, else threads), ``"threads"``
+            or ``"processes"``.
 
     Returns:
         Volumes, sorted by temporal key.
@@ -448,7 +452,10 @@ def load_series(series: DicomSeries | Sequence[DicomFrame], *, tilt: str = "quar
         sizes = sorted({len(s) for s in stacks})
         raise QuarantineError("four_d", f"4D series: {len(stacks)} volumes of {'/'.join(map(str, sizes))} slices "
                               "(four_d='split' converts each)", frames[0].path.parent)
-    opts = dict(tilt=tilt, uneven=uneven, target_slice_spacing=target_slice_spacing, workers=workers)
+    if decode not in ("auto", "threads", "processes"):
+        raise ValueError(f"decode must be 'auto', 'threads' or 'processes', got {decode!r}")
+    opts = dict(tilt=tilt, uneven=uneven, target_slice_spacing=target_slice_spacing, workers=workers,
+                decode=decode)
     if len(stacks) == 1:
         return [_build_volume(stacks[0], temporal_index=None, **opts)]
     return [_build_volume(s, temporal_index=i, **opts) for i, s in enumerate(stacks)]

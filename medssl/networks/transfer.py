@@ -35,7 +35,13 @@ from rich.table import Table
 from torch import nn
 
 from medssl.errors import ConfigMismatchError, MedsslError
-from medssl.networks.downstream import encoder_keys, encoder_prefix
+from medssl.networks.downstream import (
+    EncoderWarmup,
+    encoder_keys,
+    encoder_prefix,
+    freeze_encoder,
+    layerwise_lr_groups,
+)
 from medssl.networks.encoders import ENCODERS, Encoder, rebuild_encoder
 
 __all__ = [
@@ -45,6 +51,9 @@ __all__ = [
     "load_ssl_checkpoint",
     "transfer_weights",
     "check_preprocessing",
+    "freeze_encoder",
+    "layerwise_lr_groups",
+    "EncoderWarmup",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,8 +176,12 @@ def load_ssl_checkpoint(src: str | Path, *, tracking_uri: str | None = None) -> 
     if state is None and isinstance(raw.get("model"), dict):
         state = {k[len("encoder.") :]: v for k, v in raw["model"].items() if k.startswith("encoder.")}
     if not state:
-        raise MedsslError(f"{src_s}: no encoder weights (expected 'state_dict', 'encoder' or 'model.encoder.*')")
-    logger.info("read SSL checkpoint %s: encoder %s, %d tensors", src_s, recipe["encoder"]["name"], len(state))
+        raise MedsslError(
+            f"{src_s}: no encoder weights (expected 'state_dict', 'encoder' or 'model.encoder.*')"
+        )
+    logger.info(
+        "read SSL checkpoint %s: encoder %s, %d tensors", src_s, recipe["encoder"]["name"], len(state)
+    )
     return SSLCheckpoint(recipe=recipe, encoder_state=dict(state), source=src_s)
 
 

@@ -51,6 +51,11 @@ def sample_boxes(shape: Sequence[int], size_frac: Sequence[float], u_size: torch
 
 def _box(starts: torch.Tensor, sizes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """``(B, D, H, W)`` bool of one box per sample (``starts``/``sizes`` ``(B, 3)``)."""
+    if starts.shape[0] == 1:  # per-sample path: slicing is ~10x faster than the broadcast comparison
+        out = torch.zeros((1, *[int(s) for s in shape]), dtype=torch.bool, device=starts.device)
+        (a, b, c), (x, y, z) = starts[0].tolist(), sizes[0].tolist()
+        out[0, a:a + x, b:b + y, c:c + z] = True
+        return out
     ins = []
     for a in range(3):
         r = torch.arange(int(shape[a]), device=starts.device)

@@ -487,3 +487,28 @@ def test_color_and_degenerate_geometry(tmp_path: Path) -> None:
     with pytest.raises(QuarantineError) as e:
         frames_from_dataset(ds, tmp_path / "bad.dcm")
     assert e.value.reason == "invalid_geometry"
+
+
+def test_header_only_read_of_file_without_pixels(tmp_path: Path) -> None:
+    ds = make_slice(ramp(8, 8))
+    del ds.PixelData
+    path = write(ds, tmp_path / "nopix.dcm")
+    (frame,) = frames_from_dataset(_read(path, "header"), path)  # a header read cannot tell
+    with pytest.raises(QuarantineError) as e:
+        frame.load()
+    assert e.value.reason == "non_image_object"
+
+
+def test_phi_absent_from_every_flavour(tmp_path: Path) -> None:
+    images, positions, slopes, intercepts = _enhanced_case(3)
+    objects = {
+        "slice": make_slice(ramp(8, 8), TriggerTime=10.0, AcquisitionNumber=2),
+        "enhanced": make_enhanced(images, positions, slopes=slopes, intercepts=intercepts, temporal=[1, 2, 3]),
+        "mosaic": make_mosaic(np.ones((4, 4, 4), np.uint16), position=(0, 0, 0), orientation=(1, 0, 0, 0, 1, 0)),
+    }
+    for name, ds in objects.items():
+        path = write(ds, tmp_path / f"{name}.dcm", "rle")
+        frames = frames_from_dataset(_read(path, "full"), path)
+        _assert_no_phi([(f.extra, f.temporal_key, f.modality) for f in frames])
+        for uid in (ds.SOPInstanceUID, ds.StudyInstanceUID):
+            assert uid not in repr([f.extra for f in frames])

@@ -121,8 +121,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, k: float = 5.0) -> bool:
 
 def _draw(method: str, n: int, **overrides) -> tuple[dict, dict]:
     vols = _volumes(4)
-    t = ssl_transforms(method, ROI, seed=11, box_key=None, **overrides) if False else ssl_transforms(
-        method, ROI, seed=11, **overrides)
+    t = ssl_transforms(method, ROI, seed=11, **overrides)
     ps: dict[str, list] = {}
     for i in range(n):
         for k, v in t({"image": vols[i % 4]}).items():
@@ -183,7 +182,7 @@ def test_crop_overlap_distribution_agrees() -> None:
         ov2.append(box_overlap(s[:, 0], z[:, 0], s[:, 1], z[:, 1]))
         size2.append(z.double().mean((1, 2)))
     ov2_t = torch.cat(ov2)
-    assert _close(ov1, ov2_t) and _close(ov1.double().std()[None].expand(300), ov2_t.std()[None].expand(300), 50)
+    assert _close(ov1, ov2_t) and _close((ov1 - ov1.mean()) ** 2, (ov2_t - ov2_t.mean()) ** 2)  # mean and spread
     assert _close(boxes[:, :, 1].double().mean((1, 2)), torch.cat(size2))
     for ov in (ov1, ov2_t):
         assert ((ov >= 0.3) & (ov <= 0.8)).double().mean() > 0.95
