@@ -55,10 +55,22 @@ def naive_transforms(roi: int):
         return [
             OneOf(
                 [
-                    RandCoarseDropoutd(key, prob=1.0, holes=6, spatial_size=max(1, int(5 * s)), dropout_holes=True,
-                                       max_spatial_size=int(32 * s)),
-                    RandCoarseDropoutd(key, prob=1.0, holes=6, spatial_size=int(20 * s), dropout_holes=False,
-                                       max_spatial_size=int(64 * s)),
+                    RandCoarseDropoutd(
+                        key,
+                        prob=1.0,
+                        holes=6,
+                        spatial_size=max(1, int(5 * s)),
+                        dropout_holes=True,
+                        max_spatial_size=int(32 * s),
+                    ),
+                    RandCoarseDropoutd(
+                        key,
+                        prob=1.0,
+                        holes=6,
+                        spatial_size=int(20 * s),
+                        dropout_holes=False,
+                        max_spatial_size=int(64 * s),
+                    ),
                 ]
             ),
             RandCoarseShuffled(key, prob=0.8, holes=10, spatial_size=max(1, int(8 * s))),
@@ -96,8 +108,15 @@ def run_naive(args: argparse.Namespace, pool: list[dict], workers: int) -> float
     method = build_model(args, roi)
     opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
     ds = Dataset(pool, naive_transforms(args.roi))
-    loader = DataLoader(ds, batch_size=args.batch // 2, shuffle=True, num_workers=workers,
-                        collate_fn=list_data_collate, persistent_workers=workers > 0, drop_last=True)
+    loader = DataLoader(
+        ds,
+        batch_size=args.batch // 2,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=list_data_collate,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
 
     def batches():
         while True:
@@ -109,8 +128,12 @@ def run_naive(args: argparse.Namespace, pool: list[dict], workers: int) -> float
         if i == args.warmup:
             t0 = time.perf_counter()
         b = next(it)
-        batch = {"view1": b["image"], "view2": b["image_2"], "view1_target": b["gt_image"],
-                 "view2_target": b["gt_image"]}
+        batch = {
+            "view1": b["image"],
+            "view2": b["image_2"],
+            "view1_target": b["gt_image"],
+            "view2_target": b["gt_image"],
+        }
         loss = method(batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,10 +147,21 @@ def run_medssl(args: argparse.Namespace, datalist: Path, out: Path) -> tuple[flo
     from medssl.config import PretrainConfig
     from medssl.engines.pretrain import Pretrainer, build_components
 
-    cfg = PretrainConfig(datalist=str(datalist), method=args.method, encoder=args.encoder,
-                         encoder_kwargs=json.loads(args.encoder_kwargs), roi_size=[args.roi] * 3,
-                         batch_size=args.batch, lr=1e-4, total_steps=10**6, device="cpu", out_dir=str(out),
-                         experiment=None, preview=False, grad_clip=None)
+    cfg = PretrainConfig(
+        datalist=str(datalist),
+        method=args.method,
+        encoder=args.encoder,
+        encoder_kwargs=json.loads(args.encoder_kwargs),
+        roi_size=[args.roi] * 3,
+        batch_size=args.batch,
+        lr=1e-4,
+        total_steps=10**6,
+        device="cpu",
+        out_dir=str(out),
+        experiment=None,
+        preview=False,
+        grad_clip=None,
+    )
     torch.manual_seed(0)
     trainer = Pretrainer(cfg, *build_components(cfg))
     trainer.method.train()
@@ -166,10 +200,14 @@ def main() -> None:
         ours, cold = run_medssl(args, datalist, Path(tmp) / "run")
         naive = {w: run_naive(args, pool, w) for w in (int(x) for x in args.workers.split(","))}
     best = max(naive.values())
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
-    print(f"config: {args.method} + {args.encoder} {args.encoder_kwargs}, B={args.batch}, views {args.roi}^3, "
-          f"{len(files)} volumes from {args.data.name}, {args.steps} timed steps")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"config: {args.method} + {args.encoder} {args.encoder_kwargs}, B={args.batch}, views {args.roi}^3, "
+        f"{len(files)} volumes from {args.data.name}, {args.steps} timed steps"
+    )
     print("| loop | steps/s | vs best naive |\n|---|---|---|")
     for w, v in naive.items():
         print(f"| naive MONAI tutorial loop, DataLoader num_workers={w} | {v:.2f} | {v / best:.2f}x |")

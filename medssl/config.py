@@ -121,6 +121,15 @@ class PretrainConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # 32 → [32, 32, 32], tuples → lists (YAML and Python callers write both)
+        for name in ("roi_size", "source_size", "target_spacing", "sections"):
+            v = getattr(self, name)
+            if isinstance(v, (int, float)) and name != "sections":
+                setattr(self, name, [v] * 3)
+            elif isinstance(v, tuple):
+                setattr(self, name, list(v))
+        if isinstance(self.sections, str):
+            self.sections = [self.sections]
         self.validate()
 
     def validate(self) -> None:

@@ -41,6 +41,7 @@ def test_bad_fields_and_values_are_named(tmp_path: Path) -> None:
         PretrainConfig.from_dict({}, overrides=["lr"])
     with pytest.raises(ValueError, match="roi_size"):
         PretrainConfig(roi_size=[16, 16])
+    assert PretrainConfig(roi_size=48, sections="unlabeled").roi_size == [48, 48, 48]
     with pytest.raises(ValueError, match="total_steps or epochs"):
         PretrainConfig(total_steps=0, epochs=0)
 

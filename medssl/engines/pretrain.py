@@ -203,7 +203,7 @@ class Pretrainer:
         Raises:
             ConfigMismatchError: the checkpoint is of another method/encoder/input size (both named).
         """
-        state = ck.load_checkpoint(path, map_location=self.device)
+        state = ck.load_checkpoint(path, map_location="cpu")  # RNG states must stay on the CPU
         ck.check_recipe(state["recipe"], self.recipe)
         changed = {
             k: (v, self.cfg.to_dict().get(k))
@@ -233,7 +233,8 @@ class Pretrainer:
         self.cfg.to_yaml(self.out / "config.yaml")
         prev_det = torch.are_deterministic_algorithms_enabled()
         if self.cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            if self.device.type == "cuda":  # required by deterministic cuBLAS
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.method.train()
         try:
@@ -254,9 +255,10 @@ class Pretrainer:
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                         self.save_checkpoint()
             self._finish()
-        except BaseException:
+        except BaseException as e:
             if self.tracker:
-                self.tracker.close("FAILED")
+                self.tracker.set_tags({"medssl.error": f"{type(e).__name__}: {e}"[:1000]})
+                self.tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         finally:
             torch.use_deterministic_algorithms(prev_det)
@@ -270,7 +272,12 @@ class Pretrainer:
         r.encoder_path, r.encoder_json = ck.save_encoder(self.out, self.encoder, self.recipe)
         r.final_loss = r.loss_history[-1][1] if r.loss_history else None
         r.skipped_volumes = {self.pool[i]["image"]: why for i, why in self.batcher.skipped.items()}
+        skipped_file = self.out / "skipped_volumes.json"
+        if r.skipped_volumes:
+            skipped_file.write_text(json.dumps(r.skipped_volumes, indent=1))
         if self.tracker:
+            if r.skipped_volumes:
+                self.tracker.log_artifact(skipped_file)
             for p in (r.encoder_path, r.encoder_json):
                 self.tracker.log_artifact(p, "encoder")
             self.tracker.log_artifact(self.out / "config.yaml")

@@ -201,6 +201,10 @@ def build_downstream(
         raise ConfigMismatchError(clash, what=f"SSL encoder recipe vs {kind} arguments")
     args |= kwargs
     if kind == "ResNet":
+        if kwargs.get("num_classes", out_channels) != out_channels:
+            raise ValueError(
+                f"ResNet: pass the class count as out_channels, got num_classes={kwargs['num_classes']}"
+            )
         args |= {"num_classes": out_channels, "feed_forward": True}
     else:
         args["out_channels"] = out_channels

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 _PRE_FIELDS = ("in_channels", "roi_size", "target_spacing", "normalisation", "ct_window")
 
 
@@ -87,11 +89,12 @@ class SSLCheckpoint:
         Keys: ``in_channels``, ``roi_size`` (pretraining crop ``(D, H, W)``, voxels), ``target_spacing``
         (mm, ``None`` = native grid), ``normalisation``, ``ct_window`` (HU), ``img_size`` (input size the
         encoder is fixed to, ViT only, else ``None``) and ``size_divisor`` (input sides must be multiples).
-        Fields the checkpoint does not record are ``None``.
+        Fields the checkpoint does not record (e.g. a bare encoder recipe) are absent: unknown, not
+        checked by :func:`check_preprocessing`.
         """
         enc = self.encoder_recipe
-        pre = {k: self.recipe.get(k) for k in _PRE_FIELDS}
-        if pre["in_channels"] is None:
+        pre = {k: self.recipe[k] for k in _PRE_FIELDS if k in self.recipe}
+        if pre.get("in_channels") is None:
             pre["in_channels"] = _in_channels(enc)
         name, kw = enc.get("name"), enc.get("kwargs", {})
         pre["img_size"] = list(enc["img_size"]) if name == "vit" else None
@@ -101,6 +104,8 @@ class SSLCheckpoint:
             pre["size_divisor"] = 2 ** (len(kw["blocks_down"]) - 1)
         elif name == "vit":
             pre["size_divisor"] = int(kw["patch_size"][0])
+        elif name == "unet":
+            pre["size_divisor"] = 16
         else:
             pre["size_divisor"] = 1
         return pre
@@ -152,7 +157,8 @@ def load_ssl_checkpoint(src: str | Path, *, tracking_uri: str | None = None) -> 
     """
     src_s = str(src)
     with tempfile.TemporaryDirectory(prefix="medssl_ckpt_") as tmp:
-        is_uri = ":/" in src_s and not Path(src_s).exists() and not src_s.startswith("file:")
+        # an MLflow / remote URI has a scheme of 2+ letters ("C:/x" stays a Windows path)
+        is_uri = bool(_SCHEME.match(src_s)) and not src_s.startswith("file:") and not Path(src_s).exists()
         path = _fetch(src_s, tracking_uri, tmp) if is_uri else Path(src_s.removeprefix("file://"))
         if path.is_dir():
             cands = [path / "encoder.pt"] if (path / "encoder.pt").is_file() else sorted(path.rglob("*.pt"))
@@ -369,7 +375,8 @@ def check_preprocessing(
     relative tolerance; ``None`` = native grid), ``normalisation``, ``ct_window`` (HU, when both
     normalise with ``"ct"``), and ``roi_size`` where the encoder constrains it: equal to ``img_size``
     for a ViT (fixed position embeddings), multiples of ``size_divisor`` (Swin: ``patch * 32``).
-    Fields missing from ``finetune_pre`` are inherited from the checkpoint.
+    Fields missing from ``finetune_pre`` are inherited from the checkpoint; fields missing from
+    ``recipe_pre`` (not recorded) are not checked.
 
     Args:
         recipe_pre: ``SSLCheckpoint.preprocessing``.
@@ -384,8 +391,8 @@ def check_preprocessing(
     """
     diff: dict[str, tuple[object, object]] = {}
     for f in ("in_channels", "target_spacing", "normalisation"):
-        if f not in finetune_pre or (recipe_pre.get(f) is None and f != "target_spacing"):
-            continue  # inherited, or not recorded by the checkpoint (None spacing = native grid)
+        if f not in finetune_pre or f not in recipe_pre:
+            continue  # inherited, or not recorded by the checkpoint (a recorded None spacing = native grid)
         if not _same(recipe_pre.get(f), finetune_pre[f]):
             diff[f] = (recipe_pre.get(f), finetune_pre[f])
     norm = finetune_pre.get("normalisation", recipe_pre.get("normalisation"))

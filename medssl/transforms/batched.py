@@ -176,7 +176,7 @@ class BatchedSSLAugment:
         return y
 
     def _restoration(self, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        p, (b, c, *shape) = self.p, y.shape
+        p, (b, _, *shape) = self.p, y.shape
         dev = y.device
         mask = torch.zeros((b, *shape), dtype=torch.bool, device=dev) if self._has_mask() else None
 

@@ -28,7 +28,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
-__all__ = ["as_batch", "sample_boxes", "boxes_mask", "ratio_mask", "patch_mask", "shuffle_blocks", "fill_masked",
+__all__ = ["as_batch", "sample_boxes", "owner_map", "boxes_mask", "ratio_mask", "patch_mask", "shuffle_blocks", "fill_masked",
            "merge_mask", "RandCuboidMaskd", "RandPatchMaskd", "RandLocalShuffled"]
 
 FILLS = ("zero", "mean", "noise")
@@ -63,12 +63,22 @@ def _box(starts: torch.Tensor, sizes: torch.Tensor, shape: Sequence[int]) -> tor
     return ins[0][:, :, None, None] & ins[1][:, None, :, None] & ins[2][:, None, None, :]
 
 
-def boxes_mask(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Union of the ``active`` ``(B, K)`` boxes, ``(B, D, H, W)`` bool (a loop over ``K``, vectorised over ``B``)."""
-    out = torch.zeros((starts.shape[0], *[int(s) for s in shape]), dtype=torch.bool, device=starts.device)
+def owner_map(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Index ``k + 1`` of the last active box covering each voxel (0: none), ``(B, D, H, W)`` long.
+
+    A loop over the ``K`` boxes, each step vectorised over ``B`` (measured faster on CPU than
+    materialising ``(B, K, D, H, W)`` box masks in chunks).
+    """
+    owner = torch.zeros((starts.shape[0], *[int(s) for s in shape]), dtype=torch.long, device=starts.device)
     for k in range(starts.shape[1]):
-        out |= _box(starts[:, k], sizes[:, k], shape) & active[:, k, None, None, None]
-    return out
+        inside = _box(starts[:, k], sizes[:, k], shape) & active[:, k, None, None, None]
+        owner = torch.where(inside, k + 1, owner)
+    return owner
+
+
+def boxes_mask(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Union of the ``active`` ``(B, K)`` boxes, ``(B, D, H, W)`` bool."""
+    return owner_map(starts, sizes, active, shape) > 0
 
 
 def ratio_mask(starts: torch.Tensor, sizes: torch.Tensor, ratio: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -116,9 +126,7 @@ def shuffle_blocks(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, k
     """
     b, c, *shape = x.shape
     n = shape[0] * shape[1] * shape[2]
-    group = torch.zeros((b, *shape), dtype=torch.long, device=x.device)
-    for k in range(starts.shape[1]):
-        group = torch.where(_box(starts[:, k], sizes[:, k], shape), k + 1, group)
+    group = owner_map(starts, sizes, torch.ones(starts.shape[:2], dtype=torch.bool, device=x.device), shape)
     g = group.flatten(1).double()  # (B, N): 0 = untouched
     pos = torch.arange(n, device=x.device, dtype=torch.float64) / n
     src = torch.where(g > 0, g + keys.to(x.device), g + pos).argsort(1)  # voxels of a block, shuffled

@@ -67,6 +67,10 @@ def test_round_trip_oblique_exact(tmp_path: Path) -> None:
     assert vol.meta["n_frames"] == 8 and vol.meta["manufacturer"] == "medssl-factory"
     assert vol.meta["kvp"] == 120.0 and vol.meta["slice_thickness"] == 2.0
     assert "resampled" not in vol.meta
+    series, _ = scan_dicom(tmp_path / "s")
+    for decode in ("threads", "processes"):  # both decode paths give the same volume
+        (other,) = load_series(series[0], workers=2, decode=decode)
+        np.testing.assert_array_equal(other.array, vol.array)
 
 
 def test_float_values_give_float32(tmp_path: Path) -> None:
@@ -159,6 +163,31 @@ def test_four_d_split_or_quarantine(tmp_path: Path) -> None:
     assert ei.value.reason == "four_d" and "3 volumes of 4 slices" in ei.value.detail
 
 
+def test_four_d_split_by_acquisition_number(tmp_path: Path) -> None:
+    """Without a temporal position, the acquisition number separates the repeated positions."""
+    values = _values(n=6, seed=6)
+    pos = stack_positions((0, 0, 0), (1, 0, 0, 0, 1, 0), 3, 2.0)
+    paths = write_series(tmp_path / "s", values, positions=np.tile(pos, (2, 1)), temporal=[1, 1, 1, 2, 2, 2])
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        del ds.TemporalPositionIdentifier
+        ds.save_as(p)
+    vols = read_dicom_series(tmp_path / "s")
+    assert [v.temporal_index for v in vols] == [0, 1]
+    np.testing.assert_array_equal(vols[1].array, _nifti_order(values[3:]))
+    # a CT with per-slice acquisition numbers and distinct positions stays one 3D volume
+    write_series(tmp_path / "ct", values[:3], positions=pos, temporal=[4, 5, 6])
+    assert [v.temporal_index for v in read_dicom_series(tmp_path / "ct")] == [None]
+
+
+def test_gantry_tilt_tag_without_sheared_positions_is_a_note(tmp_path: Path) -> None:
+    values = _values(n=4)
+    _write(tmp_path / "s", values, tilt=12.0)
+    vol = _one(tmp_path / "s")  # positions are orthogonal: nothing to correct, but say so
+    np.testing.assert_array_equal(vol.array, _nifti_order(values))
+    assert vol.meta["notes"] == ["GantryDetectorTilt 12 deg but slice positions are orthogonal"]
+
+
 def test_bad_files_are_reported_and_good_series_still_read(tmp_path: Path) -> None:
     values = _values(n=4)
     paths = _write(tmp_path / "d", values)
@@ -186,12 +215,17 @@ def test_bad_files_are_reported_and_good_series_still_read(tmp_path: Path) -> No
     assert all(e.detail for e in bad)
     with pytest.raises(QuarantineError, match="unreadable_dicom"):
         read_dicom_files([tmp_path / "d" / "random.dcm"])
+    # files handed over explicitly (ingest candidates): an empty one is reported whatever its name
+    (tmp_path / "blank").write_bytes(b"")
+    groups, bad = group_dicom_files([*paths[:1], tmp_path / "blank", tmp_path / "d" / "README.txt"])
+    assert len(groups) == 1 and [(Path(p).name, r) for p, r, _ in bad] == [("blank", "empty_file")]
 
 
 def test_bad_options_raise_value_error(tmp_path: Path) -> None:
     _write(tmp_path / "s", _values(n=3))
     series, _ = scan_dicom(tmp_path / "s")
-    for kw in ({"tilt": "fix"}, {"uneven": "x"}, {"four_d": "merge"}, {"target_slice_spacing": 0.0}):
+    for kw in ({"tilt": "fix"}, {"uneven": "x"}, {"four_d": "merge"}, {"target_slice_spacing": 0.0},
+               {"decode": "gpu"}):
         with pytest.raises(ValueError):
             load_series(series[0], **kw)
 

@@ -240,3 +240,22 @@ def test_real_method_augment_and_exact_inprocess_resume(tiny_datalist: Path, tmp
     assert [s for s, _ in resumed.loss_history] == [3, 4]
     for (_, a), (_, b) in zip(straight.loss_history[2:], resumed.loss_history, strict=True):
         assert abs(a - b) <= 1e-6
+
+
+def test_run_skips_unreadable_volume_and_reports_it(
+    tiny_datalist: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = json.loads(tiny_datalist.read_text())
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes((tiny_datalist.parent / "vol0.nii.gz").read_bytes()[:200])  # a cut-off download
+    items = [
+        {"image": str(tiny_datalist.parent / it["image"]), "case_id": it["case_id"]}
+        for it in data["unlabeled"]
+    ]
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"unlabeled": [*items[:3], {"image": str(bad), "case_id": "bad"}]}))
+    with caplog.at_level(logging.WARNING, logger="medssl"):
+        res = run_pretraining(toy_config(dl, tmp_path / "run", total_steps=4), progress=False)
+    assert [s for s, _ in res.loss_history] == [1, 2, 3, 4]  # training went on
+    assert list(res.skipped_volumes) == [str(bad)] and "truncated.nii.gz" in caplog.text
+    assert json.loads((res.out_dir / "skipped_volumes.json").read_text()) == res.skipped_volumes

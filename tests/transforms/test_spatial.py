@@ -6,7 +6,13 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medssl.transforms.spatial import RandRotate90Labeld, check_rotation_args, rotate, rotate_batch, rotation_ops
+from medssl.transforms.spatial import (
+    RandRotate90Labeld,
+    check_rotation_args,
+    rotate,
+    rotate_batch,
+    rotation_ops,
+)
 
 
 def test_24_rotations_are_distinct_and_proper() -> None:
