@@ -9,13 +9,15 @@ on the same volumes (default: the MSD hippocampus MRI crops beside the checkout)
   RandSpatialCropSamplesd(num_samples=2) → CopyItemsd → OneOf(RandCoarseDropoutd ×2) →
   RandCoarseShuffled, for both views), a torch ``DataLoader`` (``B/2`` volumes × 2 samples) with
   ``list_data_collate``, then forward / backward / step.
+- Timing: after warm-up (for medssl: one epoch that fills the cache, reported separately), the loops
+  run in interleaved rounds of ``--steps`` steps; the median steps/s per loop is reported, so the
+  load of other processes on a shared machine affects every loop alike.
 - **medssl**: :class:`medssl.engines.pretrain.Pretrainer` (cached normalised volumes, restorable crop
-  stream, ``BatchedSSLAugment`` on the whole batch, the same step as ``medssl pretrain``), timed after
-  one warm-up epoch that fills the cache (its time is reported separately).
+  stream, ``BatchedSSLAugment`` on the whole batch, the same step as ``medssl pretrain``).
 
 Usage::
 
-    .venv/bin/python benchmarks/pretrain_step.py --steps 30 --n-volumes 40
+    .venv/bin/python benchmarks/pretrain_step.py --steps 10 --rounds 5 --n-volumes 40
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -100,80 +104,80 @@ def build_model(args: argparse.Namespace, roi: tuple[int, int, int]) -> torch.nn
     return build_method(args.method, enc)
 
 
-def run_naive(args: argparse.Namespace, pool: list[dict], workers: int) -> float:
-    """Steps/s of the tutorial-style loop with ``workers`` DataLoader workers."""
-    from monai.data import DataLoader, Dataset, list_data_collate
+class NaiveLoop:
+    """The tutorial-style loop; :meth:`step` runs one optimizer step."""
 
-    roi = (args.roi,) * 3
-    method = build_model(args, roi)
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
-    ds = Dataset(pool, naive_transforms(args.roi))
-    loader = DataLoader(
-        ds,
-        batch_size=args.batch // 2,
-        shuffle=True,
-        num_workers=workers,
-        collate_fn=list_data_collate,
-        persistent_workers=workers > 0,
-        drop_last=True,
-    )
+    def __init__(self, args: argparse.Namespace, pool: list[dict], workers: int) -> None:
+        from monai.data import DataLoader, Dataset, list_data_collate
 
-    def batches():
-        while True:
-            yield from loader
+        self.method = build_model(args, (args.roi,) * 3)
+        self.opt = torch.optim.AdamW(self.method.parameters(), lr=1e-4)
+        loader = DataLoader(
+            Dataset(pool, naive_transforms(args.roi)),
+            batch_size=args.batch // 2,
+            shuffle=True,
+            num_workers=workers,
+            collate_fn=list_data_collate,
+            persistent_workers=workers > 0,
+            drop_last=True,
+        )
 
-    it = batches()
-    t0, done = 0.0, 0
-    for i in range(args.steps + args.warmup):
-        if i == args.warmup:
-            t0 = time.perf_counter()
-        b = next(it)
+        def forever():
+            while True:
+                yield from loader
+
+        self.batches = forever()
+
+    def step(self) -> None:
+        b = next(self.batches)
         batch = {
             "view1": b["image"],
             "view2": b["image_2"],
             "view1_target": b["gt_image"],
             "view2_target": b["gt_image"],
         }
-        loss = method(batch)["loss"]
-        opt.zero_grad(set_to_none=True)
+        loss = self.method(batch)["loss"]
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        done += i >= args.warmup
-    return done / (time.perf_counter() - t0)
+        self.opt.step()
 
 
-def run_medssl(args: argparse.Namespace, datalist: Path, out: Path) -> tuple[float, float]:
-    """Steps/s of the medssl engine after a warm-up epoch; also the warm-up epoch's steps/s (cold cache)."""
-    from medssl.config import PretrainConfig
-    from medssl.engines.pretrain import Pretrainer, build_components
+class MedsslLoop:
+    """:class:`~medssl.engines.pretrain.Pretrainer` (what ``medssl pretrain`` runs), no tracking/checkpoints."""
 
-    cfg = PretrainConfig(
-        datalist=str(datalist),
-        method=args.method,
-        encoder=args.encoder,
-        encoder_kwargs=json.loads(args.encoder_kwargs),
-        roi_size=[args.roi] * 3,
-        batch_size=args.batch,
-        lr=1e-4,
-        total_steps=10**6,
-        device="cpu",
-        out_dir=str(out),
-        experiment=None,
-        preview=False,
-        grad_clip=None,
-    )
-    torch.manual_seed(0)
-    trainer = Pretrainer(cfg, *build_components(cfg))
-    trainer.method.train()
-    warm = max(args.warmup, -(-args.n_volumes // args.batch))  # one epoch: every volume cached
+    def __init__(self, args: argparse.Namespace, datalist: Path, out: Path) -> None:
+        from medssl.config import PretrainConfig
+        from medssl.engines.pretrain import Pretrainer, build_components
+
+        cfg = PretrainConfig(
+            datalist=str(datalist),
+            method=args.method,
+            encoder=args.encoder,
+            encoder_kwargs=json.loads(args.encoder_kwargs),
+            roi_size=[args.roi] * 3,
+            batch_size=args.batch,
+            lr=1e-4,
+            total_steps=10**6,
+            device="cpu",
+            out_dir=str(out),
+            experiment=None,
+            preview=False,
+            grad_clip=None,
+        )
+        torch.manual_seed(0)
+        self.trainer = Pretrainer(cfg, *build_components(cfg))
+        self.trainer.method.train()
+
+    def step(self) -> None:
+        self.trainer.train_step()
+
+
+def timed(loop, steps: int) -> float:
+    """Steps/s over ``steps`` steps."""
     t0 = time.perf_counter()
-    for _ in range(warm):
-        trainer.train_step()
-    cold = warm / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step()
-    return args.steps / (time.perf_counter() - t0), cold
+    for _ in range(steps):
+        loop.step()
+    return steps / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -185,9 +189,10 @@ def main() -> None:
     ap.add_argument("--encoder-kwargs", default='{"init_filters": 8, "blocks_down": [1, 1, 1, 1]}')
     ap.add_argument("--roi", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per loop per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--workers", default="0,2", help="DataLoader workers of the naive loop (comma list)")
+    ap.add_argument("--workers", default="0", help="DataLoader workers of the naive loop (comma list)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     files = sorted(args.data.glob("*.nii*"))[: args.n_volumes]
@@ -197,22 +202,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         datalist = Path(tmp) / "datalist.json"
         datalist.write_text(json.dumps({"unlabeled": pool}))
-        ours, cold = run_medssl(args, datalist, Path(tmp) / "run")
-        naive = {w: run_naive(args, pool, w) for w in (int(x) for x in args.workers.split(","))}
-    best = max(naive.values())
+        loops = {
+            "medssl engine (cached volumes + BatchedSSLAugment)": MedsslLoop(args, datalist, Path(tmp) / "r")
+        }
+        for w in (int(x) for x in args.workers.split(",")):
+            loops[f"naive MONAI tutorial loop, DataLoader num_workers={w}"] = NaiveLoop(args, pool, w)
+        medssl_name = next(iter(loops))
+        cold_steps = -(-len(files) // args.batch)  # one epoch: fills the medssl cache
+        cold = timed(loops[medssl_name], cold_steps)
+        for name, loop in loops.items():
+            if name != medssl_name:
+                timed(loop, args.warmup)
+        # interleaved rounds (A B C A B C ...) so load drift on a shared machine hits every loop alike
+        rates: dict[str, list[float]] = {k: [] for k in loops}
+        for _ in range(args.rounds):
+            for name, loop in loops.items():
+                rates[name].append(timed(loop, args.steps))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    best_naive = max(v for k, v in med.items() if k != medssl_name)
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}"
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end"
     )
     print(
         f"config: {args.method} + {args.encoder} {args.encoder_kwargs}, B={args.batch}, views {args.roi}^3, "
-        f"{len(files)} volumes from {args.data.name}, {args.steps} timed steps"
+        f"{len(files)} volumes from {args.data}, {args.rounds} interleaved rounds x {args.steps} steps"
     )
-    print("| loop | steps/s | vs best naive |\n|---|---|---|")
-    for w, v in naive.items():
-        print(f"| naive MONAI tutorial loop, DataLoader num_workers={w} | {v:.2f} | {v / best:.2f}x |")
-    print(f"| medssl engine, first epoch (cold cache, loads from disk) | {cold:.2f} | {cold / best:.2f}x |")
-    print(f"| medssl engine, steady state (cached) | {ours:.2f} | {ours / best:.2f}x |")
+    print("| loop | steps/s (median) | per round | vs best naive |\n|---|---|---|---|")
+    for k, v in med.items():
+        rounds = " ".join(f"{x:.2f}" for x in rates[k])
+        print(f"| {k} | {v:.2f} | {rounds} | {v / best_naive:.2f}x |")
+    print(
+        f"| medssl engine, first epoch ({cold_steps} steps, cold cache: reads + normalises every volume) "
+        f"| {cold:.2f} | | {cold / best_naive:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -3,15 +3,15 @@
 Four MONAI networks are supported, each paired with one encoder family of
 :mod:`medssl.networks.encoders`:
 
-=============  =============  ================================  ==========================================
-kind           encoder        encoder keys in the network       depth levels (layer-wise LR decay)
-=============  =============  ================================  ==========================================
-``SwinUNETR``  ``swinvit``    ``swinViT.*``                     0 ``patch_embed``, 1..4 ``layers1..4`` (+c)
-``UNETR``      ``vit``        ``vit.*``                         0 ``patch_embedding``, i+1 ``blocks.i``,
-                                                                L+1 ``norm``
-``SegResNet``  ``segresnet``  ``convInit.*``, ``down_layers.*``  0 ``convInit``, i+1 ``down_layers.i``
-``ResNet``     ``resnet3d``   everything but ``fc.*``           0 ``conv1``/``bn1``, i ``layer{i}``
-=============  =============  ================================  ==========================================
+- ``SwinUNETR`` ← ``swinvit``: encoder keys ``swinViT.*``; depth levels 0 ``patch_embed``,
+  1..4 ``layers1..4`` (a v2 stage's ``layers{i}c`` shares level i).
+- ``UNETR`` ← ``vit``: ``vit.*``; 0 ``patch_embedding``, i+1 ``blocks.i``, L+1 the final ``norm``.
+- ``SegResNet`` ← ``segresnet``: ``convInit.*`` and ``down_layers.*``; 0 ``convInit``, i+1
+  ``down_layers.i``.
+- ``ResNet`` ← ``resnet3d``: everything but the classifier ``fc.*``; 0 ``conv1``/``bn1``, i ``layer{i}``.
+
+Depth levels drive layer-wise LR decay (:func:`layerwise_lr_groups`); the decoder / head is one level
+above the deepest encoder level.
 
 :func:`build_downstream` builds the network either from an encoder recipe (SSL initialisation: the
 recipe's ``downstream_kwargs`` fix every encoder-shaping argument) or, for training from scratch, from the

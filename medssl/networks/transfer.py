@@ -204,6 +204,7 @@ class TransferReport:
         mismatched: ``(key, checkpoint shape, network shape)`` of same-name tensors with different shapes.
         encoder_numel: values in the network's encoder tensors; ``matched_numel``: of those, loaded.
         notes: extra explanations (e.g. the encoder family does not fit the target).
+        shapes: network shape of each missing key, checkpoint shape of each unexpected key.
     """
 
     target: str
@@ -215,6 +216,7 @@ class TransferReport:
     encoder_numel: int = 0
     matched_numel: int = 0
     notes: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def n_encoder(self) -> int:
@@ -245,7 +247,8 @@ class TransferReport:
         rows = [("[red]missing", self.missing), ("[yellow]unexpected", self.unexpected)]
         for status, keys in rows:
             for k in keys[:max_rows]:
-                t.add_row(status, k, "-" if "missing" in status else "?", "?" if "missing" in status else "-")
+                shape = str(self.shapes.get(k, "?"))
+                t.add_row(status, k, *(("-", shape) if "missing" in status else (shape, "-")))
         for status, n in (("shape mismatch", len(self.mismatched)), *((s, len(k)) for s, k in rows)):
             if n > max_rows:
                 t.add_row(status.split("]")[-1], f"... and {n - max_rows} more", "", "")
@@ -329,6 +332,7 @@ def transfer_weights(
         name = prefix + sub if sub is not None else k
         if sub is None or name not in enc_set:
             report.unexpected.append(k)
+            report.shapes[k] = tuple(v.shape)
         elif tuple(v.shape) != tuple(dst[name].shape):
             report.mismatched.append((name, tuple(v.shape), tuple(dst[name].shape)))
         else:
@@ -336,6 +340,7 @@ def transfer_weights(
     bad = {k for k, _, _ in report.mismatched}
     report.matched = [k for k in enc_keys if k in load]
     report.missing = [k for k in enc_keys if k not in load and k not in bad]
+    report.shapes |= {k: tuple(dst[k].shape) for k in report.missing}
     report.encoder_numel = int(sum(dst[k].numel() for k in enc_keys))
     report.matched_numel = int(sum(dst[k].numel() for k in report.matched))
     if not report.matched or (report.share < min_match and not allow_partial):

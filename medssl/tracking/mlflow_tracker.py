@@ -165,11 +165,11 @@ class MlflowTracker:
                 lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name),
                 "create run",
             )
-            run_id = run.info.run_id
-        elif all_tags:
-            self.set_tags(all_tags)
+            run_id, all_tags = run.info.run_id, {}
         self.run_id: str = run_id
         self.spool_path = Path(spool_path) if spool_path else Path.cwd() / "mlflow_spool" / f"{run_id}.jsonl"
+        if all_tags:  # reattached run: refresh its tags
+            self.set_tags(all_tags)
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _experiment_id(self, name: str) -> str:

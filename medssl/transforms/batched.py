@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from medssl.transforms.genesis import bezier_lut, bezier_remap, paint_mask
 from medssl.transforms.intensity import gaussian_blur
@@ -31,30 +30,37 @@ from medssl.transforms.views import crop_boxes, pad_extent
 __all__ = ["BatchedSSLAugment", "crop_batch"]
 
 
-def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_size: Sequence[int]) -> torch.Tensor:
+def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_size: Sequence[int],
+               flips: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample boxes of ``x`` ``(B, C, D, H, W)`` resampled to ``roi_size`` → ``(B, C, *roi_size)``.
 
-    All boxes equal to ``roi_size``: one advanced-indexing gather (exact copy). Otherwise one
-    ``grid_sample`` (trilinear, ``align_corners=True``: the same sample positions as MONAI ``Resize``
-    with ``align_corners=True`` after ``SpatialCrop``, the per-sample path).
+    Trilinear with ``align_corners=True`` (the sample positions of MONAI ``Resize(align_corners=True)``
+    after ``SpatialCrop``, the per-sample path), done separably: per axis two ``gather``s and a lerp
+    (one gather when every box has the roi's length there, an exact copy). Flips ``(B, 3)`` bool are
+    folded into the gather indices, so they cost nothing. Measured ~4x faster than one 3D
+    ``grid_sample`` on CPU for 32³ views of hippocampus volumes.
     """
-    b, c, *shape = x.shape
-    roi = [int(r) for r in roi_size]
+    y = x
     starts, sizes = starts.to(x.device), sizes.to(x.device)
-    if bool((sizes == torch.tensor(roi, device=x.device)).all()):
-        idx = [starts[:, a, None] + torch.arange(roi[a], device=x.device) for a in range(3)]  # (B, R_a)
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        out = x[bi, :, idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :]]
-        return out.permute(0, 4, 1, 2, 3).contiguous()  # (B, D, H, W, C) → (B, C, D, H, W)
-    coords = []
     for a in range(3):
-        o = torch.arange(roi[a], device=x.device, dtype=torch.float32)
-        step = (sizes[:, a, None].float() - 1) / max(roi[a] - 1, 1)
-        pos = starts[:, a, None].float() + o * step  # (B, R_a) voxel positions
-        coords.append(2 * pos / max(shape[a] - 1, 1) - 1)
-    grid = torch.stack(torch.broadcast_tensors(coords[2][:, None, None, :], coords[1][:, None, :, None],
-                                               coords[0][:, :, None, None]), -1)  # (B, D, H, W, 3) as (w, h, d)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+        r, s = int(roi_size[a]), x.shape[a + 2]
+        o = torch.arange(r, device=x.device, dtype=torch.float64)
+        step = (sizes[:, a, None].double() - 1) / max(r - 1, 1)
+        pos = starts[:, a, None].double() + o * step  # (B, R) voxel positions along axis a
+        if flips is not None:
+            pos = torch.where(flips[:, a, None].to(x.device), pos.flip(1), pos)
+        i0 = pos.floor().long().clamp(0, s - 1)
+        w = (pos - i0).to(x.dtype)
+        view = [y.shape[0], 1, 1, 1, 1]
+        view[a + 2] = r
+        out_shape = list(y.shape)
+        out_shape[a + 2] = r
+        g0 = y.gather(a + 2, i0.view(view).expand(out_shape))
+        if bool((w > 0).any()):
+            g1 = y.gather(a + 2, (i0 + 1).clamp(max=s - 1).view(view).expand(out_shape))
+            g0 = torch.lerp(g0, g1, w.view(view))
+        y = g0
+    return y
 
 
 class BatchedSSLAugment:
@@ -241,11 +247,9 @@ class BatchedSSLAugment:
         self.last_params = {"starts": starts, "sizes": sizes}
         for v in range(v_n):
             name = f"view{v + 1}"
-            y = crop_batch(x, starts[:, v], sizes[:, v], self.roi_size)
-            if p["flip_prob"] > 0:
-                flips = self._u(b, 3) < p["flip_prob"]
-                for a in range(3):
-                    y = self._where(flips[:, a], y.flip(a + 2), y)
+            flips = self._u(b, 3) < p["flip_prob"] if p["flip_prob"] > 0 else None
+            y = crop_batch(x, starts[:, v], sizes[:, v], self.roi_size, flips)  # RandFlipd per axis, folded
+            if flips is not None:
                 self.last_params[f"{name}_flips"] = flips
             if p["n_rotations"]:
                 labels = torch.floor(self._u(b) * int(p["n_rotations"])).long()

@@ -211,6 +211,10 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_datalist: Path, tmp_pa
     }
     png = (res.out_dir / "augment_preview.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and not (res.out_dir / "mlflow_spool.jsonl").exists()
+    more = run_pretraining(cfg.replace(total_steps=5), resume=res.last_checkpoint, progress=False)
+    assert more.run_id == res.run_id  # the resumed run continues the same MLflow run
+    assert [m.step for m in client.get_metric_history(res.run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert client.get_run(res.run_id).info.status == "FINISHED"
 
 
 def test_real_method_augment_and_exact_inprocess_resume(tiny_datalist: Path, tmp_path: Path) -> None:

@@ -99,7 +99,9 @@ def test_partial_and_unexpected_keys(tmp_path: Path, caplog: pytest.LogCaptureFi
     net = build_downstream("ResNet", recipe=ckpt.recipe, out_channels=2)
     with pytest.raises(TransferError, match="missing") as ei:
         transfer_weights(net, ckpt, target="ResNet")
-    assert "layer4.0.conv1.weight" in str(ei.value)
+    assert "layer4.0.conv1.weight" in str(ei.value) and str(tuple(net.layer4[0].conv1.weight.shape)) in str(
+        ei.value
+    )
     init4 = net.layer4[0].conv1.weight.detach().clone()
     with caplog.at_level(logging.WARNING, logger="medssl.networks.transfer"):
         rep = transfer_weights(net, ckpt, target="ResNet", allow_partial=True)

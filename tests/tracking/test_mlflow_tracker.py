@@ -179,6 +179,8 @@ def test_parent_child_runs_in_sqlite_store(tmp_path: Path) -> None:
     )
     assert [f.path for f in client.list_artifacts(child.run_id, "compare")] == ["compare/table.csv"]
     assert (tmp_path / "mlartifacts" / "study").is_dir()  # artifacts beside the sqlite file
-    again = MlflowTracker("study", tracking_uri=uri, run_id=child.run_id, spool_path=tmp_path / "c.jsonl")
+    again = MlflowTracker(
+        "study", tracking_uri=uri, run_id=child.run_id, spool_path=tmp_path / "c.jsonl", tags={"resumed": 1}
+    )
     assert again.run_id == child.run_id and client.get_run(child.run_id).info.status == "RUNNING"
-    again.close()
+    assert again.close() and client.get_run(child.run_id).data.tags["resumed"] == "1"
