@@ -128,15 +128,18 @@ class NaiveLoop:
 
         self.batches = forever()
 
-    def step(self) -> None:
+    def data(self) -> dict[str, torch.Tensor]:
+        """One batch, data side only (read + transforms + collate)."""
         b = next(self.batches)
-        batch = {
+        return {
             "view1": b["image"],
             "view2": b["image_2"],
             "view1_target": b["gt_image"],
             "view2_target": b["gt_image"],
         }
-        loss = self.method(batch)["loss"]
+
+    def step(self) -> None:
+        loss = self.method(self.data())["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -171,12 +174,16 @@ class MedsslLoop:
     def step(self) -> None:
         self.trainer.train_step()
 
+    def data(self) -> dict[str, torch.Tensor]:
+        """One batch, data side only (next cached volumes + batched augmentation)."""
+        return self.trainer.augment(self.trainer.batcher.next_batch(self.trainer.cfg.batch_size))
 
-def timed(loop, steps: int) -> float:
-    """Steps/s over ``steps`` steps."""
+
+def timed(fn, steps: int) -> float:
+    """Calls/s of ``fn`` over ``steps`` calls."""
     t0 = time.perf_counter()
     for _ in range(steps):
-        loop.step()
+        fn()
     return steps / (time.perf_counter() - t0)
 
 
@@ -209,16 +216,21 @@ def main() -> None:
             loops[f"naive MONAI tutorial loop, DataLoader num_workers={w}"] = NaiveLoop(args, pool, w)
         medssl_name = next(iter(loops))
         cold_steps = -(-len(files) // args.batch)  # one epoch: fills the medssl cache
-        cold = timed(loops[medssl_name], cold_steps)
+        cold = timed(loops[medssl_name].step, cold_steps)
         for name, loop in loops.items():
             if name != medssl_name:
-                timed(loop, args.warmup)
+                timed(loop.step, args.warmup)
         # interleaved rounds (A B C A B C ...) so load drift on a shared machine hits every loop alike
         rates: dict[str, list[float]] = {k: [] for k in loops}
+        data_rates: dict[str, list[float]] = {k: [] for k in loops}
         for _ in range(args.rounds):
             for name, loop in loops.items():
-                rates[name].append(timed(loop, args.steps))
+                rates[name].append(timed(loop.step, args.steps))
+        for _ in range(args.rounds):  # the data side alone: batches/s without the model
+            for name, loop in loops.items():
+                data_rates[name].append(timed(loop.data, 5 * args.steps))
     med = {k: statistics.median(v) for k, v in rates.items()}
+    data_med = {k: statistics.median(v) for k, v in data_rates.items()}
     best_naive = max(v for k, v in med.items() if k != medssl_name)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
@@ -226,7 +238,7 @@ def main() -> None:
     )
     print(
         f"config: {args.method} + {args.encoder} {args.encoder_kwargs}, B={args.batch}, views {args.roi}^3, "
-        f"{len(files)} volumes from {args.data}, {args.rounds} interleaved rounds x {args.steps} steps"
+        f"{len(files)} volumes from {args.data}, {args.rounds} interleaved rounds x {args.steps} steps (data only: x {5 * args.steps})"
     )
     print("| loop | steps/s (median) | per round | vs best naive |\n|---|---|---|---|")
     for k, v in med.items():
@@ -236,6 +248,13 @@ def main() -> None:
         f"| medssl engine, first epoch ({cold_steps} steps, cold cache: reads + normalises every volume) "
         f"| {cold:.2f} | | {cold / best_naive:.2f}x |"
     )
+    best_data = max(v for k, v in data_med.items() if k != medssl_name)
+    print(
+        "\n| data side only (no model) | batches/s (median) | per round | vs best naive |\n|---|---|---|---|"
+    )
+    for k, v in data_med.items():
+        rounds = " ".join(f"{x:.1f}" for x in data_rates[k])
+        print(f"| {k} | {v:.1f} | {rounds} | {v / best_data:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ class PretrainConfig:
     Args:
         datalist: MONAI datalist JSON (``medssl ingest`` output); paths inside are relative to it.
         sections: datalist sections forming the unlabelled pool (labels, if any, are ignored).
-        splits: optional ``splits.json``; cases it holds out (validation/test) are removed from the pool.
+        splits: optional ``splits.json`` (``medssl split``); the pool is then its ``unlabeled`` list of
+            ``split_seed`` (every case outside that seed's validation/test sets), from any section.
+        split_seed: which seed's pool of ``splits`` to use.
         method: SSL method name (``medssl.methods``) or ``"package.module:callable"``.
         method_kwargs: extra constructor arguments of the method.
         encoder: encoder name (``medssl.networks.encoders``) or ``"package.module:callable"``.
@@ -81,6 +83,7 @@ class PretrainConfig:
     datalist: str = ""
     sections: list[str] = field(default_factory=lambda: ["unlabeled", "training"])
     splits: str | None = None
+    split_seed: int = 0
     method: str = "simclr"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     encoder: str = "swinvit"

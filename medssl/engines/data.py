@@ -42,52 +42,70 @@ def load_pool(
     datalist: str | Path,
     sections: Sequence[str] = ("unlabeled", "training"),
     splits: str | Path | None = None,
+    split_seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """The unlabelled pool: items of ``sections`` (labels dropped), minus validation/test cases of ``splits``.
+    """The unlabelled pretraining pool (labels dropped; no duplicates).
+
+    Without ``splits``: every image of ``sections``. With a ``splits.json`` of ``medssl split``: the
+    images of *any* datalist section whose ``case_id`` is in ``splits["unlabeled"][split_seed]`` (every
+    volume outside that seed's test/validation sets), so pretraining never sees held-out cases. A
+    splits file without that list falls back to ``sections`` minus every case id listed under a key
+    containing ``val`` or ``test``.
 
     Args:
         datalist: MONAI datalist JSON; relative paths are resolved against its folder.
-        sections: sections to take images from; missing sections are ignored.
-        splits: optional ``splits.json``; every ``case_id`` listed under a key containing ``val`` or
-            ``test`` (at any depth) is excluded, so pretraining never sees held-out cases.
+        sections: sections to take images from (without splits); missing sections are ignored.
+        splits: optional ``splits.json``.
+        split_seed: which seed's pool of ``splits`` to use.
 
     Returns:
-        ``[{"image": absolute path, "case_id": str}, ...]`` without duplicate images.
+        ``[{"image": absolute path, "case_id": str}, ...]``.
 
     Raises:
-        MedsslError: unreadable datalist or an empty pool.
+        MedsslError: unreadable datalist/splits, unknown split seed or an empty pool.
     """
     datalist = Path(datalist)
-    try:
-        data = json.loads(datalist.read_text())
-    except (OSError, ValueError) as e:
-        raise MedsslError(f"cannot read datalist {datalist}: {e}") from e
-    held_out = _held_out_cases(Path(splits)) if splits else set()
+    data = _read_json(datalist, "datalist")
+    keep: set[str] | None = None
+    held_out: set[str] = set()
+    if splits:
+        sp = _read_json(Path(splits), "splits")
+        pools = sp.get("unlabeled")
+        if isinstance(pools, dict) and pools:
+            if str(split_seed) not in pools:
+                raise MedsslError(f"split seed {split_seed} not in {splits} (seeds: {sorted(pools)})")
+            keep = set(pools[str(split_seed)])
+            sections = [k for k, v in data.items() if isinstance(v, list)]
+        else:
+            held_out = _held_out_cases(sp)
     items, seen = [], set()
     for section in sections:
         for it in data.get(section, []):
             image = it["image"] if isinstance(it, dict) else it
             path = Path(image) if Path(image).is_absolute() else (datalist.parent / image).resolve()
             case_id = it.get("case_id", path.name) if isinstance(it, dict) else path.name
-            if str(path) in seen or case_id in held_out:
+            if str(path) in seen or case_id in held_out or (keep is not None and case_id not in keep):
                 continue
             seen.add(str(path))
             items.append({"image": str(path), "case_id": case_id})
     if not items:
         raise MedsslError(
-            f"no images in sections {list(sections)} of {datalist}"
-            + (f" after removing {len(held_out)} held-out cases of {splits}" if held_out else "")
+            f"no pretraining images in sections {list(sections)} of {datalist}"
+            + (f" (splits {splits}, seed {split_seed})" if splits else "")
         )
-    log.info("pretraining pool: %d volumes from %s %s", len(items), datalist, list(sections))
+    log.info("pretraining pool: %d volumes from %s", len(items), datalist)
     return items
 
 
-def _held_out_cases(splits: Path) -> set[str]:
-    """Case ids under any key containing ``val`` or ``test`` in ``splits.json``."""
+def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(splits.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise MedsslError(f"cannot read splits {splits}: {e}") from e
+        raise MedsslError(f"cannot read {what} {path}: {e}") from e
+
+
+def _held_out_cases(data: dict[str, Any]) -> set[str]:
+    """Case ids under any key containing ``val`` or ``test``."""
     out: set[str] = set()
 
     def collect(node: Any, held: bool) -> None:

@@ -1,10 +1,11 @@
 """SSL pretraining engine: one readable step, exact resume, MLflow tracking.
 
-Why a plain loop and not Ignite's ``Engine`` / MONAI's ``Trainer``: exact resume needs the data
-position *inside* an epoch (Ignite restores ``iteration``/``epoch`` but its ``DataLoader`` restarts the
-epoch, so resuming mid-epoch either replays or skips samples unless the sampler is rebuilt around it),
-and the step must interleave a non-finite guard, grad accumulation, GradScaler and the method's EMA
-hook in a fixed order. Here the whole step fits on one screen (:meth:`Pretrainer.train_step`), the data
+Why a plain loop and not Ignite's ``Engine`` / MONAI's ``SupervisedTrainer``: exact resume needs the
+data position *inside* an epoch. Ignite's ``Engine`` restarts the epoch's data on resume, and its
+``DeterministicEngine`` reaches a mid-epoch iteration by iterating the data loader again up to it
+(re-loading and re-augmenting every skipped batch); and the step must interleave a non-finite guard,
+grad accumulation, GradScaler and the method's EMA hook in a fixed order that MONAI's trainer
+iteration (one forward/backward per batch) does not expose. Here the whole step fits on one screen (:meth:`Pretrainer.train_step`), the data
 stream is a pure function of ``(seed, epoch, position)`` (:class:`~medssl.engines.data.CropBatcher`),
 and one dict holds every state (:mod:`medssl.engines.checkpoint`). MONAI provides the data side
 (``CacheDataset``, readers, orientation/spacing/intensity transforms).
@@ -83,7 +84,7 @@ class Pretrainer:
         if self.amp_dtype is not None and self.device.type != "cuda":
             log.warning("amp=%s ignored on %s (AMP runs on CUDA only)", config.amp, self.device)
             self.amp_dtype = None
-        self.pool = load_pool(config.datalist, config.sections, config.splits)
+        self.pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         self.dataset = SafeCacheDataset(
             self.pool,
             preprocessing(config.normalisation, config.target_spacing, config.ct_window),

@@ -15,14 +15,22 @@ the stream on any device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from medssl.transforms.genesis import bezier_lut, bezier_remap, paint_mask
 from medssl.transforms.intensity import gaussian_blur
-from medssl.transforms.masking import fill_masked, patch_mask, ratio_mask, sample_boxes, shuffle_blocks
+from medssl.transforms.masking import (
+    cell_geometry,
+    fill_masked,
+    n_cells,
+    patch_mask,
+    ratio_mask,
+    sample_boxes,
+    shuffle_cells,
+)
 from medssl.transforms.pipelines import DEFAULTS, resolve_params
 from medssl.transforms.spatial import rotate_batch
 from medssl.transforms.views import crop_boxes, pad_extent
@@ -53,14 +61,25 @@ def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_s
         w = (pos - i0).to(x.dtype)
         view = [y.shape[0], 1, 1, 1, 1]
         view[a + 2] = r
-        out_shape = list(y.shape)
-        out_shape[a + 2] = r
-        g0 = y.gather(a + 2, i0.view(view).expand(out_shape))
+        g0 = _take(y, a + 2, i0)
         if bool((w > 0).any()):
-            g1 = y.gather(a + 2, (i0 + 1).clamp(max=s - 1).view(view).expand(out_shape))
-            g0 = torch.lerp(g0, g1, w.view(view))
+            g0 = torch.lerp(g0, _take(y, a + 2, (i0 + 1).clamp(max=s - 1)), w.view(view))
         y = g0
     return y
+
+
+def _take(y: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``y`` indexed along ``dim`` by per-sample indices ``idx`` ``(B, R)``: one ``index_select`` of
+    contiguous rows (faster than an element-wise ``gather`` with an expanded index)."""
+    shp = list(y.shape)
+    b, s, r = shp[0], shp[dim], idx.shape[1]
+    p = 1
+    for n in shp[:dim]:
+        p *= n
+    base = (torch.arange(p, device=y.device) * s).view(b, p // b, 1)  # (B, P/B, 1) first row of each slab
+    rows = (base + idx[:, None, :]).reshape(-1)
+    out = y.reshape(p * s, -1).index_select(0, rows)
+    return out.view(*shp[:dim], r, *shp[dim + 1:])
 
 
 class BatchedSSLAugment:
@@ -145,40 +164,65 @@ class BatchedSSLAugment:
         return torch.where(apply.to(old.device)[:, None, None, None, None], new, old)
 
     def _intensity(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """MONAI's intensity stages with per-sample parameters; stages that apply to only some samples
+        run on that subset (index, compute, write back), scale+shift are one fused pass."""
         p, b = self.p, y.shape[0]
+        dims = (1, 2, 3, 4)
 
         def draw(prob: float, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
             apply = self._u(b) < prob
-            val = (lo + (hi - lo) * self._u(b)).to(device=y.device, dtype=y.dtype)
-            return apply.to(y.device), val[:, None, None, None, None]
+            return apply, (lo + (hi - lo) * self._u(b)).to(device=y.device, dtype=y.dtype)
 
+        def on(apply: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            sel = apply.nonzero().flatten()
+            if not sel.numel():
+                return y
+            out = y.clone() if sel.numel() < b else y
+            idx = sel.to(y.device)
+            out[idx] = fn(y[idx], sel)
+            return out
+
+        scale, shift = None, None
         if p["scale_prob"] > 0:  # RandScaleIntensityd: v * (1 + f), f ~ U(-a, a)
             apply, f = draw(p["scale_prob"], -p["scale_factor"], p["scale_factor"])
-            y = self._where(apply, y * (1 + f), y)
+            scale = 1 + f * apply.to(f)
         if p["shift_prob"] > 0:  # RandShiftIntensityd: v + o, o ~ U(-a, a)
             apply, o = draw(p["shift_prob"], -p["shift_offset"], p["shift_offset"])
-            y = self._where(apply, y + o, y)
+            shift = o * apply.to(o)
+        if scale is not None or shift is not None:
+            scale = torch.ones(b, device=y.device, dtype=y.dtype) if scale is None else scale
+            shift = torch.zeros(b, device=y.device, dtype=y.dtype) if shift is None else shift
+            y = torch.addcmul(shift.view(b, 1, 1, 1, 1), y, scale.view(b, 1, 1, 1, 1))
         if p["gamma_prob"] > 0:  # RandAdjustContrastd: ((v - min) / range) ** g * range + min
             apply, g = draw(p["gamma_prob"], *p["gamma"])
-            mn = y.amin(dim=(1, 2, 3, 4), keepdim=True)
-            rng = y.amax(dim=(1, 2, 3, 4), keepdim=True) - mn
-            y = self._where(apply, ((y - mn) / (rng + 1e-7)) ** g * rng + mn, y)
+
+            def gamma(v: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+                mn = v.amin(dim=dims, keepdim=True)
+                rng = v.amax(dim=dims, keepdim=True) - mn
+                return ((v - mn) / (rng + 1e-7)) ** g[sel.to(g.device)].view(-1, 1, 1, 1, 1) * rng + mn
+
+            y = on(apply, gamma)
         if p["contrast_prob"] > 0:  # RandScaleIntensityFixedMeand: (v - mean) * (1 + f) + mean
             apply, f = draw(p["contrast_prob"], -p["contrast_factor"], p["contrast_factor"])
-            mean = y.mean(dim=(1, 2, 3, 4), keepdim=True)
-            y = self._where(apply, (y - mean) * (1 + f) + mean, y)
+
+            def contrast(v: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+                mean = v.mean(dim=dims, keepdim=True)
+                return (v - mean) * (1 + f[sel.to(f.device)].view(-1, 1, 1, 1, 1)) + mean
+
+            y = on(apply, contrast)
         if p["blur_prob"] > 0:  # RandGaussianSmoothd: sigma ~ U(lo, hi) per axis
             apply = self._u(b) < p["blur_prob"]
             lo, hi = p["blur_sigma"]
             sigma = lo + (hi - lo) * self._u(b, 3)
-            sel = apply.nonzero().flatten()
-            if sel.numel():
-                y = y.clone()
-                y[sel.to(y.device)] = gaussian_blur(y[sel.to(y.device)], sigma[sel])
+            y = on(apply, lambda v, sel: gaussian_blur(v, sigma[sel]))
         if p["noise_prob"] > 0:  # RandGaussianNoised: N(0, s), s ~ U(0, std)
-            apply, s = draw(p["noise_prob"], 0.0, p["noise_std"])
-            noise = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
-            y = y + noise * s * apply[:, None, None, None, None].to(y.dtype)
+            apply, sd = draw(p["noise_prob"], 0.0, p["noise_std"])
+
+            def noise(v: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+                n = torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)
+                return v + n * sd[sel.to(sd.device)].view(-1, 1, 1, 1, 1)
+
+            y = on(apply, noise)
         return y
 
     def _restoration(self, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -189,18 +233,19 @@ class BatchedSSLAugment:
         def field() -> torch.Tensor:
             return torch.rand(y.shape, generator=gen, device=dev, dtype=y.dtype)
 
-        if p["shuffle_prob"] > 0:
+        if p["shuffle_prob"] > 0:  # cell size/offset per call; each sample's marginal = the per-sample path's
             apply = (self._u(b) < p["shuffle_prob"]).to(dev)
-            k = int(p["shuffle_blocks"])
-            starts, sizes = sample_boxes(shape, p["shuffle_size"], self._u(b, k, 3), self._u(b, k, 3))
-            keys = torch.rand((b, shape[0] * shape[1] * shape[2]), generator=gen, device=dev, dtype=torch.float64)
-            shuffled, m = shuffle_blocks(y, starts.to(dev), sizes.to(dev), keys)
-            y = self._where(apply, shuffled, y)
-            mask |= m & apply[:, None, None, None]
+            cell, offset = cell_geometry(shape, p["shuffle_size"], self._u(3), self._u(3))
+            n, nv = n_cells(shape, cell, offset)
+            u_sel = torch.rand((b, n), generator=gen, device=dev, dtype=torch.float64)
+            u_sel = torch.where(apply[:, None], u_sel, 2.0)  # samples not shuffled select no cell
+            u_keys = torch.rand((b, n, nv), generator=gen, device=dev)
+            y, m = shuffle_cells(y, cell, offset, u_sel, u_keys, float(p["shuffle_ratio"]))
+            mask |= m
         if p["bezier_prob"] > 0:
             apply = self._u(b) < p["bezier_prob"]
-            xs, ys = bezier_lut(self._u(b, 4), self._u(b) < 0.5)
-            y = self._where(apply, bezier_remap(y, xs.to(dev), ys.to(dev)), y)
+            lut = bezier_lut(self._u(b, 4), self._u(b) < 0.5)
+            y = self._where(apply, bezier_remap(y, lut.to(dev)), y)
         if p["paint_prob"] > 0:
             apply = (self._u(b) < p["paint_prob"]).to(dev)
             outpaint = self._u(b) < p["outpaint_prob"]

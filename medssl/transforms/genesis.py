@@ -31,39 +31,50 @@ INPAINT_SIZE = (1 / 6, 1 / 3)
 OUTPAINT_SIZE = (3 / 7, 4 / 7)
 
 
-def bezier_lut(u: torch.Tensor, invert: torch.Tensor, n_points: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Monotone look-up tables of the Bézier curves.
+def bezier_lut(u: torch.Tensor, invert: torch.Tensor, n_points: int = 1024) -> torch.Tensor:
+    """Look-up tables of the Bézier curves on a uniform grid of ``n_points`` inputs in ``[0, 1]``.
 
     Args:
         u: ``(B, 4)`` uniforms: control points ``P1 = (u0, u1)``, ``P2 = (u2, u3)``.
         invert: ``(B,)`` bool, decreasing curve where true.
-        n_points: samples of the curve parameter ``t``.
+        n_points: table size (the curve is sampled at 4x as many ``t`` and interpolated onto the grid).
 
     Returns:
-        ``(xs, ys)``, each ``(B, n_points)``; ``xs`` ascending in ``[0, 1]``.
+        ``(B, n_points)``: the output intensity at inputs ``linspace(0, 1, n_points)``.
     """
-    t = torch.linspace(0, 1, n_points, dtype=torch.float64, device=u.device)[None]
+    t = torch.linspace(0, 1, 4 * n_points, dtype=torch.float64, device=u.device)[None]
     u = u.double()
 
     def curve(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
         return 3 * (1 - t) ** 2 * t * p1[:, None] + 3 * (1 - t) * t**2 * p2[:, None] + t**3
 
-    xs = curve(u[:, 0], u[:, 2]).sort(1).values
+    xs = curve(u[:, 0], u[:, 2]).sort(1).values.contiguous()
     ys = curve(u[:, 1], u[:, 3]).sort(1).values
     ys = torch.where(invert[:, None].to(u.device), ys.flip(1), ys)
-    return xs.float(), ys.float()
+    grid = torch.linspace(0, 1, n_points, dtype=torch.float64, device=u.device).expand(u.shape[0], -1).contiguous()
+    return _interp(grid, xs, ys).float()
 
 
-def bezier_remap(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of ``x`` ``(B, ...)`` through per-sample tables ``(B, n)``."""
-    b = x.shape[0]
-    v = x.reshape(b, -1).clamp(0, 1).contiguous()
-    xs, ys = xs.to(x).contiguous(), ys.to(x)
+def _interp(v: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``v`` ``(B, M)`` through sorted tables ``xs``/``ys`` ``(B, n)``."""
     i = torch.searchsorted(xs, v).clamp(1, xs.shape[1] - 1)
     x0, x1 = xs.gather(1, i - 1), xs.gather(1, i)
     y0, y1 = ys.gather(1, i - 1), ys.gather(1, i)
     w = ((v - x0) / (x1 - x0).clamp(min=1e-12)).clamp(0, 1)
-    return (y0 + w * (y1 - y0)).view_as(x)
+    return y0 + w * (y1 - y0)
+
+
+def bezier_remap(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Remap ``x`` ``(B, ...)`` (clipped to ``[0, 1]``) through per-sample uniform-grid tables ``(B, n)``.
+
+    Direct indexing + lerp (measured ~5x faster on CPU than ``searchsorted`` over the curve samples).
+    """
+    b, n = x.shape[0], lut.shape[1]
+    pos = x.reshape(b, -1).clamp(0, 1) * (n - 1)
+    i0 = pos.floor().long().clamp(max=n - 2)
+    lut = lut.to(x)
+    y0, y1 = lut.gather(1, i0), lut.gather(1, i0 + 1)
+    return torch.lerp(y0, y1, pos - i0).view_as(x)
 
 
 def paint_mask(shape: Sequence[int], outpaint: torch.Tensor, n_boxes: torch.Tensor, u_size: torch.Tensor,
@@ -91,10 +102,10 @@ class RandBezierRemapd(RandomizableTransform, MapTransform):
     Args:
         keys: images ``(C, D, H, W)`` in ``[0, 1]``.
         prob: probability of remapping (Genesis: 0.9).
-        n_points: curve samples of the look-up table.
+        n_points: size of the look-up table over ``[0, 1]``.
     """
 
-    def __init__(self, keys: KeysCollection, prob: float = 0.9, n_points: int = 256,
+    def __init__(self, keys: KeysCollection, prob: float = 0.9, n_points: int = 1024,
                  allow_missing_keys: bool = False) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=prob)
@@ -111,9 +122,9 @@ class RandBezierRemapd(RandomizableTransform, MapTransform):
         self.randomize()
         if not self._do_transform:
             return d
-        xs, ys = bezier_lut(self._u, self._invert, self.n_points)
+        lut = bezier_lut(self._u, self._invert, self.n_points)
         for key in self.key_iterator(d):
-            d[key] = convert_to_dst_type(bezier_remap(as_batch(d[key]), xs, ys)[0], d[key])[0]
+            d[key] = convert_to_dst_type(bezier_remap(as_batch(d[key]), lut)[0], d[key])[0]
         return d
 
 

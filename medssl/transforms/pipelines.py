@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     # restoration pretexts
     "targets": False, "mask": "none", "mask_ratio": 0.3, "mask_fill": "zero", "cuboid_size": (0.1, 0.3),
     "max_cuboids": 256, "patch_size": None,
-    "shuffle_prob": 0.0, "shuffle_blocks": 200, "shuffle_size": (0.03, 0.1),
+    "shuffle_prob": 0.0, "shuffle_ratio": 0.5, "shuffle_size": (0.03, 0.1),
     "bezier_prob": 0.0, "paint_prob": 0.0, "outpaint_prob": 0.8, "paint_boxes": 5,
 }
 
@@ -116,7 +116,7 @@ def resolve_params(method: str, roi_size: Sequence[int], **overrides: Any) -> di
     if p["mask"] not in ("none", "cuboid", "patch"):
         raise ValueError(f"mask must be none|cuboid|patch, got {p['mask']!r}")
     check_mask_args(p["mask_ratio"], p["cuboid_size"], p["mask_fill"])
-    check_mask_args(0.0, p["shuffle_size"], "zero")
+    check_mask_args(p["shuffle_ratio"], p["shuffle_size"], "zero")
     p["patch_size"] = _auto_patch(roi) if p["patch_size"] is None else tuple(int(x) for x in p["patch_size"])
     if p["mask"] == "patch" and any(r % q for r, q in zip(roi, p["patch_size"], strict=True)):
         raise ValueError(f"roi_size {roi} is not divisible by patch_size {p['patch_size']}")
@@ -143,7 +143,7 @@ def build_transforms(roi_size: Sequence[int], image_key: str = "image", **p: Any
             chain.append(CopyItemsd(v, names=f"{v}_target"))
         mask_key = f"{v}_mask"
         if p["shuffle_prob"] > 0:
-            chain.append(RandLocalShuffled(v, p["shuffle_blocks"], p["shuffle_size"], mask_key, p["shuffle_prob"]))
+            chain.append(RandLocalShuffled(v, p["shuffle_ratio"], p["shuffle_size"], mask_key, p["shuffle_prob"]))
         if p["bezier_prob"] > 0:
             chain.append(RandBezierRemapd(v, p["bezier_prob"]))
         if p["paint_prob"] > 0:

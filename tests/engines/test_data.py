@@ -20,11 +20,42 @@ def _dataset(datalist: Path) -> SafeCacheDataset:
 def test_pool_sections_and_held_out_cases(tiny_datalist: Path, tmp_path: Path) -> None:
     pool = load_pool(tiny_datalist)
     assert len(pool) == 6 and all(Path(p["image"]).is_absolute() for p in pool)
-    splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({"seeds": {"0": {"val": ["case1"], "test": ["case2"], "train": ["case3"]}}}))
-    kept = {p["case_id"] for p in load_pool(tiny_datalist, splits=splits)}
-    assert kept == {"case0", "case3", "case4", "case5"}
-    with pytest.raises(MedsslError, match="no images"):
+    splits = tmp_path / "splits.json"  # the layout `medssl split` writes
+    splits.write_text(
+        json.dumps(
+            {
+                "test": ["case2"],
+                "seeds": {"0": {"validation": ["case1"]}, "1": {"validation": ["case3"]}},
+                "unlabeled": {
+                    "0": ["case0", "case3", "case4", "case5"],
+                    "1": ["case0", "case1", "case4", "case5"],
+                },
+            }
+        )
+    )
+    assert {p["case_id"] for p in load_pool(tiny_datalist, splits=splits)} == {
+        "case0",
+        "case3",
+        "case4",
+        "case5",
+    }
+    assert {p["case_id"] for p in load_pool(tiny_datalist, splits=splits, split_seed=1)} == {
+        "case0",
+        "case1",
+        "case4",
+        "case5",
+    }
+    with pytest.raises(MedsslError, match="split seed 7"):
+        load_pool(tiny_datalist, splits=splits, split_seed=7)
+    other = tmp_path / "other.json"  # no per-seed pool: every val/test case id is excluded
+    other.write_text(json.dumps({"folds": {"0": {"val": ["case1"], "test": ["case2"], "train": ["case3"]}}}))
+    assert {p["case_id"] for p in load_pool(tiny_datalist, splits=other)} == {
+        "case0",
+        "case3",
+        "case4",
+        "case5",
+    }
+    with pytest.raises(MedsslError, match="no pretraining images"):
         load_pool(tiny_datalist, sections=["validation"])
 
 

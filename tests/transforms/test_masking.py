@@ -11,8 +11,10 @@ from medssl.transforms.masking import (
     RandLocalShuffled,
     RandPatchMaskd,
     boxes_mask,
+    cover_count,
+    ratio_mask,
     sample_boxes,
-    shuffle_blocks,
+    shuffle_cells,
 )
 
 
@@ -74,7 +76,7 @@ def test_patch_mask_exact_ratio_and_alignment() -> None:
 
 def test_local_shuffle_permutes_within_blocks_only() -> None:
     img = _img((2, 16, 16, 16))
-    t = RandLocalShuffled("v", n_blocks=40, block_size=(0.1, 0.3), mask_key="m", prob=1.0).set_random_state(0)
+    t = RandLocalShuffled("v", ratio=0.5, cell_size=(0.1, 0.3), mask_key="m", prob=1.0).set_random_state(0)
     out = t({"v": img})
     v, m = torch.as_tensor(out["v"]), out["m"].bool()[0]
     assert torch.equal(v[:, ~m], img[:, ~m])  # untouched outside the blocks
@@ -83,23 +85,52 @@ def test_local_shuffle_permutes_within_blocks_only() -> None:
         assert torch.equal(v[c].flatten().sort().values, img[c].flatten().sort().values)
     # the same permutation for every channel: the channel difference is permuted alike
     assert torch.equal((v[1] - v[0]).flatten().sort().values, (img[1] - img[0]).flatten().sort().values)
-    again = RandLocalShuffled("v", n_blocks=40, block_size=(0.1, 0.3), prob=1.0).set_random_state(0)({"v": img})
+    assert 0.1 < float(m.float().mean()) < 0.7  # ≈ ratio of the full (non-border) cells
+    again = RandLocalShuffled("v", ratio=0.5, cell_size=(0.1, 0.3), prob=1.0).set_random_state(0)({"v": img})
     assert torch.equal(torch.as_tensor(again["v"]), v)
 
 
-def test_shuffle_blocks_each_block_keeps_its_values() -> None:
+def test_shuffle_cells_permute_within_each_cell() -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 1, 12, 12, 12, generator=g)
-    starts, sizes = sample_boxes((12, 12, 12), (0.2, 0.4), torch.rand(3, 2, 3, generator=g, dtype=torch.float64),
-                                 torch.rand(3, 2, 3, generator=g, dtype=torch.float64))
-    out, m = shuffle_blocks(x, starts, sizes, torch.rand(3, 12**3, generator=g, dtype=torch.float64))
+    x = torch.rand(2, 1, 11, 12, 10, generator=g)
+    cell, offset = (3, 4, 2), (1, 0, 1)
+    n, nv = 4 * 3 * 6, 24  # ceil((11+1)/3), ceil(12/4), ceil((10+1)/2) cells of 3*4*2 voxels
+    out, m = shuffle_cells(x, cell, offset, torch.rand(2, n, generator=g, dtype=torch.float64),
+                           torch.rand(2, n, nv, generator=g), ratio=0.6)
+    assert torch.equal(out[:, 0][~m], x[:, 0][~m]) and not torch.equal(out, x)
+    for b in range(2):  # every full cell keeps its multiset of values; partial border cells never move
+        for i in range(3):
+            for j in range(3):
+                for k in range(6):
+                    lo = (i * 3 - 1, j * 4, k * 2 - 1)
+                    if min(lo) < 0 or lo[0] + 3 > 11 or lo[2] + 2 > 10:
+                        continue
+                    sl = (b, 0, slice(lo[0], lo[0] + 3), slice(lo[1], lo[1] + 4), slice(lo[2], lo[2] + 2))
+                    assert torch.equal(out[sl].flatten().sort().values, x[sl].flatten().sort().values)
+                    cell_mask = m[b, lo[0]:lo[0] + 3, lo[1]:lo[1] + 4, lo[2]:lo[2] + 2]
+                    assert bool(cell_mask.all()) or not bool(cell_mask.any())  # whole cells
+
+
+def test_cover_count_and_ratio_mask_match_a_loop() -> None:
+    g = torch.Generator().manual_seed(1)
+    shape = (12, 10, 14)
+    starts, sizes = sample_boxes(shape, (0.1, 0.5), torch.rand(3, 20, 3, generator=g, dtype=torch.float64),
+                                 torch.rand(3, 20, 3, generator=g, dtype=torch.float64))
+    ref = torch.zeros(3, *shape)
+    cover = []
+    for k in range(20):
+        for b in range(3):
+            (a, c, e), (x, y, z) = starts[b, k].tolist(), sizes[b, k].tolist()
+            ref[b, a:a + x, c:c + y, e:e + z] += 1
+        cover.append((ref > 0).flatten(1).float().mean(1))
+    active = torch.ones(3, 20, dtype=torch.bool)
+    assert torch.equal(cover_count(starts, sizes, active, shape), ref)
+    ratio = torch.tensor([0.2, 0.5, 0.0])
+    got = ratio_mask(starts, sizes, ratio, shape)
     for b in range(3):
-        last = boxes_mask(starts[b:b + 1, 1:], sizes[b:b + 1, 1:], torch.ones(1, 1, dtype=torch.bool), (12, 12, 12))[0]
-        first = boxes_mask(starts[b:b + 1, :1], sizes[b:b + 1, :1], torch.ones(1, 1, dtype=torch.bool),
-                           (12, 12, 12))[0] & ~last  # the later block owns shared voxels
-        for region in (first, last):
-            assert torch.equal(out[b, 0][region].sort().values, x[b, 0][region].sort().values)
-        assert torch.equal(m[b], first | last)
+        n = next((k + 1 for k in range(20) if cover[k][b] >= ratio[b]), 20) if ratio[b] > 0 else 0
+        prefix = cover_count(starts[b:b + 1, :n], sizes[b:b + 1, :n], active[b:b + 1, :n], shape) > 0
+        assert torch.equal(got[b], prefix[0])
 
 
 @pytest.mark.parametrize("kwargs", [{"mask_ratio": 1.5}, {"cuboid_size": (0.0, 0.2)}, {"fill": "blue"},

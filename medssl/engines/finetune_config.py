@@ -1,0 +1,269 @@
+"""Finetuning run configuration: a plain dataclass, loadable from YAML plus dotted ``key=value`` overrides.
+
+Same conventions as :class:`medssl.config.PretrainConfig` (``to_dict`` / ``from_dict`` / ``from_yaml`` /
+``validate``); the config is logged to MLflow as flattened params and embedded in every checkpoint.
+
+Example::
+
+    cfg = FinetuneConfig.from_yaml("finetune.yaml", overrides=["fraction=10", "init=ssl:runs/pre/encoder.pt"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medssl.config import apply_overrides
+from medssl.errors import MedsslError
+
+__all__ = ["FinetuneConfig", "TASKS", "NETWORKS"]
+
+log = logging.getLogger(__name__)
+
+TASKS = ("segmentation", "classification")
+NETWORKS = ("SwinUNETR", "UNETR", "SegResNet", "ResNet")
+_AMP = (None, "bf16", "fp16")
+_NORM = (None, "robust", "ct", "none")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `medssl finetune` needs; every field is a plain JSON/YAML value.
+
+    Args:
+        datalist: MONAI datalist JSON (``medssl ingest`` output); paths inside are relative to it.
+        splits: ``splits.json`` of ``medssl split`` (fixed test set, per-seed validation and fractions).
+        fraction: labelled training fraction in percent; must be a key of the splits (e.g. ``10``).
+        seed: split seed (which validation set / fraction subset) and seed of init, order and augmentation.
+        study: study name (MLflow tag ``medssl.study``; sweeps set it).
+        init: ``"scratch"`` or ``"ssl:<path | folder | runs:/… | models:/… URI>"`` of an SSL checkpoint.
+        task: ``"segmentation"`` or ``"classification"``.
+        network: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"`` (segmentation) or ``"ResNet"`` (classification).
+        network_kwargs: from scratch, the encoder family's build arguments (``feature_size``, ``init_filters``,
+            ``depth`` …) plus decoder/head arguments; with SSL init, only arguments not shaping the encoder.
+        out_channels: segmentation classes including background (hippocampus: 3).
+        num_classes: classifier classes (AdrenalMNIST3D: 2).
+        class_key: datalist item key holding the class (classification).
+        roi_size: training crop / sliding-window size ``(D, H, W)`` in voxels; classification volumes are
+            padded or cropped to it.
+        target_spacing: resample to this voxel size in mm ``(x, y, z)``; ``None`` keeps the native grid.
+            With SSL init and ``None``, the checkpoint's spacing is used.
+        normalisation: ``"robust"``, ``"ct"`` or ``"none"`` (as in pretraining); ``None`` = the SSL recipe's
+            (``"robust"`` from scratch). An explicit value contradicting the recipe is refused.
+        ct_window: HU window ``(min, max)`` for ``normalisation="ct"``; ``None`` = the recipe's / (-1000, 1000).
+        override_preprocessing: accept preprocessing that contradicts the SSL recipe (warned).
+        batch_size: volumes per step (segmentation: each contributes ``num_samples`` crops).
+        num_samples: crops per volume per step (``RandCropByPosNegLabeld``), segmentation.
+        lr: peak learning rate (AdamW); ``min_lr``: end of the cosine decay; ``warmup_steps``: linear warm-up.
+        weight_decay: AdamW weight decay.
+        max_epochs: passes over the training fraction; ``max_steps`` > 0 caps optimizer steps instead
+            (the run then ends at the epoch in which it is reached).
+        val_every: validate every N epochs (and always after the last epoch).
+        early_stopping_patience: stop after this many validations without improvement; 0 disables.
+        sw_batch_size: sliding-window batch size; ``sw_overlap``: window overlap in [0, 1).
+        freeze_encoder: linear probe (encoder parameters not trained).
+        llrd: layer-wise lr decay factor in (0, 1] (``None`` = off).
+        encoder_warmup_steps: encoder lr held at 0 for this many optimizer steps.
+        grad_clip: max global grad norm (``None``/0 disables).
+        max_nan_steps: this many non-finite losses in a row abort the run (each is skipped).
+        amp: ``"bf16"``, ``"fp16"`` or ``None`` (CUDA only).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        deterministic: ``torch.use_deterministic_algorithms(True)`` during the run.
+        num_workers: data loader workers (0 = in process).
+        cache_rate: share of preprocessed volumes kept in memory (``CacheDataset``).
+        out_dir: run folder (``checkpoints/last.pt``, ``checkpoints/best.pt``, ``config.yaml``, reports).
+        experiment: MLflow experiment; ``None`` disables tracking.
+        run_name: MLflow run name (default: the out dir name).
+        tracking_uri: MLflow URI (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns.db``).
+        parent_run_id: MLflow parent run (sweeps).
+        tags: extra MLflow tags.
+        min_transfer_match: least share of the network's encoder values the SSL checkpoint must fill.
+        allow_partial_transfer: continue below ``min_transfer_match`` (warned).
+    """
+
+    datalist: str = ""
+    splits: str = ""
+    fraction: float = 100.0
+    seed: int = 0
+    study: str | None = None
+    init: str = "scratch"
+    task: str = "segmentation"
+    network: str = "SegResNet"
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+    out_channels: int = 3
+    num_classes: int = 2
+    class_key: str = "class"
+    roi_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    target_spacing: list[float] | None = None
+    normalisation: str | None = None
+    ct_window: list[float] | None = None
+    override_preprocessing: bool = False
+    batch_size: int = 2
+    num_samples: int = 2
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 1e-5
+    max_epochs: int = 100
+    max_steps: int = 0
+    val_every: int = 1
+    early_stopping_patience: int = 0
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+    freeze_encoder: bool = False
+    llrd: float | None = None
+    encoder_warmup_steps: int = 0
+    grad_clip: float | None = None
+    max_nan_steps: int = 5
+    amp: str | None = None
+    device: str = "auto"
+    deterministic: bool = False
+    num_workers: int = 0
+    cache_rate: float = 1.0
+    out_dir: str = "runs/finetune"
+    experiment: str | None = "medssl-finetune"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    min_transfer_match: float = 1.0
+    allow_partial_transfer: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("roi_size", "target_spacing", "ct_window"):
+            v = getattr(self, name)
+            if isinstance(v, (int, float)) and name != "ct_window":
+                setattr(self, name, [v] * 3)
+            elif isinstance(v, tuple):
+                setattr(self, name, list(v))
+        self.fraction = float(self.fraction)
+        self.validate()
+
+    @property
+    def init_kind(self) -> str:
+        """``"ssl"`` or ``"scratch"`` (the MLflow tag ``medssl.init``)."""
+        return "ssl" if self.init.startswith("ssl:") else "scratch"
+
+    @property
+    def ssl_source(self) -> str | None:
+        """The checkpoint path / URI after ``ssl:``, or ``None`` from scratch."""
+        return self.init[len("ssl:") :] if self.init.startswith("ssl:") else None
+
+    def validate(self) -> None:
+        """Check value ranges; raises ``ValueError`` naming the field and value."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
+        if (self.task == "classification") != (self.network == "ResNet"):
+            raise ValueError(
+                f"network {self.network!r} does not do {self.task} (ResNet classifies, others segment)"
+            )
+        if self.init != "scratch" and not (self.init.startswith("ssl:") and len(self.init) > 4):
+            raise ValueError(
+                f"init must be 'scratch' or 'ssl:<checkpoint path or MLflow URI>', got {self.init!r}"
+            )
+        if self.amp not in _AMP:
+            raise ValueError(f"amp must be one of {_AMP}, got {self.amp!r}")
+        if self.normalisation not in _NORM:
+            raise ValueError(f"normalisation must be one of {_NORM}, got {self.normalisation!r}")
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise ValueError(f"roi_size must be 3 positive ints (D, H, W), got {self.roi_size!r}")
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
+        ):
+            raise ValueError(f"target_spacing must be 3 positive mm values, got {self.target_spacing!r}")
+        if self.ct_window is not None and (
+            len(self.ct_window) != 2 or self.ct_window[0] >= self.ct_window[1]
+        ):
+            raise ValueError(f"ct_window must be [min, max] HU with min < max, got {self.ct_window!r}")
+        if not 0.0 < self.fraction <= 100.0:
+            raise ValueError(f"fraction is percent in (0, 100], got {self.fraction!r}")
+        for name in (
+            "batch_size",
+            "num_samples",
+            "val_every",
+            "sw_batch_size",
+            "out_channels",
+            "num_classes",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in (
+            "max_epochs",
+            "max_steps",
+            "warmup_steps",
+            "early_stopping_patience",
+            "encoder_warmup_steps",
+            "num_workers",
+        ):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_epochs == 0 and self.max_steps == 0:
+            raise ValueError("set max_epochs or max_steps (both are 0)")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ValueError(f"sw_overlap must be in [0, 1), got {self.sw_overlap!r}")
+        if not 0.0 <= self.cache_rate <= 1.0:
+            raise ValueError(f"cache_rate must be in [0, 1], got {self.cache_rate!r}")
+        if self.llrd is not None and not 0.0 < self.llrd <= 1.0:
+            raise ValueError(f"llrd must be in (0, 1] or None, got {self.llrd!r}")
+        if not 0.0 < self.min_transfer_match <= 1.0:
+            raise ValueError(f"min_transfer_match must be in (0, 1], got {self.min_transfer_match!r}")
+        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, {self.weight_decay}"
+            )
+
+    # -- (de)serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
+    ) -> FinetuneConfig:
+        """Build from a dict, then apply dotted overrides (``["fraction=10", "network_kwargs.init_filters=8"]``).
+
+        Raises:
+            MedsslError: unknown keys (named, with the valid ones) or invalid values.
+        """
+        data = apply_overrides(dict(data), overrides or [])
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MedsslError(f"unknown FinetuneConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise MedsslError(f"invalid finetuning config: {e}") from e
+
+    @classmethod
+    def from_yaml(
+        cls, path: str | Path, overrides: list[str] | dict[str, Any] | None = None
+    ) -> FinetuneConfig:
+        """Load a YAML mapping of config fields, then apply dotted overrides."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise MedsslError(f"cannot read config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise MedsslError(f"config {path} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data, overrides)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """YAML text of :meth:`to_dict`; also written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any) -> FinetuneConfig:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)

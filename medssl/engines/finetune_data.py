@@ -1,0 +1,292 @@
+"""Finetuning data: the cases of one (fraction, seed) from ``splits.json``, MONAI transforms, datasets.
+
+Preprocessing is the pretraining chain (:func:`medssl.engines.data.preprocessing`) extended to the label:
+load → channel first → RAS → optional resampling (image bilinear, label nearest, mm) → the same intensity
+normalisation (``NormalizeIntensityRobustd`` / HU window) → float32. Training adds random crops
+(``RandCropByPosNegLabeld``, segmentation) or pad/crop to ``roi_size`` (classification) and flips.
+
+Exact resume: :func:`seed_epoch` re-seeds the random transforms from ``(seed, epoch)`` and
+:func:`epoch_loader` draws the order from the same pair, so an epoch's batches depend on nothing else
+(with ``num_workers=0``; worker processes seed themselves from torch's RNG).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from medssl.data.splits import fraction_key, load_splits
+from medssl.errors import MedsslError
+
+__all__ = [
+    "finetune_items",
+    "class_weights",
+    "eval_transforms",
+    "train_transforms",
+    "make_dataset",
+    "seed_epoch",
+    "epoch_loader",
+    "items_hash",
+]
+
+log = logging.getLogger(__name__)
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as medssl.engines.data (pretraining)
+_ROLES = ("training", "validation", "test")
+
+
+def _resolve(path: str, root: Path) -> str:
+    return str(Path(path) if Path(path).is_absolute() else (root / path).resolve())
+
+
+def finetune_items(
+    datalist: str | Path,
+    splits: str | Path,
+    *,
+    fraction: float,
+    seed: int,
+    task: str = "segmentation",
+    class_key: str = "class",
+    num_classes: int | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """The labelled cases of one run: ``training`` = the seed's fraction, ``validation`` = the seed's
+    validation set, ``test`` = the fixed test set.
+
+    Args:
+        datalist: MONAI datalist JSON; relative paths are resolved against its folder.
+        splits: ``splits.json`` (:mod:`medssl.data.splits`).
+        fraction: percent, a key of ``splits["seeds"][seed]["fractions"]`` (e.g. ``10``).
+        seed: split seed.
+        task: ``"segmentation"`` (items need ``label`` paths) or ``"classification"`` (items need
+            ``class_key``).
+        class_key: datalist key holding the class index (classification).
+        num_classes: expected classes ``0..K-1`` (classification); default: the classes seen in the data.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}``; segmentation items
+        ``{"image": abs path, "label": abs path, "case_id"}``, classification items
+        ``{"image": abs path, "label": int class, "case_id"}``.
+
+    Raises:
+        MedsslError: unknown seed / fraction (the available ones named), case ids of the splits missing from
+            the datalist, items without label, a class index outside ``0..K-1``, or a fraction that leaves a
+            class without training cases (fraction and class named).
+    """
+    datalist = Path(datalist)
+    try:
+        data = json.loads(datalist.read_text())
+    except (OSError, ValueError) as e:
+        raise MedsslError(f"cannot read datalist {datalist}: {e}") from e
+    sp = load_splits(splits)
+    s = sp["seeds"].get(str(seed))
+    if s is None:
+        raise MedsslError(f"seed {seed} is not in {splits} (seeds: {sorted(sp['seeds'])})")
+    fkey = fraction_key(fraction)
+    if fkey not in s["fractions"]:
+        raise MedsslError(
+            f"fraction {fkey} % is not in {splits} for seed {seed} (fractions: {sorted(s['fractions'], key=float)})"
+        )
+    by_id: dict[str, dict[str, Any]] = {}
+    for entries in data.values():
+        if isinstance(entries, list):
+            for it in entries:
+                if isinstance(it, dict) and "case_id" in it:
+                    by_id.setdefault(it["case_id"], it)
+    ids = {"training": s["fractions"][fkey], "validation": s["validation"], "test": sp["test"]}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for role in _ROLES:
+        missing = [c for c in ids[role] if c not in by_id]
+        if missing:
+            raise MedsslError(
+                f"{len(missing)} {role} case(s) of {splits} are not in {datalist} (e.g. {missing[:3]}); "
+                "were the splits made from another datalist?"
+            )
+        out[role] = [_item(by_id[c], datalist.parent, task, class_key, role) for c in ids[role]]
+    if not out["training"]:
+        raise MedsslError(f"fraction {fkey} % of seed {seed} holds no training case")
+    if task == "classification":
+        _check_classes(out, fkey, num_classes)
+    log.info("fraction %s %%, seed %d: %s cases", fkey, seed, {r: len(v) for r, v in out.items()})
+    return out
+
+
+def _item(it: dict[str, Any], root: Path, task: str, class_key: str, role: str) -> dict[str, Any]:
+    case = it["case_id"]
+    if task == "segmentation":
+        if not it.get("label"):
+            raise MedsslError(f"{role} case {case} has no 'label' (segmentation needs label maps)")
+        return {"image": _resolve(it["image"], root), "label": _resolve(it["label"], root), "case_id": case}
+    if it.get(class_key) is None:
+        raise MedsslError(f"{role} case {case} has no '{class_key}' (classification needs a class per item)")
+    return {"image": _resolve(it["image"], root), "label": int(it[class_key]), "case_id": case}
+
+
+def _check_classes(out: dict[str, list[dict[str, Any]]], fkey: str, num_classes: int | None) -> None:
+    seen = {it["label"] for items in out.values() for it in items}
+    k = num_classes if num_classes is not None else max(seen) + 1
+    bad = sorted(c for c in seen if not 0 <= c < k)
+    if bad:
+        raise MedsslError(f"class index(es) {bad} outside 0..{k - 1} (num_classes={k})")
+    train = Counter(it["label"] for it in out["training"])
+    empty = [c for c in range(k) if train[c] == 0]
+    if empty:
+        raise MedsslError(
+            f"fraction {fkey} % leaves class(es) {empty} without training cases "
+            f"(training class counts: {dict(sorted(train.items()))}); use a larger fraction or stratified splits"
+        )
+
+
+def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights ``N / (K * n_c)`` of the training items (mean weight per case 1).
+
+    Example: 9 cases of class 0 and 3 of class 1 → ``[0.667, 2.0]``.
+    """
+    counts = Counter(int(it["label"]) for it in items)
+    n = sum(counts.values())
+    return torch.tensor([n / (num_classes * max(counts[c], 1)) for c in range(num_classes)], dtype=torch.float32)
+
+
+def _normaliser(normalisation: str, ct_window: Sequence[float]) -> Any | None:
+    """The pretraining intensity normalisation of the ``image`` key (see ``engines.data.preprocessing``)."""
+    if normalisation == "robust":
+        try:  # imported lazily: the same class (and defaults) pretraining uses
+            from medssl.transforms.intensity import NormalizeIntensityRobustd
+
+            return NormalizeIntensityRobustd(["image"])
+        except ImportError as e:  # pragma: no cover - same fallback as pretraining
+            from monai.transforms import ScaleIntensityRangePercentilesd
+
+            log.debug("NormalizeIntensityRobustd unavailable (%s); using ScaleIntensityRangePercentilesd", e)
+            return ScaleIntensityRangePercentilesd(["image"], lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+    if normalisation == "ct":
+        lo, hi = float(ct_window[0]), float(ct_window[1])
+        return ScaleIntensityRanged(["image"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if normalisation != "none":
+        raise ValueError(f"normalisation must be robust|ct|none, got {normalisation!r}")
+    return None
+
+
+def eval_transforms(
+    task: str,
+    *,
+    normalisation: str = "robust",
+    target_spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] = (-1000.0, 1000.0),
+    roi_size: Sequence[int] = (32, 32, 32),
+) -> Compose:
+    """Deterministic chain for validation / test (and the cached head of the training chain).
+
+    Segmentation maps ``{"image", "label"}`` paths to ``MetaTensor (1, X, Y, Z)`` each (image float32 in the
+    normalised range, label float32 class indices; meta kept for the voxel spacing of HD95). Classification
+    maps ``{"image"}`` to ``(1, *roi_size)`` (padded / centre-cropped), the int ``label`` is left as is.
+
+    Args:
+        task: ``"segmentation"`` or ``"classification"``.
+        normalisation: ``"robust"``, ``"ct"`` or ``"none"`` (pretraining's).
+        target_spacing: voxel size in mm ``(x, y, z)``; ``None`` keeps the native grid.
+        ct_window: HU window for ``"ct"``.
+        roi_size: classification input size ``(D, H, W)`` in voxels.
+    """
+    keys = ["image", "label"] if task == "segmentation" else ["image"]
+    chain: list = [
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS),
+    ]
+    if target_spacing is not None:
+        mode = ("bilinear", "nearest") if task == "segmentation" else "bilinear"
+        chain.append(Spacingd(keys, pixdim=tuple(float(s) for s in target_spacing), mode=mode))
+    norm = _normaliser(normalisation, ct_window)
+    if norm is not None:
+        chain.append(norm)
+    chain.append(EnsureTyped(keys, dtype=torch.float32))
+    if task == "classification":
+        chain.append(ResizeWithPadOrCropd(["image"], spatial_size=tuple(int(r) for r in roi_size)))
+    return Compose(chain)
+
+
+def train_transforms(
+    task: str,
+    *,
+    roi_size: Sequence[int],
+    num_samples: int = 2,
+    normalisation: str = "robust",
+    target_spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] = (-1000.0, 1000.0),
+) -> Compose:
+    """:func:`eval_transforms` + random training transforms (arguments as there).
+
+    Segmentation: pad to ``roi_size`` (``SpatialPadd``), ``num_samples`` crops of ``roi_size`` centred on
+    foreground / background voxels 1:1 (``RandCropByPosNegLabeld``), random flips of each axis (p = 0.5).
+    Classification: random flips of each axis (p = 0.5) of the padded / cropped volume.
+    """
+    roi = tuple(int(r) for r in roi_size)
+    det = eval_transforms(
+        task, normalisation=normalisation, target_spacing=target_spacing, ct_window=ct_window, roi_size=roi
+    )
+    keys = ["image", "label"] if task == "segmentation" else ["image"]
+    rand: list = []
+    if task == "segmentation":
+        rand += [
+            SpatialPadd(keys, spatial_size=roi),
+            RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
+            ),
+        ]
+    rand += [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)]
+    return Compose([*det.transforms, *rand])
+
+
+def make_dataset(items: Sequence[dict[str, Any]], transform: Compose, cache_rate: float = 1.0,
+                 num_workers: int = 0) -> CacheDataset:
+    """``CacheDataset`` holding the deterministic part of ``transform`` for ``cache_rate`` of the items."""
+    return CacheDataset(list(items), transform, cache_rate=cache_rate, num_workers=max(1, num_workers),
+                        progress=False, copy_cache=True)
+
+
+def _derive(seed: int, epoch: int, stream: int) -> int:
+    return int(np.random.default_rng([int(seed), int(epoch), stream]).integers(0, 2**31 - 1))
+
+
+def seed_epoch(dataset: CacheDataset, seed: int, epoch: int) -> None:
+    """Seed every random transform of ``dataset`` from ``(seed, epoch)`` (before each training epoch)."""
+    dataset.transform.set_random_state(seed=_derive(seed, epoch, 1))
+
+
+def epoch_loader(dataset: CacheDataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0) -> DataLoader:
+    """Shuffled MONAI ``DataLoader`` whose order is a function of ``(seed, epoch)``; crops of one volume are
+    flattened into the batch (``list_data_collate``): ``(batch_size * num_samples, C, D, H, W)``."""
+    gen = torch.Generator().manual_seed(_derive(seed, epoch, 2))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
+
+
+def items_hash(items: Sequence[dict[str, Any]]) -> str:
+    """Short sha256 over case ids and image file sizes (identifies the data without reading it)."""
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda x: x["case_id"]):
+        size = os.path.getsize(it["image"]) if os.path.exists(it["image"]) else -1
+        h.update(f"{it['case_id']}:{size};".encode())
+    return h.hexdigest()[:16]
