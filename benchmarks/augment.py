@@ -7,8 +7,8 @@
     yields 2 pairs (``image``, ``image_2``). Adapted only where the crop size / data force it: roi 96³ → 32³
     (hole sizes ×1/3), 2 mm → 1 mm spacing (hippocampus is 1 mm; at 2 mm every volume is smaller than
     the crop), CT window → 0..1000. It includes file loading and resampling, as the tutorial does.
-(b) medssl per-sample path: ``ssl_transforms(method, roi)`` on cached normalised volumes (plain tensors, as
-    the pretraining cache stores them), one pair per call.
+(b) medssl per-sample path: ``ssl_transforms(method, roi, track_meta=False)`` on cached normalised volumes
+    (plain tensors, as the pretraining cache stores them), one pair per call.
 (c) medssl batched path: ``BatchedSSLAugment.for_method(method, roi)`` on a list of B cached volumes of
     different sizes (padding on the device included), B pairs per call.
 
@@ -104,7 +104,8 @@ def _rate(step: Callable[[], int], seconds: float, sync: Callable[[], None]) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "msd_task04_hippocampus")
+    default_data = REPO.parent / "shared" / "datasets" / "msd_task04_hippocampus"
+    ap.add_argument("--data", type=Path, default=default_data)
     ap.add_argument("--n-volumes", type=int, default=40)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=3)
@@ -136,7 +137,7 @@ def main() -> None:
 
     paths["(a) MONAI tutorial chain (incl. file loading)"] = run_a
     for m in args.methods.split(","):
-        t = ssl_transforms(m, ROI, seed=0)
+        t = ssl_transforms(m, ROI, seed=0, track_meta=False)
 
         def run_b(t: Compose = t) -> int:
             it["i"] += 1
@@ -156,6 +157,16 @@ def main() -> None:
 
         paths[f"(c) medssl batched `{m}` B={args.batch} on {dev.type}"] = run_c
 
+    plain = BatchedSSLAugment(ROI, seed=0, n_views=2, min_overlap=0.2, max_overlap=0.9, flip_prob=0.5,
+                              scale_prob=0.5, shift_prob=0.5, noise_prob=0.3)
+
+    def run_plain() -> int:
+        it["i"] += 1
+        start = (it["i"] * args.batch) % len(cached_dev)
+        plain([cached_dev[(start + j) % len(cached_dev)] for j in range(args.batch)])
+        return args.batch
+
+    paths[f"(c') medssl batched crop+flip+scale/shift+noise only, B={args.batch} on {dev.type}"] = run_plain
     rates: dict[str, list[float]] = {k: [] for k in paths}
     t_all = time.perf_counter()
     for _ in range(args.rounds):
@@ -165,10 +176,11 @@ def main() -> None:
     cmd = "python benchmarks/augment.py " + " ".join(sys.argv[1:])
     print(f"command: `{cmd.strip()}`")
     print(f"machine: nproc={os.cpu_count()}, {_cpu()}, torch {torch.__version__} "
-          f"(threads {torch.get_num_threads()}), monai {monai.__version__}, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"(threads {torch.get_num_threads()}), monai {monai.__version__}, "
+          f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
     print(f"roi {ROI}, {len(files)} hippocampus volumes, cache build {cache_s:.1f} s (not timed below), "
-          f"{args.rounds} rounds × {args.seconds} s per path round-robin, median reported; wall {wall:.0f} s\n")
+          f"{args.rounds} rounds × {args.seconds} s per path round-robin, median reported; "
+          f"wall {wall:.0f} s\n")
     print("| path | pairs/s (median) | min–max | × (a) |\n| --- | --- | --- | --- |")
     base = statistics.median(next(iter(rates.values())))
     for name, r in rates.items():

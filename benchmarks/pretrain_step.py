@@ -146,7 +146,7 @@ class NaiveLoop:
 
 
 class MedsslLoop:
-    """:class:`~medssl.engines.pretrain.Pretrainer` (what ``medssl pretrain`` runs), no tracking/checkpoints."""
+    """:class:`~medssl.engines.pretrain.Pretrainer` (what ``medssl pretrain`` runs), no tracking."""
 
     def __init__(self, args: argparse.Namespace, datalist: Path, out: Path) -> None:
         from medssl.config import PretrainConfig
@@ -238,7 +238,8 @@ def main() -> None:
     )
     print(
         f"config: {args.method} + {args.encoder} {args.encoder_kwargs}, B={args.batch}, views {args.roi}^3, "
-        f"{len(files)} volumes from {args.data}, {args.rounds} interleaved rounds x {args.steps} steps (data only: x {5 * args.steps})"
+        f"{len(files)} volumes from {args.data}, {args.rounds} interleaved rounds x {args.steps} steps "
+        f"(data only: x {5 * args.steps})"
     )
     print("| loop | steps/s (median) | per round | vs best naive |\n|---|---|---|---|")
     for k, v in med.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import shutil
 import tempfile
@@ -11,11 +12,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from medssl.data.splits import split_datalist
+from medssl.engines.sweep import run_sweep
 from medssl.errors import MedsslError
-from medssl.sweep import find_study_runs, load_pipeline, run_sweep
-from medssl.tracking.compare import DIFF
+from medssl.sweep import load_pipeline
+from medssl.tracking.compare import DIFF, find_study_runs
 from medssl.tracking.mlflow_tracker import MlflowTracker, make_client
 
 
@@ -63,7 +66,9 @@ class FakeFinetune:
     Resume: ``out_dir/state.json`` holds the run id and the last epoch, like a checkpoint would.
     """
 
-    def __init__(self, fail: set[str] | None = None, interrupt: set[str] | None = None, **tracker_kw: Any) -> None:
+    def __init__(
+        self, fail: set[str] | None = None, interrupt: set[str] | None = None, **tracker_kw: Any
+    ) -> None:
         self.fail, self.interrupt = set(fail or ()), set(interrupt or ())
         self.calls: list[tuple[str, str | None]] = []
         self.configs: list[Any] = []
@@ -80,14 +85,23 @@ class FakeFinetune:
         out.mkdir(parents=True, exist_ok=True)
         state_file = out / "state.json"
         state = json.loads(state_file.read_text()) if resume == "auto" and state_file.exists() else {}
-        tr = MlflowTracker(cfg.experiment, run_name=cfg.run_name, tracking_uri=cfg.tracking_uri, tags=cfg.tags,
-                           parent_run_id=cfg.parent_run_id, run_id=state.get("run_id"),
-                           spool_path=out / "mlflow_spool.jsonl", **self.tracker_kw)
+        tr = MlflowTracker(
+            cfg.experiment,
+            run_name=cfg.run_name,
+            tracking_uri=cfg.tracking_uri,
+            tags=cfg.tags,
+            parent_run_id=cfg.parent_run_id,
+            run_id=state.get("run_id"),
+            spool_path=out / "mlflow_spool.jsonl",
+            **self.tracker_kw,
+        )
         if not state:
             tr.log_params({"fraction": cfg.fraction, "seed": cfg.seed, "init": cfg.init})
         value = fake_value(cfg.fraction, cfg.init_kind, cfg.seed)
         for epoch in range(state.get("epoch", 0), 3):
-            tr.log_metrics({"val_dice_mean": value - 0.01 * (2 - epoch), "train_loss": 1.0 / (epoch + 1)}, epoch)
+            tr.log_metrics(
+                {"val_dice_mean": value - 0.01 * (2 - epoch), "train_loss": 1.0 / (epoch + 1)}, epoch
+            )
             state_file.write_text(json.dumps({"run_id": tr.run_id, "epoch": epoch + 1}))
             if self.on_epoch:
                 self.on_epoch(key, epoch)
@@ -112,9 +126,14 @@ class FakePretrain:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "encoder.pt").write_bytes(b"weights")
-        tr = MlflowTracker(cfg.experiment, run_name=cfg.run_name, tracking_uri=cfg.tracking_uri,
-                           tags={**cfg.tags, "medssl.kind": "pretrain"}, parent_run_id=cfg.parent_run_id,
-                           spool_path=out / "spool.jsonl")
+        tr = MlflowTracker(
+            cfg.experiment,
+            run_name=cfg.run_name,
+            tracking_uri=cfg.tracking_uri,
+            tags={**cfg.tags, "medssl.kind": "pretrain"},
+            parent_run_id=cfg.parent_run_id,
+            spool_path=out / "spool.jsonl",
+        )
         tr.log_metrics({"loss": 1.0}, 1)
         tr.close()
         return SimpleNamespace(encoder_path=out / "encoder.pt", run_id=tr.run_id)
@@ -157,12 +176,14 @@ def test_sweep_parent_children_tags_failure_and_rerun(tmp_path: Path) -> None:
     assert len(parent.data.tags["medssl.data_hash"]) == 16
     runs = children(uri, res.parent_run_id)
     by_key = {r.data.tags["medssl.sweep_key"]: r for r in runs}
-    assert set(by_key) == {f"f{f}-{i}-s{s}" for f in (10, 100) for i in ("scratch", "ssl") for s in (0, 1)} | {
-        "pretrain"}
+    assert set(by_key) == {
+        f"f{f}-{i}-s{s}" for f in (10, 100) for i in ("scratch", "ssl") for s in (0, 1)
+    } | {"pretrain"}
     run = by_key["f100-ssl-s0"]
     assert run.info.status == "FINISHED"
-    assert {k: run.data.tags[k] for k in ("medssl.study", "medssl.fraction", "medssl.init", "medssl.seed")} == {
-        "medssl.study": "toy", "medssl.fraction": "100", "medssl.init": "ssl", "medssl.seed": "0"}
+    assert {
+        k: run.data.tags[k] for k in ("medssl.study", "medssl.fraction", "medssl.init", "medssl.seed")
+    } == {"medssl.study": "toy", "medssl.fraction": "100", "medssl.init": "ssl", "medssl.seed": "0"}
     assert run.data.tags["medssl.data_hash"] == parent.data.tags["medssl.data_hash"]
     assert run.data.metrics["test_dice_mean"] == pytest.approx(fake_value(100, "ssl", 0))
     failed = by_key["f10-ssl-s1"]
@@ -172,9 +193,14 @@ def test_sweep_parent_children_tags_failure_and_rerun(tmp_path: Path) -> None:
     cfgs = {c.tags["medssl.sweep_key"]: c for c in ft.configs}
     assert Path(cfgs["f10-scratch-s0"].out_dir) == res.sweep_dir / "f10-scratch-s0"
     assert res.sweep_dir == tmp_path / "runs" / "toy" / "sweep"
+    assert parent.data.tags["medssl.sweep_dir"] == str(res.sweep_dir.resolve())
     assert cfgs["f10-ssl-s0"].init == f"ssl:{(res.sweep_dir / 'pretrain' / 'encoder.pt').resolve()}"
     assert cfgs["f10-scratch-s0"].init == "scratch" and cfgs["f10-scratch-s0"].study == "toy"
     assert json.loads((res.sweep_dir / "sweep.json").read_text())["parent_run_id"] == res.parent_run_id
+    text = io.StringIO()
+    Console(file=text, width=200).print(res.table("test_dice_mean"))
+    assert "f10-ssl-s1" in text.getvalue() and "FAILED" in text.getvalue() and "boom" in text.getvalue()
+    assert f"test_dice_mean={fake_value(100, 'ssl', 0):.4f}" in text.getvalue()
 
     # re-run: same parent, finished children and pretraining skipped, the failed child retried
     ft2 = FakeFinetune()
@@ -194,7 +220,9 @@ def test_interrupted_child_resumes_and_new_parent(tmp_path: Path) -> None:
     client = make_client(uri)
     (parent,) = find_study_runs(client, "interrupt")
     assert parent.info.status == "KILLED"
-    first_run = json.loads((tmp_path / "runs/interrupt/sweep/f100-scratch-s1/state.json").read_text())["run_id"]
+    first_run = json.loads((tmp_path / "runs/interrupt/sweep/f100-scratch-s1/state.json").read_text())[
+        "run_id"
+    ]
     res = run_sweep(spec, finetune_fn=ft)
     assert res.parent_run_id == parent.info.run_id and not res.failed
     assert [k for k, _ in ft.calls] == ["f100-scratch-s0", "f100-scratch-s1", "f100-scratch-s1"]
@@ -227,7 +255,9 @@ def test_reused_checkpoint_and_pretraining_failure(tmp_path: Path) -> None:
     enc = tmp_path / "enc.pt"
     enc.write_bytes(b"w")
     ft = FakeFinetune()
-    spec = pipeline(tmp_path, uri, study="reuse", pretrain={"checkpoint": str(enc)}, fractions=[100], seeds=[0])
+    spec = pipeline(
+        tmp_path, uri, study="reuse", pretrain={"checkpoint": str(enc)}, fractions=[100], seeds=[0]
+    )
     res = run_sweep(spec, finetune_fn=ft, pretrain_fn=lambda *a, **k: pytest.fail("must not pretrain"))
     assert res.encoder_path == enc.resolve() and ft.configs[-1].init == f"ssl:{enc.resolve()}"
 
@@ -255,7 +285,22 @@ def test_bad_pipelines(tmp_path: Path) -> None:
     with pytest.raises(MedsslError, match="NOT_SET_ANYWHERE"):
         load_pipeline({**base, "data": {"sources": ["${NOT_SET_ANYWHERE}/x"]}})
     with pytest.raises(MedsslError, match="invalid finetuning config"):
-        run_sweep({**base, "finetune": {"task": "segmentation", "network": "ResNet"}}, finetune_fn=FakeFinetune())
+        run_sweep(
+            {**base, "finetune": {"task": "segmentation", "network": "ResNet"}}, finetune_fn=FakeFinetune()
+        )
+
+
+def test_unreachable_tracking_server_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(MedsslError, match=f"MLflow at http://127.0.0.1:{port}"):
+        run_sweep(pipeline(tmp_path, f"http://127.0.0.1:{port}"), finetune_fn=FakeFinetune())
 
 
 def test_fraction_leaving_a_class_empty_is_refused(tmp_path: Path) -> None:
@@ -264,7 +309,9 @@ def test_fraction_leaving_a_class_empty_is_refused(tmp_path: Path) -> None:
     splits["counts"]["seeds"]["0"]["classes"]["10"].pop("1")  # as a split without per-class minimum would
     sp.write_text(json.dumps(splits))
     spec = pipeline(tmp_path, "sqlite:///unused.db", data={"datalist": str(dl), "splits": str(sp)}, seeds=[0])
-    with pytest.raises(MedsslError, match=r"fraction 10 % \(seed 0\) leaves class\(es\) \['1'\] without cases"):
+    with pytest.raises(
+        MedsslError, match=r"fraction 10 % \(seed 0\) leaves class\(es\) \['1'\] without cases"
+    ):
         run_sweep(spec, finetune_fn=FakeFinetune())
 
 
@@ -291,25 +338,55 @@ def load_pipeline_env(path: Path) -> Any:
 SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
 
 
+@pytest.mark.timeout(300)
 def test_real_engines_tiny_hippocampus_sweep(hippocampus_dir: Path, tmp_path: Path) -> None:
-    """Real pretraining (2 SimCLR steps) + real finetuning (1 epoch) of a 2×2 sweep on 6 hippocampus cases."""
+    """Real pretraining (2 SimCLR steps) + real finetuning (1 epoch), scratch and SSL, on 6 hippocampus cases."""
     from medssl.tracking.compare import compare_study
 
     images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:6]
-    items = [{"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
-             for p in images]
+    items = [
+        {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
+        for p in images
+    ]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": items}))
     uri = fresh_sqlite_uri(tmp_path)
     spec = {
-        "study": "hippo-tiny", "experiment": "sweep-real", "tracking_uri": uri, "out_dir": str(tmp_path / "runs"),
-        "data": {"datalist": str(tmp_path / "data" / "datalist.json"), "test_fraction": 0.2, "val_fraction": 0.2},
-        "pretrain": {"method": "simclr", "encoder": "segresnet", "encoder_kwargs": SEG_NET, "roi_size": [16] * 3,
-                     "method_kwargs": {"hidden_dim": 8, "out_dim": 4}, "total_steps": 2, "batch_size": 2,
-                     "target_spacing": [1.0, 1.0, 1.0], "device": "cpu", "preview": False},
-        "finetune": {"network": "SegResNet", "network_kwargs": SEG_NET, "roi_size": [16] * 3, "max_epochs": 1,
-                     "batch_size": 2, "sw_overlap": 0.0, "sw_batch_size": 8, "device": "cpu"},
-        "fractions": [50, 100], "inits": ["scratch", "ssl"], "seeds": [0], "metric": "test_dice_mean",
+        "study": "hippo-tiny",
+        "experiment": "sweep-real",
+        "tracking_uri": uri,
+        "out_dir": str(tmp_path / "runs"),
+        "data": {
+            "datalist": str(tmp_path / "data" / "datalist.json"),
+            "test_fraction": 0.2,
+            "val_fraction": 0.2,
+        },
+        "pretrain": {
+            "method": "simclr",
+            "encoder": "segresnet",
+            "encoder_kwargs": SEG_NET,
+            "roi_size": [16] * 3,
+            "method_kwargs": {"hidden_dim": 8, "out_dim": 4},
+            "total_steps": 2,
+            "batch_size": 2,
+            "target_spacing": [1.0, 1.0, 1.0],
+            "device": "cpu",
+            "preview": False,
+        },
+        "finetune": {
+            "network": "SegResNet",
+            "network_kwargs": SEG_NET,
+            "roi_size": [16] * 3,
+            "max_epochs": 1,
+            "batch_size": 2,
+            "sw_overlap": 0.0,
+            "sw_batch_size": 8,
+            "device": "cpu",
+        },
+        "fractions": [100],
+        "inits": ["scratch", "ssl"],
+        "seeds": [0],
+        "metric": "test_dice_mean",
     }
     res = run_sweep(spec)
     assert not res.failed, [c.error for c in res.failed]
@@ -317,13 +394,19 @@ def test_real_engines_tiny_hippocampus_sweep(hippocampus_dir: Path, tmp_path: Pa
     client = make_client(uri)
     runs = children(uri, res.parent_run_id)
     kinds = sorted(r.data.tags["medssl.kind"] for r in runs)
-    assert kinds == ["finetune"] * 4 + ["pretrain"] and all(r.info.status == "FINISHED" for r in runs)
+    assert kinds == ["finetune"] * 2 + ["pretrain"] and all(r.info.status == "FINISHED" for r in runs)
     ssl_run = next(r for r in runs if r.data.tags.get("medssl.sweep_key") == "f100-ssl-s0")
     assert ssl_run.data.tags["medssl.fraction"] == "100" and ssl_run.data.params["transfer.share"] == "1.0"
     out = compare_study("hippo-tiny", tracking_uri=uri)
-    assert {(r["fraction"], r["init"]) for r in out.rows} >= {(50.0, "ssl"), (100.0, "scratch"), (100.0, DIFF)}
+    assert {(r["fraction"], r["init"]) for r in out.rows} == {
+        (100.0, "scratch"),
+        (100.0, "ssl"),
+        (100.0, DIFF),
+    }
     assert all(0.0 <= r["value"] <= 1.0 for r in out.records)
     assert {a.path for a in client.list_artifacts(res.parent_run_id, "compare")} == {
-        f"compare/{out.csv_path.name}", f"compare/{out.png_path.name}"}
+        f"compare/{out.csv_path.name}",
+        f"compare/{out.png_path.name}",
+    }
     again = run_sweep(spec)  # everything finished: nothing runs again
     assert {c.status for c in again.children} == {"SKIPPED"} and again.parent_run_id == res.parent_run_id

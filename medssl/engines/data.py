@@ -9,8 +9,10 @@ which pads them, draws the views and stacks ``(B, C, D, H, W)``. The order is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from monai.transforms import (
 
 from medssl.errors import MedsslError
 
-__all__ = ["load_pool", "preprocessing", "SafeCacheDataset", "CropBatcher"]
+__all__ = ["load_pool", "preprocessing", "SafeCacheDataset", "CropBatcher", "pool_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -281,3 +283,12 @@ class CropBatcher:
             log.warning("resuming with data seed %s (checkpoint had %s)", self.seed, state.get("order_seed"))
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+def pool_fingerprint(pool: list[dict[str, Any]]) -> str:
+    """Short sha256 over the pool's case ids and file sizes (identifies the data without reading it)."""
+    h = hashlib.sha256()
+    for it in sorted(pool, key=lambda x: x["case_id"]):
+        size = os.path.getsize(it["image"]) if os.path.exists(it["image"]) else -1
+        h.update(f"{it['case_id']}:{size};".encode())
+    return h.hexdigest()[:16]

@@ -27,15 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader
-from monai.data.utils import affine_to_spacing
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from torch import nn
 
 from medssl.engines import checkpoint as ck
 from medssl.engines.components import resolve_device
-from medssl.engines.finetune_config import FinetuneConfig
+from medssl.engines.finetune_config import FinetuneConfig, build_model, rebuild_model
 from medssl.engines.finetune_data import (
     class_weights,
     epoch_loader,
@@ -46,9 +44,9 @@ from medssl.engines.finetune_data import (
     seed_epoch,
     train_transforms,
 )
-from medssl.engines.metrics import SELECTION_METRIC, SegmentationMetrics, classification_metrics
+from medssl.engines.metrics import SELECTION_METRIC, as_tensor, evaluate_model
 from medssl.engines.schedules import WarmupCosineSchedule
-from medssl.errors import ConfigMismatchError, MedsslError
+from medssl.errors import MedsslError
 
 __all__ = ["FinetuneResult", "Finetuner", "build_model", "rebuild_model", "run_finetune"]
 
@@ -74,76 +72,6 @@ class FinetuneResult:
     best_epoch: int | None = None
 
 
-def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any, dict[str, Any]]:
-    """Build the downstream network (from scratch, or from an SSL checkpoint with its weights loaded).
-
-    Returns:
-        ``(model, recipe, transfer report or None, preprocessing)``; ``recipe["build"]`` rebuilds the
-        network (:func:`rebuild_model`), ``preprocessing`` holds ``normalisation``, ``target_spacing`` (mm),
-        ``ct_window`` (HU), ``roi_size`` as the run must use them.
-
-    Raises:
-        ConfigMismatchError: explicit preprocessing contradicting the SSL recipe (without override), or
-            network kwargs contradicting its encoder.
-        TransferError: (``MedsslError``) the checkpoint does not fit the network; ``.report`` holds the table.
-    """
-    from medssl.networks.downstream import build_downstream
-    from medssl.networks.transfer import check_preprocessing, load_ssl_checkpoint, transfer_weights
-
-    kind, roi = config.network, list(config.roi_size)
-    out = config.out_channels if config.task == "segmentation" else config.num_classes
-    explicit = {"roi_size": roi} | {
-        k: getattr(config, k) for k in ("target_spacing", "normalisation", "ct_window") if getattr(config, k) is not None
-    }
-    report, src = None, config.ssl_source
-    scratch_kw = {"in_channels": 1, "img_size": roi, **config.network_kwargs}
-    if src is None:
-        build = {"kind": kind, "recipe": None, "out_channels": out, "kwargs": scratch_kw}
-        try:
-            model = build_downstream(kind, recipe=None, out_channels=out, **scratch_kw)
-        except (TypeError, ValueError) as e:
-            raise MedsslError(f"cannot build {kind} with network_kwargs {config.network_kwargs}: {e}") from e
-        pre = {"normalisation": "robust", "target_spacing": None, "ct_window": [-1000.0, 1000.0]} | explicit
-    else:
-        ckpt = load_ssl_checkpoint(src, tracking_uri=config.tracking_uri)
-        pre = check_preprocessing(ckpt.preprocessing, explicit, override=config.override_preprocessing)
-        build = {"kind": kind, "recipe": ckpt.encoder_recipe, "out_channels": out, "kwargs": dict(config.network_kwargs)}
-        try:
-            model = build_downstream(kind, recipe=ckpt.recipe, out_channels=out, **config.network_kwargs)
-        except ConfigMismatchError:
-            raise
-        except MedsslError:  # encoder family cannot build this network: report what a transfer would miss
-            model = build_downstream(kind, recipe=None, out_channels=out, **scratch_kw)
-            transfer_weights(model, ckpt, target=kind, min_match=config.min_transfer_match)
-            raise
-        report = transfer_weights(
-            model, ckpt, target=kind, min_match=config.min_transfer_match, allow_partial=config.allow_partial_transfer
-        )
-        pre = {k: v for k, v in pre.items() if v is not None or k == "target_spacing"}
-    pre.setdefault("normalisation", "robust")
-    pre["ct_window"] = list(pre.get("ct_window") or [-1000.0, 1000.0])
-    recipe = {
-        "build": build,
-        "task": config.task,
-        "in_channels": int(pre.get("in_channels") or 1),
-        "roi_size": roi,
-        "target_spacing": pre.get("target_spacing"),
-        "normalisation": pre["normalisation"],
-        "ct_window": pre["ct_window"],
-        "init": config.init,
-        "versions": ck.library_versions(),
-    }
-    return model, recipe, report, pre
-
-
-def rebuild_model(recipe: dict[str, Any]) -> nn.Module:
-    """A fresh network from a finetune checkpoint's recipe (load ``best.pt["model"]`` into it)."""
-    from medssl.networks.downstream import build_downstream
-
-    b = recipe["build"]
-    return build_downstream(b["kind"], recipe=b["recipe"], out_channels=b["out_channels"], **b["kwargs"])
-
-
 class Finetuner:
     """Owns model, data, optimizer, schedule, scaler and selection state of one finetuning run.
 
@@ -161,15 +89,24 @@ class Finetuner:
         model, self.recipe, report, pre = build_model(config)
         self.transfer = report.to_dict() if report is not None else None
         self.cfg = cfg = config.replace(
-            normalisation=pre["normalisation"], target_spacing=pre.get("target_spacing"), ct_window=pre["ct_window"]
+            normalisation=pre["normalisation"],
+            target_spacing=pre.get("target_spacing"),
+            ct_window=pre["ct_window"],
         )
         self.model = model.to(self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
         if self.amp_dtype is not None and self.device.type != "cuda":
             log.warning("amp=%s ignored on %s (AMP runs on CUDA only)", cfg.amp, self.device)
             self.amp_dtype = None
-        self.items = finetune_items(cfg.datalist, cfg.splits, fraction=cfg.fraction, seed=cfg.seed, task=cfg.task,
-                                    class_key=cfg.class_key, num_classes=None if self.seg else cfg.num_classes)
+        self.items = finetune_items(
+            cfg.datalist,
+            cfg.splits,
+            fraction=cfg.fraction,
+            seed=cfg.seed,
+            task=cfg.task,
+            class_key=cfg.class_key,
+            num_classes=None if self.seg else cfg.num_classes,
+        )
         tf = dict(normalisation=cfg.normalisation, target_spacing=cfg.target_spacing, ct_window=cfg.ct_window)
         self.eval_tf = eval_transforms(cfg.task, roi_size=cfg.roi_size, **tf)
         train_tf = train_transforms(cfg.task, roi_size=cfg.roi_size, num_samples=cfg.num_samples, **tf)
@@ -187,10 +124,14 @@ class Finetuner:
         self.steps_per_epoch = math.ceil(len(self.items["training"]) / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.max_epochs * self.steps_per_epoch
         self.max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.schedule = WarmupCosineSchedule(self.optimizer, cfg.lr, cfg.min_lr, self.total_steps, cfg.warmup_steps)
+        self.schedule = WarmupCosineSchedule(
+            self.optimizer, cfg.lr, cfg.min_lr, self.total_steps, cfg.warmup_steps
+        )
         self.warm = EncoderWarmup(cfg.encoder_warmup_steps) if cfg.encoder_warmup_steps else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.inferer = SlidingWindowInferer(cfg.roi_size, sw_batch_size=cfg.sw_batch_size, overlap=cfg.sw_overlap)
+        self.inferer = SlidingWindowInferer(
+            cfg.roi_size, sw_batch_size=cfg.sw_batch_size, overlap=cfg.sw_overlap
+        )
         self.out = Path(cfg.out_dir)
         self.epoch, self.step, self.nan_run, self.bad_validations, self.stopped = 0, 0, 0, 0, False
         self.best: dict[str, Any] | None = None
@@ -205,8 +146,8 @@ class Finetuner:
         self.schedule.apply()
         if self.warm is not None:
             self.warm.apply(self.optimizer, self.step)
-        x = _tensor(batch["image"]).to(self.device, non_blocking=True)
-        y = _tensor(batch["label"]).to(self.device, non_blocking=True)
+        x = as_tensor(batch["image"]).to(self.device, non_blocking=True)
+        y = as_tensor(batch["label"]).to(self.device, non_blocking=True)
         with self._autocast():
             out = self.model(x)
         loss = self.loss_fn(out.float(), y if self.seg else y.long().reshape(-1))
@@ -215,10 +156,14 @@ class Finetuner:
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
             self.step, self.nan_run = self.step + 1, self.nan_run + 1
-            log.warning("step %d: non-finite loss (%s); step skipped (%d in a row)", self.step, value, self.nan_run)
+            log.warning(
+                "step %d: non-finite loss (%s); step skipped (%d in a row)", self.step, value, self.nan_run
+            )
             if self.nan_run >= self.cfg.max_nan_steps:
-                raise MedsslError(f"{self.nan_run} consecutive non-finite losses (step {self.step}); lower lr, "
-                                  "set grad_clip or use amp=bf16")
+                raise MedsslError(
+                    f"{self.nan_run} consecutive non-finite losses (step {self.step}); lower lr, "
+                    "set grad_clip or use amp=bf16"
+                )
             return None
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip:
@@ -236,7 +181,9 @@ class Finetuner:
         self.model.train()
         seed_epoch(self.train_ds, self.cfg.seed, epoch)
         losses = []
-        for batch in epoch_loader(self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.num_workers):
+        for batch in epoch_loader(
+            self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.num_workers
+        ):
             if self.step >= self.total_steps:
                 break
             value = self.train_step(batch)
@@ -245,25 +192,19 @@ class Finetuner:
         return float(np.mean(losses)) if losses else math.nan
 
     # -- evaluation and selection ---------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, dataset: Any) -> dict[str, float]:
         """Metrics of the current model on ``dataset`` (sliding window for segmentation), unprefixed."""
-        self.model.eval()
-        if self.seg:
-            metrics = SegmentationMetrics(self.cfg.out_channels)
-            for batch in DataLoader(dataset, batch_size=1, num_workers=self.cfg.num_workers):
-                image = batch["image"]
-                spacing = affine_to_spacing(image.affine[0], r=3).tolist() if hasattr(image, "affine") else None
-                with self._autocast():
-                    logits = self.inferer(_tensor(image).to(self.device), self.model)
-                metrics.update(logits.float().cpu(), _tensor(batch["label"]), spacing)
-            return metrics.compute()
-        logits, labels = [], []
-        for batch in DataLoader(dataset, batch_size=4 * self.cfg.batch_size, num_workers=self.cfg.num_workers):
-            with self._autocast():
-                logits.append(self.model(_tensor(batch["image"]).to(self.device)).float().cpu())
-            labels.append(_tensor(batch["label"]).reshape(-1))
-        return classification_metrics(torch.cat(logits), torch.cat(labels))
+        return evaluate_model(
+            self.model,
+            dataset,
+            task=self.cfg.task,
+            num_classes=self.cfg.out_channels,
+            inferer=self.inferer,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            batch_size=4 * self.cfg.batch_size,
+            num_workers=self.cfg.num_workers,
+        )
 
     def validate(self) -> dict[str, float]:
         """Evaluate on validation; keep ``best.pt`` on improvement of the selection metric; early stopping."""
@@ -271,7 +212,9 @@ class Finetuner:
         name = SELECTION_METRIC[self.cfg.task]
         value = vals[name]
         best = self.best["metric"] if self.best else None
-        if self.best is None or (math.isfinite(value) and (best is None or not math.isfinite(best) or value > best)):
+        if self.best is None or (
+            math.isfinite(value) and (best is None or not math.isfinite(best) or value > best)
+        ):
             self.best = {"metric": value, "epoch": self.epoch, "values": vals}
             self.bad_validations = 0
             self._save_best(vals)
@@ -279,25 +222,48 @@ class Finetuner:
             self.bad_validations += 1
             patience = self.cfg.early_stopping_patience
             if patience and self.bad_validations >= patience:
-                log.info("early stopping at epoch %d: val %s did not improve for %d validations (best %.4f at %d)",
-                         self.epoch, name, patience, self.best["metric"], self.best["epoch"])
+                log.info(
+                    "early stopping at epoch %d: val %s did not improve for %d validations (best %.4f at %d)",
+                    self.epoch,
+                    name,
+                    patience,
+                    self.best["metric"],
+                    self.best["epoch"],
+                )
                 self.stopped = True
         return vals
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save_best(self, vals: dict[str, float]) -> Path:
-        state = {"format": 1, "recipe": self.recipe, "config": self.cfg.to_dict(), "epoch": self.epoch,
-                 "model": self.model.state_dict(), "val": vals}
+        state = {
+            "format": 1,
+            "recipe": self.recipe,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "val": vals,
+        }
         return ck.atomic_save(state, self.out / "checkpoints" / "best.pt")
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": 1, "kind": "finetune", "recipe": self.recipe, "config": self.cfg.to_dict(),
-            "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": ck.capture_rng(), "best": self.best,
-            "bad_validations": self.bad_validations, "stopped": self.stopped, "history": self.history,
-            "transfer": self.transfer, "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+            "format": 1,
+            "kind": "finetune",
+            "recipe": self.recipe,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ck.capture_rng(),
+            "best": self.best,
+            "bad_validations": self.bad_validations,
+            "stopped": self.stopped,
+            "history": self.history,
+            "transfer": self.transfer,
+            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -306,7 +272,9 @@ class Finetuner:
         Raises:
             ConfigMismatchError: the checkpoint is of another task/network/init/fraction/seed/roi.
         """
-        ck.check_recipe(state["config"], self.cfg.to_dict(), RESUME_FIELDS, what="finetune checkpoint vs config")
+        ck.check_recipe(
+            state["config"], self.cfg.to_dict(), RESUME_FIELDS, what="finetune checkpoint vs config"
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
@@ -335,8 +303,9 @@ class Finetuner:
                 if self.transfer is not None:
                     params["transfer.share"] = round(self.transfer["share"], 6)
                 tr.log_params(params)
-            all_items = [it for role in self.items.values() for it in role]
-            tr.set_tags({"medssl.data_hash": items_hash(all_items)})
+            if "medssl.data_hash" not in cfg.tags:  # a sweep sets its own (whole-study) data hash
+                all_items = [it for role in self.items.values() for it in role]
+                tr.set_tags({"medssl.data_hash": items_hash(all_items)})
             tr.log_artifact(self.out / "config.yaml")
             if self.transfer is not None:
                 tr.log_artifact(self.out / "transfer_report.json")
@@ -355,6 +324,7 @@ class Finetuner:
                     if self.epoch % cfg.val_every == 0 or done:
                         logs |= {f"val_{k}": v for k, v in self.validate().items()}
                     self.history.append({"epoch": float(self.epoch), **logs})
+                    log.info("epoch %d/%d: %s", self.epoch, self.max_epochs, _fmt(logs))
                     if tr:
                         tr.log_metrics(logs, self.epoch)
                     ck.atomic_save(self.state_dict(), self.out / "checkpoints" / "last.pt")
@@ -372,12 +342,18 @@ class Finetuner:
         test_ds = make_dataset(self.items["test"], self.eval_tf, self.cfg.cache_rate, self.cfg.num_workers)
         test = self.evaluate(test_ds)
         res = FinetuneResult(
-            out_dir=self.out, run_id=self.tracker.run_id if self.tracker else None, best_checkpoint=best_path,
-            best_val=dict(self.best["values"]), test_metrics=test, epochs_run=self.epoch, transfer=self.transfer,
-            status="early_stopped" if self.stopped else "finished", best_epoch=int(self.best["epoch"]),
+            out_dir=self.out,
+            run_id=self.tracker.run_id if self.tracker else None,
+            best_checkpoint=best_path,
+            best_val=dict(self.best["values"]),
+            test_metrics=test,
+            epochs_run=self.epoch,
+            transfer=self.transfer,
+            status="early_stopped" if self.stopped else "finished",
+            best_epoch=int(self.best["epoch"]),
         )
         (self.out / "results.json").write_text(json.dumps(asdict(res), indent=1, default=str))
-        log.info("best val %s at epoch %d; test %s", self.best["values"], self.best["epoch"], test)
+        log.info("best validation (epoch %d): %s; test: %s", res.best_epoch, _fmt(res.best_val), _fmt(test))
         if self.tracker:
             self.tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, self.epoch)
             self.tracker.log_metrics({"best_epoch": float(self.best["epoch"])}, self.epoch)
@@ -387,9 +363,8 @@ class Finetuner:
         return res
 
 
-def _tensor(x: Any) -> torch.Tensor:
-    """Plain tensor of a (Meta)tensor or array (MONAI's metadata is not needed by the network)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
 
 
 class _progress:
@@ -403,8 +378,13 @@ class _progress:
             return lambda epoch, loss: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
+        self.bar = Progress(
+            TextColumn("finetune"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TimeRemainingColumn(),
+        )
         self.bar.start()
         task = self.bar.add_task("finetune", total=self.total, completed=self.start, loss="")
         return lambda epoch, loss: self.bar.update(task, completed=epoch, loss=f"loss {loss:.4f}")
@@ -419,17 +399,30 @@ def _open_tracker(cfg: FinetuneConfig, run_id: str | None) -> Any:
     from medssl.tracking.mlflow_tracker import MlflowTracker, standard_tags
 
     tags = {
-        **standard_tags("finetune", study=cfg.study, fraction=fraction_key(cfg.fraction), init=cfg.init_kind,
-                        seed=cfg.seed),
-        "medssl.task": cfg.task, "medssl.network": cfg.network, **cfg.tags,
+        **standard_tags(
+            "finetune",
+            study=cfg.study,
+            fraction=fraction_key(cfg.fraction),
+            init=cfg.init_kind,
+            seed=cfg.seed,
+        ),
+        "medssl.task": cfg.task,
+        "medssl.network": cfg.network,
+        **cfg.tags,
     }
     if cfg.ssl_source:
         tags["medssl.ssl_source"] = cfg.ssl_source
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return MlflowTracker(cfg.experiment, run_name=cfg.run_name or out.name, tracking_uri=cfg.tracking_uri,
-                         tags=tags, run_id=run_id, parent_run_id=cfg.parent_run_id,
-                         spool_path=out / "mlflow_spool.jsonl")
+    return MlflowTracker(
+        cfg.experiment,
+        run_name=cfg.run_name or out.name,
+        tracking_uri=cfg.tracking_uri,
+        tags=tags,
+        run_id=run_id,
+        parent_run_id=cfg.parent_run_id,
+        spool_path=out / "mlflow_spool.jsonl",
+    )
 
 
 def run_finetune(
@@ -454,7 +447,9 @@ def run_finetune(
     last = Path(config.out_dir) / "checkpoints" / "last.pt"
     path = (last if last.exists() else None) if resume == "auto" else resume
     state = ck.load_checkpoint(path) if path is not None else None
-    tracker = _open_tracker(config, state.get("mlflow_run_id") if state else None) if config.experiment else None
+    tracker = (
+        _open_tracker(config, state.get("mlflow_run_id") if state else None) if config.experiment else None
+    )
     random.seed(config.seed)  # after MLflow set-up: the weights never depend on tracking
     np.random.seed(config.seed % 2**32)
     torch.manual_seed(config.seed)

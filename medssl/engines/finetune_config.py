@@ -3,6 +3,9 @@
 Same conventions as :class:`medssl.config.PretrainConfig` (``to_dict`` / ``from_dict`` / ``from_yaml`` /
 ``validate``); the config is logged to MLflow as flattened params and embedded in every checkpoint.
 
+:func:`build_model` resolves a config into the network (SSL weights loaded and reported) and the
+preprocessing the run must use (the SSL recipe's, checked against explicit fields).
+
 Example::
 
     cfg = FinetuneConfig.from_yaml("finetune.yaml", overrides=["fraction=10", "init=ssl:runs/pre/encoder.pt"])
@@ -14,14 +17,17 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from medssl.config import apply_overrides
-from medssl.errors import MedsslError
+from medssl.errors import ConfigMismatchError, MedsslError
 
-__all__ = ["FinetuneConfig", "TASKS", "NETWORKS"]
+__all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "build_model", "rebuild_model"]
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +273,86 @@ class FinetuneConfig:
     def replace(self, **changes: Any) -> FinetuneConfig:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+# -- resolving a config: network, weights and preprocessing ------------------------------------------
+def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any, dict[str, Any]]:
+    """Build the downstream network (from scratch, or from an SSL checkpoint with its weights loaded).
+
+    Returns:
+        ``(model, recipe, transfer report or None, preprocessing)``; ``recipe["build"]`` rebuilds the
+        network (:func:`rebuild_model`), ``preprocessing`` holds ``normalisation``, ``target_spacing`` (mm),
+        ``ct_window`` (HU), ``roi_size`` as the run must use them.
+
+    Raises:
+        ConfigMismatchError: explicit preprocessing contradicting the SSL recipe (without override), or
+            network kwargs contradicting its encoder.
+        TransferError: (``MedsslError``) the checkpoint does not fit the network; ``.report`` holds the table.
+    """
+    from medssl.engines import checkpoint as ck  # torch & MONAI only when a model is built
+    from medssl.networks.downstream import build_downstream
+    from medssl.networks.transfer import check_preprocessing, load_ssl_checkpoint, transfer_weights
+
+    kind, roi = config.network, list(config.roi_size)
+    out = config.out_channels if config.task == "segmentation" else config.num_classes
+    explicit = {"roi_size": roi} | {
+        k: getattr(config, k)
+        for k in ("target_spacing", "normalisation", "ct_window")
+        if getattr(config, k) is not None
+    }
+    report, src = None, config.ssl_source
+    scratch_kw = {"in_channels": 1, "img_size": roi, **config.network_kwargs}
+    if src is None:
+        build = {"kind": kind, "recipe": None, "out_channels": out, "kwargs": scratch_kw}
+        try:
+            model = build_downstream(kind, recipe=None, out_channels=out, **scratch_kw)
+        except (TypeError, ValueError) as e:
+            raise MedsslError(f"cannot build {kind} with network_kwargs {config.network_kwargs}: {e}") from e
+        pre = {"normalisation": "robust", "target_spacing": None, "ct_window": [-1000.0, 1000.0]} | explicit
+    else:
+        ckpt = load_ssl_checkpoint(src, tracking_uri=config.tracking_uri)
+        pre = check_preprocessing(ckpt.preprocessing, explicit, override=config.override_preprocessing)
+        build = {
+            "kind": kind,
+            "recipe": ckpt.encoder_recipe,
+            "out_channels": out,
+            "kwargs": dict(config.network_kwargs),
+        }
+        try:
+            model = build_downstream(kind, recipe=ckpt.recipe, out_channels=out, **config.network_kwargs)
+        except ConfigMismatchError:
+            raise
+        except MedsslError:  # encoder family cannot build this network: report what a transfer would miss
+            model = build_downstream(kind, recipe=None, out_channels=out, **scratch_kw)
+            transfer_weights(model, ckpt, target=kind, min_match=config.min_transfer_match)
+            raise
+        report = transfer_weights(
+            model,
+            ckpt,
+            target=kind,
+            min_match=config.min_transfer_match,
+            allow_partial=config.allow_partial_transfer,
+        )
+        pre = {k: v for k, v in pre.items() if v is not None or k == "target_spacing"}
+    pre.setdefault("normalisation", "robust")
+    pre["ct_window"] = list(pre.get("ct_window") or [-1000.0, 1000.0])
+    recipe = {
+        "build": build,
+        "task": config.task,
+        "in_channels": int(pre.get("in_channels") or 1),
+        "roi_size": roi,
+        "target_spacing": pre.get("target_spacing"),
+        "normalisation": pre["normalisation"],
+        "ct_window": pre["ct_window"],
+        "init": config.init,
+        "versions": ck.library_versions(),
+    }
+    return model, recipe, report, pre
+
+
+def rebuild_model(recipe: dict[str, Any]) -> nn.Module:
+    """A fresh network from a finetune checkpoint's recipe (load ``best.pt["model"]`` into it)."""
+    from medssl.networks.downstream import build_downstream
+
+    b = recipe["build"]
+    return build_downstream(b["kind"], recipe=b["recipe"], out_channels=b["out_channels"], **b["kwargs"])

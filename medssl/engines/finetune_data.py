@@ -166,7 +166,9 @@ def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Te
     """
     counts = Counter(int(it["label"]) for it in items)
     n = sum(counts.values())
-    return torch.tensor([n / (num_classes * max(counts[c], 1)) for c in range(num_classes)], dtype=torch.float32)
+    return torch.tensor(
+        [n / (num_classes * max(counts[c], 1)) for c in range(num_classes)], dtype=torch.float32
+    )
 
 
 def _normaliser(normalisation: str, ct_window: Sequence[float]) -> Any | None:
@@ -180,7 +182,9 @@ def _normaliser(normalisation: str, ct_window: Sequence[float]) -> Any | None:
             from monai.transforms import ScaleIntensityRangePercentilesd
 
             log.debug("NormalizeIntensityRobustd unavailable (%s); using ScaleIntensityRangePercentilesd", e)
-            return ScaleIntensityRangePercentilesd(["image"], lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+            return ScaleIntensityRangePercentilesd(
+                ["image"], lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True
+            )
     if normalisation == "ct":
         lo, hi = float(ct_window[0]), float(ct_window[1])
         return ScaleIntensityRanged(["image"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
@@ -260,11 +264,18 @@ def train_transforms(
     return Compose([*det.transforms, *rand])
 
 
-def make_dataset(items: Sequence[dict[str, Any]], transform: Compose, cache_rate: float = 1.0,
-                 num_workers: int = 0) -> CacheDataset:
+def make_dataset(
+    items: Sequence[dict[str, Any]], transform: Compose, cache_rate: float = 1.0, num_workers: int = 0
+) -> CacheDataset:
     """``CacheDataset`` holding the deterministic part of ``transform`` for ``cache_rate`` of the items."""
-    return CacheDataset(list(items), transform, cache_rate=cache_rate, num_workers=max(1, num_workers),
-                        progress=False, copy_cache=True)
+    return CacheDataset(
+        list(items),
+        transform,
+        cache_rate=cache_rate,
+        num_workers=max(1, num_workers),
+        progress=False,
+        copy_cache=True,
+    )
 
 
 def _derive(seed: int, epoch: int, stream: int) -> int:
@@ -276,7 +287,9 @@ def seed_epoch(dataset: CacheDataset, seed: int, epoch: int) -> None:
     dataset.transform.set_random_state(seed=_derive(seed, epoch, 1))
 
 
-def epoch_loader(dataset: CacheDataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0) -> DataLoader:
+def epoch_loader(
+    dataset: CacheDataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0
+) -> DataLoader:
     """Shuffled MONAI ``DataLoader`` whose order is a function of ``(seed, epoch)``; crops of one volume are
     flattened into the batch (``list_data_collate``): ``(batch_size * num_samples, C, D, H, W)``."""
     gen = torch.Generator().manual_seed(_derive(seed, epoch, 2))

@@ -9,12 +9,16 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
 
 import torch
+from monai.data import DataLoader
+from monai.data.utils import affine_to_spacing
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_roc_auc
 from monai.networks.utils import one_hot
 
-__all__ = ["SegmentationMetrics", "classification_metrics", "SELECTION_METRIC"]
+__all__ = ["SegmentationMetrics", "classification_metrics", "evaluate_model", "as_tensor", "SELECTION_METRIC"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,9 @@ class SegmentationMetrics:
         self._dice: list[torch.Tensor] = []
         self._hd: list[torch.Tensor] = []
 
-    def update(self, logits: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> None:
+    def update(
+        self, logits: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None
+    ) -> None:
         """Add cases.
 
         Args:
@@ -104,3 +110,53 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
         "accuracy": float((pred == labels).float().mean()),
         "balanced_accuracy": sum(recalls) / len(recalls),
     }
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """Plain tensor of a (Meta)tensor or array (MONAI's metadata is not needed by the network)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    task: str,
+    num_classes: int,
+    inferer: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Metrics of ``model`` (put in ``eval()`` mode) on a dataset of preprocessed items.
+
+    Args:
+        model: segmentation net ``(B, C, D, H, W) → (B, K, D, H, W)`` or classifier ``→ (B, K)``.
+        dataset: items ``{"image": MetaTensor (C, X, Y, Z), "label": MetaTensor (1, X, Y, Z) | int}``.
+        task: ``"segmentation"`` (one case at a time through ``inferer``, e.g. ``SlidingWindowInferer``;
+            HD95 in mm from the image affine) or ``"classification"`` (batches of ``batch_size``).
+        num_classes: segmentation classes including background (K).
+        amp_dtype: autocast dtype on CUDA, or ``None``.
+
+    Returns:
+        :meth:`SegmentationMetrics.compute` or :func:`classification_metrics` (unprefixed names).
+    """
+    model.eval()
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    if task == "segmentation":
+        metrics = SegmentationMetrics(num_classes)
+        for batch in DataLoader(dataset, batch_size=1, num_workers=num_workers):
+            image = batch["image"]
+            spacing = affine_to_spacing(image.affine[0], r=3).tolist() if hasattr(image, "affine") else None
+            with autocast():
+                logits = inferer(as_tensor(image).to(device), model)
+            metrics.update(logits.float().cpu(), as_tensor(batch["label"]), spacing)
+        return metrics.compute()
+    logits, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        with autocast():
+            logits.append(model(as_tensor(batch["image"]).to(device)).float().cpu())
+        labels.append(as_tensor(batch["label"]).reshape(-1))
+    return classification_metrics(torch.cat(logits), torch.cat(labels))

@@ -5,15 +5,15 @@ data position *inside* an epoch. Ignite's ``Engine`` restarts the epoch's data o
 ``DeterministicEngine`` reaches a mid-epoch iteration by iterating the data loader again up to it
 (re-loading and re-augmenting every skipped batch); and the step must interleave a non-finite guard,
 grad accumulation, GradScaler and the method's EMA hook in a fixed order that MONAI's trainer
-iteration (one forward/backward per batch) does not expose. Here the whole step fits on one screen (:meth:`Pretrainer.train_step`), the data
-stream is a pure function of ``(seed, epoch, position)`` (:class:`~medssl.engines.data.CropBatcher`),
-and one dict holds every state (:mod:`medssl.engines.checkpoint`). MONAI provides the data side
-(``CacheDataset``, readers, orientation/spacing/intensity transforms).
+iteration (one forward/backward per batch) does not expose. Here the whole step fits on one screen
+(:meth:`Pretrainer.train_step`), the data stream is a pure function of ``(seed, epoch, position)``
+(:class:`~medssl.engines.data.CropBatcher`), and one dict holds every state
+(:mod:`medssl.engines.checkpoint`). MONAI provides the data side (``CacheDataset``, readers,
+orientation/spacing/intensity transforms).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,7 +31,8 @@ import torch
 from medssl.config import PretrainConfig, flatten_dict
 from medssl.engines import checkpoint as ck
 from medssl.engines.components import build_components, make_recipe, resolve_device
-from medssl.engines.data import CropBatcher, SafeCacheDataset, load_pool, preprocessing
+from medssl.engines.data import CropBatcher, SafeCacheDataset, load_pool, pool_fingerprint, preprocessing
+from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
 from medssl.errors import MedsslError
 
@@ -231,6 +232,8 @@ class Pretrainer:
         """Train to ``total_steps`` (from checkpoint ``resume`` if given); see :func:`run_pretraining`."""
         self.out.mkdir(parents=True, exist_ok=True)
         run_id = self.resume(resume).get("mlflow_run_id") if resume else None
+        if resume:
+            self._truncate_metrics_log()
         self.cfg.to_yaml(self.out / "config.yaml")
         prev_det = torch.are_deterministic_algorithms_enabled()
         if self.cfg.deterministic:
@@ -241,7 +244,7 @@ class Pretrainer:
         try:
             self._start_tracking(run_id, fresh=resume is None)
             with (
-                _progress(progress, self.total_steps, self.step) as bar,
+                ProgressBar(progress, self.total_steps, self.step) as bar,
                 open(self.out / "metrics.jsonl", "a") as mf,
             ):
                 while self.step < self.total_steps:
@@ -264,6 +267,16 @@ class Pretrainer:
         finally:
             torch.use_deterministic_algorithms(prev_det)
         return self.result
+
+    def _truncate_metrics_log(self) -> None:
+        """Drop ``metrics.jsonl`` lines of steps after the resumed one (written before a crash)."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            lines = [x for x in path.read_text().splitlines() if x.strip()]
+            kept = [x for x in lines if json.loads(x).get("step", 0) <= self.step]
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, path)
 
     def _finish(self) -> None:
         if not self.checkpoints or self.checkpoints[-1].name != f"step_{self.step:07d}.pt":
@@ -293,7 +306,7 @@ class Pretrainer:
         from medssl.tracking.mlflow_tracker import MlflowTracker, standard_tags
 
         tags = {
-            **standard_tags("pretrain", seed=self.cfg.seed, data_hash=_pool_hash(self.pool)),
+            **standard_tags("pretrain", seed=self.cfg.seed, data_hash=pool_fingerprint(self.pool)),
             **self.cfg.tags,
             "medssl.method": self.cfg.method,
             "medssl.encoder": self.cfg.encoder,
@@ -330,43 +343,6 @@ class Pretrainer:
         finally:
             ck.restore_rng(rng)
             ck.load_component_state(self.augment, aug)
-
-
-def _pool_hash(pool: list[dict[str, Any]]) -> str:
-    """Short sha256 over the pool's case ids and file sizes (identifies the data without reading it)."""
-    h = hashlib.sha256()
-    for it in sorted(pool, key=lambda x: x["case_id"]):
-        size = os.path.getsize(it["image"]) if os.path.exists(it["image"]) else -1
-        h.update(f"{it['case_id']}:{size};".encode())
-    return h.hexdigest()[:16]
-
-
-class _progress:
-    """Rich progress bar as a context manager yielding ``update(step, loss)`` (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.enabled, self.total, self.start = enabled, total, start
-
-    def __enter__(self) -> Callable[[int, float], None]:
-        if not self.enabled:
-            return lambda step, loss: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("pretrain"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.bar.start()
-        task = self.bar.add_task("pretrain", total=self.total, completed=self.start, loss="")
-        return lambda step, loss: self.bar.update(task, completed=step, loss=f"loss {loss:.4f}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def run_pretraining(

@@ -13,7 +13,8 @@ PREVIEW_KEYS = ("view1", "view1_mask", "view1_target", "view2", "view2_mask", "v
 
 
 def save_augment_preview(batch: dict[str, torch.Tensor], path: str | Path, max_rows: int = 4) -> Path:
-    """Write a grid: one row per sample, one column per view key; each cell the middle D slice of channel 0.
+    """Write a grid: one row per sample, one column per view key; each cell the middle D slice of channel 0
+    (masks in [0, 1]; rotation classes under their views).
 
     Args:
         batch: SSL batch dict (``view1``, ``view2`` ``(B, C, D, H, W)``; masks ``(B, 1, D, H, W)``; ...).
@@ -45,11 +46,10 @@ def save_augment_preview(batch: dict[str, torch.Tensor], path: str | Path, max_r
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                title = key
-                rot = batch.get(key.split("_")[0] + "_rot")
-                if isinstance(rot, torch.Tensor) and key in ("view1", "view2"):
-                    title += f" (rot {int(rot[0])})"
-                ax.set_title(title, fontsize=8)
+                ax.set_title(key, fontsize=8)
+            rot = batch.get(key.split("_")[0] + "_rot")
+            if isinstance(rot, torch.Tensor) and key in ("view1", "view2"):
+                ax.set_xlabel(f"rotation class {int(rot[r])}", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,17 @@ from medssl.errors import MedsslError
 from medssl.tracking.mlflow_tracker import default_tracking_uri, make_client
 from medssl.tracking.stats import Summary, format_summary, mean_ci, paired_difference
 
-__all__ = ["CompareResult", "compare_study", "collect_records", "summarise", "build_table", "write_csv",
-           "plot_curve"]
+__all__ = [
+    "CompareResult",
+    "compare_study",
+    "find_study_runs",
+    "child_runs",
+    "collect_records",
+    "summarise",
+    "build_table",
+    "write_csv",
+    "plot_curve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +59,39 @@ class CompareResult:
     summaries: dict[tuple[float, str], Summary] = field(default_factory=dict)
 
 
+def _quote(v: str) -> str:
+    return "'" + str(v).replace("'", "\\'") + "'"
+
+
+def find_study_runs(client: Any, study: str, experiment_ids: list[str] | None = None) -> list[Any]:
+    """Parent (``medssl.kind = sweep``) runs of ``study``, newest first, in the given or all experiments."""
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    query = f"tags.`medssl.study` = {_quote(study)} and tags.`medssl.kind` = 'sweep'"
+    return list(
+        client.search_runs(
+            experiment_ids, filter_string=query, order_by=["attributes.start_time DESC"], max_results=1000
+        )
+    )
+
+
+def child_runs(client: Any, parent: Any) -> list[Any]:
+    """All child runs of a parent run (any status), newest first."""
+    query = f"tags.mlflow.parentRunId = {_quote(parent.info.run_id)}"
+    return list(
+        client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=query,
+            order_by=["attributes.start_time DESC"],
+            max_results=10000,
+        )
+    )
+
+
 def collect_records(client: Any, parent: Any, metric: str) -> list[dict[str, Any]]:
     """FINISHED child runs of ``parent`` that logged ``metric``, newest per (fraction, init, seed)."""
-    from medssl.sweep import child_runs
-
     seen: set[tuple[float, str, int]] = set()
     out = []
     for run in child_runs(client, parent):  # newest first
@@ -68,8 +106,15 @@ def collect_records(client: Any, parent: Any, metric: str) -> list[dict[str, Any
         if key in seen:
             continue
         seen.add(key)
-        out.append({"fraction": key[0], "init": key[1], "seed": key[2], "value": float(run.data.metrics[metric]),
-                    "run_id": run.info.run_id})
+        out.append(
+            {
+                "fraction": key[0],
+                "init": key[1],
+                "seed": key[2],
+                "value": float(run.data.metrics[metric]),
+                "run_id": run.info.run_id,
+            }
+        )
     return sorted(out, key=lambda r: (r["fraction"], r["init"], r["seed"]))
 
 
@@ -92,8 +137,16 @@ def summarise(records: list[dict[str, Any]], confidence: float = 0.95) -> dict[t
 
 def _rows(summaries: dict[tuple[float, str], Summary]) -> list[dict[str, Any]]:
     return [
-        {"fraction": f, "init": init, "n": s.n, "mean": s.mean, "std": s.std, "ci_low": s.low, "ci_high": s.high,
-         "seeds": " ".join(str(x) for x in s.seeds)}
+        {
+            "fraction": f,
+            "init": init,
+            "n": s.n,
+            "mean": s.mean,
+            "std": s.std,
+            "ci_low": s.low,
+            "ci_high": s.high,
+            "seeds": " ".join(str(x) for x in s.seeds),
+        }
         for (f, init), s in summaries.items()
     ]
 
@@ -134,7 +187,9 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def plot_curve(summaries: dict[tuple[float, str], Summary], path: str | Path, *, study: str, metric: str) -> Path:
+def plot_curve(
+    summaries: dict[tuple[float, str], Summary], path: str | Path, *, study: str, metric: str
+) -> Path:
     """PNG: metric vs label fraction (log x), one line per init with its CI band (none where n = 1)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -154,7 +209,9 @@ def plot_curve(summaries: dict[tuple[float, str], Summary], path: str | Path, *,
         lo = np.array([np.nan if x.low is None else x.low for x in s])
         hi = np.array([np.nan if x.high is None else x.high for x in s])
         ns = sorted({x.n for x in s})
-        line = ax.plot(fr, mean, marker="o", color=colors.get(init), label=f"{init} (n={'/'.join(map(str, ns))})")
+        line = ax.plot(
+            fr, mean, marker="o", color=colors.get(init), label=f"{init} (n={'/'.join(map(str, ns))})"
+        )
         ax.fill_between(fr, lo, hi, color=line[0].get_color(), alpha=0.2, linewidth=0)
     ax.set_xscale("log")
     ax.set_xticks(fracs_all)
@@ -193,8 +250,6 @@ def compare_study(
         MedsslError: unknown study (known ones named), or no finished child logged ``metric`` (the
             metrics that exist are named).
     """
-    from medssl.sweep import child_runs, find_study_runs
-
     uri = tracking_uri or default_tracking_uri()
     client = make_client(uri)
     try:
@@ -210,7 +265,9 @@ def compare_study(
     records = collect_records(client, parent, metric)
     if not records:
         have = sorted({m for r in child_runs(client, parent) for m in r.data.metrics})
-        raise MedsslError(f"study {study!r}: no FINISHED child run logged {metric!r}; metrics present: {have}")
+        raise MedsslError(
+            f"study {study!r}: no FINISHED child run logged {metric!r}; metrics present: {have}"
+        )
     summaries = summarise(records, confidence)
     rows = _rows(summaries)
     sweep_dir = parent.data.tags.get("medssl.sweep_dir")
@@ -222,14 +279,27 @@ def compare_study(
             client.log_artifact(parent.info.run_id, str(p), "compare")
         except Exception as e:  # noqa: BLE001 - the local files are there; say so and go on
             log.warning("could not log %s to the parent run %s: %s", p.name, parent.info.run_id, e)
-    return CompareResult(study, metric, parent.info.run_id, records, rows, build_table(summaries, study, metric),
-                         csv_path, png_path, summaries)
+    return CompareResult(
+        study,
+        metric,
+        parent.info.run_id,
+        records,
+        rows,
+        build_table(summaries, study, metric),
+        csv_path,
+        png_path,
+        summaries,
+    )
 
 
 def _known_studies(client: Any) -> list[str]:
     try:
         exps = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(exps, filter_string="tags.`medssl.kind` = 'sweep'", max_results=1000) if exps else []
+        runs = (
+            client.search_runs(exps, filter_string="tags.`medssl.kind` = 'sweep'", max_results=1000)
+            if exps
+            else []
+        )
     except Exception:  # noqa: BLE001
         return []
     return sorted({r.data.tags.get("medssl.study", "?") for r in runs})

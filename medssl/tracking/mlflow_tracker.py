@@ -25,7 +25,15 @@ from typing import Any
 
 from medssl.errors import MedsslError
 
-__all__ = ["MlflowTracker", "flush_spool", "default_tracking_uri", "standard_tags", "git_sha", "make_client"]
+__all__ = [
+    "MlflowTracker",
+    "flush_spool",
+    "send_records",
+    "default_tracking_uri",
+    "standard_tags",
+    "git_sha",
+    "make_client",
+]
 
 log = logging.getLogger(__name__)
 

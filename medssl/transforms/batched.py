@@ -73,6 +73,8 @@ def _take(y: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
     contiguous rows (faster than an element-wise ``gather`` with an expanded index)."""
     shp = list(y.shape)
     b, s, r = shp[0], shp[dim], idx.shape[1]
+    if dim == y.ndim - 1:  # innermost axis: rows of one element, an expanded gather is faster
+        return y.gather(dim, idx.view(b, *[1] * (y.ndim - 2), r).expand(*shp[:-1], r))
     p = 1
     for n in shp[:dim]:
         p *= n
@@ -116,7 +118,8 @@ class BatchedSSLAugment:
     def for_method(cls, method: str, roi_size: tuple[int, int, int], seed: int = 0,
                    **overrides: Any) -> BatchedSSLAugment:
         """The preset of ``method`` (``simclr``, ``triplet``, ``byol``, ``vicreg``, ``rotation``, ``mae``,
-        ``genesis``, ``swin``) with ``overrides``; unknown names raise ``ValueError`` listing the known ones."""
+        ``genesis``, ``swin``) with ``overrides``; unknown names raise ``ValueError`` listing the known
+        ones."""
         return cls(roi_size, seed=seed, **resolve_params(method, roi_size, **overrides))
 
     def state_dict(self) -> dict[str, Any]:
@@ -145,12 +148,13 @@ class BatchedSSLAugment:
     def _canvas(self, images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad (centred, like MONAI ``SpatialPad(method="symmetric")``) to ≥ ``roi_size``; return the batch
         and each sample's extent ``(B, 3)``."""
-        vols = [images[i] for i in range(images.shape[0])] if isinstance(images, torch.Tensor) else list(images)
+        is_tensor = isinstance(images, torch.Tensor)
+        vols = [images[i] for i in range(images.shape[0])] if is_tensor else list(images)
         if not vols or any(v.ndim != 4 for v in vols):
             raise ValueError("images must be (B, C, D, H, W) or a non-empty list of (C, D, H, W) tensors")
         exts = [pad_extent(v.shape[1:], self.roi_size) for v in vols]
         extent = torch.tensor(exts)
-        if isinstance(images, torch.Tensor) and all(tuple(v.shape[1:]) == e for v, e in zip(vols, exts, strict=True)):
+        if is_tensor and all(tuple(v.shape[1:]) == e for v, e in zip(vols, exts, strict=True)):
             return images, extent
         full = [max(e[a] for e in exts) for a in range(3)]
         x = vols[0].new_full((len(vols), vols[0].shape[0], *full), float(self.p["pad_value"]))
@@ -251,7 +255,8 @@ class BatchedSSLAugment:
             outpaint = self._u(b) < p["outpaint_prob"]
             kmax = int(p["paint_boxes"])
             n = 1 + torch.floor(self._u(b) * kmax).long()
-            m = paint_mask(shape, outpaint.to(dev), n.to(dev), self._u(b, kmax, 3).to(dev), self._u(b, kmax, 3).to(dev))
+            u_size, u_start = self._u(b, kmax, 3).to(dev), self._u(b, kmax, 3).to(dev)
+            m = paint_mask(shape, outpaint.to(dev), n.to(dev), u_size, u_start)
             m &= apply[:, None, None, None]
             y = fill_masked(y, m, "noise", field())
             mask |= m

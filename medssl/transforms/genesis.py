@@ -51,7 +51,8 @@ def bezier_lut(u: torch.Tensor, invert: torch.Tensor, n_points: int = 1024) -> t
     xs = curve(u[:, 0], u[:, 2]).sort(1).values.contiguous()
     ys = curve(u[:, 1], u[:, 3]).sort(1).values
     ys = torch.where(invert[:, None].to(u.device), ys.flip(1), ys)
-    grid = torch.linspace(0, 1, n_points, dtype=torch.float64, device=u.device).expand(u.shape[0], -1).contiguous()
+    grid = torch.linspace(0, 1, n_points, dtype=torch.float64, device=u.device)
+    grid = grid.expand(u.shape[0], -1).contiguous()
     return _interp(grid, xs, ys).float()
 
 
@@ -139,12 +140,14 @@ class RandInOutPaintd(RandomizableTransform, MapTransform):
         mask_key: where the ``(1, D, H, W)`` float noise mask goes (OR-ed), or ``None``.
     """
 
-    def __init__(self, keys: KeysCollection, prob: float = 0.9, outpaint_prob: float = 0.8, max_boxes: int = 5,
-                 mask_key: str | None = "view1_mask", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, prob: float = 0.9, outpaint_prob: float = 0.8,
+                 max_boxes: int = 5, mask_key: str | None = "view1_mask",
+                 allow_missing_keys: bool = False) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=prob)
         if not 0.0 <= outpaint_prob <= 1.0 or max_boxes < 1:
-            raise ValueError(f"need 0 <= outpaint_prob <= 1 and max_boxes >= 1, got {outpaint_prob}, {max_boxes}")
+            raise ValueError(f"need 0 <= outpaint_prob <= 1 and max_boxes >= 1, "
+                             f"got {outpaint_prob}, {max_boxes}")
         self.outpaint_prob, self.max_boxes, self.mask_key = float(outpaint_prob), int(max_boxes), mask_key
 
     def randomize(self, img: Any) -> None:

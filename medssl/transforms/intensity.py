@@ -133,8 +133,9 @@ class HUWindow(Transform):
 class HUWindowd(MapTransform):
     """Dictionary version of :class:`HUWindow` (same arguments after ``keys``)."""
 
-    def __init__(self, keys: KeysCollection, a_min: float = -1000.0, a_max: float = 1000.0, b_min: float = 0.0,
-                 b_max: float = 1.0, clip: bool = True, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, a_min: float = -1000.0, a_max: float = 1000.0,
+                 b_min: float = 0.0, b_max: float = 1.0, clip: bool = True,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.window = HUWindow(a_min, a_max, b_min, b_max, clip)
 
@@ -146,7 +147,7 @@ class HUWindowd(MapTransform):
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, truncated: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``x`` ``(B, C, D, H, W)`` with per-sample ``sigma`` ``(B, 3)`` (voxels).
+    """Separable Gaussian smoothing of ``x`` ``(B, C, D, H, W)``, per-sample ``sigma`` ``(B, 3)`` in voxels.
 
     Matches MONAI ``GaussianSmooth(sigma, approx="erf")``: kernel ``0.5 * (erf((i+½)/σ√2) - erf((i-½)/σ√2))``
     for ``|i| <= int(max(4σ, 0.5) + 0.5)``, zero padding. One grouped ``conv3d`` per axis for the batch.

@@ -9,7 +9,8 @@ As in :mod:`medssl.transforms.views`, the maths are pure batched functions of un
   added in order until their union covers ``mask_ratio`` of the view (so the ratio is reached from
   above, by less than one box). ``mask_ratio=(0.1, 0.3)`` draws the target per sample. The union of
   a prefix of boxes is a 3D difference array (8 ``scatter_add`` per batch) + 3 ``cumsum``; the prefix
-  length is found by a batched binary search (``log2(max_cuboids)`` passes, independent of ``B``).
+  length is found by a batched binary search (``log2(max_cuboids)`` passes, independent of ``B``) on
+  GPUs; on CPU boxes are added by slicing, one sample at a time (measured 8x faster there).
 * Patch mask (MAE, He et al. 2022): exactly ``round(ratio * N)`` of the ``N`` non-overlapping
   ``patch_size`` patches.
 * Local shuffle (Models Genesis "local pixel shuffling", Zhou et al. 2019): the view is tiled into
@@ -35,16 +36,16 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
-__all__ = ["as_batch", "sample_boxes", "cover_count", "boxes_mask", "ratio_mask", "patch_mask", "shuffle_cells",
-           "n_cells", "cell_geometry", "fill_masked",
-           "merge_mask", "RandCuboidMaskd", "RandPatchMaskd", "RandLocalShuffled"]
+__all__ = ["as_batch", "sample_boxes", "cover_count", "boxes_mask", "ratio_mask", "ratio_mask_vectorised",
+           "patch_mask", "shuffle_cells", "n_cells", "cell_geometry", "fill_masked", "merge_mask",
+           "RandCuboidMaskd", "RandPatchMaskd", "RandLocalShuffled"]
 
 FILLS = ("zero", "mean", "noise")
 
 
 def sample_boxes(shape: Sequence[int], size_frac: Sequence[float], u_size: torch.Tensor,
                  u_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes with side ``U(size_frac) * S`` per axis (≥ 1 voxel) and uniform position, from ``(B, K, 3)`` uniforms.
+    """Boxes of side ``U(size_frac) * S`` per axis (≥ 1 voxel) uniformly placed, from ``(B, K, 3)`` uniforms.
 
     Returns:
         ``(starts, sizes)``, each ``(B, K, 3)`` long.
@@ -57,7 +58,8 @@ def sample_boxes(shape: Sequence[int], size_frac: Sequence[float], u_size: torch
     return starts, sizes
 
 
-def cover_count(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def cover_count(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor,
+                shape: Sequence[int]) -> torch.Tensor:
     """Number of ``active`` ``(B, K)`` boxes covering each voxel, ``(B, D, H, W)``.
 
     A 3D difference array: ±1 at the 8 corners of every box (``scatter_add``), then a ``cumsum`` per axis.
@@ -79,16 +81,32 @@ def cover_count(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor,
     return count[:, :d, :h, :w]
 
 
-def boxes_mask(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def boxes_mask(starts: torch.Tensor, sizes: torch.Tensor, active: torch.Tensor,
+               shape: Sequence[int]) -> torch.Tensor:
     """Union of the ``active`` ``(B, K)`` boxes, ``(B, D, H, W)`` bool."""
     return cover_count(starts, sizes, active, shape) > 0.5
 
 
-def ratio_mask(starts: torch.Tensor, sizes: torch.Tensor, ratio: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def ratio_mask(starts: torch.Tensor, sizes: torch.Tensor, ratio: torch.Tensor,
+               shape: Sequence[int]) -> torch.Tensor:
     """Union of the shortest prefix of boxes covering ``ratio`` ``(B,)`` of the view; ``(B, D, H, W)`` bool.
 
     All ``K`` boxes are used where even they do not reach the ratio; a ratio ≤ 0 masks nothing.
     """
+    b, k = starts.shape[:2]
+    dev = starts.device
+    if b == 1 or dev.type == "cpu":
+        # On CPU, boxes added one by one by slicing, a loop over B: measured 19 ms vs 160 ms for the
+        # vectorised search below (B=32, 32³ views, ratio 0.1-0.3, 1 thread). The search suits GPUs.
+        r = ratio.reshape(-1).tolist()
+        return torch.cat([_ratio_mask_one(starts[i].tolist(), sizes[i].tolist(), float(r[i]), shape, dev)
+                          for i in range(b)])
+    return ratio_mask_vectorised(starts, sizes, ratio, shape)
+
+
+def ratio_mask_vectorised(starts: torch.Tensor, sizes: torch.Tensor, ratio: torch.Tensor,
+                          shape: Sequence[int]) -> torch.Tensor:
+    """:func:`ratio_mask` as a batched search over prefix lengths (difference arrays; no per-sample loop)."""
     b, k = starts.shape[:2]
     dev = starts.device
     ratio = ratio.to(dev).double()
@@ -101,7 +119,7 @@ def ratio_mask(starts: torch.Tensor, sizes: torch.Tensor, ratio: torch.Tensor, s
     hi = torch.full((b,), min(k, 8), dtype=torch.long, device=dev)
     while True:  # exponential search for an upper bracket: a few boxes usually suffice
         ok = union(hi).flatten(1).double().mean(1) >= ratio
-        if bool(ok.all()) or int(hi.min()) >= k:
+        if bool((ok | (hi >= k)).all()):
             break
         lo, hi = torch.where(ok, lo, hi), torch.where(ok, hi, (2 * hi).clamp(max=k))
     hi = torch.where(ok, hi, k)
@@ -112,8 +130,23 @@ def ratio_mask(starts: torch.Tensor, sizes: torch.Tensor, ratio: torch.Tensor, s
     return union(torch.where(ratio <= 0, 0, hi))
 
 
-def patch_mask(noise: torch.Tensor, ratio: float, shape: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
-    """MAE mask: the ``round(ratio * N)`` patches with the smallest ``noise`` ``(B, N)``; ``(B, D, H, W)`` bool.
+def _ratio_mask_one(starts: list, sizes: list, ratio: float, shape: Sequence[int],
+                    device: torch.device) -> torch.Tensor:
+    """:func:`ratio_mask` of one sample: the same prefix rule, boxes added sequentially."""
+    union = torch.zeros((1, *[int(s) for s in shape]), dtype=torch.bool, device=device)
+    total, covered = union.numel(), 0
+    for (a, b, c), (x, y, z) in zip(starts, sizes, strict=True):
+        if covered >= ratio * total:
+            break
+        region = union[0, a:a + x, b:b + y, c:c + z]
+        covered += int((~region).sum())
+        region.fill_(True)
+    return union
+
+
+def patch_mask(noise: torch.Tensor, ratio: float, shape: Sequence[int],
+               patch_size: Sequence[int]) -> torch.Tensor:
+    """MAE mask: the ``round(ratio * N)`` patches of smallest ``noise`` ``(B, N)``; ``(B, D, H, W)`` bool.
 
     Raises:
         ValueError: ``shape`` not divisible by ``patch_size``.
@@ -158,7 +191,8 @@ def shuffle_cells(x: torch.Tensor, cell: Sequence[int], offset: Sequence[int], u
 
     def cells(t: torch.Tensor) -> torch.Tensor:  # (B, C, L0, L1, L2) → (B, cells, C, cell voxels)
         t = t.reshape(t.shape[0], t.shape[1], grid[0], cell[0], grid[1], cell[1], grid[2], cell[2])
-        return t.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(t.shape[0], -1, t.shape[1], cell[0] * cell[1] * cell[2])
+        t = t.permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return t.reshape(t.shape[0], -1, t.shape[4], cell[0] * cell[1] * cell[2])
 
     full = cells(valid).amin(-1)[0, :, 0] > 0  # (n_cells,) cells without padding
     n = full.numel()
@@ -172,7 +206,8 @@ def shuffle_cells(x: torch.Tensor, cell: Sequence[int], offset: Sequence[int], u
     def uncells(t: torch.Tensor) -> torch.Tensor:  # inverse of cells(), then crop the padding
         ch = t.shape[2]
         t = t.reshape(t.shape[0], grid[0], grid[1], grid[2], ch, cell[0], cell[1], cell[2])
-        t = t.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(t.shape[0], ch, *(g * q for g, q in zip(grid, cell, strict=True)))
+        full_shape = [g * q for g, q in zip(grid, cell, strict=True)]
+        t = t.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(t.shape[0], ch, *full_shape)
         return t[:, :, pads[0][0]:pads[0][0] + shape[0], pads[1][0]:pads[1][0] + shape[1],
                  pads[2][0]:pads[2][0] + shape[2]]
 
@@ -190,13 +225,14 @@ def n_cells(shape: Sequence[int], cell: Sequence[int], offset: Sequence[int]) ->
 
 def cell_geometry(shape: Sequence[int], cell_size: Sequence[float], u_cell: torch.Tensor,
                   u_offset: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Cell side ``max(1, round(U(cell_size) * S))`` and offset ``floor(u * side)`` per axis from 3 + 3 uniforms."""
+    """Cell side ``max(1, round(U(cell_size) * S))`` and offset ``floor(u * side)`` per axis."""
     lo, hi = float(cell_size[0]), float(cell_size[1])
     cell = [max(1, round((lo + (hi - lo) * float(u_cell[a])) * int(shape[a]))) for a in range(3)]
     return cell, [int(float(u_offset[a]) * cell[a]) for a in range(3)]
 
 
-def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str, u_fill: torch.Tensor | None = None) -> torch.Tensor:
+def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str,
+                u_fill: torch.Tensor | None = None) -> torch.Tensor:
     """Replace masked voxels of ``x`` ``(B, C, D, H, W)``; ``mask`` ``(B, D, H, W)`` bool.
 
     ``fill``: ``"zero"``; ``"mean"`` (per-sample mean of the view); ``"noise"`` (uniform in the view's
@@ -240,7 +276,8 @@ def _ratio(r: float | Sequence[float], u: float) -> float:
 
 
 class _MaskBase(RandomizableTransform, MapTransform):
-    def __init__(self, keys: KeysCollection, mask_key: str | None, prob: float, allow_missing_keys: bool) -> None:
+    def __init__(self, keys: KeysCollection, mask_key: str | None, prob: float,
+                 allow_missing_keys: bool) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=prob)
         self.mask_key = mask_key
@@ -286,7 +323,8 @@ class RandCuboidMaskd(_MaskBase):
 
     def __init__(self, keys: KeysCollection, mask_ratio: float | Sequence[float] = 0.3,
                  cuboid_size: Sequence[float] = (0.1, 0.3), max_cuboids: int = 256, fill: str = "zero",
-                 mask_key: str | None = "view1_mask", prob: float = 1.0, allow_missing_keys: bool = False) -> None:
+                 mask_key: str | None = "view1_mask", prob: float = 1.0,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, mask_key, prob, allow_missing_keys)
         check_mask_args(mask_ratio, cuboid_size, fill)
         self.mask_ratio, self.cuboid_size = mask_ratio, tuple(cuboid_size)
@@ -296,12 +334,14 @@ class RandCuboidMaskd(_MaskBase):
         super().randomize(None)
         if self._do_transform:
             k = self.max_cuboids
-            self._u = (self.R.random_sample(), self.R.random_sample((1, k, 3)), self.R.random_sample((1, k, 3)))
+            r = self.R
+            self._u = (r.random_sample(), r.random_sample((1, k, 3)), r.random_sample((1, k, 3)))
             self._u_fill = self.R.random_sample((1, *img.shape)) if self.fill == "noise" else None
 
     def _mask(self, shape: Sequence[int]) -> torch.Tensor:
         u_r, u_size, u_start = self._u
-        starts, sizes = sample_boxes(shape, self.cuboid_size, torch.from_numpy(u_size), torch.from_numpy(u_start))
+        starts, sizes = sample_boxes(shape, self.cuboid_size, torch.from_numpy(u_size),
+                                     torch.from_numpy(u_start))
         return ratio_mask(starts, sizes, torch.tensor([_ratio(self.mask_ratio, u_r)]), shape)
 
     def _apply(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -321,14 +361,16 @@ class RandPatchMaskd(_MaskBase):
         prob: probability of masking.
     """
 
-    def __init__(self, keys: KeysCollection, mask_ratio: float = 0.75, patch_size: Sequence[int] = (16, 16, 16),
-                 fill: str = "zero", mask_key: str | None = "view1_mask", prob: float = 1.0,
+    def __init__(self, keys: KeysCollection, mask_ratio: float = 0.75,
+                 patch_size: Sequence[int] = (16, 16, 16), fill: str = "zero",
+                 mask_key: str | None = "view1_mask", prob: float = 1.0,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, mask_key, prob, allow_missing_keys)
         if not 0.0 <= float(mask_ratio) <= 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
         check_mask_args(mask_ratio, (0.5, 0.5), fill)
-        self.mask_ratio, self.patch_size, self.fill = float(mask_ratio), tuple(int(p) for p in patch_size), fill
+        self.mask_ratio, self.fill = float(mask_ratio), fill
+        self.patch_size = tuple(int(p) for p in patch_size)
 
     def randomize(self, img: Any) -> None:
         super().randomize(None)
@@ -360,7 +402,8 @@ class RandLocalShuffled(_MaskBase):
     """
 
     def __init__(self, keys: KeysCollection, ratio: float = 0.5, cell_size: Sequence[float] = (0.03, 0.1),
-                 mask_key: str | None = "view1_mask", prob: float = 0.5, allow_missing_keys: bool = False) -> None:
+                 mask_key: str | None = "view1_mask", prob: float = 0.5,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, mask_key, prob, allow_missing_keys)
         check_mask_args(ratio, cell_size, "zero")
         self.ratio, self.cell_size = float(ratio), tuple(cell_size)

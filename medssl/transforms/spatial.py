@@ -31,7 +31,7 @@ _FACES: tuple[tuple[Op, ...], ...] = ((), ((1, (0, 1)),), ((2, (0, 1)),), ((3, (
 
 
 def rotation_ops(n_classes: int, spatial_axes: Sequence[int] = (0, 1)) -> list[tuple[Op, ...]]:
-    """The rotation of each class as a sequence of ``(k, spatial_axes)`` quarter turns (see module docstring)."""
+    """Each class's rotation as a sequence of ``(k, spatial_axes)`` quarter turns (see module docstring)."""
     axes = (int(spatial_axes[0]), int(spatial_axes[1]))
     if n_classes == 4:
         return [((k, axes),) if k else () for k in range(4)]
@@ -41,7 +41,7 @@ def rotation_ops(n_classes: int, spatial_axes: Sequence[int] = (0, 1)) -> list[t
 
 
 def rotate(x: torch.Tensor, ops: Sequence[Op], lead: int) -> torch.Tensor:
-    """Apply quarter turns to ``x`` whose spatial axes start at dimension ``lead`` (1 for ``(C, D, H, W)``)."""
+    """Apply quarter turns to ``x`` whose spatial axes start at dim ``lead`` (1 for ``(C, D, H, W)``)."""
     for k, (a, b) in ops:
         x = torch.rot90(x, k, (a + lead, b + lead))
     return x

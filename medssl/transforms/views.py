@@ -35,7 +35,7 @@ __all__ = ["crop_boxes", "box_overlap", "pad_extent", "check_view_args", "RandOv
 
 
 def pad_extent(shape: Sequence[int], roi_size: Sequence[int]) -> tuple[int, ...]:
-    """Spatial extent after centred zero-padding of a volume smaller than ``roi_size``: ``max(shape, roi)``."""
+    """Spatial extent after centred zero-padding of a volume smaller than ``roi_size``: max(shape, roi)."""
     return tuple(max(int(s), int(r)) for s, r in zip(shape, roi_size, strict=True))
 
 
@@ -127,10 +127,11 @@ class RandOverlapCropd(RandomizableTransform, MapTransform):
         ValueError: bad sizes, scale or overlap range.
     """
 
-    def __init__(self, keys: KeysCollection, roi_size: Sequence[int], view_keys: Sequence[str] = ("view1", "view2"),
-                 scale: Sequence[float] = (1.0, 1.0), min_overlap: float = 0.0, max_overlap: float = 1.0,
-                 n_candidates: int = 16, pad_value: float = 0.0, keep_source: bool = False,
-                 box_key: str | None = None, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, roi_size: Sequence[int],
+                 view_keys: Sequence[str] = ("view1", "view2"), scale: Sequence[float] = (1.0, 1.0),
+                 min_overlap: float = 0.0, max_overlap: float = 1.0, n_candidates: int = 16,
+                 pad_value: float = 0.0, keep_source: bool = False, box_key: str | None = None,
+                 allow_missing_keys: bool = False) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=1.0)
         check_view_args(roi_size, len(view_keys), scale, min_overlap, max_overlap, n_candidates)

@@ -19,7 +19,7 @@ from medssl.errors import ConfigMismatchError, MedsslError
 from medssl.networks.transfer import TransferError
 
 SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
-CLS_NET = {"depth": 10, "widen_factor": 0.125, "conv1_t_size": 3}
+CLS_NET = {"depth": 10, "widen_factor": 0.125, "conv1_t_size": 3, "conv1_t_stride": 2}
 SEG_METRICS = {"dice_1", "dice_2", "dice_mean", "hd95_1", "hd95_2", "hd95_mean"}
 CLS_METRICS = {"auc", "accuracy", "balanced_accuracy"}
 
@@ -35,12 +35,17 @@ def hippo(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     tmp = tmp_path_factory.mktemp("hippo")
     images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:6]
     items = [
-        {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[: -len(".nii.gz")]}
+        {
+            "image": str(p),
+            "label": str(hippocampus_dir / "labelsTr" / p.name),
+            "case_id": p.name[: -len(".nii.gz")],
+        }
         for p in images
     ]
     (tmp / "datalist.json").write_text(json.dumps({"training": items}))
-    splits, _ = split_datalist(tmp / "datalist.json", fractions=[50, 100], seeds=[0], test_fraction=0.2,
-                               val_fraction=0.2)
+    splits, _ = split_datalist(
+        tmp / "datalist.json", fractions=[50, 100], seeds=[0], test_fraction=0.2, val_fraction=0.2
+    )
     return tmp / "datalist.json", splits
 
 
@@ -54,7 +59,10 @@ def adrenal(medmnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     for split, (n0, n1) in {"train": (16, 8), "val": (4, 4), "test": (4, 4)}.items():
         lab = z[f"{split}_labels"][:, 0]
         idx = np.concatenate([np.flatnonzero(lab == 0)[:n0], np.flatnonzero(lab == 1)[:n1]])
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = z[f"{split}_images"][idx], z[f"{split}_labels"][idx]
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = (
+            z[f"{split}_images"][idx],
+            z[f"{split}_labels"][idx],
+        )
     np.savez(tmp / "adrenalmnist3d.npz", **arrays)
     items = convert_medmnist(tmp / "adrenalmnist3d.npz", tmp / "nifti", salt="finetune-test")
     sections = {s: [it for it in items if it["split"] == s] for s in ("training", "validation", "test")}
@@ -71,23 +79,64 @@ def ssl_run(tmp_path_factory: pytest.TempPathFactory):
 
     tmp = tmp_path_factory.mktemp("ssl")
     enc = {k: v for k, v in SEG_NET.items()}
-    cfg = toy_config(write_volumes(tmp / "vols", n=2), tmp / "pre", method="simclr", encoder="segresnet",
-                     augment=None, encoder_kwargs=enc, method_kwargs={"hidden_dim": 8, "out_dim": 4},
-                     total_steps=2, warmup_steps=1, source_size=[20, 20, 20], target_spacing=[1.0, 1.0, 1.0])
+    cfg = toy_config(
+        write_volumes(tmp / "vols", n=2),
+        tmp / "pre",
+        method="simclr",
+        encoder="segresnet",
+        augment=None,
+        encoder_kwargs=enc,
+        method_kwargs={"hidden_dim": 8, "out_dim": 4},
+        total_steps=2,
+        warmup_steps=1,
+        source_size=[20, 20, 20],
+        target_spacing=[1.0, 1.0, 1.0],
+    )
     return run_pretraining(cfg, progress=False)
 
 
 def seg_config(data: tuple[Path, Path], out: Path, **kw) -> FinetuneConfig:
-    base = dict(datalist=str(data[0]), splits=str(data[1]), fraction=100, network="SegResNet", network_kwargs=SEG_NET,
-                out_channels=3, roi_size=[16, 16, 16], batch_size=2, num_samples=2, max_epochs=2, sw_overlap=0.0,
-                sw_batch_size=8, lr=1e-2, device="cpu", deterministic=True, out_dir=str(out), experiment=None)
+    base = dict(
+        datalist=str(data[0]),
+        splits=str(data[1]),
+        fraction=100,
+        network="SegResNet",
+        network_kwargs=SEG_NET,
+        out_channels=3,
+        roi_size=[16, 16, 16],
+        batch_size=2,
+        num_samples=2,
+        max_epochs=2,
+        sw_overlap=0.0,
+        sw_batch_size=8,
+        lr=1e-2,
+        device="cpu",
+        deterministic=True,
+        out_dir=str(out),
+        experiment=None,
+    )
     return FinetuneConfig(**(base | kw))
 
 
 def cls_config(data: tuple[Path, Path], out: Path, **kw) -> FinetuneConfig:
-    base = dict(datalist=str(data[0]), splits=str(data[1]), fraction=100, task="classification", network="ResNet",
-                network_kwargs=CLS_NET, num_classes=2, roi_size=[28, 28, 28], normalisation="none", batch_size=4,
-                max_epochs=2, lr=1e-3, device="cpu", deterministic=True, out_dir=str(out), experiment=None)
+    base = dict(
+        datalist=str(data[0]),
+        splits=str(data[1]),
+        fraction=100,
+        task="classification",
+        network="ResNet",
+        network_kwargs=CLS_NET,
+        num_classes=2,
+        roi_size=[28, 28, 28],
+        normalisation="none",
+        batch_size=4,
+        max_epochs=2,
+        lr=1e-3,
+        device="cpu",
+        deterministic=True,
+        out_dir=str(out),
+        experiment=None,
+    )
     return FinetuneConfig(**(base | kw))
 
 
@@ -97,9 +146,12 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def test_segmentation_run_logs_metrics_and_selects_on_validation(hippo, tmp_path: Path, mlflow_uri: str) -> None:
-    cfg = seg_config(hippo, tmp_path / "seg", experiment="ft-seg", tracking_uri=mlflow_uri, study="hippo-test",
-                     fraction=50)
+def test_segmentation_run_logs_metrics_and_selects_on_validation(
+    hippo, tmp_path: Path, mlflow_uri: str
+) -> None:
+    cfg = seg_config(
+        hippo, tmp_path / "seg", experiment="ft-seg", tracking_uri=mlflow_uri, study="hippo-test", fraction=50
+    )
     res = run_finetune(cfg, progress=True)
     assert res.status == "finished" and res.epochs_run == 2 and res.transfer is None
     assert set(res.best_val) == SEG_METRICS and set(res.test_metrics) == SEG_METRICS
@@ -120,8 +172,15 @@ def test_segmentation_run_logs_metrics_and_selects_on_validation(hippo, tmp_path
     assert not names & {f"val_{m}" for m in CLS_METRICS}
     assert run.data.metrics["test_dice_mean"] == pytest.approx(res.test_metrics["dice_mean"])
     tags = run.data.tags
-    assert tags["medssl.kind"] == "finetune" and tags["medssl.fraction"] == "50" and tags["medssl.init"] == "scratch"
-    assert tags["medssl.seed"] == "0" and tags["medssl.study"] == "hippo-test" and run.info.status == "FINISHED"
+    assert (
+        tags["medssl.kind"] == "finetune"
+        and tags["medssl.fraction"] == "50"
+        and tags["medssl.init"] == "scratch"
+    )
+    assert (
+        tags["medssl.seed"] == "0" and tags["medssl.study"] == "hippo-test" and run.info.status == "FINISHED"
+    )
+    assert len(tags["medssl.data_hash"]) == 16
     assert run.data.params["normalisation"] == "robust" and run.data.params["network"] == "SegResNet"
     arts = {a.path for a in _client(mlflow_uri).list_artifacts(res.run_id)}
     assert {"config.yaml", "results.json", "checkpoints"} <= arts
@@ -138,27 +197,45 @@ def test_classification_run_logs_metrics(adrenal, tmp_path: Path, mlflow_uri: st
 
 
 def test_ssl_init_loads_fully_and_logs_the_report(ssl_run, hippo, tmp_path: Path, mlflow_uri: str) -> None:
-    cfg = seg_config(hippo, tmp_path / "ssl", init=f"ssl:{ssl_run.encoder_path}", network_kwargs={}, max_epochs=1,
-                     experiment="ft-ssl", tracking_uri=mlflow_uri)
+    cfg = seg_config(
+        hippo,
+        tmp_path / "ssl",
+        init=f"ssl:{ssl_run.encoder_path}",
+        network_kwargs={},
+        max_epochs=1,
+        experiment="ft-ssl",
+        tracking_uri=mlflow_uri,
+        tags={"medssl.data_hash": "study-hash"},
+    )
     res = run_finetune(cfg, progress=False)
-    assert res.transfer["share"] == 1.0 and res.transfer["n_missing"] == 0 and res.transfer["n_mismatched"] == 0
+    assert (
+        res.transfer["share"] == 1.0 and res.transfer["n_missing"] == 0 and res.transfer["n_mismatched"] == 0
+    )
     saved = json.loads((res.out_dir / "transfer_report.json").read_text())
     assert saved["n_matched"] == res.transfer["n_matched"] > 0
     resolved = FinetuneConfig.from_yaml(res.out_dir / "config.yaml")  # preprocessing taken from the recipe
     assert resolved.normalisation == "robust" and resolved.target_spacing == [1.0, 1.0, 1.0]
     run = _client(mlflow_uri).get_run(res.run_id)
     assert run.data.params["transfer.share"] == "1.0" and run.data.tags["medssl.init"] == "ssl"
+    assert run.data.tags["medssl.data_hash"] == "study-hash"  # a sweep's own tag is kept
     assert "transfer_report.json" in {a.path for a in _client(mlflow_uri).list_artifacts(res.run_id)}
 
 
-def test_ssl_checkpoint_that_does_not_fit_fails_with_report(ssl_run, hippo, adrenal, tmp_path: Path,
-                                                            mlflow_uri: str) -> None:
+def test_ssl_checkpoint_that_does_not_fit_fails_with_report(
+    ssl_run, hippo, adrenal, tmp_path: Path, mlflow_uri: str
+) -> None:
     # a tampered encoder (one tensor of another shape): the report names it, the MLflow run is FAILED
     ckpt = torch.load(ssl_run.encoder_path, weights_only=True)
     ckpt["state_dict"]["net.convInit.conv.weight"] = torch.zeros(8, 1, 3, 3, 3)
     torch.save(ckpt, tmp_path / "bad.pt")
-    cfg = seg_config(hippo, tmp_path / "bad", init=f"ssl:{tmp_path / 'bad.pt'}", network_kwargs={},
-                     experiment="ft-bad", tracking_uri=mlflow_uri)
+    cfg = seg_config(
+        hippo,
+        tmp_path / "bad",
+        init=f"ssl:{tmp_path / 'bad.pt'}",
+        network_kwargs={},
+        experiment="ft-bad",
+        tracking_uri=mlflow_uri,
+    )
     with pytest.raises(TransferError, match="convInit.conv.weight") as err:
         run_finetune(cfg, progress=False)
     assert err.value.report.mismatched[0][0] == "convInit.conv.weight" and err.value.report.share < 1.0
@@ -167,23 +244,37 @@ def test_ssl_checkpoint_that_does_not_fit_fails_with_report(ssl_run, hippo, adre
     (run,) = client.search_runs([client.get_experiment_by_name("ft-bad").experiment_id])
     assert run.info.status == "FAILED" and "TransferError" in run.data.tags["medssl.error"]
     # a SegResNet encoder cannot initialise a ResNet classifier: nothing matches
-    cfg = cls_config(adrenal, tmp_path / "family", init=f"ssl:{ssl_run.encoder_path}", network_kwargs={},
-                     normalisation=None, roi_size=[32, 32, 32])
+    cfg = cls_config(
+        adrenal,
+        tmp_path / "family",
+        init=f"ssl:{ssl_run.encoder_path}",
+        network_kwargs={},
+        normalisation=None,
+        roi_size=[32, 32, 32],
+    )
     with pytest.raises(TransferError, match="no encoder weight matched") as err:
         run_finetune(cfg, progress=False)
     assert any("not built for ResNet" in n for n in err.value.report.notes)
 
 
 def test_preprocessing_conflict_refused_unless_overridden(ssl_run, hippo, tmp_path: Path) -> None:
-    cfg = seg_config(hippo, tmp_path / "pre", init=f"ssl:{ssl_run.encoder_path}", network_kwargs={},
-                     normalisation="none", target_spacing=[2.0, 2.0, 2.0])
+    cfg = seg_config(
+        hippo,
+        tmp_path / "pre",
+        init=f"ssl:{ssl_run.encoder_path}",
+        network_kwargs={},
+        normalisation="none",
+        target_spacing=[2.0, 2.0, 2.0],
+    )
     with pytest.raises(ConfigMismatchError, match="normalisation") as err:
         run_finetune(cfg, progress=False)
     assert set(err.value.fields) == {"normalisation", "target_spacing"}
     with pytest.raises(ConfigMismatchError, match="roi_size"):  # SegResNet with 2 levels: multiples of 2
         build_model(cfg.replace(normalisation=None, target_spacing=None, roi_size=[15, 16, 16]))
     _, recipe, report, pre = build_model(cfg.replace(override_preprocessing=True))
-    assert pre["normalisation"] == "none" and recipe["target_spacing"] == [2.0, 2.0, 2.0] and report.share == 1.0
+    assert (
+        pre["normalisation"] == "none" and recipe["target_spacing"] == [2.0, 2.0, 2.0] and report.share == 1.0
+    )
 
 
 def test_early_stopping_and_test_on_best_checkpoint(adrenal, tmp_path: Path, monkeypatch) -> None:
@@ -208,14 +299,25 @@ def test_early_stopping_and_test_on_best_checkpoint(adrenal, tmp_path: Path, mon
     ft.model.load_state_dict(load_checkpoint(res.best_checkpoint)["model"])
     from medssl.engines.finetune_data import make_dataset
 
-    assert ft.evaluate(make_dataset(ft.items["test"], ft.eval_tf)) == pytest.approx(res.test_metrics, nan_ok=True)
+    assert ft.evaluate(make_dataset(ft.items["test"], ft.eval_tf)) == pytest.approx(
+        res.test_metrics, nan_ok=True
+    )
 
 
-def test_resume_after_interruption_matches_straight_run(adrenal, tmp_path: Path, monkeypatch,
-                                                       mlflow_uri: str) -> None:
-    straight = run_finetune(cls_config(adrenal, tmp_path / "straight", fraction=25, max_epochs=3), progress=False)
-    cfg = cls_config(adrenal, tmp_path / "resumed", fraction=25, max_epochs=3, experiment="ft-resume",
-                     tracking_uri=mlflow_uri)
+def test_resume_after_interruption_matches_straight_run(
+    adrenal, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    straight = run_finetune(
+        cls_config(adrenal, tmp_path / "straight", fraction=25, max_epochs=3), progress=False
+    )
+    cfg = cls_config(
+        adrenal,
+        tmp_path / "resumed",
+        fraction=25,
+        max_epochs=3,
+        experiment="ft-resume",
+        tracking_uri=mlflow_uri,
+    )
     real = Finetuner.train_epoch
 
     def crash(self: Finetuner, epoch: int) -> float:
@@ -253,7 +355,9 @@ def test_fraction_without_a_class_is_named(adrenal, tmp_path: Path) -> None:
     datalist, splits_path = adrenal
     splits = json.loads(Path(splits_path).read_text())
     classes = {it["case_id"]: it["class"] for it in json.loads(datalist.read_text())["training"]}
-    splits["seeds"]["0"]["fractions"]["25"] = [c for c in splits["seeds"]["0"]["fractions"]["25"] if classes[c] == 0]
+    splits["seeds"]["0"]["fractions"]["25"] = [
+        c for c in splits["seeds"]["0"]["fractions"]["25"] if classes[c] == 0
+    ]
     (tmp_path / "splits.json").write_text(json.dumps(splits))
     cfg = cls_config((datalist, tmp_path / "splits.json"), tmp_path / "run", fraction=25)
     with pytest.raises(MedsslError, match=r"fraction 25 % leaves class\(es\) \[1\] without training cases"):
@@ -270,7 +374,9 @@ def test_freeze_llrd_and_encoder_warmup(adrenal, tmp_path: Path) -> None:
 
     def changed(a: dict, b: dict) -> tuple[set[str], set[str]]:
         moved = {k for k in a if not torch.equal(a[k], b[k])}
-        return {k for k in moved if is_encoder_key(k, "ResNet")}, {k for k in moved if not is_encoder_key(k, "ResNet")}
+        return {k for k in moved if is_encoder_key(k, "ResNet")}, {
+            k for k in moved if not is_encoder_key(k, "ResNet")
+        }
 
     base = cls_config(adrenal, tmp_path / "opt", fraction=25, batch_size=3)  # 6 cases: 2 steps per epoch
     ft = Finetuner(base.replace(freeze_encoder=True))
@@ -287,8 +393,38 @@ def test_freeze_llrd_and_encoder_warmup(adrenal, tmp_path: Path) -> None:
     ft.train_epoch(1)
     enc, _ = changed(mid, params(ft))
     assert "conv1.weight" in enc
-    ft = Finetuner(base.replace(llrd=0.5))
+    ft = Finetuner(base.replace(llrd=0.5, max_steps=3))  # 2 steps per epoch: 3 steps end in epoch 2
+    assert ft.total_steps == ft.schedule.total_steps == 3 and ft.max_epochs == 2
     ft.schedule.apply()
     lrs = {g["name"]: g["lr"] for g in ft.optimizer.param_groups}
     assert lrs["head"] == pytest.approx(base.lr) and lrs["encoder.depth4"] == pytest.approx(base.lr / 2)
     assert lrs["encoder.depth0"] == pytest.approx(base.lr / 32)
+
+
+@pytest.mark.slow
+def test_hippocampus_from_scratch_reaches_reasonable_dice(hippocampus_dir: Path, tmp_path: Path) -> None:
+    """All 200 cases (test 40, validation 16, training 144), small SegResNet from scratch, 100 % labels.
+    Not a benchmark (see benchmarks/): checks that the engine actually learns the task."""
+    images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))
+    items = [
+        {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
+        for p in images
+    ]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items}))
+    splits, _ = split_datalist(tmp_path / "datalist.json", fractions=[100], seeds=[0], val_fraction=0.1)
+    net = {"init_filters": 8, "blocks_down": [1, 2, 2], "blocks_up": [1, 1]}
+    cfg = seg_config(
+        (tmp_path / "datalist.json", splits),
+        tmp_path / "run",
+        network_kwargs=net,
+        roi_size=[32, 32, 32],
+        batch_size=4,
+        num_samples=2,
+        lr=3e-3,
+        max_epochs=12,
+        val_every=4,
+        sw_overlap=0.25,
+        deterministic=False,
+    )
+    res = run_finetune(cfg, progress=False)
+    assert res.test_metrics["dice_mean"] > 0.7, res.test_metrics

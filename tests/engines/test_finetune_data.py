@@ -27,20 +27,34 @@ from medssl.errors import MedsslError
 def hippo(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("hippo_data")
     images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:6]
-    items = [{"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": f"c{i}"}
-             for i, p in enumerate(images)]
+    items = [
+        {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": f"c{i}"}
+        for i, p in enumerate(images)
+    ]
     (tmp / "datalist.json").write_text(json.dumps({"training": items}))
-    splits, _ = split_datalist(tmp / "datalist.json", fractions=[50, 100], seeds=[0, 1], test_fraction=0.2,
-                               val_fraction=0.2)
+    splits, _ = split_datalist(
+        tmp / "datalist.json", fractions=[50, 100], seeds=[0, 1], test_fraction=0.2, val_fraction=0.2
+    )
     return tmp / "datalist.json", splits
 
 
 # -- config ------------------------------------------------------------------------------------------------
 def test_config_yaml_round_trip_and_overrides(tmp_path: Path) -> None:
-    (tmp_path / "ft.yaml").write_text("datalist: d.json\nsplits: s.json\nroi_size: 48\nnetwork_kwargs:\n  init_filters: 8\n")
-    cfg = FinetuneConfig.from_yaml(tmp_path / "ft.yaml", overrides=["fraction=10", "network_kwargs.init_filters=16",
-                                                                    "init=ssl:runs:/abc/encoder/encoder.pt", "llrd=0.75"])
-    assert cfg.roi_size == [48, 48, 48] and cfg.fraction == 10.0 and cfg.network_kwargs == {"init_filters": 16}
+    (tmp_path / "ft.yaml").write_text(
+        "datalist: d.json\nsplits: s.json\nroi_size: 48\nnetwork_kwargs:\n  init_filters: 8\n"
+    )
+    cfg = FinetuneConfig.from_yaml(
+        tmp_path / "ft.yaml",
+        overrides=[
+            "fraction=10",
+            "network_kwargs.init_filters=16",
+            "init=ssl:runs:/abc/encoder/encoder.pt",
+            "llrd=0.75",
+        ],
+    )
+    assert (
+        cfg.roi_size == [48, 48, 48] and cfg.fraction == 10.0 and cfg.network_kwargs == {"init_filters": 16}
+    )
     assert cfg.init_kind == "ssl" and cfg.ssl_source == "runs:/abc/encoder/encoder.pt" and cfg.llrd == 0.75
     cfg.to_yaml(tmp_path / "back.yaml")
     assert FinetuneConfig.from_yaml(tmp_path / "back.yaml") == cfg
@@ -84,7 +98,11 @@ def test_items_follow_the_splits(hippo) -> None:
             assert [it["case_id"] for it in items["training"]] == s["fractions"][str(fraction)]
             assert [it["case_id"] for it in items["validation"]] == s["validation"]
             assert [it["case_id"] for it in items["test"]] == splits["test"]
-            assert all(Path(it["image"]).is_file() and Path(it["label"]).is_file() for v in items.values() for it in v)
+            assert all(
+                Path(it["image"]).is_file() and Path(it["label"]).is_file()
+                for v in items.values()
+                for it in v
+            )
     with pytest.raises(MedsslError, match=r"seed 7 is not in .* \(seeds: \['0', '1'\]\)"):
         finetune_items(datalist, splits_path, fraction=50, seed=7)
 

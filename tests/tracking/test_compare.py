@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from medssl.engines.sweep import run_sweep
 from medssl.errors import MedsslError
-from medssl.sweep import run_sweep
 from medssl.tracking.compare import compare_study
 from medssl.tracking.mlflow_tracker import make_client
 from medssl.tracking.stats import mean_ci
@@ -33,7 +33,9 @@ def test_compare_study_table_csv_png_and_artifacts(tmp_path: Path) -> None:
             row = rows[(frac, init)]
             assert int(row["n"]) == len(seeds) and row["seeds"] == " ".join(map(str, seeds))
             assert float(row["mean"]) == pytest.approx(ref.mean)
-            assert float(row["ci_low"]) == pytest.approx(ref.low) and float(row["ci_high"]) == pytest.approx(ref.high)
+            assert float(row["ci_low"]) == pytest.approx(ref.low) and float(row["ci_high"]) == pytest.approx(
+                ref.high
+            )
     # the fake gives SSL exactly +0.05 on every seed: paired difference 0.05 with a zero-width interval
     diff = rows[(10.0, "ssl-scratch")]
     assert int(diff["n"]) == 2 and float(diff["mean"]) == pytest.approx(0.05)
@@ -55,7 +57,8 @@ def test_compare_study_table_csv_png_and_artifacts(tmp_path: Path) -> None:
     out2 = compare_study("cmp", tracking_uri=uri, metric="test_dice_2")
     assert out2.csv_path.parent == res.sweep_dir / "compare"
     assert out2.summaries[(100.0, "scratch")].mean == pytest.approx(
-        sum(fake_value(100, "scratch", s) + 0.01 for s in (0, 1, 2)) / 3)
+        sum(fake_value(100, "scratch", s) + 0.01 for s in (0, 1, 2)) / 3
+    )
 
 
 def test_single_seed_shows_n1_and_errors(tmp_path: Path) -> None:

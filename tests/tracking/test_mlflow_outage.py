@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from medssl.sweep import run_sweep
+from medssl.engines.sweep import run_sweep
 from medssl.tracking.compare import compare_study
 from medssl.tracking.mlflow_tracker import make_client
 from tests.test_sweep import FakeFinetune, FakePretrain, children, fresh_sqlite_uri, pipeline
@@ -31,11 +31,24 @@ def _free_port() -> int:
 def _start_server(tmp: Path, port: int, db_uri: str) -> subprocess.Popen | None:
     """``mlflow server`` on 127.0.0.1 in its own process group; ``None`` if not healthy within 40 s."""
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    cmd = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", db_uri, "--default-artifact-root", str(tmp / "art")]
+    cmd = [
+        mlflow,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        db_uri,
+        "--default-artifact-root",
+        str(tmp / "art"),
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job workers: starts ~2x faster
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         try:
@@ -100,7 +113,9 @@ def test_sweep_survives_server_outage(tmp_path: Path, monkeypatch: pytest.Monkey
             assert {"test_dice_mean", "test_dice_1", "test_dice_2"} <= set(run.data.metrics)
         parent = client.get_run(res.parent_run_id)
         assert parent.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(res.parent_run_id, "children_done")] == list(range(1, 5))
+        assert [m.step for m in client.get_metric_history(res.parent_run_id, "children_done")] == list(
+            range(1, 5)
+        )
         assert not list((tmp_path / "runs").rglob("mlflow_spool.jsonl"))  # nothing left unsent
         out = compare_study("outage", tracking_uri=uri, out_dir=tmp_path / "cmp")
         assert {r["n"] for r in out.rows} == {2}

@@ -97,8 +97,8 @@ def test_resized_crop_matches_monai_crop_and_resize() -> None:
 
 def test_rotation_labels_match_rotated_crop() -> None:
     x = torch.stack(_volumes(8))
-    aug = BatchedSSLAugment.for_method("rotation", ROI, seed=1, scale_prob=0.0, shift_prob=0.0, noise_prob=0.0,
-                                       n_rotations=24, rot_axes=(0, 1))
+    aug = BatchedSSLAugment.for_method("rotation", ROI, seed=1, scale_prob=0.0, shift_prob=0.0,
+                                       noise_prob=0.0, n_rotations=24, rot_axes=(0, 1))
     out = aug(x)
     from medssl.transforms.spatial import rotation_ops
 
@@ -149,7 +149,8 @@ def test_statistics_agree_with_per_sample_path(method: str) -> None:
     for name in [k for k in per_sample if k in ("view1", "view2")]:
         s1, s2 = _stats(per_sample, name), _stats(batched, name)
         for stat in s1:
-            assert _close(s1[stat], s2[stat]), (method, name, stat, float(s1[stat].mean()), float(s2[stat].mean()))
+            means = float(s1[stat].mean()), float(s2[stat].mean())
+            assert _close(s1[stat], s2[stat]), (method, name, stat, means)
     if "view1_rot" in per_sample:
         h1 = torch.bincount(per_sample["view1_rot"], minlength=4).double() / per_sample["view1_rot"].numel()
         h2 = torch.bincount(batched["view1_rot"], minlength=4).double() / batched["view1_rot"].numel()
@@ -182,7 +183,8 @@ def test_crop_overlap_distribution_agrees() -> None:
         ov2.append(box_overlap(s[:, 0], z[:, 0], s[:, 1], z[:, 1]))
         size2.append(z.double().mean((1, 2)))
     ov2_t = torch.cat(ov2)
-    assert _close(ov1, ov2_t) and _close((ov1 - ov1.mean()) ** 2, (ov2_t - ov2_t.mean()) ** 2)  # mean and spread
+    assert _close(ov1, ov2_t)  # mean overlap
+    assert _close((ov1 - ov1.mean()) ** 2, (ov2_t - ov2_t.mean()) ** 2)  # spread
     assert _close(boxes[:, :, 1].double().mean((1, 2)), torch.cat(size2))
     for ov in (ov1, ov2_t):
         assert ((ov >= 0.3) & (ov <= 0.8)).double().mean() > 0.95
@@ -200,11 +202,11 @@ def test_flip_frequencies_agree() -> None:
     def which(v: torch.Tensor) -> tuple[int, int, int]:
         return next(k for k, c in cands.items() if torch.equal(v, c))
 
-    t = ssl_transforms("simclr", ROI, seed=2, scale=(1.0, 1.0), scale_prob=0.0, shift_prob=0.0, gamma_prob=0.0,
-                       contrast_prob=0.0, blur_prob=0.0, noise_prob=0.0)
+    off = {"scale_prob": 0.0, "shift_prob": 0.0, "gamma_prob": 0.0, "contrast_prob": 0.0, "blur_prob": 0.0,
+           "noise_prob": 0.0}
+    t = ssl_transforms("simclr", ROI, seed=2, scale=(1.0, 1.0), **off)
     f1 = torch.tensor([which(torch.as_tensor(t({"image": vol})["view1"])) for _ in range(200)]).double()
-    aug = BatchedSSLAugment.for_method("simclr", ROI, seed=2, scale=(1.0, 1.0), scale_prob=0.0, shift_prob=0.0,
-                                       gamma_prob=0.0, contrast_prob=0.0, blur_prob=0.0, noise_prob=0.0)
+    aug = BatchedSSLAugment.for_method("simclr", ROI, seed=2, scale=(1.0, 1.0), **off)
     out = aug(vol[None].expand(200, -1, -1, -1, -1))
     f2 = torch.tensor([which(v) for v in out["view1"]]).double()
     assert torch.equal(f2.bool(), aug.last_params["view1_flips"])

@@ -25,7 +25,8 @@ def test_bezier_curves_are_monotone_with_fixed_ends() -> None:
 
 
 def test_bezier_transform_is_seeded_and_keeps_meta() -> None:
-    img = MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.diag(torch.tensor([2.0, 2, 2, 1], dtype=torch.float64)))
+    affine = torch.diag(torch.tensor([2.0, 2, 2, 1], dtype=torch.float64))
+    img = MetaTensor(torch.rand(1, 8, 8, 8), affine=affine)
     a = RandBezierRemapd("v", prob=1.0).set_random_state(3)({"v": img})["v"]
     b = RandBezierRemapd("v", prob=1.0).set_random_state(3)({"v": img})["v"]
     c = RandBezierRemapd("v", prob=1.0).set_random_state(4)({"v": img})["v"]

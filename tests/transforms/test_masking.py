@@ -10,16 +10,17 @@ from medssl.transforms.masking import (
     RandCuboidMaskd,
     RandLocalShuffled,
     RandPatchMaskd,
-    boxes_mask,
     cover_count,
     ratio_mask,
+    ratio_mask_vectorised,
     sample_boxes,
     shuffle_cells,
 )
 
 
 def _img(shape=(1, 24, 24, 24), seed=0) -> torch.Tensor:
-    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) + 0.5  # no zeros: fills are visible
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) + 0.5  # no zeros: fills are visible
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.4])
@@ -127,10 +128,13 @@ def test_cover_count_and_ratio_mask_match_a_loop() -> None:
     assert torch.equal(cover_count(starts, sizes, active, shape), ref)
     ratio = torch.tensor([0.2, 0.5, 0.0])
     got = ratio_mask(starts, sizes, ratio, shape)
+    assert torch.equal(ratio_mask_vectorised(starts, sizes, ratio, shape), got)  # the branch used on GPUs
     for b in range(3):
         n = next((k + 1 for k in range(20) if cover[k][b] >= ratio[b]), 20) if ratio[b] > 0 else 0
         prefix = cover_count(starts[b:b + 1, :n], sizes[b:b + 1, :n], active[b:b + 1, :n], shape) > 0
         assert torch.equal(got[b], prefix[0])
+        one = ratio_mask(starts[b:b + 1], sizes[b:b + 1], ratio[b:b + 1], shape)  # per-sample (slicing) path
+        assert torch.equal(one[0], got[b])
 
 
 @pytest.mark.parametrize("kwargs", [{"mask_ratio": 1.5}, {"cuboid_size": (0.0, 0.2)}, {"fill": "blue"},

@@ -84,3 +84,17 @@ def test_real_hippocampus_pairs(hippocampus_dir: Path) -> None:
     assert torch.isfinite(batch["view1"]).all()
     assert 0.1 <= float(batch["view1_mask"].mean()) <= 0.35
     assert (batch["view1_target"] >= 0).all() and (batch["view1_target"] <= 1).all()
+
+
+def test_track_meta_switch_is_scoped() -> None:
+    from monai.data import MetaTensor, get_track_meta
+
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    vol = MetaTensor(_volume(), affine=affine)
+    fast = ssl_transforms("rotation", (16, 16, 16), seed=0, track_meta=False)({"image": vol})
+    assert type(fast["view1"]) is torch.Tensor and get_track_meta()  # global flag restored
+    kept = ssl_transforms("rotation", (16, 16, 16), seed=0, track_meta=True)({"image": vol})
+    assert isinstance(kept["view1"], MetaTensor)
+    spacing = kept["view1"].affine[:3, :3].abs().sum(0)  # 2 mm voxels, axes permuted by the rotation
+    assert torch.allclose(spacing, torch.full((3,), 2.0, dtype=torch.float64))
+    assert torch.equal(fast["view1"], kept["view1"].as_tensor())  # same draws, same values

@@ -38,7 +38,8 @@ def test_overlap_within_requested_range(lo: float, hi: float) -> None:
 
 def test_views_are_exact_crops_and_differ() -> None:
     vol = _volume()
-    t = RandOverlapCropd("image", (16, 16, 16), min_overlap=0.1, max_overlap=0.6, box_key="boxes").set_random_state(0)
+    t = RandOverlapCropd("image", (16, 16, 16), min_overlap=0.1, max_overlap=0.6, box_key="boxes")
+    t.set_random_state(0)
     out = t({"image": vol})
     assert "image" not in out
     for v, name in enumerate(("view1", "view2")):
@@ -75,7 +76,8 @@ def test_scale_resizes_to_roi_and_pads_small_volumes() -> None:
 def test_meta_tensor_affine_follows_crop() -> None:
     affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
     vol = MetaTensor(_volume(), affine=affine)
-    out = RandOverlapCropd("image", (16, 16, 16), n_candidates=1, box_key="boxes").set_random_state(2)({"image": vol})
+    t = RandOverlapCropd("image", (16, 16, 16), n_candidates=1, box_key="boxes").set_random_state(2)
+    out = t({"image": vol})
     start = out["boxes"][0, 0].double()
     assert isinstance(out["view1"], MetaTensor)
     expected = affine.clone()
@@ -92,8 +94,8 @@ def test_crop_boxes_is_pure_and_single_view() -> None:
     assert (a[0] + a[1] <= ext[:, None]).all() and (a[0] >= 0).all()
 
 
-@pytest.mark.parametrize("kwargs", [{"roi_size": (16, 16)}, {"scale": (0.0, 1.0)}, {"min_overlap": 0.8, "max_overlap": 0.5},
-                                    {"view_keys": ("a", "b", "c")}])
+@pytest.mark.parametrize("kwargs", [{"roi_size": (16, 16)}, {"scale": (0.0, 1.0)},
+                                    {"min_overlap": 0.8, "max_overlap": 0.5}, {"view_keys": ("a", "b", "c")}])
 def test_bad_arguments_raise(kwargs: dict) -> None:
     args = {"roi_size": (16, 16, 16), **kwargs}
     with pytest.raises(ValueError):

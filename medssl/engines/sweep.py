@@ -1,0 +1,440 @@
+"""The label-fraction sweep runner behind ``medssl sweep``: one MLflow parent run per study, pretraining
+once (a child run, skipped when finished or replaced by a given checkpoint), then one finetuning child run
+per (fraction, init, seed) with the standard tags (``medssl.study``, ``medssl.fraction``, ``medssl.init``,
+``medssl.seed``, ``medssl.data_hash``, ``medssl.git_sha``) plus ``medssl.sweep_key``.
+
+The pipeline file format, data preparation and checks live in :mod:`medssl.sweep`. Re-running finds the
+parent by its ``medssl.study`` tag, skips FINISHED children (MLflow status, or the local
+``sweep_child.json`` marker when the end status is still spooled during an outage), resumes the others
+from their deterministic folders (``resume="auto"``), and records a failing child as FAILED with
+``medssl.error`` (tag and param) while the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medssl.data.splits import fraction_key
+from medssl.errors import MedsslError
+from medssl.sweep import Pipeline, by_fraction, check_fractions_available, load_pipeline, prepare_data
+from medssl.tracking.compare import child_runs, find_study_runs
+from medssl.tracking.mlflow_tracker import (
+    MlflowTracker,
+    default_tracking_uri,
+    git_sha,
+    make_client,
+    standard_tags,
+)
+
+__all__ = ["ChildOutcome", "SweepResult", "run_sweep"]
+
+log = logging.getLogger(__name__)
+
+_MARKER = "sweep_child.json"
+
+
+@dataclass
+class ChildOutcome:
+    """One (fraction, init, seed) child of a sweep. ``status``: FINISHED, SKIPPED (finished earlier) or FAILED."""
+
+    key: str
+    fraction: float
+    init: str
+    seed: int
+    out_dir: Path
+    status: str
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did."""
+
+    study: str
+    parent_run_id: str
+    sweep_dir: Path
+    data_hash: str
+    encoder_path: Path | None = None
+    pretrain_run_id: str | None = None
+    children: list[ChildOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[ChildOutcome]:
+        return [c for c in self.children if c.status == "FAILED"]
+
+    def table(self, metric: str | None = None) -> Any:
+        """Rich ``Table`` of the children: key, status, MLflow run id, ``metric`` (or all test metrics), error."""
+        from rich.table import Table
+
+        t = Table(title=f"medssl sweep {self.study} (parent run {self.parent_run_id})")
+        for col in ("child", "status", "run id", metric or "test metrics", "error"):
+            t.add_column(col, overflow="fold")
+        style = {"FINISHED": "green", "SKIPPED": "dim", "FAILED": "red"}
+        for c in self.children:
+            m = {
+                k: v
+                for k, v in c.metrics.items()
+                if metric is None or k in (metric, metric.removeprefix("test_"))
+            }
+            vals = ", ".join(f"{k}={v:.4f}" for k, v in m.items())
+            t.add_row(c.key, f"[{style.get(c.status, '')}]{c.status}[/]", c.run_id or "", vals, c.error or "")
+        return t
+
+
+def _data_hash(datalist: Path, splits: Path) -> str:
+    h = hashlib.sha256(datalist.read_bytes())
+    h.update(splits.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _child_key(fraction: float, init: str, seed: int) -> str:
+    return f"f{fraction_key(fraction)}-{init}-s{seed}"
+
+
+def _default_finetune(config: Any, *, resume: str | None, progress: bool) -> Any:
+    from medssl.engines.finetune import run_finetune
+
+    return run_finetune(config, resume=resume, progress=progress)
+
+
+def _default_pretrain(config: Any, *, resume: str | Path | None, progress: bool) -> Any:
+    from medssl.engines.pretrain import run_pretraining
+
+    return run_pretraining(config, resume=resume, progress=progress)
+
+
+def run_sweep(
+    pipeline: str | Path | dict[str, Any] | Pipeline,
+    *,
+    new: bool = False,
+    finetune_fn: Callable[..., Any] | None = None,
+    pretrain_fn: Callable[..., Any] | None = None,
+    progress: bool = False,
+) -> SweepResult:
+    """Run (or resume) a label-efficiency study; the library entry point behind ``medssl sweep``.
+
+    Args:
+        pipeline: pipeline YAML path, dict or :class:`Pipeline`.
+        new: start a new parent run even if the study exists (default: resume the newest one).
+        finetune_fn: ``fn(FinetuneConfig, *, resume, progress) -> result`` with ``.run_id``,
+            ``.test_metrics`` and ``.status``; default :func:`medssl.engines.finetune.run_finetune`.
+        pretrain_fn: ``fn(PretrainConfig, *, resume, progress) -> result`` with ``.encoder_path`` and
+            ``.run_id``; default :func:`medssl.engines.pretrain.run_pretraining`.
+        progress: show the engines' progress bars.
+
+    Returns:
+        The :class:`SweepResult`; failed children are listed in ``result.failed`` (the sweep goes on).
+
+    Raises:
+        MedsslError: invalid pipeline/data (a fraction or seed missing from the splits, a class without
+            cases), invalid finetune settings, MLflow unreachable at the start, or a reused SSL checkpoint
+            that does not exist.
+    """
+    from medssl.engines.finetune_config import FinetuneConfig
+
+    pl = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
+    datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
+    check_fractions_available(splits, pl.fractions, pl.seeds)
+    for f in pl.fractions:  # fail fast on bad finetune settings, before any run exists
+        FinetuneConfig.from_dict(
+            {
+                **pl.finetune,
+                **by_fraction(pl, f),
+                "datalist": str(datalist),
+                "splits": str(splits),
+                "fraction": f,
+            }
+        )
+    try:
+        sweep = _Sweep(pl, datalist, splits, finetune_fn or _default_finetune, progress, new)
+    except MedsslError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transport/store errors at the start become one clear line
+        raise MedsslError(f"MLflow at {pl.tracking_uri or default_tracking_uri()} is unreachable: {e}") from e
+    try:
+        sweep.run(pretrain_fn or _default_pretrain)
+    except BaseException:
+        sweep.parent.close("KILLED")
+        raise
+    sweep.parent.close("FINISHED")
+    return sweep.result
+
+
+class _Sweep:
+    """State of one :func:`run_sweep` call: the parent run, its folder and the outcomes so far."""
+
+    def __init__(
+        self,
+        pl: Pipeline,
+        datalist: Path,
+        splits: Path,
+        finetune_fn: Callable[..., Any],
+        progress: bool,
+        new: bool,
+    ) -> None:
+        self.pl, self.datalist, self.splits, self.finetune_fn, self.progress = (
+            pl,
+            datalist,
+            splits,
+            finetune_fn,
+            progress,
+        )
+        self.data_hash, self.sha, self.uri = _data_hash(datalist, splits), git_sha(), pl.tracking_uri or None
+        self.client = make_client(self.uri)
+        self.parent, self.sweep_dir = self._open_parent(new)
+        self.result = SweepResult(pl.study, self.parent.run_id, self.sweep_dir, self.data_hash)
+        self.common = {
+            "experiment": pl.experiment,
+            "tracking_uri": self.uri,
+            "parent_run_id": self.parent.run_id,
+        }
+
+    def _open_parent(self, new: bool) -> tuple[MlflowTracker, Path]:
+        """Reattach to the study's newest parent run (unless ``new``) or create one; its sweep folder."""
+        pl = self.pl
+        exp = self.client.get_experiment_by_name(pl.experiment)
+        previous = find_study_runs(self.client, pl.study, [exp.experiment_id]) if exp is not None else []
+        tags = {
+            **standard_tags("sweep", study=pl.study, data_hash=self.data_hash, sha=self.sha),
+            "medssl.metric": pl.metric,
+        }
+        kw = {"tracking_uri": self.uri, "client": self.client, "tags": tags}
+        if previous and not new:
+            run = previous[0]
+            if run.data.tags.get("medssl.data_hash", self.data_hash) != self.data_hash:
+                log.warning("study %s: datalist/splits changed since its parent run was made", pl.study)
+            sweep_dir = Path(run.data.tags.get("medssl.sweep_dir") or pl.study_root / "sweep")
+            log.info("resuming study %s (parent run %s, %s)", pl.study, run.info.run_id, sweep_dir)
+            return MlflowTracker(
+                pl.experiment, run_id=run.info.run_id, spool_path=sweep_dir / "mlflow_spool.jsonl", **kw
+            ), sweep_dir
+        tracker = MlflowTracker(pl.experiment, run_name=pl.study, **kw)
+        sweep_dir = pl.study_root / ("sweep" if not previous else f"sweep-{tracker.run_id[:8]}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        tracker.spool_path = sweep_dir / "mlflow_spool.jsonl"
+        tracker.set_tags({"medssl.sweep_dir": str(sweep_dir.resolve())})
+        tracker.log_params(
+            {
+                "fractions": pl.fractions,
+                "inits": pl.inits,
+                "seeds": pl.seeds,
+                "metric": pl.metric,
+                "data": json.dumps(pl.data, sort_keys=True),
+            }
+        )
+        log.info("study %s: new parent run %s in %s", pl.study, tracker.run_id, sweep_dir)
+        return tracker, sweep_dir
+
+    def run(self, pretrain_fn: Callable[..., Any]) -> None:
+        pl, r = self.pl, self.result
+        try:
+            existing = self._existing_children()
+        except Exception as e:  # noqa: BLE001 - MLflow hiccup: the local markers still tell finished children
+            log.warning("cannot list child runs of %s (%s); using local markers only", pl.study, e)
+            existing = {}
+        pretrain_error = None
+        if "ssl" in pl.inits:
+            try:
+                r.encoder_path, r.pretrain_run_id = self._pretrain(pretrain_fn)
+            except Exception as e:  # noqa: BLE001 - scratch children can still run
+                if (pl.pretrain or {}).get("checkpoint"):
+                    raise
+                pretrain_error = f"pretraining failed: {type(e).__name__}: {e}"
+                log.error("%s; ssl children are marked FAILED, scratch children go on", pretrain_error)
+        self.parent.set_tags({"medssl.ssl_checkpoint": str(r.encoder_path or "")})
+        todo = [(f, s, i) for f in pl.fractions for s in pl.seeds for i in pl.inits]
+        for n, (fraction, seed, init) in enumerate(todo, start=1):
+            key = _child_key(fraction, init, seed)
+            out = self.sweep_dir / key
+            marker = _read_marker(out)
+            if existing.get(key) == "FINISHED" or marker.get("status") == "FINISHED":
+                log.info("[%d/%d] %s finished earlier; skipped", n, len(todo), key)
+                r.children.append(
+                    ChildOutcome(
+                        key,
+                        fraction,
+                        init,
+                        seed,
+                        out,
+                        "SKIPPED",
+                        marker.get("run_id"),
+                        marker.get("metrics", {}),
+                    )
+                )
+                continue
+            log.info("[%d/%d] %s", n, len(todo), key)
+            r.children.append(
+                self._child(ChildOutcome(key, fraction, init, seed, out, "FAILED"), pretrain_error)
+            )
+            self.parent.log_metrics(
+                {
+                    "children_done": float(sum(c.status != "FAILED" for c in r.children)),
+                    "children_failed": float(len(r.failed)),
+                },
+                step=n,
+            )
+        self.parent.set_tags({"medssl.children_failed": str(len(r.failed))})
+        rows = [dataclasses.asdict(c) | {"out_dir": str(c.out_dir)} for c in r.children]
+        (self.sweep_dir / "sweep.json").write_text(
+            json.dumps({"study": r.study, "parent_run_id": r.parent_run_id, "children": rows}, indent=1)
+        )
+
+    def _existing_children(self) -> dict[str, str]:
+        """sweep key → best status among the parent's child runs (FINISHED wins)."""
+        out: dict[str, str] = {}
+        for run in child_runs(self.client, self.client.get_run(self.parent.run_id)):
+            key = run.data.tags.get("medssl.sweep_key")
+            if key and out.get(key) != "FINISHED":
+                out[key] = run.info.status
+        return out
+
+    def _tags(self, c: ChildOutcome) -> dict[str, str]:
+        return {
+            **standard_tags(
+                "finetune",
+                study=self.pl.study,
+                init=c.init,
+                seed=c.seed,
+                data_hash=self.data_hash,
+                sha=self.sha,
+            ),
+            "medssl.fraction": fraction_key(c.fraction),
+            "medssl.sweep_key": c.key,
+        }
+
+    def _child(self, c: ChildOutcome, pretrain_error: str | None) -> ChildOutcome:
+        """Run (or resume) one child; a failure is recorded on the outcome and in MLflow, never raised."""
+        from medssl.engines.finetune_config import FinetuneConfig
+
+        pl, base = self.pl, self.pl.finetune
+        cfg = {
+            **base,
+            **by_fraction(pl, c.fraction),
+            **self.common,
+            "datalist": str(self.datalist),
+            "splits": str(self.splits),
+            "fraction": c.fraction,
+            "seed": c.seed,
+            "study": pl.study,
+            "out_dir": str(c.out_dir),
+            "run_name": f"{pl.study}/{c.key}",
+            "tags": {**base.get("tags", {}), **self._tags(c)},
+            "init": "scratch" if c.init == "scratch" else f"ssl:{self.result.encoder_path}",
+        }
+        try:
+            if c.init == "ssl" and self.result.encoder_path is None:
+                raise MedsslError(pretrain_error or "no SSL checkpoint")
+            res = self.finetune_fn(FinetuneConfig.from_dict(cfg), resume="auto", progress=self.progress)
+            c.run_id = getattr(res, "run_id", None)
+            c.metrics = {k: float(v) for k, v in (getattr(res, "test_metrics", None) or {}).items()}
+            status = str(getattr(res, "status", None) or "finished")
+            if status.upper() in ("FAILED", "KILLED"):  # run_finetune says "finished" / "early_stopped"
+                raise MedsslError(f"finetuning ended with status {status}")
+            c.status = "FINISHED"
+            _write_marker(c)
+        except Exception as e:  # noqa: BLE001 - one failing child never stops the sweep
+            c.error = f"{type(e).__name__}: {e}"[:1000]
+            log.error("child %s failed: %s", c.key, c.error)
+            c.run_id = self._mark_failed(c)
+        return c
+
+    def _mark_failed(self, c: ChildOutcome) -> str | None:
+        """Tag the child's run (found by its sweep key) FAILED with ``medssl.error``; make one if none exists."""
+        client = self.client
+        try:
+            runs = [
+                x
+                for x in child_runs(client, client.get_run(self.parent.run_id))
+                if x.data.tags.get("medssl.sweep_key") == c.key
+            ]
+            if runs:
+                run_id = runs[0].info.run_id
+                client.set_tag(run_id, "medssl.error", c.error)
+                try:
+                    client.log_param(run_id, "medssl.error", c.error)
+                except Exception:  # noqa: BLE001 - params are immutable: an earlier attempt's error stays
+                    log.debug("param medssl.error already set on %s", run_id)
+                if runs[0].info.status != "FAILED":
+                    client.set_terminated(run_id, status="FAILED")
+                return run_id
+            tr = MlflowTracker(
+                self.pl.experiment,
+                run_name=f"{self.pl.study}/{c.key}",
+                tracking_uri=self.uri,
+                client=client,
+                tags={**self._tags(c), "medssl.error": c.error},
+                parent_run_id=self.parent.run_id,
+                spool_path=c.out_dir / "mlflow_spool.jsonl",
+                close_timeout_s=10,
+            )
+            tr.log_params({"medssl.error": c.error, "fraction": c.fraction, "seed": c.seed, "init": c.init})
+            tr.close("FAILED")
+            return tr.run_id
+        except Exception as e:  # noqa: BLE001 - recording the failure must not stop the sweep either
+            log.warning("could not record the failure of %s in MLflow: %s", c.key, e)
+            return None
+
+    def _pretrain(self, pretrain_fn: Callable[..., Any]) -> tuple[Path, str | None]:
+        """Reuse ``pretrain.checkpoint``, or pretrain once into ``<sweep>/pretrain`` (skipped when finished)."""
+        from medssl.config import PretrainConfig
+
+        spec = dict(self.pl.pretrain or {})
+        if spec.get("checkpoint"):
+            ckpt = Path(spec["checkpoint"])
+            if not ckpt.exists():
+                raise MedsslError(f"pretrain.checkpoint {ckpt} does not exist")
+            return ckpt.resolve(), None
+        out = self.sweep_dir / "pretrain"
+        marker = _read_marker(out)
+        if (out / "encoder.pt").exists() and marker.get("status") == "FINISHED":
+            log.info("pretraining finished earlier: %s", out / "encoder.pt")
+            return (out / "encoder.pt").resolve(), marker.get("run_id")
+        tags = {
+            **spec.get("tags", {}),
+            "medssl.study": self.pl.study,
+            "medssl.sweep_key": "pretrain",
+            "medssl.data_hash": self.data_hash,
+        }
+        cfg = PretrainConfig.from_dict(
+            {
+                "datalist": str(self.datalist),
+                "splits": str(self.splits),
+                **spec,
+                **self.common,
+                "out_dir": str(out),
+                "run_name": f"{self.pl.study}/pretrain",
+                "tags": tags,
+            }
+        )
+        last = out / "checkpoints" / "last.pt"
+        res = pretrain_fn(cfg, resume=last if last.exists() else None, progress=self.progress)
+        encoder = Path(getattr(res, "encoder_path", None) or out / "encoder.pt")
+        if not encoder.exists():
+            raise MedsslError(f"pretraining wrote no encoder at {encoder}")
+        run_id = getattr(res, "run_id", None)
+        (out / _MARKER).write_text(json.dumps({"status": "FINISHED", "run_id": run_id}))
+        return encoder.resolve(), run_id
+
+
+def _read_marker(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / _MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_marker(c: ChildOutcome) -> None:
+    c.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = c.out_dir / f".{_MARKER}.tmp"
+    tmp.write_text(json.dumps({"status": c.status, "run_id": c.run_id, "metrics": c.metrics}))
+    os.replace(tmp, c.out_dir / _MARKER)
