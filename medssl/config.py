@@ -70,6 +70,18 @@ class PretrainConfig:
         cache_rate: share of volumes kept in the in-memory ``CacheDataset`` (filled lazily).
         num_workers: threads for loading; 0 (default) loads in the training process, which was
             faster than workers for small volumes on 2 CPU cores.
+        sync_batchnorm: under DDP (``torchrun``, ``WORLD_SIZE > 1``), convert BatchNorm layers to
+            ``SyncBatchNorm`` (batch statistics over the global batch; CUDA only, ignored with a warning
+            on CPU/Gloo).
+        ddp_find_unused_parameters: DDP's ``find_unused_parameters`` (methods whose forward leaves some
+            trainable parameters unused, e.g. an inactive task head, need it; costs one graph walk).
+        channels_last: run the model in ``torch.channels_last_3d`` memory format (see
+            ``benchmarks/RESULTS_pretrain.md`` for when it wins).
+        compile: wrap the model in ``torch.compile`` (opt-in; the first steps pay the compile time).
+        cpu_bf16: bf16 autocast on the CPU, only where the CPU has native bf16 (AVX512-BF16 / AMX);
+            otherwise ignored with a warning. CUDA uses ``amp``.
+        num_threads: ``torch.set_num_threads`` for the run (0 keeps torch's default: one per core, or
+            ``OMP_NUM_THREADS``, which ``torchrun`` sets to 1 per process).
         max_nan_steps: K; this many non-finite losses in a row abort the run.
         log_every: metrics are logged every N steps.
         preview: log an augmentation preview PNG at the start.
@@ -114,6 +126,12 @@ class PretrainConfig:
     out_dir: str = "runs/pretrain"
     cache_rate: float = 1.0
     num_workers: int = 0
+    sync_batchnorm: bool = False
+    ddp_find_unused_parameters: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    cpu_bf16: bool = False
+    num_threads: int = 0
     max_nan_steps: int = 5
     log_every: int = 1
     preview: bool = True
@@ -154,7 +172,7 @@ class PretrainConfig:
         for name in ("batch_size", "grad_accum", "max_nan_steps", "log_every", "in_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers"):
+        for name in ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers", "num_threads"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.total_steps == 0 and self.epochs == 0:

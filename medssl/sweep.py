@@ -14,24 +14,23 @@ Pipeline file (YAML; paths relative to the working directory, ``${VAR}`` expande
       sources: ["${MEDSSL_DATASETS}/msd_task04_hippocampus"]
       test_fraction: 0.2
       val_fraction: 0.1
-    pretrain: {method: simclr, total_steps: 200, ...}   # a PretrainConfig dict, or {checkpoint: encoder.pt}
-    finetune: {task: segmentation, network: SegResNet, max_steps: 600, ...}   # base FinetuneConfig dict
-    finetune_by_fraction: {5: {val_every: 20}, 100: {val_every: 1}}   # optional per-fraction overrides
+    pretrain: {method: simclr, total_steps: 600, ...}   # PretrainConfig dict, or {checkpoint: encoder.pt}
+    finetune: {task: segmentation, network: SegResNet, max_steps: 400, ...}   # base FinetuneConfig dict
+    finetune_by_fraction: {5: {val_every: 25}, 100: {val_every: 1}}   # optional per-fraction overrides
     fractions: [5, 10, 25, 50, 100]
     inits: [scratch, ssl]
     seeds: [0, 1]
     metric: test_dice_mean
 
-The runner is :func:`medssl.engines.sweep.run_sweep`. Layout: ``<out_dir>/<study>/data`` (ingested data), ``<out_dir>/<study>/sweep/`` (the first parent run;
-a parent made with ``new=True`` gets ``sweep-<run id[:8]>``) holding ``pretrain/`` and one folder per
-child ``f<fraction>-<init>-s<seed>``. Re-running the same file finds the parent by its ``medssl.study`` tag,
-skips FINISHED children (MLflow status, or the local ``sweep_child.json`` marker when the end status
-is still spooled), resumes the others from their folders (``resume="auto"``), and records a failing child
-as FAILED with ``medssl.error`` while the sweep goes on.
+This module holds the file format (:class:`Pipeline`, :func:`load_pipeline`) and the data preparation and
+checks; the runner is :func:`medssl.engines.sweep.run_sweep`. Layout: ``<out_dir>/<study>/data`` (ingested
+data), ``<out_dir>/<study>/sweep/`` (the first parent run; a parent made with ``new=True`` gets
+``sweep-<run id[:8]>``) holding ``pretrain/`` and one folder per child ``f<fraction>-<init>-s<seed>``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -41,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from medssl.config import apply_overrides
 from medssl.errors import MedsslError
 
 __all__ = ["INITS", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "by_fraction"]
@@ -52,7 +52,12 @@ INITS = ("scratch", "ssl")
 
 @dataclass
 class Pipeline:
-    """A parsed pipeline file (see the module docstring); every field is plain data."""
+    """A parsed pipeline file (see the module docstring); every field is plain data.
+
+    Raises:
+        MedsslError: a bad study name, unknown init, ``ssl`` without ``pretrain``, no fraction/seed,
+            fractions outside (0, 100], or ``finetune_by_fraction`` naming a fraction not swept.
+    """
 
     study: str
     data: dict[str, Any]
@@ -105,14 +110,20 @@ def _expand(value: Any) -> Any:
     return value
 
 
-def load_pipeline(source: str | Path | dict[str, Any]) -> Pipeline:
-    """Read a pipeline YAML file (or take a dict) and validate it.
+def load_pipeline(
+    source: str | Path | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
+) -> Pipeline:
+    """Read a pipeline YAML file (or take a dict), apply dotted overrides and validate it.
+
+    Args:
+        source: YAML path or mapping.
+        overrides: ``["seeds=[0]", "finetune.max_steps=100"]`` or ``{"seeds": [0]}`` (YAML-parsed values).
 
     Raises:
         MedsslError: unreadable file, unknown keys (named), or invalid values.
     """
     if isinstance(source, dict):
-        data = dict(source)
+        data = copy.deepcopy(source)
     else:
         try:
             data = yaml.safe_load(Path(source).read_text()) or {}
@@ -120,6 +131,7 @@ def load_pipeline(source: str | Path | dict[str, Any]) -> Pipeline:
             raise MedsslError(f"cannot read pipeline {source}: {e}") from e
         if not isinstance(data, dict):
             raise MedsslError(f"pipeline {source} must hold a mapping")
+    data = apply_overrides(data, overrides or [])
     names = {f.name for f in fields(Pipeline)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -136,8 +148,9 @@ def load_pipeline(source: str | Path | dict[str, Any]) -> Pipeline:
 def prepare_data(
     data: dict[str, Any], study_root: Path, *, fractions: list[float], seeds: list[int]
 ) -> tuple[Path, Path]:
-    """The study's ``(datalist.json, splits.json)``: given, or ingested from ``data.sources`` into ``data.out``
-    (default ``<study_root>/data``) and split with the pipeline's fractions/seeds; existing files are reused.
+    """The study's ``(datalist.json, splits.json)``: given, or ingested from ``data.sources`` into
+    ``data.out`` (default ``<study_root>/data``) and split with the pipeline's fractions/seeds; existing
+    files are reused.
 
     Raises:
         MedsslError: neither ``datalist`` nor ``sources`` given, or ingest/split errors.

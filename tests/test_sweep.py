@@ -282,8 +282,17 @@ def test_bad_pipelines(tmp_path: Path) -> None:
         load_pipeline({**base, "pretrain": None})
     with pytest.raises(MedsslError, match="inits must be"):
         load_pipeline({**base, "inits": ["imagenet"]})
+    pl = load_pipeline(base, ["seeds=[3]", "finetune.max_steps=7", "finetune_by_fraction.10.val_every=2"])
+    assert pl.seeds == [3] and pl.finetune["max_steps"] == 7 and base["finetune"].get("max_steps") is None
+    assert pl.finetune_by_fraction == {"10": {"val_every": 2}}
+    with pytest.raises(MedsslError, match="finetune_by_fraction names fractions \\[42.0\\]"):
+        load_pipeline(base, {"finetune_by_fraction": {42: {"val_every": 1}}})
     with pytest.raises(MedsslError, match="NOT_SET_ANYWHERE"):
         load_pipeline({**base, "data": {"sources": ["${NOT_SET_ANYWHERE}/x"]}})
+    with pytest.raises(MedsslError, match="pretrain.checkpoint .*missing.pt does not exist"):
+        run_sweep(
+            {**base, "pretrain": {"checkpoint": str(tmp_path / "missing.pt")}}, finetune_fn=FakeFinetune()
+        )
     with pytest.raises(MedsslError, match="invalid finetuning config"):
         run_sweep(
             {**base, "finetune": {"task": "segmentation", "network": "ResNet"}}, finetune_fn=FakeFinetune()
@@ -340,7 +349,7 @@ SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": [
 
 @pytest.mark.timeout(300)
 def test_real_engines_tiny_hippocampus_sweep(hippocampus_dir: Path, tmp_path: Path) -> None:
-    """Real pretraining (2 SimCLR steps) + real finetuning (1 epoch), scratch and SSL, on 6 hippocampus cases."""
+    """Real pretraining (2 SimCLR steps) + real finetuning (1 epoch), scratch and SSL, 6 hippocampus cases."""
     from medssl.tracking.compare import compare_study
 
     images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:6]
@@ -410,3 +419,17 @@ def test_real_engines_tiny_hippocampus_sweep(hippocampus_dir: Path, tmp_path: Pa
     }
     again = run_sweep(spec)  # everything finished: nothing runs again
     assert {c.status for c in again.children} == {"SKIPPED"} and again.parent_run_id == res.parent_run_id
+
+
+def test_finished_child_is_known_from_mlflow_or_from_its_marker(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    spec = pipeline(tmp_path, uri, study="markers", fractions=[100], inits=["scratch"], seeds=[0, 1])
+    res = run_sweep(spec, finetune_fn=FakeFinetune())
+    s0, s1 = res.children
+    client = make_client(uri)
+    client.update_run(s0.run_id, status="RUNNING")  # its end status still spooled somewhere: marker says done
+    (s1.out_dir / "sweep_child.json").unlink()  # marker lost: MLflow says FINISHED
+    ft = FakeFinetune()
+    again = run_sweep(spec, finetune_fn=ft)
+    assert ft.calls == [] and [c.status for c in again.children] == ["SKIPPED", "SKIPPED"]
+    assert again.children[0].run_id == s0.run_id and again.children[1].run_id == s1.run_id

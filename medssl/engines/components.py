@@ -9,6 +9,7 @@ e.g. test doubles or a user's own method).
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,18 @@ from medssl.config import PretrainConfig
 from medssl.engines import checkpoint as ck
 from medssl.errors import MedsslError
 
-__all__ = ["resolve_device", "build_components", "make_recipe"]
+__all__ = [
+    "resolve_device",
+    "build_components",
+    "make_recipe",
+    "method_kwargs_for",
+    "GATHERING_METHODS",
+    "cpu_has_native_bf16",
+    "autocast_for",
+    "to_memory_format",
+]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,19 +51,41 @@ def _import(target: str) -> Callable:
     return obj
 
 
-def build_components(config: PretrainConfig) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
+#: built-in methods whose loss takes ``gather_distributed`` (global-batch negatives / statistics)
+GATHERING_METHODS = ("simclr", "vicreg", "swin")
+
+
+def method_kwargs_for(config: PretrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The method's constructor kwargs; under DDP (``world_size > 1``) the built-in contrastive /
+    variance methods (:data:`GATHERING_METHODS`) get ``gather_distributed=True`` unless the config sets it."""
+    kwargs = dict(config.method_kwargs)
+    if world_size > 1 and config.method in GATHERING_METHODS:
+        kwargs.setdefault("gather_distributed", True)
+    return kwargs
+
+
+def build_components(
+    config: PretrainConfig, *, rank: int = 0, world_size: int = 1
+) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
     """Encoder, method and batched augmentation from the config (names, or ``"module:callable"`` targets).
+
+    Args:
+        config: the run config.
+        rank, world_size: DDP position; the augmentation is seeded with ``config.seed + rank`` (ranks
+            draw different views) and :func:`method_kwargs_for` turns on cross-rank gathering.
 
     Returns:
         ``(encoder, method, augment)`` where ``augment(images (B, C, D, H, W)) -> batch dict``.
     """
     try:
-        return _build_components(config)
+        return _build_components(config, rank, world_size)
     except (ValueError, KeyError, TypeError) as e:
         raise MedsslError(f"cannot build method {config.method!r} / encoder {config.encoder!r}: {e}") from e
 
 
-def _build_components(config: PretrainConfig) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
+def _build_components(
+    config: PretrainConfig, rank: int = 0, world_size: int = 1
+) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
     roi = tuple(config.roi_size)
     if ":" in config.encoder:
         encoder = _import(config.encoder)(
@@ -64,17 +98,21 @@ def _build_components(config: PretrainConfig) -> tuple[torch.nn.Module, torch.nn
             config.encoder, in_channels=config.in_channels, img_size=roi, **config.encoder_kwargs
         )
     if ":" in config.method:
-        method = _import(config.method)(encoder, **config.method_kwargs)
+        method = _import(config.method)(encoder, **method_kwargs_for(config, world_size))
     else:
         from medssl.methods.base import build_method
 
-        method = build_method(config.method, encoder, **config.method_kwargs)
+        method = build_method(config.method, encoder, **method_kwargs_for(config, world_size))
     if config.augment:
-        augment = _import(config.augment)(config.method, roi, seed=config.seed, **config.augment_kwargs)
+        augment = _import(config.augment)(
+            config.method, roi, seed=config.seed + rank, **config.augment_kwargs
+        )
     else:
         from medssl.transforms.batched import BatchedSSLAugment
 
-        augment = BatchedSSLAugment.for_method(config.method, roi, seed=config.seed, **config.augment_kwargs)
+        augment = BatchedSSLAugment.for_method(
+            config.method, roi, seed=config.seed + rank, **config.augment_kwargs
+        )
     return encoder, method, augment
 
 
@@ -92,4 +130,37 @@ def make_recipe(config: PretrainConfig, encoder: torch.nn.Module) -> dict[str, A
         "normalisation": config.normalisation,
         "ct_window": list(config.ct_window),
         "versions": ck.library_versions(),
+    }
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, x86; BF16/SVE-BF16, ARM)."""
+    caps_fn = getattr(torch.cpu, "get_capabilities", None)
+    if caps_fn is None:
+        return False
+    caps = caps_fn()
+    return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
+def autocast_for(config: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward pass: ``config.amp`` on CUDA; bf16 on the CPU only with
+    ``config.cpu_bf16`` and native hardware support (warns and returns ``None`` otherwise)."""
+    if device.type == "cuda":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "")
+    if config.amp:
+        log.warning("amp=%s ignored on %s (AMP runs on CUDA only; see cpu_bf16)", config.amp, device)
+    if config.cpu_bf16 and device.type == "cpu":
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        log.warning("cpu_bf16 ignored: this CPU has no native bf16 (AVX512-BF16/AMX)")
+    return None
+
+
+def to_memory_format(batch: dict[str, Any], channels_last: bool) -> dict[str, Any]:
+    """5-D tensors of a batch in ``channels_last_3d`` when asked (others untouched)."""
+    if not channels_last:
+        return batch
+    return {
+        k: v.contiguous(memory_format=torch.channels_last_3d) if torch.is_tensor(v) and v.ndim == 5 else v
+        for k, v in batch.items()
     }

@@ -203,29 +203,48 @@ class CropBatcher:
             are cut at a random position (e.g. ``(96, 96, 96)`` for whole-body CT), smaller axes kept
             whole. ``None``: whole volumes (small MRI such as the hippocampus crops).
         seed: order/window seed.
+        rank, world_size: DDP shard. Every rank draws the same epoch order ``permutation(seed, epoch)``
+            (padded by repeating its head to a multiple of ``world_size``, as ``DistributedSampler``)
+            and takes ``order[rank::world_size]``: disjoint slices, so one step of B per rank sees the
+            same volumes (and windows: they are seeded by the *global* position) as one process with
+            ``world_size * B``. ``(epoch, position)`` stays the whole (per-rank) data state.
     """
 
     def __init__(
-        self, dataset: Sequence[dict[str, Any]], source_size: Sequence[int] | None = None, seed: int = 0
+        self,
+        dataset: Sequence[dict[str, Any]],
+        source_size: Sequence[int] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if len(dataset) == 0:
             raise MedsslError("empty pretraining dataset")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.dataset = dataset
         self.source_size = tuple(int(r) for r in source_size) if source_size is not None else None
         self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch, self.position = 0, 0
         self.skipped: dict[int, str] = {}
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        if self.world_size == 1:
+            return order
+        pad = -len(order) % self.world_size
+        order = np.concatenate([order, np.resize(order, pad)]) if pad else order
+        return order[self.rank :: self.world_size]
 
     def _advance(self) -> tuple[int, int, int]:
-        """Return ``(index, epoch, position)`` of the next sample and move the cursor."""
+        """Return ``(index, epoch, global position)`` of the next sample and move the cursor."""
         if self.position >= len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        idx, epoch, pos = int(self._order[self.position]), self.epoch, self.position
+        idx, epoch = int(self._order[self.position]), self.epoch
+        pos = self.position * self.world_size + self.rank  # position in the unsharded epoch order
         self.position += 1
         return idx, epoch, pos
 
@@ -276,11 +295,21 @@ class CropBatcher:
         return vols
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "order_seed": self.seed}
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self.position, "order_seed": self.seed}
+        if self.world_size > 1:
+            state.update(rank=self.rank, world_size=self.world_size)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("order_seed", self.seed)) != self.seed:
             log.warning("resuming with data seed %s (checkpoint had %s)", self.seed, state.get("order_seed"))
+        if int(state.get("world_size", 1)) != self.world_size:
+            log.warning(
+                "data position saved with world_size %s restored on world_size %d: the epoch order is "
+                "re-sharded, so this epoch's remaining volumes are not exactly those of the saved run",
+                state.get("world_size", 1),
+                self.world_size,
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
 

@@ -30,7 +30,14 @@ import torch
 
 from medssl.config import PretrainConfig, flatten_dict
 from medssl.engines import checkpoint as ck
-from medssl.engines.components import build_components, make_recipe, resolve_device
+from medssl.engines import distributed as dd
+from medssl.engines.components import (
+    autocast_for,
+    build_components,
+    make_recipe,
+    resolve_device,
+    to_memory_format,
+)
 from medssl.engines.data import CropBatcher, SafeCacheDataset, load_pool, pool_fingerprint, preprocessing
 from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
@@ -61,6 +68,12 @@ class PretrainResult:
 class Pretrainer:
     """Owns the optimizer, schedule, scaler, data stream and tracker of one pretraining run.
 
+    Under ``torchrun`` (an initialised process group, see :func:`run_pretraining`) the method runs in
+    ``DistributedDataParallel`` (``self.model``; ``self.method`` stays the plain module), each rank
+    reads its own shard of every epoch, logs are averaged over ranks, and only rank 0 writes
+    checkpoints, ``metrics.jsonl``, the encoder and MLflow. A checkpoint holds every rank's RNG,
+    augmentation and data states (``"ranks"``), so a resume on the same number of ranks is exact.
+
     Args:
         config: the run config.
         encoder: the encoder (a submodule of ``method``).
@@ -78,13 +91,17 @@ class Pretrainer:
         augment: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     ) -> None:
         self.cfg, self.encoder, self.augment = config, encoder, augment
+        self.dist = dd.dist_info()
         self.device = resolve_device(config.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
         self.method = method.to(self.device)
+        if config.channels_last:
+            self.method.to(memory_format=torch.channels_last_3d)
         self.out = Path(config.out_dir)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "")
-        if self.amp_dtype is not None and self.device.type != "cuda":
-            log.warning("amp=%s ignored on %s (AMP runs on CUDA only)", config.amp, self.device)
-            self.amp_dtype = None
+        self.amp_dtype = autocast_for(config, self.device)
         self.pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         self.dataset = SafeCacheDataset(
             self.pool,
@@ -95,8 +112,10 @@ class Pretrainer:
             copy_cache=False,
             progress=False,
         )
-        self.batcher = CropBatcher(self.dataset, config.source_size, seed=config.seed)
-        per_step = config.batch_size * config.grad_accum
+        self.batcher = CropBatcher(
+            self.dataset, config.source_size, config.seed, self.dist.rank, self.dist.world_size
+        )
+        per_step = config.batch_size * config.grad_accum * self.dist.world_size
         self.total_steps = config.total_steps or config.epochs * math.ceil(len(self.pool) / per_step)
         decay = [p for p in self.method.parameters() if p.requires_grad and p.ndim > 1]
         no_decay = [p for p in self.method.parameters() if p.requires_grad and p.ndim <= 1]
@@ -111,6 +130,11 @@ class Pretrainer:
             self.optimizer, config.lr, config.min_lr, self.total_steps, config.warmup_steps
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.model = dd.wrap_ddp(
+            self.method, self.device, config.sync_batchnorm, config.ddp_find_unused_parameters
+        )
+        if config.compile:
+            self.model = torch.compile(self.model)
         self.recipe = make_recipe(config, encoder)
         self.step, self.nan_run, self.tracker, self.checkpoints = 0, 0, None, []
         self.result = PretrainResult(out_dir=self.out)
@@ -121,19 +145,24 @@ class Pretrainer:
         cfg, accum = self.cfg, self.cfg.grad_accum
         lr = self.schedule.apply()
         logs: dict[str, torch.Tensor] = {}
-        for _ in range(accum):
+        for i in range(accum):
             images = [v.to(self.device, non_blocking=True) for v in self.batcher.next_batch(cfg.batch_size)]
-            batch = self.augment(images)
+            batch = to_memory_format(self.augment(images), cfg.channels_last)
             autocast = (
                 torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
             )
-            with autocast:
-                out = self.method(batch)
-            loss = out["loss"]
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                return self._skip(value)
-            self.scaler.scale(loss / accum).backward()
+            # DDP: all-reduce gradients only on the last micro-batch of the step
+            no_sync = getattr(self.model, "no_sync", None) if i < accum - 1 else None
+            with no_sync() if no_sync else nullcontext():
+                with autocast:
+                    out = self.model(batch)
+                loss = out["loss"]
+                value = float(loss.detach())
+                if dd.any_across_ranks(not math.isfinite(value), self.device):  # every rank skips alike
+                    if self.dist.enabled:  # finish DDP's pending reduction; the gradients are dropped
+                        (loss * 0.0).backward()
+                    return self._skip(value)
+                self.scaler.scale(loss / accum).backward()
             for k, v in out.items():  # logs stay on device until the one sync below
                 logs[k] = logs.get(k, 0.0) + torch.as_tensor(v).detach().float() / accum
         if cfg.grad_clip:
@@ -146,7 +175,7 @@ class Pretrainer:
         self.step, self.nan_run = self.step + 1, 0
         if hasattr(self.method, "on_step_end"):  # e.g. EMA teacher; step = optimizer steps done (1-based)
             self.method.on_step_end(self.step, self.total_steps)
-        values = torch.stack([v.to(self.device) for v in logs.values()]).tolist()
+        values = dd.mean_across_ranks(torch.stack([v.to(self.device) for v in logs.values()])).tolist()
         return {**dict(zip(logs, values, strict=True)), "lr": lr}
 
     def _skip(self, value: float) -> None:
@@ -172,7 +201,17 @@ class Pretrainer:
         p = self.out / "checkpoints" / "last.pt"
         return p if p.exists() else None
 
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "rng": ck.capture_rng(),
+            "augment": ck.component_state(self.augment),
+            "data": self.batcher.state_dict(),
+        }
+
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint dict; the top-level RNG/augment/data are rank 0's, ``"ranks"`` (DDP only)
+        holds every rank's. Under DDP every rank must call it (one all-gather)."""
+        ranks = dd.all_gather_objects(self._rank_state()) if self.dist.enabled else None
         return {
             "format": 1,
             "recipe": self.recipe,
@@ -186,17 +225,25 @@ class Pretrainer:
             "rng": ck.capture_rng(),
             "data": self.batcher.state_dict(),
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+            **({"ranks": ranks, "world_size": self.dist.world_size} if ranks else {}),
         }
 
     def save_checkpoint(self) -> Path:
-        """Write ``step_XXXXXXX.pt`` and ``last.pt`` atomically; prune old periodic ones."""
+        """Write ``step_XXXXXXX.pt`` and ``last.pt`` atomically (rank 0); prune old periodic ones.
+        Under DDP every rank calls it and leaves once the files exist."""
         state, folder = self.state_dict(), self.out / "checkpoints"
-        path = ck.atomic_save(state, folder / f"step_{self.step:07d}.pt")
-        ck.atomic_save(state, folder / "last.pt")
+        path = folder / f"step_{self.step:07d}.pt"
+        if self.dist.is_main:
+            ck.atomic_save(state, path)
+            ck.atomic_save(state, folder / "last.pt")
         self.checkpoints.append(path)
         while len(self.checkpoints) > max(1, self.cfg.keep_checkpoints):
-            self.checkpoints.pop(0).unlink(missing_ok=True)
-        log.info("checkpoint %s", path)
+            old = self.checkpoints.pop(0)
+            if self.dist.is_main:
+                old.unlink(missing_ok=True)
+        dd.barrier()
+        if self.dist.is_main:
+            log.info("checkpoint %s", path)
         return path
 
     def resume(self, path: str | Path) -> dict[str, Any]:
@@ -220,21 +267,43 @@ class Pretrainer:
         self.schedule.total_steps = self.total_steps
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        ck.load_component_state(self.augment, state.get("augment"))
-        self.batcher.load_state_dict(state["data"])
-        ck.restore_rng(state["rng"])
+        own = self._own_rank_state(state)
+        if own is not None:
+            ck.load_component_state(self.augment, own.get("augment"))
+            self.batcher.load_state_dict(own["data"])
+            ck.restore_rng(own["rng"])
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
         return state
 
+    def _own_rank_state(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's RNG/augment/data state of a checkpoint. Saved with another number of ranks: rank
+        0 takes the saved rank 0's, other ranks keep their fresh ``seed + rank`` streams (not exact)."""
+        ranks = state.get("ranks") or [{k: state.get(k) for k in ("rng", "augment", "data")}]
+        if len(ranks) == self.dist.world_size:
+            return ranks[self.dist.rank]
+        log.warning(
+            "checkpoint written by %d rank(s), resumed on %d: data order and augmentation continue, but "
+            "not exactly as an uninterrupted run",
+            len(ranks),
+            self.dist.world_size,
+        )
+        if self.dist.rank != 0:
+            return None
+        own = dict(ranks[0])
+        own["data"] = {k: v for k, v in own["data"].items() if k not in ("rank", "world_size")}
+        return own
+
     # -- the run --------------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None, progress: bool = True) -> PretrainResult:
         """Train to ``total_steps`` (from checkpoint ``resume`` if given); see :func:`run_pretraining`."""
+        main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         run_id = self.resume(resume).get("mlflow_run_id") if resume else None
-        if resume:
+        if resume and main:
             self._truncate_metrics_log()
-        self.cfg.to_yaml(self.out / "config.yaml")
+        if main:
+            self.cfg.to_yaml(self.out / "config.yaml")
         prev_det = torch.are_deterministic_algorithms_enabled()
         if self.cfg.deterministic:
             if self.device.type == "cuda":  # required by deterministic cuBLAS
@@ -242,17 +311,19 @@ class Pretrainer:
             torch.use_deterministic_algorithms(True)
         self.method.train()
         try:
-            self._start_tracking(run_id, fresh=resume is None)
+            if main:  # other ranks never track (one MLflow run per training, not per process)
+                self._start_tracking(run_id, fresh=resume is None)
             with (
-                ProgressBar(progress, self.total_steps, self.step) as bar,
-                open(self.out / "metrics.jsonl", "a") as mf,
+                ProgressBar(progress and main, self.total_steps, self.step) as bar,
+                open(self.out / "metrics.jsonl", "a") if main else nullcontext() as mf,
             ):
                 while self.step < self.total_steps:
                     logs = self.train_step()
                     if logs is not None:
                         self.result.loss_history.append((self.step, logs["loss"]))
-                        mf.write(json.dumps({"step": self.step, **logs}) + "\n")
-                        mf.flush()
+                        if mf is not None:
+                            mf.write(json.dumps({"step": self.step, **logs}) + "\n")
+                            mf.flush()
                         if self.tracker and self.step % self.cfg.log_every == 0:
                             self.tracker.log_metrics(logs, self.step)
                         bar(self.step, logs["loss"])
@@ -283,9 +354,14 @@ class Pretrainer:
             self.save_checkpoint()
         r = self.result
         r.last_checkpoint, r.checkpoints = self._last_path(), list(self.checkpoints)
-        r.encoder_path, r.encoder_json = ck.save_encoder(self.out, self.encoder, self.recipe)
         r.final_loss = r.loss_history[-1][1] if r.loss_history else None
-        r.skipped_volumes = {self.pool[i]["image"]: why for i, why in self.batcher.skipped.items()}
+        skipped = dd.all_gather_objects(self.batcher.skipped) if self.dist.enabled else [self.batcher.skipped]
+        r.skipped_volumes = {self.pool[i]["image"]: why for s in skipped for i, why in s.items()}
+        if not self.dist.is_main:
+            r.encoder_path, r.encoder_json = self.out / "encoder.pt", self.out / "encoder.json"
+            dd.barrier()  # rank 0 writes the encoder and closes MLflow
+            return
+        r.encoder_path, r.encoder_json = ck.save_encoder(self.out, self.encoder, self.recipe)
         skipped_file = self.out / "skipped_volumes.json"
         if r.skipped_volumes:
             skipped_file.write_text(json.dumps(r.skipped_volumes, indent=1))
@@ -298,6 +374,7 @@ class Pretrainer:
             self.tracker.log_metrics({"skipped_volumes": float(len(r.skipped_volumes))}, self.step)
             self.tracker.close("FINISHED")
             r.run_id = self.tracker.run_id
+        dd.barrier()
 
     def _start_tracking(self, run_id: str | None, fresh: bool) -> None:
         preview = self._preview() if fresh and self.cfg.preview else None
@@ -354,6 +431,10 @@ def run_pretraining(
     (:func:`build_components`), trains with checkpoints every ``config.checkpoint_every`` steps,
     and writes ``encoder.pt`` + ``encoder.json`` under ``config.out_dir``.
 
+    Launched by ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group first (NCCL on CUDA with
+    ``cuda:LOCAL_RANK``, Gloo on CPU), trains data-parallel (``batch_size`` is per rank; the global
+    batch is ``world_size * batch_size * grad_accum``), and destroys the group at the end or on error.
+
     Args:
         config: the run config.
         resume: a checkpoint (``.../checkpoints/last.pt``) to continue from exactly.
@@ -363,8 +444,19 @@ def run_pretraining(
         MedsslError: unusable data, K consecutive non-finite losses, unreadable checkpoint.
         ConfigMismatchError: ``resume`` is a checkpoint of another method/encoder.
     """
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    torch.manual_seed(config.seed)
-    encoder, method, augment = build_components(config)
-    return Pretrainer(config, encoder, method, augment).fit(resume=resume, progress=progress)
+    info, created = dd.init_distributed(config.device)
+    try:
+        _seed_all(config.seed)  # same model init on every rank (DDP also broadcasts rank 0's)
+        encoder, method, augment = build_components(config, rank=info.rank, world_size=info.world_size)
+        if info.enabled:
+            _seed_all(config.seed + info.rank)  # ranks draw different dropout/augmentation randomness
+        return Pretrainer(config, encoder, method, augment).fit(resume=resume, progress=progress)
+    finally:
+        if created:
+            dd.cleanup_distributed()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -43,7 +43,7 @@ _MARKER = "sweep_child.json"
 
 @dataclass
 class ChildOutcome:
-    """One (fraction, init, seed) child of a sweep. ``status``: FINISHED, SKIPPED (finished earlier) or FAILED."""
+    """One (fraction, init, seed) child: ``status`` FINISHED, SKIPPED (finished earlier) or FAILED."""
 
     key: str
     fraction: float
@@ -73,7 +73,7 @@ class SweepResult:
         return [c for c in self.children if c.status == "FAILED"]
 
     def table(self, metric: str | None = None) -> Any:
-        """Rich ``Table`` of the children: key, status, MLflow run id, ``metric`` (or all test metrics), error."""
+        """Rich ``Table`` of the children: key, status, run id, ``metric`` (or all test metrics), error."""
         from rich.table import Table
 
         t = Table(title=f"medssl sweep {self.study} (parent run {self.parent_run_id})")
@@ -116,6 +116,7 @@ def _default_pretrain(config: Any, *, resume: str | Path | None, progress: bool)
 def run_sweep(
     pipeline: str | Path | dict[str, Any] | Pipeline,
     *,
+    overrides: list[str] | dict[str, Any] | None = None,
     new: bool = False,
     finetune_fn: Callable[..., Any] | None = None,
     pretrain_fn: Callable[..., Any] | None = None,
@@ -125,6 +126,8 @@ def run_sweep(
 
     Args:
         pipeline: pipeline YAML path, dict or :class:`Pipeline`.
+        overrides: dotted ``key=value`` changes of the pipeline (``["seeds=[0]", "finetune.max_steps=50"]``);
+            not with a :class:`Pipeline`.
         new: start a new parent run even if the study exists (default: resume the newest one).
         finetune_fn: ``fn(FinetuneConfig, *, resume, progress) -> result`` with ``.run_id``,
             ``.test_metrics`` and ``.status``; default :func:`medssl.engines.finetune.run_finetune`.
@@ -142,7 +145,7 @@ def run_sweep(
     """
     from medssl.engines.finetune_config import FinetuneConfig
 
-    pl = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
+    pl = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline, overrides)
     datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
     check_fractions_available(splits, pl.fractions, pl.seeds)
     for f in pl.fractions:  # fail fast on bad finetune settings, before any run exists
@@ -155,6 +158,9 @@ def run_sweep(
                 "fraction": f,
             }
         )
+    reuse = (pl.pretrain or {}).get("checkpoint") if "ssl" in pl.inits else None
+    if reuse and not Path(reuse).exists():
+        raise MedsslError(f"pretrain.checkpoint {reuse} does not exist")
     try:
         sweep = _Sweep(pl, datalist, splits, finetune_fn or _default_finetune, progress, new)
     except MedsslError:
@@ -257,7 +263,7 @@ class _Sweep:
             key = _child_key(fraction, init, seed)
             out = self.sweep_dir / key
             marker = _read_marker(out)
-            if existing.get(key) == "FINISHED" or marker.get("status") == "FINISHED":
+            if existing.get(key, ("", None))[0] == "FINISHED" or marker.get("status") == "FINISHED":
                 log.info("[%d/%d] %s finished earlier; skipped", n, len(todo), key)
                 r.children.append(
                     ChildOutcome(
@@ -267,7 +273,7 @@ class _Sweep:
                         seed,
                         out,
                         "SKIPPED",
-                        marker.get("run_id"),
+                        marker.get("run_id") or existing.get(key, ("", None))[1],
                         marker.get("metrics", {}),
                     )
                 )
@@ -289,13 +295,14 @@ class _Sweep:
             json.dumps({"study": r.study, "parent_run_id": r.parent_run_id, "children": rows}, indent=1)
         )
 
-    def _existing_children(self) -> dict[str, str]:
-        """sweep key → best status among the parent's child runs (FINISHED wins)."""
-        out: dict[str, str] = {}
+    def _existing_children(self) -> dict[str, tuple[str, str]]:
+        """sweep key → (status, run id) of the parent's child runs (a FINISHED one wins, else the newest)."""
+        out: dict[str, tuple[str, str]] = {}
         for run in child_runs(self.client, self.client.get_run(self.parent.run_id)):
             key = run.data.tags.get("medssl.sweep_key")
-            if key and out.get(key) != "FINISHED":
-                out[key] = run.info.status
+            upgrade = key in out and run.info.status == "FINISHED" and out[key][0] != "FINISHED"
+            if key and (key not in out or upgrade):
+                out[key] = (run.info.status, run.info.run_id)
         return out
 
     def _tags(self, c: ChildOutcome) -> dict[str, str]:
@@ -349,7 +356,7 @@ class _Sweep:
         return c
 
     def _mark_failed(self, c: ChildOutcome) -> str | None:
-        """Tag the child's run (found by its sweep key) FAILED with ``medssl.error``; make one if none exists."""
+        """Mark the child's run (found by sweep key) FAILED with ``medssl.error``; make one if none exists."""
         client = self.client
         try:
             runs = [
@@ -385,7 +392,7 @@ class _Sweep:
             return None
 
     def _pretrain(self, pretrain_fn: Callable[..., Any]) -> tuple[Path, str | None]:
-        """Reuse ``pretrain.checkpoint``, or pretrain once into ``<sweep>/pretrain`` (skipped when finished)."""
+        """Reuse ``pretrain.checkpoint``, or pretrain once into ``<sweep>/pretrain`` (skipped if finished)."""
         from medssl.config import PretrainConfig
 
         spec = dict(self.pl.pretrain or {})

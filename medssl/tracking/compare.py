@@ -43,9 +43,10 @@ class CompareResult:
     """Output of :func:`compare_study`.
 
     Attributes:
-        records: one dict per used child run: ``fraction`` (percent), ``init``, ``seed``, ``value``, ``run_id``.
-        rows: one dict per (fraction, init ∈ inits ∪ {``"ssl-scratch"``}): ``n``, ``mean``, ``std``, ``ci_low``,
-            ``ci_high`` (``None`` for n = 1), ``seeds`` — the CSV rows.
+        records: one dict per used child run: ``fraction`` (percent), ``init``, ``seed``, ``value``,
+            ``run_id``.
+        rows: one dict per (fraction, init ∈ inits ∪ {``"ssl-scratch"``}): ``n``, ``mean``, ``std``,
+            ``ci_low``, ``ci_high`` (``None`` for n = 1), ``seeds`` — the CSV rows.
     """
 
     study: str
@@ -152,7 +153,7 @@ def _rows(summaries: dict[tuple[float, str], Summary]) -> list[dict[str, Any]]:
 
 
 def build_table(summaries: dict[tuple[float, str], Summary], study: str, metric: str) -> Table:
-    """Rich table: one row per fraction; per init ``n`` and ``mean ± CI``; the paired SSL − scratch difference."""
+    """Rich table: a row per fraction; per init ``n`` and ``mean ± CI``; the paired SSL − scratch diff."""
     inits = sorted({i for _, i in summaries if i != DIFF})
     table = Table(title=f"{study}: {metric} (mean ± 95% CI over seeds)")
     table.add_column("fraction %", justify="right")

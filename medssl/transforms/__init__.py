@@ -15,7 +15,7 @@ from medssl.transforms.intensity import (
     NormalizeIntensityRobust,
     NormalizeIntensityRobustd,
 )
-from medssl.transforms.masking import RandCuboidMaskd, RandLocalShuffled, RandPatchMaskd
+from medssl.transforms.masking import RandCuboidMaskd, RandPatchMaskd
 from medssl.transforms.pipelines import (
     PRESETS,
     contrastive_views,
@@ -24,6 +24,7 @@ from medssl.transforms.pipelines import (
     ssl_transforms,
     swin_multitask_views,
 )
+from medssl.transforms.shuffle import RandLocalShuffled
 from medssl.transforms.spatial import RandRotate90Labeld
 from medssl.transforms.views import RandOverlapCropd
 

@@ -22,16 +22,9 @@ import torch
 
 from medssl.transforms.genesis import bezier_lut, bezier_remap, paint_mask
 from medssl.transforms.intensity import gaussian_blur
-from medssl.transforms.masking import (
-    cell_geometry,
-    fill_masked,
-    n_cells,
-    patch_mask,
-    ratio_mask,
-    sample_boxes,
-    shuffle_cells,
-)
+from medssl.transforms.masking import fill_masked, patch_mask, ratio_mask, sample_boxes
 from medssl.transforms.pipelines import DEFAULTS, resolve_params
+from medssl.transforms.shuffle import cell_geometry, n_cells, shuffle_cells
 from medssl.transforms.spatial import rotate_batch
 from medssl.transforms.views import crop_boxes, pad_extent
 
@@ -45,7 +38,7 @@ def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_s
     Trilinear with ``align_corners=True`` (the sample positions of MONAI ``Resize(align_corners=True)``
     after ``SpatialCrop``, the per-sample path), done separably: per axis two ``gather``s and a lerp
     (one gather when every box has the roi's length there, an exact copy). Flips ``(B, 3)`` bool are
-    folded into the gather indices, so they cost nothing. Measured ~4x faster than one 3D
+    folded into the gather indices, so they cost nothing. Measured ~2.5x faster than one 3D
     ``grid_sample`` on CPU for 32³ views of hippocampus volumes.
     """
     y = x
@@ -145,23 +138,35 @@ class BatchedSSLAugment:
         return gen
 
     # -- input ----------------------------------------------------------------------------------------
-    def _canvas(self, images: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad (centred, like MONAI ``SpatialPad(method="symmetric")``) to ≥ ``roi_size``; return the batch
-        and each sample's extent ``(B, 3)``."""
+    def _inputs(self, images: torch.Tensor | Sequence[torch.Tensor]
+                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Volumes, each one's centred padding offset ``(B, 3)`` (as MONAI ``SpatialPad(method="symmetric")``
+        up to ``roi_size``) and padded extent ``(B, 3)``; nothing is copied."""
         is_tensor = isinstance(images, torch.Tensor)
         vols = [images[i] for i in range(images.shape[0])] if is_tensor else list(images)
         if not vols or any(v.ndim != 4 for v in vols):
             raise ValueError("images must be (B, C, D, H, W) or a non-empty list of (C, D, H, W) tensors")
-        exts = [pad_extent(v.shape[1:], self.roi_size) for v in vols]
-        extent = torch.tensor(exts)
-        if is_tensor and all(tuple(v.shape[1:]) == e for v, e in zip(vols, exts, strict=True)):
-            return images, extent
-        full = [max(e[a] for e in exts) for a in range(3)]
-        x = vols[0].new_full((len(vols), vols[0].shape[0], *full), float(self.p["pad_value"]))
-        for i, (v, e) in enumerate(zip(vols, exts, strict=True)):  # a loop over B for slicing only
-            lo = [(e[a] - v.shape[a + 1]) // 2 for a in range(3)]
-            x[i, :, lo[0]:lo[0] + v.shape[1], lo[1]:lo[1] + v.shape[2], lo[2]:lo[2] + v.shape[3]] = v
-        return x, extent
+        exts = torch.tensor([pad_extent(v.shape[1:], self.roi_size) for v in vols])
+        shapes = torch.tensor([list(v.shape[1:]) for v in vols])
+        return vols, (exts - shapes) // 2, exts
+
+    def _regions(self, vols: list[torch.Tensor], lo: torch.Tensor, extent: torch.Tensor, starts: torch.Tensor,
+                 sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy, per sample, the region of the largest box size of the batch that holds its box.
+
+        A loop over B of one slice copy each (measured ~1.7 ms for B=32, 30³ regions, CPU; it spares copying
+        whole volumes into a padded canvas); padding is the fill value. Returns the ``(B, C, *M)`` batch and
+        the boxes' starts inside it.
+        """
+        m = sizes.amax(0)  # (3,) region size
+        r = torch.minimum(starts, (extent - m).clamp(min=0))  # region start (padded coordinates)
+        out = vols[0].new_full((len(vols), vols[0].shape[0], *m.tolist()), float(self.p["pad_value"]))
+        for i, v in enumerate(vols):
+            a = (r[i] - lo[i]).tolist()  # region start in the volume's own coordinates
+            src = [slice(max(a[d], 0), min(a[d] + int(m[d]), v.shape[d + 1])) for d in range(3)]
+            dst = [slice(sl.start - a[d], sl.stop - a[d]) for d, sl in enumerate(src)]
+            out[i, :, dst[0], dst[1], dst[2]] = v[:, src[0], src[1], src[2]]
+        return out, starts - r
 
     # -- stages ---------------------------------------------------------------------------------------
     def _where(self, apply: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -181,10 +186,9 @@ class BatchedSSLAugment:
             sel = apply.nonzero().flatten()
             if not sel.numel():
                 return y
-            out = y.clone() if sel.numel() < b else y
             idx = sel.to(y.device)
-            out[idx] = fn(y[idx], sel)
-            return out
+            y[idx] = fn(y[idx], sel)  # in place: y is always a fresh tensor owned by this call
+            return y
 
         scale, shift = None, None
         if p["scale_prob"] > 0:  # RandScaleIntensityd: v * (1 + f), f ~ U(-a, a)
@@ -287,8 +291,8 @@ class BatchedSSLAugment:
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Augment a batch; returns the SSL batch dict (``view1``, … see the class docstring)."""
         p = self.p
-        x, extent = self._canvas(images)
-        b, dev = x.shape[0], x.device
+        vols, lo, extent = self._inputs(images)
+        b, dev = len(vols), vols[0].device
         v_n, k = int(p["n_views"]), int(p["n_candidates"])
         starts, sizes = crop_boxes(extent, self.roi_size, p["scale"], p["min_overlap"], p["max_overlap"],
                                    self._u(b, v_n), self._u(b, 3), self._u(b, k, 7) if v_n == 2 else None)
@@ -298,7 +302,8 @@ class BatchedSSLAugment:
         for v in range(v_n):
             name = f"view{v + 1}"
             flips = self._u(b, 3) < p["flip_prob"] if p["flip_prob"] > 0 else None
-            y = crop_batch(x, starts[:, v], sizes[:, v], self.roi_size, flips)  # RandFlipd per axis, folded
+            region, local = self._regions(vols, lo, extent, starts[:, v], sizes[:, v])
+            y = crop_batch(region, local, sizes[:, v], self.roi_size, flips)  # RandFlipd per axis, folded
             if flips is not None:
                 self.last_params[f"{name}_flips"] = flips
             if p["n_rotations"]:

@@ -43,7 +43,8 @@ from monai.transforms import (
 )
 
 from medssl.transforms.genesis import RandBezierRemapd, RandInOutPaintd
-from medssl.transforms.masking import RandCuboidMaskd, RandLocalShuffled, RandPatchMaskd, check_mask_args
+from medssl.transforms.masking import RandCuboidMaskd, RandPatchMaskd, check_mask_args
+from medssl.transforms.shuffle import RandLocalShuffled
 from medssl.transforms.spatial import RandRotate90Labeld, check_rotation_args
 from medssl.transforms.views import RandOverlapCropd, check_view_args
 

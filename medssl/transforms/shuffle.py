@@ -1,0 +1,128 @@
+"""Models Genesis local voxel shuffling (Zhou et al. 2019, "local pixel shuffling"), per-sample and batched.
+
+The view is tiled into cells of side ``U(cell_size) * S`` per axis (≥ 1 voxel) on a grid with a random
+offset; each cell lying fully inside the view is shuffled with probability ``ratio`` (its voxels permuted
+among themselves, all channels alike). Non-overlapping cells make this one reshape + a row-wise argsort of
+the selected cells for the whole batch (Genesis' overlapping blocks needed a global per-voxel argsort, the
+largest cost of the Genesis chain). The batched path draws the cell size and offset once per call, the
+per-sample path once per sample: each sample's distribution is the same. Written here because MONAI's
+``RandCoarseShuffled`` emits no mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+
+from medssl.transforms.masking import RandMaskTransform, check_mask_args
+
+__all__ = ["shuffle_cells", "n_cells", "cell_geometry", "RandLocalShuffled"]
+
+
+def shuffle_cells(x: torch.Tensor, cell: Sequence[int], offset: Sequence[int], u_select: torch.Tensor,
+                  u_keys: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permute the voxels inside randomly selected grid cells (Genesis local shuffling, see module docstring).
+
+    Args:
+        x: ``(B, C, D, H, W)``.
+        cell: cell side per axis (voxels).
+        offset: grid offset per axis, in ``[0, cell)``.
+        u_select: ``(B, n_cells)`` uniforms; a cell is shuffled where ``< ratio`` (and fully inside).
+        u_keys: ``(B, n_cells, prod(cell))`` uniforms; argsort gives each cell's permutation.
+        ratio: probability that a cell is shuffled.
+
+    Returns:
+        ``(shuffled x, mask (B, D, H, W) bool of the shuffled cells)``; ``n_cells`` is
+        :func:`n_cells` of the shape.
+    """
+    b, c, *shape = x.shape
+    cell = [int(v) for v in cell]
+    pads, grid = [], []
+    for a in range(3):
+        total = -(-(shape[a] + int(offset[a])) // cell[a]) * cell[a]
+        pads.append((int(offset[a]), total - shape[a] - int(offset[a])))
+        grid.append(total // cell[a])
+    flat_pad = [v for a in (2, 1, 0) for v in pads[a]]
+    valid = F.pad(torch.ones((1, 1, *shape), device=x.device), flat_pad)
+
+    def cells(t: torch.Tensor) -> torch.Tensor:  # (B, C, L0, L1, L2) → (B, cells, C, cell voxels)
+        t = t.reshape(t.shape[0], t.shape[1], grid[0], cell[0], grid[1], cell[1], grid[2], cell[2])
+        t = t.permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return t.reshape(t.shape[0], -1, t.shape[4], cell[0] * cell[1] * cell[2])
+
+    full = cells(valid).amin(-1)[0, :, 0] > 0  # (n_cells,) cells without padding
+    n = full.numel()
+    sel = (u_select[:, :n].to(x.device) < ratio) & full[None]  # (B, n_cells)
+    xc = cells(F.pad(x, flat_pad))
+    rows = sel.nonzero(as_tuple=True)
+    if rows[0].numel():
+        perm = u_keys[:, :n].to(x.device)[rows].argsort(-1)  # (n_sel, cell voxels), only selected cells
+        xc[rows] = xc[rows].gather(-1, perm[:, None, :].expand(-1, c, -1))
+
+    def uncells(t: torch.Tensor) -> torch.Tensor:  # inverse of cells(), then crop the padding
+        ch = t.shape[2]
+        t = t.reshape(t.shape[0], grid[0], grid[1], grid[2], ch, cell[0], cell[1], cell[2])
+        full_shape = [g * q for g, q in zip(grid, cell, strict=True)]
+        t = t.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(t.shape[0], ch, *full_shape)
+        return t[:, :, pads[0][0]:pads[0][0] + shape[0], pads[1][0]:pads[1][0] + shape[1],
+                 pads[2][0]:pads[2][0] + shape[2]]
+
+    mask = uncells(sel[:, :, None, None].expand(-1, -1, 1, cell[0] * cell[1] * cell[2]).float())[:, 0] > 0
+    return uncells(xc), mask
+
+
+def n_cells(shape: Sequence[int], cell: Sequence[int], offset: Sequence[int]) -> tuple[int, int]:
+    """``(number of grid cells, voxels per cell)`` of :func:`shuffle_cells` for a view ``shape``."""
+    n = 1
+    for s, q, o in zip(shape, cell, offset, strict=True):
+        n *= -(-(int(s) + int(o)) // int(q))
+    return n, int(cell[0]) * int(cell[1]) * int(cell[2])
+
+
+def cell_geometry(shape: Sequence[int], cell_size: Sequence[float], u_cell: torch.Tensor,
+                  u_offset: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Cell side ``max(1, round(U(cell_size) * S))`` and offset ``floor(u * side)`` per axis."""
+    lo, hi = float(cell_size[0]), float(cell_size[1])
+    cell = [max(1, round((lo + (hi - lo) * float(u_cell[a])) * int(shape[a]))) for a in range(3)]
+    return cell, [int(float(u_offset[a]) * cell[a]) for a in range(3)]
+
+
+class RandLocalShuffled(RandMaskTransform):
+    """Models-Genesis local voxel shuffling inside randomly selected small grid cells.
+
+    Args:
+        keys: images ``(C, D, H, W)`` (the same permutation for every key and channel).
+        ratio: probability that a cell is shuffled (≈ the shuffled fraction of the view).
+        cell_size: ``(lo, hi)`` cell side as a fraction of the view's side, per axis.
+            Example: 32³ views, ``(0.03, 0.1)`` → sides of 1–3 voxels.
+        mask_key: mask output key (the shuffled cells) or ``None``.
+        prob: probability of shuffling at all (Genesis: 0.5).
+    """
+
+    def __init__(self, keys: KeysCollection, ratio: float = 0.5, cell_size: Sequence[float] = (0.03, 0.1),
+                 mask_key: str | None = "view1_mask", prob: float = 0.5,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, mask_key, prob, allow_missing_keys)
+        check_mask_args(ratio, cell_size, "zero")
+        self.ratio, self.cell_size = float(ratio), tuple(cell_size)
+
+    def randomize(self, img: Any) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            shape = img.shape[1:]
+            self._cell, self._offset = cell_geometry(shape, self.cell_size, self.R.random_sample(3),
+                                                     self.R.random_sample(3))
+            n, v = n_cells(shape, self._cell, self._offset)
+            self._u_sel = torch.from_numpy(self.R.random_sample((1, n)))
+            self._u_keys = torch.from_numpy(self.R.random_sample((1, n, v)))
+
+    def _mask(self, shape: Sequence[int]) -> torch.Tensor:
+        return shuffle_cells(torch.zeros((1, 1, *shape)), self._cell, self._offset, self._u_sel, self._u_keys,
+                             self.ratio)[1]
+
+    def _apply(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return shuffle_cells(x, self._cell, self._offset, self._u_sel, self._u_keys, self.ratio)[0]
