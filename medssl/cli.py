@@ -183,6 +183,54 @@ def pretrain(
 
 
 @app.command()
+def finetune(
+    datalist: Annotated[Path | None, typer.Option(help="datalist.json (from `medssl ingest`).")] = None,
+    splits: Annotated[Path | None, typer.Option(help="splits.json (from `medssl split`).")] = None,
+    fraction: Annotated[float | None, typer.Option(help="Labelled fraction in percent (a key of splits.json), e.g. 10.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Split seed (validation set, fraction subset) and training seed.")] = None,
+    init: Annotated[str | None, typer.Option(help="scratch | ssl:PATH_OR_MLFLOW_URI (encoder.pt, run folder, runs:/..., models:/...).")] = None,
+    task: Annotated[str | None, typer.Option(help="segmentation | classification.")] = None,
+    network: Annotated[str | None, typer.Option(help="SwinUNETR | UNETR | SegResNet | ResNet.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (checkpoints/best.pt, results.json).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (FinetuneConfig fields); options given here win.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Max epochs.")] = None,
+    roi: Annotated[str | None, typer.Option(help="Crop / sliding-window size D,H,W in voxels, e.g. 32,32,32.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")] = None,
+    resume: Annotated[str | None, typer.Option(help="'auto' (continue OUT/checkpoints/last.pt if present) or a last.pt path.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. --set lr=1e-4 --set llrd=0.75.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Finetune on one label fraction (scratch or SSL init); best-on-validation weights tested once."""
+    from medssl.engines.finetune import run_finetune
+    from medssl.engines.finetune_config import FinetuneConfig
+
+    _setup(verbose)
+    given = {"datalist": datalist, "splits": splits, "fraction": fraction, "seed": seed, "init": init,
+             "task": task, "network": network, "out_dir": out, "max_epochs": epochs, "device": device,
+             "roi_size": _csv_list(roi, int) if roi else None}
+    cli_values = {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None}
+    try:
+        cfg = FinetuneConfig.from_yaml(config, overrides=cli_values) if config else FinetuneConfig.from_dict(cli_values)
+        if overrides:
+            cfg = FinetuneConfig.from_dict(cfg.to_dict(), overrides=list(overrides))
+        if not cfg.datalist or not cfg.splits:
+            raise MedsslError("pass --datalist and --splits (or set them in --config)")
+        result = run_finetune(cfg, resume=resume, progress=sys.stderr.isatty())
+    except MedsslError as e:  # TransferError's message holds the transfer report table
+        raise _fail(e, verbose) from None
+    table = Table(title=f"medssl finetune → {result.out_dir} ({result.status}, {result.epochs_run} epochs)")
+    table.add_column("metric")
+    table.add_column("validation (best)")
+    table.add_column("test")
+    for k in result.test_metrics:
+        table.add_row(k, f"{result.best_val.get(k, float('nan')):.4f}", f"{result.test_metrics[k]:.4f}")
+    console.print(table)
+    if result.transfer is not None:
+        console.print(f"SSL weights loaded: {100 * result.transfer['share']:.1f} % of the encoder")
+    console.print(f"best checkpoint: {result.best_checkpoint}  MLflow run: {result.run_id or 'tracking disabled'}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo_out"),
     sample: Annotated[Path | None, typer.Option(help="Sample data folder (default: the one shipped in examples/data).")] = None,

@@ -17,6 +17,7 @@ Pipeline file (YAML; paths relative to the working directory, ``${VAR}`` expande
     pretrain: {method: simclr, total_steps: 600, ...}   # PretrainConfig dict, or {checkpoint: encoder.pt}
     finetune: {task: segmentation, network: SegResNet, max_steps: 400, ...}   # base FinetuneConfig dict
     finetune_by_fraction: {5: {val_every: 25}, 100: {val_every: 1}}   # optional per-fraction overrides
+    finetune_by_init: {ssl: {network_kwargs: {}}}   # optional per-init overrides (SSL: recipe fixes the net)
     fractions: [5, 10, 25, 50, 100]
     inits: [scratch, ssl]
     seeds: [0, 1]
@@ -43,7 +44,7 @@ import yaml
 from medssl.config import apply_overrides
 from medssl.errors import MedsslError
 
-__all__ = ["INITS", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "by_fraction"]
+__all__ = ["INITS", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "finetune_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Pipeline:
 
     Raises:
         MedsslError: a bad study name, unknown init, ``ssl`` without ``pretrain``, no fraction/seed,
-            fractions outside (0, 100], or ``finetune_by_fraction`` naming a fraction not swept.
+            or fractions outside (0, 100].
     """
 
     study: str
@@ -71,6 +72,7 @@ class Pipeline:
     tracking_uri: str | None = None
     out_dir: str = "runs/sweeps"
     finetune_by_fraction: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    finetune_by_init: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.study or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", str(self.study)):
@@ -86,9 +88,13 @@ class Pipeline:
         self.seeds = [int(s) for s in self.seeds]
         if not all(0 < f <= 100 for f in self.fractions):
             raise MedsslError(f"fractions are percent in (0, 100], got {self.fractions}")
+        if set(self.finetune_by_init) - set(INITS):
+            raise MedsslError(
+                f"finetune_by_init keys must be in {list(INITS)}, got {list(self.finetune_by_init)}"
+            )
         extra = {float(k) for k in self.finetune_by_fraction} - set(self.fractions)
-        if extra:
-            raise MedsslError(f"finetune_by_fraction names fractions {sorted(extra)} not in {self.fractions}")
+        if extra:  # e.g. a quick run with --set fractions=[10,100]: fine, but say so (typos show up here)
+            log.warning("finetune_by_fraction names fractions %s not swept %s", sorted(extra), self.fractions)
 
     @property
     def study_root(self) -> Path:
@@ -233,6 +239,8 @@ def check_fractions_available(splits_path: Path, fractions: list[float], seeds: 
                 )
 
 
-def by_fraction(pl: Pipeline, fraction: float) -> dict[str, Any]:
-    """The pipeline's ``finetune_by_fraction`` overrides for ``fraction`` (``{}`` if none)."""
-    return next((dict(v) for k, v in pl.finetune_by_fraction.items() if float(k) == fraction), {})
+def finetune_dict(pl: Pipeline, fraction: float, init: str) -> dict[str, Any]:
+    """The base ``finetune`` mapping updated by ``finetune_by_fraction[fraction]``, then by
+    ``finetune_by_init[init]`` (top-level keys replaced, e.g. ``ssl: {network_kwargs: {}}``)."""
+    by_fraction = next((v for k, v in pl.finetune_by_fraction.items() if float(k) == fraction), {})
+    return {**pl.finetune, **by_fraction, **pl.finetune_by_init.get(init, {})}

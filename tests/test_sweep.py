@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from rich.console import Console
 from medssl.data.splits import split_datalist
 from medssl.engines.sweep import run_sweep
 from medssl.errors import MedsslError
-from medssl.sweep import load_pipeline
+from medssl.sweep import finetune_dict, load_pipeline
 from medssl.tracking.compare import DIFF, find_study_runs
 from medssl.tracking.mlflow_tracker import MlflowTracker, make_client
 
@@ -166,7 +167,10 @@ def children(uri: str, parent_id: str) -> list[Any]:
 def test_sweep_parent_children_tags_failure_and_rerun(tmp_path: Path) -> None:
     uri = fresh_sqlite_uri(tmp_path)
     ft, pre = FakeFinetune(fail={"f10-ssl-s1"}), FakePretrain()
-    res = run_sweep(pipeline(tmp_path, uri), finetune_fn=ft, pretrain_fn=pre)
+    spec = pipeline(
+        tmp_path, uri, finetune_by_init={"ssl": {"lr": 0.5}}, finetune_by_fraction={10: {"lr": 0.2}}
+    )
+    res = run_sweep(spec, finetune_fn=ft, pretrain_fn=pre)
     assert pre.calls == 1 and len(ft.calls) == 8 and all(r == "auto" for _, r in ft.calls)
     assert [c.key for c in res.failed] == ["f10-ssl-s1"] and "boom in f10-ssl-s1" in res.failed[0].error
     client = make_client(uri)
@@ -196,6 +200,8 @@ def test_sweep_parent_children_tags_failure_and_rerun(tmp_path: Path) -> None:
     assert parent.data.tags["medssl.sweep_dir"] == str(res.sweep_dir.resolve())
     assert cfgs["f10-ssl-s0"].init == f"ssl:{(res.sweep_dir / 'pretrain' / 'encoder.pt').resolve()}"
     assert cfgs["f10-scratch-s0"].init == "scratch" and cfgs["f10-scratch-s0"].study == "toy"
+    lrs = {k: c.lr for k, c in cfgs.items()}  # by_init wins over by_fraction wins over the base
+    assert lrs["f10-scratch-s0"] == 0.2 and lrs["f10-ssl-s0"] == 0.5 and lrs["f100-scratch-s1"] == 1e-3
     assert json.loads((res.sweep_dir / "sweep.json").read_text())["parent_run_id"] == res.parent_run_id
     text = io.StringIO()
     Console(file=text, width=200).print(res.table("test_dice_mean"))
@@ -204,7 +210,7 @@ def test_sweep_parent_children_tags_failure_and_rerun(tmp_path: Path) -> None:
 
     # re-run: same parent, finished children and pretraining skipped, the failed child retried
     ft2 = FakeFinetune()
-    res2 = run_sweep(pipeline(tmp_path, uri), finetune_fn=ft2, pretrain_fn=pre)
+    res2 = run_sweep(spec, finetune_fn=ft2, pretrain_fn=pre)
     assert res2.parent_run_id == res.parent_run_id and pre.calls == 1
     assert [k for k, _ in ft2.calls] == ["f10-ssl-s1"] and not res2.failed
     assert sum(c.status == "SKIPPED" for c in res2.children) == 7
@@ -270,7 +276,7 @@ def test_reused_checkpoint_and_pretraining_failure(tmp_path: Path) -> None:
     assert [c.status for c in res.children if c.init == "scratch"] == ["FINISHED"]
 
 
-def test_bad_pipelines(tmp_path: Path) -> None:
+def test_bad_pipelines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     base = pipeline(tmp_path, "sqlite:///unused.db")
     with pytest.raises(MedsslError, match=r"fraction 25 % is not in"):
         run_sweep({**base, "fractions": [25]}, finetune_fn=FakeFinetune())
@@ -285,8 +291,9 @@ def test_bad_pipelines(tmp_path: Path) -> None:
     pl = load_pipeline(base, ["seeds=[3]", "finetune.max_steps=7", "finetune_by_fraction.10.val_every=2"])
     assert pl.seeds == [3] and pl.finetune["max_steps"] == 7 and base["finetune"].get("max_steps") is None
     assert pl.finetune_by_fraction == {"10": {"val_every": 2}}
-    with pytest.raises(MedsslError, match="finetune_by_fraction names fractions \\[42.0\\]"):
+    with caplog.at_level(logging.WARNING, logger="medssl"):
         load_pipeline(base, {"finetune_by_fraction": {42: {"val_every": 1}}})
+    assert "finetune_by_fraction names fractions [42.0] not swept" in caplog.text
     with pytest.raises(MedsslError, match="NOT_SET_ANYWHERE"):
         load_pipeline({**base, "data": {"sources": ["${NOT_SET_ANYWHERE}/x"]}})
     with pytest.raises(MedsslError, match="pretrain.checkpoint .*missing.pt does not exist"):
@@ -332,7 +339,9 @@ def test_pipeline_files_parse() -> None:
         from medssl.config import PretrainConfig
         from medssl.engines.finetune_config import FinetuneConfig
 
-        FinetuneConfig.from_dict(pl.finetune)
+        for f in pl.fractions:
+            for init in pl.inits:
+                FinetuneConfig.from_dict({**finetune_dict(pl, f, init), "fraction": f})
         PretrainConfig.from_dict(pl.pretrain)
     assert load_pipeline_env(root / "label_efficiency.yaml").fractions == [5, 10, 25, 50, 100]
     assert load_pipeline_env(root / "classification_adrenal.yaml").fractions == [1, 10, 100]

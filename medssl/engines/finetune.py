@@ -368,7 +368,10 @@ def _fmt(values: dict[str, float]) -> str:
 
 
 class _progress:
-    """Rich progress bar over epochs as a context manager yielding ``update(epoch, loss)``."""
+    """Rich progress bar over epochs (stderr) as a context manager yielding ``update(epoch, loss)``.
+
+    Like ``medssl.engines.progress.ProgressBar`` with a "finetune" label (that one says "pretrain").
+    """
 
     def __init__(self, enabled: bool, total: int, start: int) -> None:
         self.enabled, self.total, self.start = enabled, total, start
@@ -376,6 +379,7 @@ class _progress:
     def __enter__(self) -> Any:
         if not self.enabled:
             return lambda epoch, loss: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
@@ -384,6 +388,7 @@ class _progress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[loss]}"),
             TimeRemainingColumn(),
+            console=Console(stderr=True),  # stdout stays free for results
         )
         self.bar.start()
         task = self.bar.add_task("finetune", total=self.total, completed=self.start, loss="")

@@ -24,7 +24,7 @@ from typing import Any
 
 from medssl.data.splits import fraction_key
 from medssl.errors import MedsslError
-from medssl.sweep import Pipeline, by_fraction, check_fractions_available, load_pipeline, prepare_data
+from medssl.sweep import Pipeline, check_fractions_available, finetune_dict, load_pipeline, prepare_data
 from medssl.tracking.compare import child_runs, find_study_runs
 from medssl.tracking.mlflow_tracker import (
     MlflowTracker,
@@ -149,15 +149,11 @@ def run_sweep(
     datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
     check_fractions_available(splits, pl.fractions, pl.seeds)
     for f in pl.fractions:  # fail fast on bad finetune settings, before any run exists
-        FinetuneConfig.from_dict(
-            {
-                **pl.finetune,
-                **by_fraction(pl, f),
-                "datalist": str(datalist),
-                "splits": str(splits),
-                "fraction": f,
-            }
-        )
+        for init in pl.inits:
+            paths = {"datalist": str(datalist), "splits": str(splits), "fraction": f}
+            FinetuneConfig.from_dict(
+                {**finetune_dict(pl, f, init), **paths, "init": "ssl:x" if init == "ssl" else init}
+            )
     reuse = (pl.pretrain or {}).get("checkpoint") if "ssl" in pl.inits else None
     if reuse and not Path(reuse).exists():
         raise MedsslError(f"pretrain.checkpoint {reuse} does not exist")
@@ -323,10 +319,9 @@ class _Sweep:
         """Run (or resume) one child; a failure is recorded on the outcome and in MLflow, never raised."""
         from medssl.engines.finetune_config import FinetuneConfig
 
-        pl, base = self.pl, self.pl.finetune
+        pl, base = self.pl, finetune_dict(self.pl, c.fraction, c.init)
         cfg = {
             **base,
-            **by_fraction(pl, c.fraction),
             **self.common,
             "datalist": str(self.datalist),
             "splits": str(self.splits),

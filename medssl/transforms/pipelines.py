@@ -77,7 +77,9 @@ _CONTRASTIVE = {"n_views": 2, "scale": (0.6, 1.0), "min_overlap": 0.2, "max_over
 PRESETS: dict[str, dict[str, Any]] = {
     "simclr": _CONTRASTIVE, "triplet": _CONTRASTIVE, "byol": _CONTRASTIVE, "vicreg": _CONTRASTIVE,
     "rotation": {"n_rotations": 4, "scale_prob": 0.5, "shift_prob": 0.5, "noise_prob": 0.2},
-    "mae": {"flip_prob": 0.5, "targets": True, "mask": "patch", "mask_ratio": 0.75},
+    # MAE hides tokens inside the method (medssl.methods.mae draws its own patch mask, so visible tokens
+    # batch densely); the preset feeds it unmasked views. Use mask="patch" only for pixel-space inpainting.
+    "mae": {"flip_prob": 0.5, "targets": True, "mask": "none"},
     "genesis": {"flip_prob": 0.5, "targets": True, "shuffle_prob": 0.5, "bezier_prob": 0.9,
                 "paint_prob": 0.9},
     "swin": {"n_views": 2, "scale": (0.8, 1.0), "min_overlap": 0.5, "max_overlap": 1.0, "n_rotations": 4,
