@@ -15,6 +15,11 @@ on the same volumes (default: the MSD hippocampus MRI crops beside the checkout)
 - **medssl**: :class:`medssl.engines.pretrain.Pretrainer` (cached normalised volumes, restorable crop
   stream, ``BatchedSSLAugment`` on the whole batch, the same step as ``medssl pretrain``).
 
+Model-side options (same for both loops unless noted): ``--threads`` (``torch.set_num_threads``),
+``--cpu-bf16`` (bf16 autocast in both loops), ``--channels-last auto|on|off`` (the engine's
+``channels_last``; ``auto`` is its default, on for fp32 CPU runs; the tutorial loop stays in the
+default format unless ``--naive-channels-last`` adds a second naive loop that uses it too).
+
 Usage::
 
     .venv/bin/python benchmarks/pretrain_step.py --steps 10 --rounds 5 --n-volumes 40
@@ -107,10 +112,15 @@ def build_model(args: argparse.Namespace, roi: tuple[int, int, int]) -> torch.nn
 class NaiveLoop:
     """The tutorial-style loop; :meth:`step` runs one optimizer step."""
 
-    def __init__(self, args: argparse.Namespace, pool: list[dict], workers: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, pool: list[dict], workers: int, channels_last: bool = False
+    ) -> None:
         from monai.data import DataLoader, Dataset, list_data_collate
 
         self.method = build_model(args, (args.roi,) * 3)
+        self.channels_last, self.bf16 = channels_last, args.cpu_bf16
+        if channels_last:
+            self.method.to(memory_format=torch.channels_last_3d)
         self.opt = torch.optim.AdamW(self.method.parameters(), lr=1e-4)
         loader = DataLoader(
             Dataset(pool, naive_transforms(args.roi)),
@@ -139,7 +149,11 @@ class NaiveLoop:
         }
 
     def step(self) -> None:
-        loss = self.method(self.data())["loss"]
+        batch = self.data()
+        if self.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last_3d) for k, v in batch.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.method(batch)["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -166,10 +180,13 @@ class MedsslLoop:
             experiment=None,
             preview=False,
             grad_clip=None,
+            cpu_bf16=args.cpu_bf16,
+            channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
         )
         torch.manual_seed(0)
         self.trainer = Pretrainer(cfg, *build_components(cfg))
         self.trainer.method.train()
+        self.channels_last = self.trainer.channels_last
 
     def step(self) -> None:
         self.trainer.train_step()
@@ -200,8 +217,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--workers", default="0", help="DataLoader workers of the naive loop (comma list)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU in both loops")
+    ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="engine option")
+    ap.add_argument("--naive-channels-last", action="store_true", help="add a naive loop in channels_last_3d")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     files = sorted(args.data.glob("*.nii*"))[: args.n_volumes]
     if not files:
         raise SystemExit(f"no NIfTI files under {args.data}")
@@ -209,11 +232,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         datalist = Path(tmp) / "datalist.json"
         datalist.write_text(json.dumps({"unlabeled": pool}))
+        engine = MedsslLoop(args, datalist, Path(tmp) / "r")
         loops = {
-            "medssl engine (cached volumes + BatchedSSLAugment)": MedsslLoop(args, datalist, Path(tmp) / "r")
+            "medssl engine (cached volumes + BatchedSSLAugment"
+            + (", channels_last_3d)" if engine.channels_last else ")"): engine
         }
         for w in (int(x) for x in args.workers.split(",")):
             loops[f"naive MONAI tutorial loop, DataLoader num_workers={w}"] = NaiveLoop(args, pool, w)
+        if args.naive_channels_last:
+            loops["naive loop + channels_last_3d"] = NaiveLoop(args, pool, int(args.workers.split(",")[0]), True)
         medssl_name = next(iter(loops))
         cold_steps = -(-len(files) // args.batch)  # one epoch: fills the medssl cache
         cold = timed(loops[medssl_name].step, cold_steps)
@@ -232,6 +259,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     data_med = {k: statistics.median(v) for k, v in data_rates.items()}
     best_naive = max(v for k, v in med.items() if k != medssl_name)
+    from medssl.engines.components import cpu_has_native_bf16
+
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end"
@@ -239,7 +268,8 @@ def main() -> None:
     print(
         f"config: {args.method} + {args.encoder} {args.encoder_kwargs}, B={args.batch}, views {args.roi}^3, "
         f"{len(files)} volumes from {args.data}, {args.rounds} interleaved rounds x {args.steps} steps "
-        f"(data only: x {5 * args.steps})"
+        f"(data only: x {5 * args.steps}); cpu_bf16={args.cpu_bf16}, engine channels_last="
+        f"{args.channels_last}, bf16-native CPU: {cpu_has_native_bf16()}"
     )
     print("| loop | steps/s (median) | per round | vs best naive |\n|---|---|---|---|")
     for k, v in med.items():

@@ -28,6 +28,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "autocast_for",
     "to_memory_format",
+    "place_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,3 +165,32 @@ def to_memory_format(batch: dict[str, Any], channels_last: bool) -> dict[str, An
         k: v.contiguous(memory_format=torch.channels_last_3d) if torch.is_tensor(v) and v.ndim == 5 else v
         for k, v in batch.items()
     }
+
+
+def place_model(
+    config: PretrainConfig, method: torch.nn.Module, local_rank: int | None = None
+) -> tuple[torch.nn.Module, torch.device, torch.dtype | None, bool]:
+    """Move ``method`` to its device and memory format; apply ``num_threads``.
+
+    Args:
+        config: the run config (``device``, ``num_threads``, ``amp``, ``cpu_bf16``, ``channels_last``).
+        method: the SSL method module.
+        local_rank: under DDP, the process's GPU index (a CUDA device becomes ``cuda:local_rank``).
+
+    Returns:
+        ``(method, device, autocast dtype or None, channels_last)``. ``channels_last=None`` (auto) is on
+        for fp32 CPU runs, where it was measured faster (``benchmarks/RESULTS_pretrain.md``).
+    """
+    device = resolve_device(config.device)
+    if local_rank is not None and device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    method = method.to(device)
+    amp_dtype = autocast_for(config, device)
+    channels_last = config.channels_last
+    if channels_last is None:
+        channels_last = device.type == "cpu" and amp_dtype is None
+    if channels_last:
+        method.to(memory_format=torch.channels_last_3d)
+    return method, device, amp_dtype, bool(channels_last)

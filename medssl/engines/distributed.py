@@ -27,6 +27,7 @@ __all__ = [
     "mean_across_ranks",
     "any_across_ranks",
     "wrap_ddp",
+    "select_rank_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,3 +169,30 @@ def wrap_ddp(
     if device.type == "cuda":
         ids = [device.index if device.index is not None else torch.cuda.current_device()]
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def select_rank_state(state: dict[str, Any], info: DistInfo) -> dict[str, Any] | None:
+    """This rank's ``{"rng", "augment", "data"}`` from a pretraining checkpoint.
+
+    A checkpoint written by N ranks holds them under ``"ranks"`` (single-process ones at the top level).
+    Resumed on the same N, each rank gets its own: exact. On another N, rank 0 takes the saved rank 0's
+    state (its data position without the old shard) and the other ranks keep their fresh ``seed + rank``
+    streams, with a warning: training continues, but not exactly as an uninterrupted run.
+
+    Returns:
+        The state to restore, or ``None`` (keep the current one).
+    """
+    ranks = state.get("ranks") or [{k: state.get(k) for k in ("rng", "augment", "data")}]
+    if len(ranks) == info.world_size:
+        return ranks[info.rank]
+    log.warning(
+        "checkpoint written by %d rank(s), resumed on %d: data order and augmentation continue, but "
+        "not exactly as an uninterrupted run",
+        len(ranks),
+        info.world_size,
+    )
+    if info.rank != 0:
+        return None
+    own = dict(ranks[0])
+    own["data"] = {k: v for k, v in own["data"].items() if k not in ("rank", "world_size")}
+    return own

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,9 +33,9 @@ from medssl.config import PretrainConfig, flatten_dict
 from medssl.engines import checkpoint as ck
 from medssl.engines import distributed as dd
 from medssl.engines.components import (
-    autocast_for,
     build_components,
     make_recipe,
+    place_model,
     resolve_device,
     to_memory_format,
 )
@@ -92,16 +93,10 @@ class Pretrainer:
     ) -> None:
         self.cfg, self.encoder, self.augment = config, encoder, augment
         self.dist = dd.dist_info()
-        self.device = resolve_device(config.device)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.method = method.to(self.device)
-        if config.channels_last:
-            self.method.to(memory_format=torch.channels_last_3d)
+        self.method, self.device, self.amp_dtype, self.channels_last = place_model(
+            config, method, self.dist.local_rank if self.dist.enabled else None
+        )
         self.out = Path(config.out_dir)
-        self.amp_dtype = autocast_for(config, self.device)
         self.pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         self.dataset = SafeCacheDataset(
             self.pool,
@@ -147,7 +142,7 @@ class Pretrainer:
         logs: dict[str, torch.Tensor] = {}
         for i in range(accum):
             images = [v.to(self.device, non_blocking=True) for v in self.batcher.next_batch(cfg.batch_size)]
-            batch = to_memory_format(self.augment(images), cfg.channels_last)
+            batch = to_memory_format(self.augment(images), self.channels_last)
             autocast = (
                 torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
             )
@@ -267,7 +262,7 @@ class Pretrainer:
         self.schedule.total_steps = self.total_steps
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        own = self._own_rank_state(state)
+        own = dd.select_rank_state(state, self.dist)
         if own is not None:
             ck.load_component_state(self.augment, own.get("augment"))
             self.batcher.load_state_dict(own["data"])
@@ -275,24 +270,6 @@ class Pretrainer:
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
         return state
-
-    def _own_rank_state(self, state: dict[str, Any]) -> dict[str, Any] | None:
-        """This rank's RNG/augment/data state of a checkpoint. Saved with another number of ranks: rank
-        0 takes the saved rank 0's, other ranks keep their fresh ``seed + rank`` streams (not exact)."""
-        ranks = state.get("ranks") or [{k: state.get(k) for k in ("rng", "augment", "data")}]
-        if len(ranks) == self.dist.world_size:
-            return ranks[self.dist.rank]
-        log.warning(
-            "checkpoint written by %d rank(s), resumed on %d: data order and augmentation continue, but "
-            "not exactly as an uninterrupted run",
-            len(ranks),
-            self.dist.world_size,
-        )
-        if self.dist.rank != 0:
-            return None
-        own = dict(ranks[0])
-        own["data"] = {k: v for k, v in own["data"].items() if k not in ("rank", "world_size")}
-        return own
 
     # -- the run --------------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None, progress: bool = True) -> PretrainResult:
@@ -318,7 +295,13 @@ class Pretrainer:
                 open(self.out / "metrics.jsonl", "a") if main else nullcontext() as mf,
             ):
                 while self.step < self.total_steps:
+                    t0 = time.perf_counter()
                     logs = self.train_step()
+                    if self.cfg.compile and t0 and logs is not None and "compile_s" not in self.__dict__:
+                        self.compile_s = time.perf_counter() - t0  # first step = compile + one step
+                        log.info("torch.compile: first step took %.1f s", self.compile_s)
+                        if self.tracker:
+                            self.tracker.log_metrics({"compile_first_step_s": self.compile_s}, self.step)
                     if logs is not None:
                         self.result.loss_history.append((self.step, logs["loss"]))
                         if mf is not None:
