@@ -1,7 +1,8 @@
 """`medssl` command line: thin Typer wrappers over library functions.
 
 Exit codes: 0 success; 1 a `MedsslError` (one red line, `--verbose` for the traceback); 2 bad usage;
-3 `ingest` finished but quarantined some inputs (see quarantine.csv).
+3 `ingest` finished but quarantined some inputs (see quarantine.csv); 4 `sweep` finished but some child runs
+FAILED.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ console = Console()
 err_console = Console(stderr=True)
 log = logging.getLogger("medssl")
 
-EXIT_ERROR, EXIT_QUARANTINED = 1, 3
+EXIT_ERROR, EXIT_QUARANTINED, EXIT_CHILDREN_FAILED = 1, 3, 4
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging and full tracebacks.")]
 
@@ -228,6 +229,48 @@ def finetune(
     if result.transfer is not None:
         console.print(f"SSL weights loaded: {100 * result.transfer['share']:.1f} % of the encoder")
     console.print(f"best checkpoint: {result.best_checkpoint}  MLflow run: {result.run_id or 'tracking disabled'}")
+
+
+@app.command()
+def sweep(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML, e.g. pipelines/label_efficiency.yaml.")],
+    new: Annotated[bool, typer.Option("--new", help="New parent run even if the study exists (default: resume it).")] = False,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override key.sub=value (repeatable), e.g. --set 'seeds=[0]'.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Pretrain once, then finetune each (fraction, init, seed) as an MLflow child run of one study.
+
+    Exit code 4: the sweep finished but some children FAILED (their errors are in MLflow tag medssl.error).
+    """
+    from medssl.engines.sweep import run_sweep
+
+    _setup(verbose)
+    try:
+        res = run_sweep(pipeline, overrides=list(overrides or []), new=new, progress=sys.stderr.isatty())
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    console.print(res.table())
+    raise typer.Exit(EXIT_CHILDREN_FAILED if res.failed else 0)
+
+
+@app.command()
+def compare(
+    study: Annotated[str, typer.Option("--study", help="Study name from the pipeline file.")],
+    metric: Annotated[str | None, typer.Option(help="Metric (default: the study's, e.g. test_dice_mean).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <sweep dir>/compare).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Table of mean ± 95 % CI over seeds per fraction and init, paired SSL − scratch; CSV + PNG to MLflow."""
+    from medssl.tracking.compare import compare_study
+
+    _setup(verbose)
+    try:
+        r = compare_study(study, tracking_uri=tracking_uri, metric=metric, out_dir=out)
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    console.print(r.table)
+    console.print(f"CSV {r.csv_path}\nPNG {r.png_path} (also logged to parent run {r.parent_run_id})")
 
 
 @app.command()

@@ -132,6 +132,7 @@ class Pretrainer:
             self.model = torch.compile(self.model)
         self.recipe = make_recipe(config, encoder)
         self.step, self.nan_run, self.tracker, self.checkpoints = 0, 0, None, []
+        self.compile_s: float | None = None  # torch.compile: seconds of the first (compiling) step
         self.result = PretrainResult(out_dir=self.out)
 
     # -- one optimizer step (schedule → forward → guard → backward/accum/clip → step → EMA) ------------
@@ -297,7 +298,7 @@ class Pretrainer:
                 while self.step < self.total_steps:
                     t0 = time.perf_counter()
                     logs = self.train_step()
-                    if self.cfg.compile and t0 and logs is not None and "compile_s" not in self.__dict__:
+                    if self.cfg.compile and self.compile_s is None and logs is not None:
                         self.compile_s = time.perf_counter() - t0  # first step = compile + one step
                         log.info("torch.compile: first step took %.1f s", self.compile_s)
                         if self.tracker:

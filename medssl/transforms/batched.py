@@ -25,7 +25,7 @@ from medssl.transforms.intensity import gaussian_blur
 from medssl.transforms.masking import fill_masked, patch_mask, ratio_mask, sample_boxes
 from medssl.transforms.pipelines import DEFAULTS, resolve_params
 from medssl.transforms.shuffle import cell_geometry, n_cells, shuffle_cells
-from medssl.transforms.spatial import rotate_batch
+from medssl.transforms.spatial import apply_axes, interp_matrix, rotate_batch
 from medssl.transforms.views import crop_boxes, pad_extent
 
 __all__ = ["BatchedSSLAugment", "crop_batch"]
@@ -36,12 +36,13 @@ def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_s
     """Per-sample boxes of ``x`` ``(B, C, D, H, W)`` resampled to ``roi_size`` → ``(B, C, *roi_size)``.
 
     Trilinear with ``align_corners=True`` (the sample positions of MONAI ``Resize(align_corners=True)``
-    after ``SpatialCrop``, the per-sample path), done separably: per axis two ``gather``s and a lerp
-    (one gather when every box has the roi's length there, an exact copy). Flips ``(B, 3)`` bool are
-    folded into the gather indices, so they cost nothing. Measured ~2.5x faster than one 3D
-    ``grid_sample`` on CPU for 32³ views of hippocampus volumes.
+    after ``SpatialCrop``, the per-sample path), done separably as one batched matrix product per axis
+    with ``(B, R, S)`` interpolation matrices (two non-zeros per row; one ``1`` per row where the box has
+    the roi's length, an exact copy). Flips ``(B, 3)`` bool reverse the matrices' rows, so they cost
+    nothing. Measured ~3x faster than the former per-axis ``index_select`` + ``lerp`` (and ~7x faster
+    than one 3D ``grid_sample``) on CPU for 32³ views of hippocampus volumes, 1 thread.
     """
-    y = x
+    mats = []
     starts, sizes = starts.to(x.device), sizes.to(x.device)
     for a in range(3):
         r, s = int(roi_size[a]), x.shape[a + 2]
@@ -50,31 +51,8 @@ def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_s
         pos = starts[:, a, None].double() + o * step  # (B, R) voxel positions along axis a
         if flips is not None:
             pos = torch.where(flips[:, a, None].to(x.device), pos.flip(1), pos)
-        i0 = pos.floor().long().clamp(0, s - 1)
-        w = (pos - i0).to(x.dtype)
-        view = [y.shape[0], 1, 1, 1, 1]
-        view[a + 2] = r
-        g0 = _take(y, a + 2, i0)
-        if bool((w > 0).any()):
-            g0 = torch.lerp(g0, _take(y, a + 2, (i0 + 1).clamp(max=s - 1)), w.view(view))
-        y = g0
-    return y
-
-
-def _take(y: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
-    """``y`` indexed along ``dim`` by per-sample indices ``idx`` ``(B, R)``: one ``index_select`` of
-    contiguous rows (faster than an element-wise ``gather`` with an expanded index)."""
-    shp = list(y.shape)
-    b, s, r = shp[0], shp[dim], idx.shape[1]
-    if dim == y.ndim - 1:  # innermost axis: rows of one element, an expanded gather is faster
-        return y.gather(dim, idx.view(b, *[1] * (y.ndim - 2), r).expand(*shp[:-1], r))
-    p = 1
-    for n in shp[:dim]:
-        p *= n
-    base = (torch.arange(p, device=y.device) * s).view(b, p // b, 1)  # (B, P/B, 1) first row of each slab
-    rows = (base + idx[:, None, :]).reshape(-1)
-    out = y.reshape(p * s, -1).index_select(0, rows)
-    return out.view(*shp[:dim], r, *shp[dim + 1:])
+        mats.append(interp_matrix(pos, s, x.dtype))
+    return apply_axes(x, mats)
 
 
 class BatchedSSLAugment:
@@ -238,8 +216,9 @@ class BatchedSSLAugment:
         dev = y.device
         mask = torch.zeros((b, *shape), dtype=torch.bool, device=dev) if self._has_mask() else None
 
-        def field() -> torch.Tensor:
-            return torch.rand(y.shape, generator=gen, device=dev, dtype=y.dtype)
+        def masked_field(m: torch.Tensor) -> torch.Tensor:  # uniforms for the masked voxels only
+            n = int(torch.count_nonzero(m)) * y.shape[1]
+            return torch.rand(n, generator=gen, device=dev, dtype=y.dtype)
 
         if p["shuffle_prob"] > 0:  # cell size/offset per call; each sample's marginal = the per-sample path's
             apply = (self._u(b) < p["shuffle_prob"]).to(dev)
@@ -262,7 +241,7 @@ class BatchedSSLAugment:
             u_size, u_start = self._u(b, kmax, 3).to(dev), self._u(b, kmax, 3).to(dev)
             m = paint_mask(shape, outpaint.to(dev), n.to(dev), u_size, u_start)
             m &= apply[:, None, None, None]
-            y = fill_masked(y, m, "noise", field())
+            y = fill_masked(y, m, "noise", masked_field(m))
             mask |= m
         if p["mask"] == "cuboid":
             r = p["mask_ratio"]
@@ -271,14 +250,14 @@ class BatchedSSLAugment:
             k = int(p["max_cuboids"])
             starts, sizes = sample_boxes(shape, p["cuboid_size"], self._u(b, k, 3), self._u(b, k, 3))
             m = ratio_mask(starts.to(dev), sizes.to(dev), ratio.to(dev), shape)
-            y = fill_masked(y, m, p["mask_fill"], field() if p["mask_fill"] == "noise" else None)
+            y = fill_masked(y, m, p["mask_fill"], masked_field(m) if p["mask_fill"] == "noise" else None)
             mask |= m
         elif p["mask"] == "patch":
             n = 1
             for s, q in zip(shape, p["patch_size"], strict=True):
                 n *= s // q
             m = patch_mask(self._u(b, n).to(dev), p["mask_ratio"], shape, p["patch_size"])
-            y = fill_masked(y, m, p["mask_fill"], field() if p["mask_fill"] == "noise" else None)
+            y = fill_masked(y, m, p["mask_fill"], masked_field(m) if p["mask_fill"] == "noise" else None)
             mask |= m
         return y, mask
 

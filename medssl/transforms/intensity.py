@@ -8,7 +8,7 @@
 The per-sample random intensity augmentation is MONAI's (``RandScaleIntensityd``, ``RandShiftIntensityd``,
 ``RandAdjustContrastd``, ``RandScaleIntensityFixedMeand``, ``RandGaussianSmoothd``, ``RandGaussianNoised``;
 see :mod:`medssl.transforms.pipelines`). :func:`gaussian_blur` reproduces ``GaussianSmooth`` (``erf``
-kernel, truncated at 4σ, zero padding) for a batch with per-sample σ, as separable grouped ``conv3d``.
+kernel, truncated at 4σ, zero padding) for a batch with per-sample σ, as three batched matmuls with banded matrices.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
 from medssl.errors import QuarantineError
+from medssl.transforms.spatial import apply_axes
 
 __all__ = ["NormalizeIntensityRobust", "NormalizeIntensityRobustd", "HUWindow", "HUWindowd", "gaussian_blur"]
 
@@ -150,22 +150,19 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, truncated: float = 4.0) 
     """Separable Gaussian smoothing of ``x`` ``(B, C, D, H, W)``, per-sample ``sigma`` ``(B, 3)`` in voxels.
 
     Matches MONAI ``GaussianSmooth(sigma, approx="erf")``: kernel ``0.5 * (erf((i+½)/σ√2) - erf((i-½)/σ√2))``
-    for ``|i| <= int(max(4σ, 0.5) + 0.5)``, zero padding. One grouped ``conv3d`` per axis for the batch.
+    for ``|i| <= int(max(4σ, 0.5) + 0.5)``, zero padding. Each axis is one batched matmul with a banded
+    ``(B, S, S)`` Toeplitz matrix (zero padding = the band cut at the edges): measured ~4x faster on CPU
+    than the former grouped ``conv3d`` per axis (B=6, 32³, 1 thread), where CPU grouped 3D convolution
+    with per-sample 1D kernels is slow.
     """
-    b, c, *_ = x.shape
-    sigma = sigma.to(device=x.device, dtype=torch.float32)
+    sigma = sigma.to(device=x.device, dtype=torch.float64)
     tails = (torch.clamp(sigma * truncated, min=0.5) + 0.5).floor()  # (B, 3)
-    out = x.reshape(1, b * c, *x.shape[2:])
+    mats = []
     for a in range(3):
-        tail = int(tails[:, a].max())
-        i = torch.arange(-tail, tail + 1, device=x.device, dtype=torch.float32)  # (K,)
-        t = 0.70710678 / sigma[:, a, None]  # (B, 1)
-        k = (0.5 * ((t * (i + 0.5)).erf() - (t * (i - 0.5)).erf())).clamp(min=0)  # (B, K)
-        k = torch.where(i.abs()[None] <= tails[:, a, None], k, 0.0).to(x.dtype)
-        shape = [1, 1, 1]
-        shape[a] = 2 * tail + 1
-        weight = k.repeat_interleave(c, 0).view(b * c, 1, *shape)  # (B*C, 1, kd, kh, kw)
-        pad = [0, 0, 0]
-        pad[a] = tail
-        out = F.conv3d(out, weight, padding=tuple(pad), groups=b * c)
-    return out.view_as(x)
+        s = x.shape[a + 2]
+        i = torch.arange(s, device=x.device, dtype=torch.float64)
+        off = i[None, :] - i[:, None]  # (S, S) tap offset j - i
+        t = 0.70710678118654752 / sigma[:, a, None, None]  # (B, 1, 1)
+        k = (0.5 * ((t * (off + 0.5)).erf() - (t * (off - 0.5)).erf())).clamp(min=0)  # (B, S, S)
+        mats.append(torch.where(off.abs()[None] <= tails[:, a, None, None], k, 0.0).to(x.dtype))
+    return apply_axes(x, mats)

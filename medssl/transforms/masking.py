@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
@@ -88,11 +89,14 @@ def ratio_mask(starts: torch.Tensor, sizes: torch.Tensor, ratio: torch.Tensor,
     b, k = starts.shape[:2]
     dev = starts.device
     if b == 1 or dev.type == "cpu":
-        # On CPU, boxes added one by one by slicing, a loop over B: measured 19 ms vs 160 ms for the
-        # vectorised search below (B=32, 32³ views, ratio 0.1-0.3, 1 thread). The search suits GPUs.
-        r = ratio.reshape(-1).tolist()
-        return torch.cat([_ratio_mask_one(starts[i].tolist(), sizes[i].tolist(), float(r[i]), shape, dev)
-                          for i in range(b)])
+        # On CPU, boxes added one by one by NumPy slicing (~1 µs per op vs ~5 µs for torch), a loop over B:
+        # measured ~6 ms vs 160 ms for the vectorised search below (B=32, 32³ views, ratio 0.1-0.3,
+        # 1 thread). The search suits GPUs.
+        out = np.zeros((b, *[int(x) for x in shape]), dtype=bool)
+        st, sz, r = starts.cpu().numpy(), sizes.cpu().numpy(), ratio.reshape(-1).tolist()
+        for i in range(b):
+            _ratio_mask_one(out[i], st[i], sz[i], float(r[i]))
+        return torch.from_numpy(out).to(dev)
     return ratio_mask_vectorised(starts, sizes, ratio, shape)
 
 
@@ -122,18 +126,18 @@ def ratio_mask_vectorised(starts: torch.Tensor, sizes: torch.Tensor, ratio: torc
     return union(torch.where(ratio <= 0, 0, hi))
 
 
-def _ratio_mask_one(starts: list, sizes: list, ratio: float, shape: Sequence[int],
-                    device: torch.device) -> torch.Tensor:
-    """:func:`ratio_mask` of one sample: the same prefix rule, boxes added sequentially."""
-    union = torch.zeros((1, *[int(s) for s in shape]), dtype=torch.bool, device=device)
-    total, covered = union.numel(), 0
-    for (a, b, c), (x, y, z) in zip(starts, sizes, strict=True):
-        if covered >= ratio * total:
-            break
-        region = union[0, a:a + x, b:b + y, c:c + z]
-        covered += int((~region).sum())
-        region.fill_(True)
-    return union
+def _ratio_mask_one(union: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ratio: float) -> None:
+    """:func:`ratio_mask` of one sample into ``union`` ``(D, H, W)`` bool (zeros): the same prefix rule,
+    boxes ``(K, 3)`` added sequentially (converted to Python ints 16 at a time: a few usually suffice, and
+    listing all ``K`` boxes of a batch costs more than the masking)."""
+    total, covered = union.size, 0
+    for c0 in range(0, len(starts), 16):
+        for (a, b, c), (x, y, z) in zip(starts[c0:c0 + 16].tolist(), sizes[c0:c0 + 16].tolist(), strict=True):
+            if covered >= ratio * total:
+                return
+            region = union[a:a + x, b:b + y, c:c + z]
+            covered += region.size - int(np.count_nonzero(region))
+            region[...] = True
 
 
 def patch_mask(noise: torch.Tensor, ratio: float, shape: Sequence[int],
@@ -160,20 +164,25 @@ def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str,
     """Replace masked voxels of ``x`` ``(B, C, D, H, W)``; ``mask`` ``(B, D, H, W)`` bool.
 
     ``fill``: ``"zero"``; ``"mean"`` (per-sample mean of the view); ``"noise"`` (uniform in the view's
-    ``[min, max]``, Models Genesis; needs ``u_fill`` ``(B, C, D, H, W)`` uniforms).
+    ``[min, max]``, Models Genesis; needs ``u_fill``: ``(B, C, D, H, W)`` uniforms, or a 1D tensor of
+    uniforms for the masked voxels only, in ``masked_select`` order of the mask broadcast over ``C``).
     """
     m = mask[:, None]
     if fill == "zero":
-        value = torch.zeros_like(x)
-    elif fill == "mean":
-        value = x.mean(dim=(1, 2, 3, 4), keepdim=True).expand_as(x)
-    elif fill == "noise":
-        lo = x.amin(dim=(1, 2, 3, 4), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3, 4), keepdim=True)
-        value = lo + (hi - lo) * u_fill.to(x)
-    else:
+        return x.masked_fill(m, 0.0)
+    if fill == "mean":
+        return torch.where(m, x.mean(dim=(1, 2, 3, 4), keepdim=True), x)
+    if fill != "noise":
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
-    return torch.where(m, value, x)
+    lo = x.amin(dim=(1, 2, 3, 4), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3, 4), keepdim=True)
+    if u_fill is not None and u_fill.ndim == 1:  # compact: only the masked voxels' uniforms
+        m = m.expand_as(x)
+        counts = torch.count_nonzero(m.flatten(1), dim=1)
+        lo_r = lo.flatten().repeat_interleave(counts)
+        vals = lo_r + (hi.flatten().repeat_interleave(counts) - lo_r) * u_fill.to(x)
+        return x.masked_scatter(m, vals)
+    return torch.where(m, lo + (hi - lo) * u_fill.to(x), x)
 
 
 def merge_mask(d: dict[Hashable, Any], mask_key: str | None, mask: torch.Tensor | None, like: Any) -> None:

@@ -22,7 +22,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform, Rotate90
 
-__all__ = ["rotation_ops", "rotate", "rotate_batch", "check_rotation_args", "RandRotate90Labeld"]
+__all__ = ["apply_axes", "interp_matrix", "rotation_ops", "rotate", "rotate_batch", "check_rotation_args", "RandRotate90Labeld"]
 
 Op = tuple[int, tuple[int, int]]  # (quarter turns k, spatial axes)
 
@@ -61,6 +61,38 @@ def rotate_batch(x: torch.Tensor, labels: torch.Tensor, n_classes: int,
         if sel.numel():
             out[sel] = rotate(x[sel], ops, lead=2)
     return out
+
+
+def interp_matrix(pos: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Linear-interpolation matrix ``(B, R, size)`` sampling a length-``size`` axis at ``pos`` ``(B, R)``."""
+    i0 = pos.floor().long().clamp(0, size - 1)
+    w = (pos - i0).clamp(0, 1)
+    m = torch.zeros((*pos.shape, size), dtype=torch.float64, device=pos.device)
+    m.scatter_add_(2, i0[..., None], (1 - w)[..., None])
+    m.scatter_add_(2, (i0 + 1).clamp(max=size - 1)[..., None], w[..., None])
+    return m.to(dtype)
+
+
+def apply_axes(x: torch.Tensor, mats: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``x`` ``(B, C, D, H, W)`` with each spatial axis ``a`` mapped by ``mats[a]`` ``(B, R_a, S_a)``
+    (``None``: unchanged): ``y[b, c, i, j, k] = Σ M0[b,i,p] M1[b,j,q] M2[b,k,r] x[b, c, p, q, r]``.
+
+    Three batched matmuls; used for resized crops (:func:`medssl.transforms.batched.crop_batch`) and separable Gaussian blur
+    (:func:`medssl.transforms.intensity.gaussian_blur`).
+    """
+    b, c, d, h, w = x.shape
+    y = x
+    if mats[2] is not None:  # W: (B, C*D*H, W) @ (B, W, R)
+        w = mats[2].shape[1]
+        y = torch.bmm(y.reshape(b, c * d * h, -1), mats[2].transpose(1, 2))
+    if mats[1] is not None:  # H: (B, 1, R, H) @ (B, C*D, H, W)
+        rh = mats[1].shape[1]
+        y = torch.matmul(mats[1][:, None], y.reshape(b, c * d, h, w))
+        h = rh
+    if mats[0] is not None:  # D: (B, 1, R, D) @ (B, C, D, H*W)
+        y = torch.matmul(mats[0][:, None], y.reshape(b, c, d, h * w))
+        d = mats[0].shape[1]
+    return y.reshape(b, c, d, h, w)
 
 
 def check_rotation_args(roi_size: Sequence[int], n_classes: int, spatial_axes: Sequence[int]) -> None:

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,78 @@ def test_ddp_resume_after_kill_is_exact(ddp_run: dict) -> None:
     b = load_checkpoint(Path(ddp_run["cfg"].out_dir) / "checkpoints" / "last.pt")
     assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6) for k in b["model"])
     assert [r["data"] for r in a["ranks"]] == [r["data"] for r in b["ranks"]]
+
+
+# -- in-process pieces of the DDP path (no process group needed) ------------------------------------
+def test_crop_batcher_shards_are_disjoint_and_match_one_process() -> None:
+    from medssl.engines.data import CropBatcher
+
+    data = [{"image": torch.full((1, 30, 30, 30), float(i))} for i in range(7)]  # 7: padded to 8
+    one = CropBatcher(data, (8, 8, 8), seed=3)
+    shards = [CropBatcher(data, (8, 8, 8), seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):  # across an epoch boundary (4 samples per rank per epoch)
+        full = one.next_batch(4)
+        halves = [s.next_batch(2) for s in shards]
+        # step of B=2 per rank == step of B=4 in one process: same volumes, same windows
+        merged = [halves[0][0], halves[1][0], halves[0][1], halves[1][1]]
+        if one.epoch == shards[0].epoch:
+            assert all(torch.equal(a, b) for a, b in zip(full, merged, strict=True))
+    epoch = [np.random.default_rng([3, 0]).permutation(7)]
+    order = [CropBatcher(data, None, seed=3, rank=r, world_size=2)._order for r in range(2)]
+    assert set(order[0]) | set(order[1]) == set(epoch[0]) and len(order[0]) == len(order[1]) == 4
+    assert shards[1].state_dict() == {
+        "epoch": shards[1].epoch,
+        "position": shards[1].position,
+        "order_seed": 3,
+        "rank": 1,
+        "world_size": 2,
+    }
+    with pytest.raises(ValueError, match="rank"):
+        CropBatcher(data, None, rank=2, world_size=2)
+
+
+def test_gathering_kwargs_and_rank_state_selection(caplog: pytest.LogCaptureFixture) -> None:
+    from medssl.config import PretrainConfig
+    from medssl.engines.components import method_kwargs_for
+    from medssl.engines.distributed import DistInfo, select_rank_state
+
+    cfg = PretrainConfig(method="simclr", method_kwargs={"temperature": 0.2})
+    assert method_kwargs_for(cfg, 1) == {"temperature": 0.2}
+    assert method_kwargs_for(cfg, 4) == {"temperature": 0.2, "gather_distributed": True}
+    off = cfg.replace(method="vicreg", method_kwargs={"gather_distributed": False})
+    assert method_kwargs_for(off, 4) == {"gather_distributed": False}  # an explicit choice wins
+    assert "gather_distributed" not in method_kwargs_for(cfg.replace(method="byol"), 4)
+    ranks = [{"rng": r, "augment": None, "data": {"epoch": 0, "position": r, "rank": r, "world_size": 2}}
+             for r in range(2)]  # fmt: skip
+    ckpt = {"rng": 0, "augment": None, "data": ranks[0]["data"], "ranks": ranks}
+    assert select_rank_state(ckpt, DistInfo(1, 1, 2)) is ranks[1]
+    with caplog.at_level("WARNING", logger="medssl"):
+        assert select_rank_state(ckpt, DistInfo(1, 1, 4)) is None  # keeps its fresh seed + rank streams
+        assert select_rank_state(ckpt, DistInfo(0, 0, 1))["data"] == {"epoch": 0, "position": 0}
+    assert "written by 2 rank(s), resumed on 4" in caplog.text
+
+
+def test_channels_last_gives_the_same_training(tiny_datalist: Path, tmp_path: Path) -> None:
+    runs = [
+        run_pretraining(_cfg(tiny_datalist, tmp_path / str(cl), total_steps=3, channels_last=cl), progress=False)
+        for cl in (False, True)
+    ]
+    for (_, a), (_, b) in zip(runs[0].loss_history, runs[1].loss_history, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    ckpt = load_checkpoint(runs[1].last_checkpoint)["model"]
+    ref = load_checkpoint(runs[0].last_checkpoint)["model"]
+    assert all(torch.allclose(ckpt[k], ref[k], atol=1e-5) for k in ref)
+
+
+def test_cpu_bf16_only_with_native_support(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from medssl.config import PretrainConfig
+    from medssl.engines import components
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="medssl"):
+        assert components.autocast_for(PretrainConfig(cpu_bf16=True), cpu) is None
+    assert "cpu_bf16 ignored" in caplog.text
+    monkeypatch.setattr(components, "cpu_has_native_bf16", lambda: True)
+    assert components.autocast_for(PretrainConfig(cpu_bf16=True), cpu) == torch.bfloat16
+    assert components.autocast_for(PretrainConfig(), cpu) is None
