@@ -240,7 +240,9 @@ def main() -> None:
         for w in (int(x) for x in args.workers.split(",")):
             loops[f"naive MONAI tutorial loop, DataLoader num_workers={w}"] = NaiveLoop(args, pool, w)
         if args.naive_channels_last:
-            loops["naive loop + channels_last_3d"] = NaiveLoop(args, pool, int(args.workers.split(",")[0]), True)
+            loops["naive loop + channels_last_3d"] = NaiveLoop(
+                args, pool, int(args.workers.split(",")[0]), True
+            )
         medssl_name = next(iter(loops))
         cold_steps = -(-len(files) // args.batch)  # one epoch: fills the medssl cache
         cold = timed(loops[medssl_name].step, cold_steps)

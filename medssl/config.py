@@ -174,7 +174,8 @@ class PretrainConfig:
         for name in ("batch_size", "grad_accum", "max_nan_steps", "log_every", "in_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers", "num_threads"):
+        nonneg = ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers", "num_threads")
+        for name in nonneg:
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.total_steps == 0 and self.epochs == 0:

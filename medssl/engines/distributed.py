@@ -93,7 +93,9 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, bool]:
         kwargs["device_id"] = torch.device("cuda", local_rank)
     dist.init_process_group(**kwargs)
     info = dist_info()
-    log.info("distributed: rank %d/%d (local %d), backend %s", info.rank, info.world_size, local_rank, backend)
+    log.info(
+        "distributed: rank %d/%d (local %d), backend %s", info.rank, info.world_size, local_rank, backend
+    )
     return info, True
 
 

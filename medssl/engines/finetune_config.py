@@ -276,6 +276,30 @@ class FinetuneConfig:
 
 
 # -- resolving a config: network, weights and preprocessing ------------------------------------------
+def _head_kwargs(kind: str, network_kwargs: dict[str, Any], encoder_recipe: dict[str, Any],
+                 roi: list[int]) -> dict[str, Any]:
+    """Split ``network_kwargs`` for an SSL init: encoder-shaping ones (``depth``, ``feature_size`` …, the encoder
+    family's build arguments) must describe the same encoder as the SSL recipe and are then dropped (the recipe
+    builds the encoder); the rest (decoder/head settings) pass through. The same pipeline file thus serves both
+    inits; a contradiction is refused naming the differing constructor fields."""
+    import inspect
+
+    from medssl.networks.downstream import ENCODER_FAMILY, scratch_recipe
+    from medssl.networks.encoders import ENCODERS
+
+    build_args = set(inspect.signature(ENCODERS[ENCODER_FAMILY[kind]].build).parameters) - {"cls"}
+    enc_kw = {k: v for k, v in network_kwargs.items() if k in build_args}
+    if enc_kw:
+        ours = scratch_recipe(kind, **({"in_channels": 1, "img_size": roi} | enc_kw))
+        a = ours.get("downstream_kwargs", {}).get(kind, {})
+        b = encoder_recipe.get("downstream_kwargs", {}).get(kind, {})
+        clash = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
+                 if k not in ("in_channels", "img_size") and str(a.get(k)) != str(b.get(k))}
+        if clash:
+            raise ConfigMismatchError(clash, what=f"network_kwargs {enc_kw} vs the SSL encoder recipe")
+    return {k: v for k, v in network_kwargs.items() if k not in build_args}
+
+
 def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any, dict[str, Any]]:
     """Build the downstream network (from scratch, or from an SSL checkpoint with its weights loaded).
 
@@ -312,14 +336,10 @@ def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any,
     else:
         ckpt = load_ssl_checkpoint(src, tracking_uri=config.tracking_uri)
         pre = check_preprocessing(ckpt.preprocessing, explicit, override=config.override_preprocessing)
-        build = {
-            "kind": kind,
-            "recipe": ckpt.encoder_recipe,
-            "out_channels": out,
-            "kwargs": dict(config.network_kwargs),
-        }
+        net_kw = _head_kwargs(kind, config.network_kwargs, ckpt.encoder_recipe, roi)
+        build = {"kind": kind, "recipe": ckpt.encoder_recipe, "out_channels": out, "kwargs": net_kw}
         try:
-            model = build_downstream(kind, recipe=ckpt.recipe, out_channels=out, **config.network_kwargs)
+            model = build_downstream(kind, recipe=ckpt.recipe, out_channels=out, **net_kw)
         except ConfigMismatchError:
             raise
         except MedsslError:  # encoder family cannot build this network: report what a transfer would miss

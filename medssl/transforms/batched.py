@@ -223,10 +223,12 @@ class BatchedSSLAugment:
         if p["shuffle_prob"] > 0:  # cell size/offset per call; each sample's marginal = the per-sample path's
             apply = (self._u(b) < p["shuffle_prob"]).to(dev)
             cell, offset = cell_geometry(shape, p["shuffle_size"], self._u(3), self._u(3))
-            n, nv = n_cells(shape, cell, offset)
+            n, _ = n_cells(shape, cell, offset)
             u_sel = torch.rand((b, n), generator=gen, device=dev, dtype=torch.float64)
             u_sel = torch.where(apply[:, None], u_sel, 2.0)  # samples not shuffled select no cell
-            u_keys = torch.rand((b, n, nv), generator=gen, device=dev)
+            def u_keys(rows: int, nv: int) -> torch.Tensor:  # keys for the selected cells only
+                return torch.rand((rows, nv), generator=gen, device=dev)
+
             y, m = shuffle_cells(y, cell, offset, u_sel, u_keys, float(p["shuffle_ratio"]))
             mask |= m
         if p["bezier_prob"] > 0:
