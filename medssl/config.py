@@ -20,7 +20,7 @@ import yaml
 
 from medssl.errors import MedsslError
 
-__all__ = ["PretrainConfig", "flatten_dict", "apply_overrides"]
+__all__ = ["ConfigBase", "PretrainConfig", "flatten_dict", "apply_overrides"]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,57 @@ _AMP = (None, "bf16", "fp16")
 _NORM = ("robust", "ct", "none")
 
 
+class ConfigBase:
+    """(De)serialisation shared by the run configs (dataclasses of plain values): dict/YAML round trips
+    with dotted overrides, unknown keys named with the valid ones, invalid values as `MedsslError`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None):
+        """Build from a dict, then apply dotted overrides (``["lr=1e-3", "method_kwargs.tau=0.1"]``).
+
+        Raises:
+            MedsslError: unknown keys (named, with the valid ones) or invalid values.
+        """
+        data = apply_overrides(dict(data), overrides or [])
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MedsslError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise MedsslError(f"invalid {cls.__name__}: {e}") from e
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | dict[str, Any] | None = None):
+        """Load a YAML mapping of config fields, then apply dotted overrides."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise MedsslError(f"cannot read config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise MedsslError(f"config {path} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data, overrides)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """YAML text of :meth:`to_dict`; also written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ConfigBase):
     """Everything `medssl pretrain` needs; every field is a plain JSON/YAML value.
 
     Args:
@@ -187,55 +236,6 @@ class PretrainConfig:
                 f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, "
                 f"{self.weight_decay}"
             )
-
-    # -- (de)serialisation ---------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON/YAML serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(
-        cls, data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
-    ) -> PretrainConfig:
-        """Build from a dict, then apply dotted overrides (``["lr=1e-3", "method_kwargs.tau=0.1"]``).
-
-        Raises:
-            MedsslError: unknown keys (named, with the valid ones).
-        """
-        data = apply_overrides(dict(data), overrides or [])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise MedsslError(f"unknown PretrainConfig field(s) {unknown}; valid fields: {sorted(names)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise MedsslError(f"invalid pretraining config: {e}") from e
-
-    @classmethod
-    def from_yaml(
-        cls, path: str | Path, overrides: list[str] | dict[str, Any] | None = None
-    ) -> PretrainConfig:
-        """Load a YAML mapping of config fields, then apply dotted overrides."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise MedsslError(f"cannot read config {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise MedsslError(f"config {path} must hold a mapping, got {type(data).__name__}")
-        return cls.from_dict(data, overrides)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """YAML text of :meth:`to_dict`; also written to ``path`` when given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    def replace(self, **changes: Any) -> PretrainConfig:
-        """A copy with some fields changed (validated)."""
-        return dataclasses.replace(self, **changes)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

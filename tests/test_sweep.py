@@ -300,7 +300,7 @@ def test_bad_pipelines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
         run_sweep(
             {**base, "pretrain": {"checkpoint": str(tmp_path / "missing.pt")}}, finetune_fn=FakeFinetune()
         )
-    with pytest.raises(MedsslError, match="invalid finetuning config"):
+    with pytest.raises(MedsslError, match="invalid FinetuneConfig"):
         run_sweep(
             {**base, "finetune": {"task": "segmentation", "network": "ResNet"}}, finetune_fn=FakeFinetune()
         )

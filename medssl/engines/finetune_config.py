@@ -13,15 +13,11 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from medssl.config import apply_overrides
+from medssl.config import ConfigBase
 from medssl.errors import ConfigMismatchError, MedsslError
 
 __all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "build_model", "rebuild_model"]
@@ -38,7 +34,7 @@ _NORM = (None, "robust", "ct", "none")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ConfigBase):
     """Everything `medssl finetune` needs; every field is a plain JSON/YAML value.
 
     Args:
@@ -225,57 +221,7 @@ class FinetuneConfig:
                 f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, {self.weight_decay}"
             )
 
-    # -- (de)serialisation ---------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (JSON/YAML serialisable)."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(
-        cls, data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None
-    ) -> FinetuneConfig:
-        """Build from a dict, then apply dotted overrides (``["fraction=10", "network_kwargs.init_filters=8"]``).
-
-        Raises:
-            MedsslError: unknown keys (named, with the valid ones) or invalid values.
-        """
-        data = apply_overrides(dict(data), overrides or [])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise MedsslError(f"unknown FinetuneConfig field(s) {unknown}; valid fields: {sorted(names)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as e:
-            raise MedsslError(f"invalid finetuning config: {e}") from e
-
-    @classmethod
-    def from_yaml(
-        cls, path: str | Path, overrides: list[str] | dict[str, Any] | None = None
-    ) -> FinetuneConfig:
-        """Load a YAML mapping of config fields, then apply dotted overrides."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise MedsslError(f"cannot read config {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise MedsslError(f"config {path} must hold a mapping, got {type(data).__name__}")
-        return cls.from_dict(data, overrides)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """YAML text of :meth:`to_dict`; also written to ``path`` when given."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    def replace(self, **changes: Any) -> FinetuneConfig:
-        """A copy with some fields changed (validated)."""
-        return dataclasses.replace(self, **changes)
-
-
-# -- resolving a config: network, weights and preprocessing ------------------------------------------
 def _head_kwargs(kind: str, network_kwargs: dict[str, Any], encoder_recipe: dict[str, Any],
                  roi: list[int]) -> dict[str, Any]:
     """Split ``network_kwargs`` for an SSL init: encoder-shaping ones (``depth``, ``feature_size`` …, the encoder

@@ -74,7 +74,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 def _cfg(tiny_datalist: Path, out: Path, **kw):
     det = dict(augment_kwargs={"noise": 0.0}, method_kwargs={"dropout": 0.0}, checkpoint_every=CKPT)
-    return toy_config(tiny_datalist, out, total_steps=STEPS, **{**det, **kw})
+    return toy_config(tiny_datalist, out, **{"total_steps": STEPS, **det, **kw})
 
 
 def _kill_after_checkpoint(proc: subprocess.Popen, ckpt: Path, report: dict) -> None:
