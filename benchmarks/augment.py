@@ -13,8 +13,10 @@
     different sizes (padding on the device included), B pairs per call.
 
 Usage: python benchmarks/augment.py [--data DIR] [--n-volumes 40] [--seconds 3] [--rounds 3] [--batch 32]
-       [--threads N] [--device cpu|cuda]
+       [--threads N] [--device cpu|cuda] [--stages]
 Prints a markdown table (pairs/s and ratio to (a)) with the machine line; paths run round-robin.
+``--stages`` then prints per-stage milliseconds per pair of (b) (each transform of the chain) and (c)
+(crop regions, resampled crop, rot90, intensity, restoration/masking).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from monai.transforms import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import medssl.transforms.batched as batched_mod  # noqa: E402
 from medssl.engines.data import preprocessing  # noqa: E402
 from medssl.transforms.batched import BatchedSSLAugment  # noqa: E402
 from medssl.transforms.pipelines import ssl_transforms  # noqa: E402
@@ -113,6 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="simclr,swin,genesis")
+    ap.add_argument("--stages", action="store_true", help="also print per-stage ms/pair of (b) and (c)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,6 +190,59 @@ def main() -> None:
     for name, r in rates.items():
         med = statistics.median(r)
         print(f"| {name} | {med:.1f} | {min(r):.1f}–{max(r):.1f} | {med / base:.1f}× |")
+    if args.stages:
+        stage_times(args.methods.split(","), cached, cached_dev, args.batch, sync)
+
+
+def _timed(fn: Callable, acc: dict[str, float], name: str, sync: Callable[[], None]) -> Callable:
+    def wrapper(*a: object, **k: object) -> object:
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        sync()
+        acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+        return out
+    return wrapper
+
+
+def stage_times(methods: list[str], cached: list, cached_dev: list, batch: int, sync: Callable[[], None],
+                n_pairs: int = 640) -> None:
+    """Per-stage ms per pair: (b) each transform of the per-sample chain, (c) the batched stages."""
+    from monai.data import set_track_meta
+    print("\nper-stage ms per pair (one pass, same process):\n")
+    for m in methods:
+        t = ssl_transforms(m, ROI, seed=0, track_meta=False)
+        acc: dict[str, float] = {}
+        set_track_meta(False)
+        for i in range(n_pairs // 4):
+            d = {"image": cached[i % len(cached)]}
+            for tr in t.transforms:
+                d = _timed(tr, acc, type(tr).__name__, lambda: None)(d)
+        set_track_meta(True)
+        total = sum(acc.values()) / (n_pairs // 4) * 1e3
+        parts = ", ".join(f"{k} {v / (n_pairs // 4) * 1e3:.3f}" for k, v in sorted(acc.items(), key=lambda x: -x[1]))
+        print(f"- (b) `{m}`: {total:.2f} ms/pair = {parts}")
+    orig = {k: getattr(batched_mod, k) for k in ("crop_batch", "rotate_batch")}
+    try:
+        for m in methods:
+            aug = BatchedSSLAugment.for_method(m, ROI, seed=0)
+            acc = {}
+            batched_mod.crop_batch = _timed(orig["crop_batch"], acc, "resampled crop + flips", sync)
+            batched_mod.rotate_batch = _timed(orig["rotate_batch"], acc, "rot90", sync)
+            aug._regions = _timed(aug._regions, acc, "crop regions", sync)
+            aug._intensity = _timed(aug._intensity, acc, "intensity", sync)
+            aug._restoration = _timed(aug._restoration, acc, "restoration/masking", sync)
+            call = _timed(aug, acc, "total", sync)
+            n = max(1, n_pairs // batch)
+            for i in range(n):
+                call([cached_dev[(i * batch + j) % len(cached_dev)] for j in range(batch)])
+            per = {k: v / (n * batch) * 1e3 for k, v in acc.items()}
+            total = per.pop("total")
+            per["other (boxes, random draws, padding)"] = total - sum(per.values())
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda x: -x[1]))
+            print(f"- (c) `{m}` B={batch}: {total:.3f} ms/pair = {parts}")
+    finally:
+        for k, v in orig.items():
+            setattr(batched_mod, k, v)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,46 @@ class MedsslLoop:
         return self.trainer.augment(self.trainer.batcher.next_batch(self.trainer.cfg.batch_size))
 
 
+def model_only(args: argparse.Namespace) -> None:
+    """``--model-only``: steps/s of forward + backward + AdamW step on one fixed random batch, for the
+    model-side variants (fp32, channels_last_3d, bf16 autocast, both, and with ``--compile`` also
+    ``torch.compile``), in interleaved rounds; prints the first step's time (compile) and loss."""
+    roi = (args.roi,) * 3
+    g = torch.Generator().manual_seed(0)
+    raw = {k: torch.rand(args.batch, 1, *roi, generator=g) for k in ("view1", "view2")}
+    raw |= {"view1_target": raw["view1"], "view2_target": raw["view2"]}
+    variants = ["fp32", "channels_last", "bf16", "channels_last+bf16"]
+    variants += ["compile", "channels_last+compile"] if args.compile else []
+    steps, rates = {}, {}
+    for v in variants:
+        method = build_model(args, roi).train()
+        batch = raw
+        if "channels_last" in v:
+            method.to(memory_format=torch.channels_last_3d)
+            batch = {k: t.contiguous(memory_format=torch.channels_last_3d) for k, t in raw.items()}
+        opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
+        fwd = torch.compile(method) if "compile" in v else method
+
+        def step(fwd=fwd, opt=opt, batch=batch, bf16="bf16" in v) -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = fwd(batch)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        t0 = time.perf_counter()
+        first = step()
+        print(f"{v}: first step {time.perf_counter() - t0:.1f} s, loss {first:.5f}")
+        steps[v], rates[v] = step, []
+    for _ in range(args.rounds):
+        for v in variants:
+            rates[v].append(timed(steps[v], args.steps))
+    print("| variant | steps/s (median) | per round |\n|---|---|---|")
+    for v in variants:
+        print(f"| {v} | {statistics.median(rates[v]):.2f} | {' '.join(f'{x:.2f}' for x in rates[v])} |")
+
+
 def timed(fn, steps: int) -> float:
     """Calls/s of ``fn`` over ``steps`` calls."""
     t0 = time.perf_counter()
@@ -221,10 +261,17 @@ def main() -> None:
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU in both loops")
     ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="engine option")
     ap.add_argument("--naive-channels-last", action="store_true", help="add a naive loop in channels_last_3d")
+    ap.add_argument("--model-only", action="store_true", help="time model-side variants only (no data)")
+    ap.add_argument("--compile", action="store_true", help="with --model-only: add torch.compile variants")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model_only:
+        print(f"{args.method} + {args.encoder} {args.encoder_kwargs}, B={args.batch}, {args.roi}^3, "
+              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+        model_only(args)
+        return
     files = sorted(args.data.glob("*.nii*"))[: args.n_volumes]
     if not files:
         raise SystemExit(f"no NIfTI files under {args.data}")

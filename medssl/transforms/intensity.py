@@ -21,13 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_dst_type
+from monai.data import MetaTensor, get_track_meta
+from monai.transforms import (
+    MapTransform,
+    RandGaussianNoise,
+    RandGaussianNoised,
+    RandGaussianSmooth,
+    RandGaussianSmoothd,
+    RandomizableTransform,
+    Transform,
+)
+from monai.utils import convert_data_type, convert_to_dst_type, convert_to_tensor
 
 from medssl.errors import QuarantineError
 from medssl.transforms.spatial import apply_axes
 
-__all__ = ["NormalizeIntensityRobust", "NormalizeIntensityRobustd", "HUWindow", "HUWindowd", "gaussian_blur"]
+__all__ = ["NormalizeIntensityRobust", "NormalizeIntensityRobustd", "HUWindow", "HUWindowd", "gaussian_blur",
+           "FastRandGaussianNoised", "FastRandGaussianSmoothd"]
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +176,55 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, truncated: float = 4.0) 
         k = (0.5 * ((t * (off + 0.5)).erf() - (t * (off - 0.5)).erf())).clamp(min=0)  # (B, S, S)
         mats.append(torch.where(off.abs()[None] <= tails[:, a, None, None], k, 0.0).to(x.dtype))
     return apply_axes(x, mats)
+
+
+class _FastRandGaussianNoise(RandGaussianNoise):
+    """``RandGaussianNoise`` drawing its field in float32 from a NumPy ``Generator`` seeded by ``self.R``
+    (ziggurat ``standard_normal(dtype=float32) * std + mean``): the same distribution, several times
+    cheaper than MONAI's float64 ``RandomState.normal`` field cast to float32."""
+
+    def randomize(self, img: Any, mean: float | None = None) -> None:
+        RandomizableTransform.randomize(self, None)
+        if not self._do_transform:
+            return
+        std = self.R.uniform(0, self.std) if self.sample_std else self.std
+        mean = self.mean if mean is None else mean
+        rng = np.random.default_rng(self.R.randint(0, 2**31, size=4))  # seeded from self.R: reproducible
+        noise = rng.standard_normal(size=tuple(img.shape), dtype=np.float32) * np.float32(std) + np.float32(mean)
+        self.noise = convert_data_type(noise, dtype=self.dtype)[0]
+
+
+class FastRandGaussianNoised(RandGaussianNoised):
+    """``RandGaussianNoised`` (same arguments) with the float32 noise field of :class:`_FastRandGaussianNoise`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        old = self.rand_gaussian_noise
+        self.rand_gaussian_noise = _FastRandGaussianNoise(mean=old.mean, std=old.std, prob=1.0,
+                                                          dtype=old.dtype, sample_std=old.sample_std)
+
+
+class _FastRandGaussianSmooth(RandGaussianSmooth):
+    """``RandGaussianSmooth`` smoothing plain ``(C, D, H, W)`` tensors with :func:`gaussian_blur` (same
+    ``erf`` kernel and zero padding as MONAI ``GaussianSmooth``, equal to ~1e-6; ~4x faster on CPU)."""
+
+    def __call__(self, img: Any, randomize: bool = True) -> Any:
+        img = convert_to_tensor(img, track_meta=get_track_meta())
+        if randomize:
+            self.randomize(None)
+        if not self._do_transform:
+            return img
+        if isinstance(img, MetaTensor) or img.ndim != 4 or self.approx != "erf":
+            return super().__call__(img, randomize=False)
+        sigma = torch.tensor([[float(self.x), float(self.y), float(self.z)]], dtype=torch.float64)
+        return gaussian_blur(img[None].float(), sigma)[0]
+
+
+class FastRandGaussianSmoothd(RandGaussianSmoothd):
+    """``RandGaussianSmoothd`` (same arguments) smoothing plain tensors as :class:`_FastRandGaussianSmooth`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        old = self.rand_smooth
+        self.rand_smooth = _FastRandGaussianSmooth(old.sigma_x, old.sigma_y, old.sigma_z, prob=1.0,
+                                                   approx=old.approx)

@@ -275,16 +275,20 @@ class RandCuboidMaskd(RandMaskTransform):
             k = self.max_cuboids
             r = self.R
             self._u = (r.random_sample(), r.random_sample((1, k, 3)), r.random_sample((1, k, 3)))
-            self._u_fill = self.R.random_sample((1, *img.shape)) if self.fill == "noise" else None
+            self._channels = int(img.shape[0])
 
     def _mask(self, shape: Sequence[int]) -> torch.Tensor:
         u_r, u_size, u_start = self._u
         starts, sizes = sample_boxes(shape, self.cuboid_size, torch.from_numpy(u_size),
                                      torch.from_numpy(u_start))
-        return ratio_mask(starts, sizes, torch.tensor([_ratio(self.mask_ratio, u_r)]), shape)
+        mask = ratio_mask(starts, sizes, torch.tensor([_ratio(self.mask_ratio, u_r)]), shape)
+        # noise fill: uniforms for the masked voxels only (compact form of fill_masked), shared by all keys
+        n = int(torch.count_nonzero(mask)) * self._channels if self.fill == "noise" else 0
+        self._u_fill = torch.from_numpy(self.R.random_sample(n)) if self.fill == "noise" else None
+        return mask
 
     def _apply(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        u = None if self._u_fill is None else torch.from_numpy(self._u_fill[:, : x.shape[1]])
+        u = None if self._u_fill is None else self._u_fill[: int(torch.count_nonzero(mask)) * x.shape[1]]
         return fill_masked(x, mask, self.fill, u)
 
 

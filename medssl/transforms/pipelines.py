@@ -35,14 +35,13 @@ from monai.transforms import (
     CopyItemsd,
     RandAdjustContrastd,
     RandFlipd,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
 )
 
 from medssl.transforms.genesis import RandBezierRemapd, RandInOutPaintd
+from medssl.transforms.intensity import FastRandGaussianNoised, FastRandGaussianSmoothd
 from medssl.transforms.masking import RandCuboidMaskd, RandPatchMaskd, check_mask_args
 from medssl.transforms.shuffle import RandLocalShuffled
 from medssl.transforms.spatial import RandRotate90Labeld, check_rotation_args
@@ -201,9 +200,9 @@ def _intensity(v: str, p: dict[str, Any]) -> list[Any]:
         out.append(RandScaleIntensityFixedMeand(v, prob=p["contrast_prob"], factors=p["contrast_factor"]))
     if p["blur_prob"] > 0:
         s = tuple(p["blur_sigma"])
-        out.append(RandGaussianSmoothd(v, sigma_x=s, sigma_y=s, sigma_z=s, prob=p["blur_prob"]))
+        out.append(FastRandGaussianSmoothd(v, sigma_x=s, sigma_y=s, sigma_z=s, prob=p["blur_prob"]))
     if p["noise_prob"] > 0:
-        out.append(RandGaussianNoised(v, prob=p["noise_prob"], mean=0.0, std=p["noise_std"]))
+        out.append(FastRandGaussianNoised(v, prob=p["noise_prob"], mean=0.0, std=p["noise_std"]))
     return out
 
 

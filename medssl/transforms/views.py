@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform, Resize, SpatialCrop, SpatialPad
 
 __all__ = ["crop_boxes", "box_overlap", "pad_extent", "check_view_args", "RandOverlapCropd"]
@@ -161,7 +161,7 @@ class RandOverlapCropd(RandomizableTransform, MapTransform):
         key = self.first_key(d)
         if key == []:
             return d
-        if not isinstance(d[key], MetaTensor):  # plain tensor (track_meta=False): no meta to track
+        if not get_track_meta() and not isinstance(d[key], MetaTensor):  # plain tensors in and out
             return self._plain(d, key)
         img = self.pad(d[key])
         self.randomize(img.shape[1:])

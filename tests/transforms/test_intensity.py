@@ -96,3 +96,27 @@ def test_real_hippocampus_volumes_normalise(hippocampus_dir: Path) -> None:
         assert float(out.min()) == 0.0 and float(out.max()) == 1.0
         assert torch.equal(out.affine, img.affine)
         assert torch.allclose(norm({"image": img * 1e6})["image"], out, atol=1e-4)
+
+
+def test_fast_random_smooth_matches_monai_and_noise_keeps_its_distribution() -> None:
+    from monai.data import set_track_meta
+    from monai.transforms import RandGaussianSmoothd
+
+    from medssl.transforms.intensity import FastRandGaussianNoised, FastRandGaussianSmoothd
+
+    x = torch.rand(1, 12, 10, 14, generator=torch.Generator().manual_seed(0))
+    set_track_meta(False)
+    try:
+        for seed in range(4):
+            fast = FastRandGaussianSmoothd("v", sigma_x=(0.25, 1.5), sigma_y=(0.25, 1.5), sigma_z=(0.25, 1.5),
+                                           prob=0.5).set_random_state(seed)
+            ref = RandGaussianSmoothd("v", sigma_x=(0.25, 1.5), sigma_y=(0.25, 1.5), sigma_z=(0.25, 1.5),
+                                      prob=0.5).set_random_state(seed)
+            a, b = fast({"v": x})["v"], ref({"v": x})["v"]
+            assert type(a) is torch.Tensor and torch.allclose(a, torch.as_tensor(b), atol=1e-5)
+        noise = FastRandGaussianNoised("v", prob=1.0, mean=0.0, std=0.1).set_random_state(0)
+        stds = [float((noise({"v": torch.zeros(1, 16, 16, 16)})["v"]).std()) for _ in range(200)]
+    finally:
+        set_track_meta(True)
+    assert 0.04 < sum(stds) / len(stds) < 0.06  # std ~ U(0, 0.1): mean 0.05
+    assert min(stds) < 0.01 and max(stds) > 0.09
