@@ -8,6 +8,7 @@ FAILED.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -168,6 +169,8 @@ def pretrain(
         result = run_pretraining(cfg, resume=resume, progress=sys.stderr.isatty())
     except MedsslError as e:
         raise _fail(e, verbose) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     table = Table(title=f"medssl pretrain → {result.out_dir}")
     table.add_column("item")
     table.add_column("value", overflow="fold")

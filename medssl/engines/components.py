@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "autocast_for",
     "to_memory_format",
     "place_model",
+    "make_tracker",
 ]
 
 log = logging.getLogger(__name__)
@@ -194,3 +196,25 @@ def place_model(
     if channels_last:
         method.to(memory_format=torch.channels_last_3d)
     return method, device, amp_dtype, bool(channels_last)
+
+
+def make_tracker(config: PretrainConfig, data_hash: str, out_dir: Path, run_id: str | None = None) -> Any:
+    """The run's ``MlflowTracker`` (standard tags + the config's, method/encoder tags; spool under
+    ``out_dir``); ``run_id`` continues an existing run (resume)."""
+    from medssl.tracking.mlflow_tracker import MlflowTracker, standard_tags
+
+    tags = {
+        **standard_tags("pretrain", seed=config.seed, data_hash=data_hash),
+        **config.tags,
+        "medssl.method": config.method,
+        "medssl.encoder": config.encoder,
+    }
+    return MlflowTracker(
+        config.experiment,
+        run_name=config.run_name or Path(out_dir).name,
+        tracking_uri=config.tracking_uri,
+        tags=tags,
+        run_id=run_id,
+        parent_run_id=config.parent_run_id,
+        spool_path=Path(out_dir) / "mlflow_spool.jsonl",
+    )

@@ -35,6 +35,7 @@ from medssl.engines import distributed as dd
 from medssl.engines.components import (
     build_components,
     make_recipe,
+    make_tracker,
     place_model,
     resolve_device,
     to_memory_format,
@@ -179,8 +180,13 @@ class Pretrainer:
         self.schedule.step()
         self.step, self.nan_run = self.step + 1, self.nan_run + 1
         self.result.skipped_steps.append(self.step)
+        where = " on at least one rank; here" if self.dist.enabled else ""
         log.warning(
-            "step %d: non-finite loss (%s); step skipped (%d in a row)", self.step, value, self.nan_run
+            "step %d: non-finite loss%s (%s); step skipped (%d in a row)",
+            self.step,
+            where,
+            value,
+            self.nan_run,
         )
         if self.tracker:
             self.tracker.log_metrics({"skipped_nonfinite": 1.0}, self.step)
@@ -364,23 +370,7 @@ class Pretrainer:
         preview = self._preview() if fresh and self.cfg.preview else None
         if not self.cfg.experiment:
             return
-        from medssl.tracking.mlflow_tracker import MlflowTracker, standard_tags
-
-        tags = {
-            **standard_tags("pretrain", seed=self.cfg.seed, data_hash=pool_fingerprint(self.pool)),
-            **self.cfg.tags,
-            "medssl.method": self.cfg.method,
-            "medssl.encoder": self.cfg.encoder,
-        }
-        self.tracker = MlflowTracker(
-            self.cfg.experiment,
-            run_name=self.cfg.run_name or self.out.name,
-            tracking_uri=self.cfg.tracking_uri,
-            tags=tags,
-            run_id=run_id,
-            parent_run_id=self.cfg.parent_run_id,
-            spool_path=self.out / "mlflow_spool.jsonl",
-        )
+        self.tracker = make_tracker(self.cfg, pool_fingerprint(self.pool), self.out, run_id)
         self.result.run_id = self.tracker.run_id
         if fresh:
             self.tracker.log_params(flatten_dict(self.cfg.to_dict()))

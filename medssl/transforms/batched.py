@@ -178,7 +178,7 @@ class BatchedSSLAugment:
         if scale is not None or shift is not None:
             scale = torch.ones(b, device=y.device, dtype=y.dtype) if scale is None else scale
             shift = torch.zeros(b, device=y.device, dtype=y.dtype) if shift is None else shift
-            y = torch.addcmul(shift.view(b, 1, 1, 1, 1), y, scale.view(b, 1, 1, 1, 1))
+            y = y.mul_(scale.view(b, 1, 1, 1, 1)).add_(shift.view(b, 1, 1, 1, 1))  # in place: no new buffer
         if p["gamma_prob"] > 0:  # RandAdjustContrastd: ((v - min) / range) ** g * range + min
             apply, g = draw(p["gamma_prob"], *p["gamma"])
 

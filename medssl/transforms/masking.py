@@ -178,6 +178,8 @@ def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str,
     hi = x.amax(dim=(1, 2, 3, 4), keepdim=True)
     if u_fill is not None and u_fill.ndim == 1:  # compact: only the masked voxels' uniforms
         m = m.expand_as(x)
+        if x.shape[0] == 1:  # one sample: scalar range
+            return x.masked_scatter(m, torch.lerp(lo.view(1), hi.view(1), u_fill.to(x)))
         counts = torch.count_nonzero(m.flatten(1), dim=1)
         lo_r = lo.flatten().repeat_interleave(counts)
         vals = lo_r + (hi.flatten().repeat_interleave(counts) - lo_r) * u_fill.to(x)

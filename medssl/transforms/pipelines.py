@@ -5,7 +5,7 @@ normalised volume) to the SSL batch contract keys (docs/CONTRACTS.md) for one sa
 collate stacks them to ``(B, ...)``. ``BatchedSSLAugment.for_method`` takes the *same* method names and
 overrides, so both paths draw from the same distribution.
 
-Chain per view: overlap-controlled crops → flips (``RandFlipd`` per axis) → labelled rot90 →
+Chain per view: overlap-controlled crops → flips (per axis, :class:`~medssl.transforms.spatial.RandFlipAxesd`) → labelled rot90 →
 intensity (MONAI: scale, shift, gamma, fixed-mean contrast, Gaussian blur, Gaussian noise) →
 ``view{i}_target`` copy → Genesis local shuffle / Bézier remap / in-out-painting → cuboid or MAE patch
 mask (``view{i}_mask``). Presets (:data:`PRESETS`) only switch stages on:
@@ -34,7 +34,6 @@ from monai.transforms import (
     Compose,
     CopyItemsd,
     RandAdjustContrastd,
-    RandFlipd,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
@@ -44,7 +43,7 @@ from medssl.transforms.genesis import RandBezierRemapd, RandInOutPaintd
 from medssl.transforms.intensity import FastRandGaussianNoised, FastRandGaussianSmoothd
 from medssl.transforms.masking import RandCuboidMaskd, RandPatchMaskd, check_mask_args
 from medssl.transforms.shuffle import RandLocalShuffled
-from medssl.transforms.spatial import RandRotate90Labeld, check_rotation_args
+from medssl.transforms.spatial import RandFlipAxesd, RandRotate90Labeld, check_rotation_args
 from medssl.transforms.views import RandOverlapCropd, check_view_args
 
 __all__ = ["DEFAULTS", "PRESETS", "SSLCompose", "resolve_params", "build_transforms", "ssl_transforms",
@@ -166,7 +165,7 @@ def build_transforms(roi_size: Sequence[int], image_key: str = "image", track_me
                                          p["max_overlap"], p["n_candidates"], p["pad_value"])]
     for v in views:
         if p["flip_prob"] > 0:
-            chain += [RandFlipd(v, prob=p["flip_prob"], spatial_axis=a) for a in range(3)]
+            chain.append(RandFlipAxesd(v, prob=p["flip_prob"]))  # = RandFlipd per axis, one transform
         if p["n_rotations"]:
             chain.append(RandRotate90Labeld(v, f"{v}_rot", p["n_rotations"], p["rot_axes"]))
         chain += _intensity(v, p)

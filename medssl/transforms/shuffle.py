@@ -19,7 +19,7 @@ from monai.config import KeysCollection
 
 from medssl.transforms.masking import RandMaskTransform, check_mask_args
 
-__all__ = ["shuffle_cells", "n_cells", "cell_geometry", "RandLocalShuffled"]
+__all__ = ["shuffle_cells", "shuffle_plan", "apply_shuffle", "n_cells", "cell_geometry", "RandLocalShuffled"]
 
 
 def shuffle_cells(x: torch.Tensor, cell: Sequence[int], offset: Sequence[int], u_select: torch.Tensor,
@@ -46,8 +46,21 @@ def shuffle_cells(x: torch.Tensor, cell: Sequence[int], offset: Sequence[int], u
     on CPU than reshaping the whole batch into cells and back).
     """
     b, c, *shape = x.shape
+    plan = shuffle_plan(b, shape, cell, offset, u_select, u_keys, ratio, x.device)
+    return apply_shuffle(x, plan), plan[3]
+
+
+Plan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def shuffle_plan(b: int, shape: Sequence[int], cell: Sequence[int], offset: Sequence[int],
+                 u_select: torch.Tensor, u_keys: torch.Tensor | Callable[[int, int], torch.Tensor], ratio: float,
+                 device: torch.device | str = "cpu") -> Plan:
+    """The index work of :func:`shuffle_cells` for ``b`` views of spatial ``shape``: ``(sample of each
+    selected cell (n,), destination (n, V) and source (n, V) flat voxel indices, mask (B, D, H, W))``."""
+    shape = [int(v) for v in shape]
     cell = [int(v) for v in cell]
-    dev = x.device
+    dev = torch.device(device)
     coords, inside = [], []
     for a in range(3):
         grid = -(-(shape[a] + int(offset[a])) // cell[a])
@@ -64,18 +77,29 @@ def shuffle_cells(x: torch.Tensor, cell: Sequence[int], offset: Sequence[int], u
     bi, ci = sel.nonzero(as_tuple=True)
     vox = shape[0] * shape[1] * shape[2]
     mask = torch.zeros(b * vox, dtype=torch.bool, device=dev)
+    if not bi.numel():
+        empty = idx[:0]
+        return bi, empty, empty, mask.view(b, *shape)
+    keys = u_keys(bi.numel(), nv) if callable(u_keys) else u_keys[:, :n].to(dev)[bi, ci]
+    perm = keys.to(dev).argsort(-1)  # (n_sel, V), only selected cells
+    dst = idx[ci]
+    src = dst.gather(1, perm)
+    mask[(bi[:, None] * vox + dst).reshape(-1)] = True
+    return bi, dst, src, mask.view(b, *shape)
+
+
+def apply_shuffle(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """``x`` ``(B, C, D, H, W)`` with the voxel permutation of :func:`shuffle_plan` (all channels alike)."""
+    bi, dst, src, _ = plan
     out = x.clone()
     if bi.numel():
-        keys = u_keys(bi.numel(), nv) if callable(u_keys) else u_keys[:, :n].to(dev)[bi, ci]
-        perm = keys.to(dev).argsort(-1)  # (n_sel, V), only selected cells
-        dst = idx[ci]
-        src = dst.gather(1, perm)
-        mask[(bi[:, None] * vox + dst).reshape(-1)] = True
+        b, c = x.shape[:2]
+        vox = x[0, 0].numel()
         flat_in, flat_out = x.reshape(-1), out.view(-1)
         for ch in range(c):
             base = (bi[:, None] * c + ch) * vox
             flat_out[(base + dst).reshape(-1)] = flat_in[(base + src).reshape(-1)]
-    return out, mask.view(b, *shape)
+    return out
 
 
 def n_cells(shape: Sequence[int], cell: Sequence[int], offset: Sequence[int]) -> tuple[int, int]:
@@ -124,8 +148,11 @@ class RandLocalShuffled(RandMaskTransform):
             self._u_keys = torch.from_numpy(self.R.random_sample((1, n, v)))
 
     def _mask(self, shape: Sequence[int]) -> torch.Tensor:
-        return shuffle_cells(torch.zeros((1, 1, *shape)), self._cell, self._offset, self._u_sel, self._u_keys,
-                             self.ratio)[1]
+        self._plan = shuffle_plan(1, shape, self._cell, self._offset, self._u_sel, self._u_keys, self.ratio)
+        return self._plan[3]
 
     def _apply(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return shuffle_cells(x, self._cell, self._offset, self._u_sel, self._u_keys, self.ratio)[0]
+        plan = self._plan
+        if plan[3].device != x.device:
+            plan = tuple(t.to(x.device) for t in plan)
+        return apply_shuffle(x, plan)

@@ -68,3 +68,43 @@ def test_non_cubic_rotation_rejected() -> None:
         check_rotation_args((16, 8, 16), 4, (0, 1))
     with pytest.raises(ValueError):
         rotation_ops(10)
+
+
+def test_flip_axes_frequencies_and_meta_path_agree() -> None:
+    from monai.data import MetaTensor, set_track_meta
+
+    from medssl.transforms.spatial import RandFlipAxesd
+
+    vol = torch.arange(3 * 4 * 5, dtype=torch.float32).view(1, 3, 4, 5)
+    with pytest.raises(ValueError):
+        RandFlipAxesd("v", prob=1.5)
+    fast, meta = RandFlipAxesd("v", prob=0.3).set_random_state(7), RandFlipAxesd("v", prob=0.3).set_random_state(7)
+    counts = [0, 0, 0]
+    for _ in range(300):
+        set_track_meta(False)
+        try:
+            a = fast({"v": vol[:1]})["v"]
+        finally:
+            set_track_meta(True)
+        b = meta({"v": MetaTensor(vol[:1])})["v"]
+        assert type(a) is torch.Tensor and isinstance(b, MetaTensor) and torch.equal(a, b.as_tensor())
+        for ax in fast.axes:
+            counts[ax] += 1
+    assert all(60 <= c <= 120 for c in counts)  # Binomial(300, 0.3): mean 90, sd 7.9
+
+
+def test_rotation_plain_tensor_path_matches_monai() -> None:
+    from monai.data import MetaTensor, set_track_meta
+
+    vol = torch.rand(1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    for seed in range(6):
+        t1 = RandRotate90Labeld("v", "r", n_classes=24).set_random_state(seed)
+        t2 = RandRotate90Labeld("v", "r", n_classes=24).set_random_state(seed)
+        set_track_meta(False)
+        try:
+            a = t1({"v": vol})
+        finally:
+            set_track_meta(True)
+        b = t2({"v": MetaTensor(vol)})
+        assert type(a["v"]) is torch.Tensor and int(a["r"]) == int(b["r"])
+        assert torch.equal(a["v"], b["v"].as_tensor())
