@@ -219,7 +219,8 @@ def stage_times(methods: list[str], cached: list, cached_dev: list, batch: int, 
                 d = _timed(tr, acc, type(tr).__name__, lambda: None)(d)
         set_track_meta(True)
         total = sum(acc.values()) / (n_pairs // 4) * 1e3
-        parts = ", ".join(f"{k} {v / (n_pairs // 4) * 1e3:.3f}" for k, v in sorted(acc.items(), key=lambda x: -x[1]))
+        parts = ", ".join(f"{k} {v / (n_pairs // 4) * 1e3:.3f}"
+                          for k, v in sorted(acc.items(), key=lambda x: -x[1]))
         print(f"- (b) `{m}`: {total:.2f} ms/pair = {parts}")
     orig = {k: getattr(batched_mod, k) for k in ("crop_batch", "rotate_batch")}
     try:

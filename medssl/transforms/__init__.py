@@ -10,6 +10,8 @@ from __future__ import annotations
 from medssl.transforms.batched import BatchedSSLAugment
 from medssl.transforms.genesis import RandBezierRemapd, RandInOutPaintd
 from medssl.transforms.intensity import (
+    FastRandGaussianNoised,
+    FastRandGaussianSmoothd,
     HUWindow,
     HUWindowd,
     NormalizeIntensityRobust,
@@ -25,11 +27,13 @@ from medssl.transforms.pipelines import (
     swin_multitask_views,
 )
 from medssl.transforms.shuffle import RandLocalShuffled
-from medssl.transforms.spatial import RandRotate90Labeld
+from medssl.transforms.spatial import RandFlipAxesd, RandRotate90Labeld
 from medssl.transforms.views import RandOverlapCropd
 
 __all__ = [
     "BatchedSSLAugment",
+    "FastRandGaussianNoised",
+    "FastRandGaussianSmoothd",
     "HUWindow",
     "HUWindowd",
     "NormalizeIntensityRobust",
@@ -37,6 +41,7 @@ __all__ = [
     "PRESETS",
     "RandBezierRemapd",
     "RandCuboidMaskd",
+    "RandFlipAxesd",
     "RandInOutPaintd",
     "RandLocalShuffled",
     "RandOverlapCropd",

@@ -25,7 +25,7 @@ from medssl.transforms.intensity import gaussian_blur
 from medssl.transforms.masking import fill_masked, patch_mask, ratio_mask, sample_boxes
 from medssl.transforms.pipelines import DEFAULTS, resolve_params
 from medssl.transforms.shuffle import cell_geometry, n_cells, shuffle_cells
-from medssl.transforms.spatial import apply_axes, interp_matrix, rotate_batch
+from medssl.transforms.spatial import apply_axis, interp_matrix, rotate_batch
 from medssl.transforms.views import crop_boxes, pad_extent
 
 __all__ = ["BatchedSSLAugment", "crop_batch"]
@@ -37,12 +37,13 @@ def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_s
 
     Trilinear with ``align_corners=True`` (the sample positions of MONAI ``Resize(align_corners=True)``
     after ``SpatialCrop``, the per-sample path), done separably as one batched matrix product per axis
-    with ``(B, R, S)`` interpolation matrices (two non-zeros per row; one ``1`` per row where the box has
-    the roi's length, an exact copy). Flips ``(B, 3)`` bool reverse the matrices' rows, so they cost
-    nothing. Measured ~3x faster than the former per-axis ``index_select`` + ``lerp`` (and ~7x faster
-    than one 3D ``grid_sample``) on CPU for 32³ views of hippocampus volumes, 1 thread.
+    with ``(B, R, S)`` interpolation matrices (two non-zeros per row); an axis where every box has the
+    roi's length is an exact copy by one ``index_select`` instead. Flips ``(B, 3)`` bool reverse the
+    matrices' rows / indices, so they cost nothing. Measured ~3x faster than the former per-axis
+    ``index_select`` + ``lerp`` (and ~7x faster than one 3D ``grid_sample``) on CPU for 32³ views of
+    hippocampus volumes, 1 thread.
     """
-    mats = []
+    positions = []
     starts, sizes = starts.to(x.device), sizes.to(x.device)
     for a in range(3):
         r, s = int(roi_size[a]), x.shape[a + 2]
@@ -51,8 +52,32 @@ def crop_batch(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, roi_s
         pos = starts[:, a, None].double() + o * step  # (B, R) voxel positions along axis a
         if flips is not None:
             pos = torch.where(flips[:, a, None].to(x.device), pos.flip(1), pos)
-        mats.append(interp_matrix(pos, s, x.dtype))
-    return apply_axes(x, mats)
+        positions.append(pos)
+    y = x
+    for a in (2, 1, 0):
+        pos, s = positions[a], x.shape[a + 2]
+        i0 = pos.floor().long().clamp(0, s - 1)
+        if bool((pos == i0).all()):  # every box has the roi's length here: an exact copy by indexing
+            y = _take(y, a + 2, i0)
+        else:
+            y = apply_axis(y, a, interp_matrix(pos, s, x.dtype))
+    return y
+
+
+def _take(y: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``y`` indexed along ``dim`` by per-sample indices ``idx`` ``(B, R)``: one ``index_select`` of
+    contiguous rows (faster than an element-wise ``gather`` with an expanded index)."""
+    shp = list(y.shape)
+    b, s, r = shp[0], shp[dim], idx.shape[1]
+    if dim == y.ndim - 1:  # innermost axis: rows of one element, an expanded gather is faster
+        return y.gather(dim, idx.view(b, *[1] * (y.ndim - 2), r).expand(*shp[:-1], r))
+    p = 1
+    for n in shp[:dim]:
+        p *= n
+    base = (torch.arange(p, device=y.device) * s).view(b, p // b, 1)  # (B, P/B, 1) first row of each slab
+    rows = (base + idx[:, None, :]).reshape(-1)
+    out = y.reshape(p * s, -1).index_select(0, rows)
+    return out.view(*shp[:dim], r, *shp[dim + 1:])
 
 
 class BatchedSSLAugment:

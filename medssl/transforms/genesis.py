@@ -100,7 +100,8 @@ def paint_mask(shape: Sequence[int], outpaint: torch.Tensor, n_boxes: torch.Tens
                 union_np[i, a:a + x, b:b + y, c:c + z] = True
         union = torch.from_numpy(union_np)
     else:
-        active = torch.arange(u_size.shape[1], device=u_size.device)[None] < n_boxes.to(u_size.device)[:, None]
+        dev = u_size.device
+        active = torch.arange(u_size.shape[1], device=dev)[None] < n_boxes.to(dev)[:, None]
         union = boxes_mask(starts, sizes, active, shape)
     return torch.where(outpaint.to(union.device)[:, None, None, None], ~union, union)
 

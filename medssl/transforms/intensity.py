@@ -8,7 +8,8 @@
 The per-sample random intensity augmentation is MONAI's (``RandScaleIntensityd``, ``RandShiftIntensityd``,
 ``RandAdjustContrastd``, ``RandScaleIntensityFixedMeand``, ``RandGaussianSmoothd``, ``RandGaussianNoised``;
 see :mod:`medssl.transforms.pipelines`). :func:`gaussian_blur` reproduces ``GaussianSmooth`` (``erf``
-kernel, truncated at 4σ, zero padding) for a batch with per-sample σ, as three batched matmuls with banded matrices.
+kernel, truncated at 4σ, zero padding) for a batch with per-sample σ, as three batched matmuls with banded
+matrices.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ class _FastRandGaussianNoise(RandGaussianNoise):
 
 
 class FastRandGaussianNoised(RandGaussianNoised):
-    """``RandGaussianNoised`` (same arguments) with the float32 noise field of :class:`_FastRandGaussianNoise`."""
+    """``RandGaussianNoised`` (same arguments) with the float32 noise of :class:`_FastRandGaussianNoise`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -225,7 +226,7 @@ class _FastRandGaussianSmooth(RandGaussianSmooth):
 
 
 class FastRandGaussianSmoothd(RandGaussianSmoothd):
-    """``RandGaussianSmoothd`` (same arguments) smoothing plain tensors as :class:`_FastRandGaussianSmooth`."""
+    """``RandGaussianSmoothd`` (same arguments); plain tensors blurred by :class:`_FastRandGaussianSmooth`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -5,8 +5,9 @@ normalised volume) to the SSL batch contract keys (docs/CONTRACTS.md) for one sa
 collate stacks them to ``(B, ...)``. ``BatchedSSLAugment.for_method`` takes the *same* method names and
 overrides, so both paths draw from the same distribution.
 
-Chain per view: overlap-controlled crops → flips (per axis, :class:`~medssl.transforms.spatial.RandFlipAxesd`) → labelled rot90 →
-intensity (MONAI: scale, shift, gamma, fixed-mean contrast, Gaussian blur, Gaussian noise) →
+Chain per view: overlap-controlled crops → flips (per axis, :class:`~medssl.transforms.spatial.RandFlipAxesd`)
+→ labelled rot90 → intensity (MONAI: scale, shift, gamma, fixed-mean contrast, Gaussian blur, Gaussian
+noise) →
 ``view{i}_target`` copy → Genesis local shuffle / Bézier remap / in-out-painting → cuboid or MAE patch
 mask (``view{i}_mask``). Presets (:data:`PRESETS`) only switch stages on:
 

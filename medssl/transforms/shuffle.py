@@ -2,11 +2,11 @@
 
 The view is tiled into cells of side ``U(cell_size) * S`` per axis (≥ 1 voxel) on a grid with a random
 offset; each cell lying fully inside the view is shuffled with probability ``ratio`` (its voxels permuted
-among themselves, all channels alike). Non-overlapping cells make this one reshape + a row-wise argsort of
-the selected cells for the whole batch (Genesis' overlapping blocks needed a global per-voxel argsort, the
-largest cost of the Genesis chain). The batched path draws the cell size and offset once per call, the
-per-sample path once per sample: each sample's distribution is the same. Written here because MONAI's
-``RandCoarseShuffled`` emits no mask.
+among themselves, all channels alike). Non-overlapping cells make this one flat index table of the grid +
+a row-wise argsort of the selected cells for the whole batch (Genesis' overlapping blocks needed a global
+per-voxel argsort, the largest cost of the Genesis chain). The batched path draws the cell size and offset
+once per call, the per-sample path once per sample: each sample's distribution is the same. Written here
+because MONAI's ``RandCoarseShuffled`` emits no mask.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ Plan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def shuffle_plan(b: int, shape: Sequence[int], cell: Sequence[int], offset: Sequence[int],
-                 u_select: torch.Tensor, u_keys: torch.Tensor | Callable[[int, int], torch.Tensor], ratio: float,
-                 device: torch.device | str = "cpu") -> Plan:
+                 u_select: torch.Tensor, u_keys: torch.Tensor | Callable[[int, int], torch.Tensor],
+                 ratio: float, device: torch.device | str = "cpu") -> Plan:
     """The index work of :func:`shuffle_cells` for ``b`` views of spatial ``shape``: ``(sample of each
     selected cell (n,), destination (n, V) and source (n, V) flat voxel indices, mask (B, D, H, W))``."""
     shape = [int(v) for v in shape]

@@ -23,8 +23,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, get_track_meta
 from monai.transforms import Flip, MapTransform, RandomizableTransform, Rotate90
 
-__all__ = ["apply_axes", "interp_matrix", "rotation_ops", "rotate", "rotate_batch", "check_rotation_args", "RandRotate90Labeld",
-           "RandFlipAxesd"]
+__all__ = ["apply_axes", "apply_axis", "interp_matrix", "rotation_ops", "rotate", "rotate_batch",
+           "check_rotation_args", "RandRotate90Labeld", "RandFlipAxesd"]
 
 Op = tuple[int, tuple[int, int]]  # (quarter turns k, spatial axes)
 
@@ -79,22 +79,24 @@ def apply_axes(x: torch.Tensor, mats: Sequence[torch.Tensor | None]) -> torch.Te
     """``x`` ``(B, C, D, H, W)`` with each spatial axis ``a`` mapped by ``mats[a]`` ``(B, R_a, S_a)``
     (``None``: unchanged): ``y[b, c, i, j, k] = Σ M0[b,i,p] M1[b,j,q] M2[b,k,r] x[b, c, p, q, r]``.
 
-    Three batched matmuls; used for resized crops (:func:`medssl.transforms.batched.crop_batch`) and separable Gaussian blur
-    (:func:`medssl.transforms.intensity.gaussian_blur`).
+    Three batched matmuls; used for resized crops (:func:`medssl.transforms.batched.crop_batch`) and
+    separable Gaussian blur (:func:`medssl.transforms.intensity.gaussian_blur`).
     """
+    for a in (2, 1, 0):
+        if mats[a] is not None:
+            x = apply_axis(x, a, mats[a])
+    return x
+
+
+def apply_axis(x: torch.Tensor, axis: int, mat: torch.Tensor) -> torch.Tensor:
+    """Spatial axis ``axis`` (0..2) of ``x`` ``(B, C, D, H, W)`` mapped by ``mat`` ``(B, R, S)``."""
     b, c, d, h, w = x.shape
-    y = x
-    if mats[2] is not None:  # W: (B, C*D*H, W) @ (B, W, R)
-        w = mats[2].shape[1]
-        y = torch.bmm(y.reshape(b, c * d * h, -1), mats[2].transpose(1, 2))
-    if mats[1] is not None:  # H: (B, 1, R, H) @ (B, C*D, H, W)
-        rh = mats[1].shape[1]
-        y = torch.matmul(mats[1][:, None], y.reshape(b, c * d, h, w))
-        h = rh
-    if mats[0] is not None:  # D: (B, 1, R, D) @ (B, C, D, H*W)
-        y = torch.matmul(mats[0][:, None], y.reshape(b, c, d, h * w))
-        d = mats[0].shape[1]
-    return y.reshape(b, c, d, h, w)
+    r = mat.shape[1]
+    if axis == 2:  # (B, C*D*H, W) @ (B, W, R)
+        return torch.bmm(x.reshape(b, c * d * h, w), mat.transpose(1, 2)).view(b, c, d, h, r)
+    if axis == 1:  # (B, 1, R, H) @ (B, C*D, H, W)
+        return torch.matmul(mat[:, None], x.reshape(b, c * d, h, w)).view(b, c, d, r, w)
+    return torch.matmul(mat[:, None], x.reshape(b, c, d, h * w)).view(b, c, r, h, w)  # (B,1,R,D) @ (B,C,D,HW)
 
 
 def check_rotation_args(roi_size: Sequence[int], n_classes: int, spatial_axes: Sequence[int]) -> None:

@@ -103,3 +103,17 @@ def test_cover_count_and_ratio_mask_match_a_loop() -> None:
 def test_bad_arguments_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         RandCuboidMaskd("v", **kwargs)
+
+
+def test_compact_noise_fill_equals_the_full_field_form() -> None:
+    from medssl.transforms.masking import fill_masked
+
+    g = torch.Generator().manual_seed(3)
+    for b, c in ((1, 1), (4, 2)):
+        x = torch.rand(b, c, 6, 7, 5, generator=g) * 3 - 1
+        mask = torch.rand(b, 6, 7, 5, generator=g) < 0.3
+        u = torch.rand(b, c, 6, 7, 5, generator=g)
+        full = fill_masked(x, mask, "noise", u)
+        compact = fill_masked(x, mask, "noise", u[mask[:, None].expand_as(x)])  # masked_select order
+        assert torch.allclose(full, compact, atol=1e-6)
+        assert torch.equal(full[~mask[:, None].expand_as(x)], x[~mask[:, None].expand_as(x)])

@@ -78,7 +78,8 @@ def test_flip_axes_frequencies_and_meta_path_agree() -> None:
     vol = torch.arange(3 * 4 * 5, dtype=torch.float32).view(1, 3, 4, 5)
     with pytest.raises(ValueError):
         RandFlipAxesd("v", prob=1.5)
-    fast, meta = RandFlipAxesd("v", prob=0.3).set_random_state(7), RandFlipAxesd("v", prob=0.3).set_random_state(7)
+    fast = RandFlipAxesd("v", prob=0.3).set_random_state(7)
+    meta = RandFlipAxesd("v", prob=0.3).set_random_state(7)
     counts = [0, 0, 0]
     for _ in range(300):
         set_track_meta(False)
