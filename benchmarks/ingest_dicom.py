@@ -8,7 +8,7 @@ the same voxel grid (``inv(A_theirs) @ A_ours`` a signed permutation with intege
 equal values after that mapping.
 
 Usage: python benchmarks/ingest_dicom.py [--datasets ../shared/datasets] [--repeats 5] [--workers 4]
-Prints a markdown table (append it to benchmarks/RESULTS_dicom.md with the machine line it prints).
+Prints a markdown table (append it to benchmarks/RESULTS.md with the machine line it prints).
 """
 
 from __future__ import annotations

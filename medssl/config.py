@@ -126,7 +126,7 @@ class PretrainConfig(ConfigBase):
             trainable parameters unused, e.g. an inactive task head, need it; costs one graph walk).
         channels_last: run the model and its 5-D inputs in ``torch.channels_last_3d`` memory format.
             ``None`` (auto): on for fp32 CPU runs, where it was measured 1.2–1.7× faster for the CNN
-            encoders and neutral for SwinViT with equal losses (``benchmarks/RESULTS_pretrain.md``); off
+            encoders and neutral for SwinViT with equal losses (``benchmarks/RESULTS.md``); off
             on CUDA (not measured) and with ``cpu_bf16`` (slower there for SegResNet).
         compile: wrap the model in ``torch.compile`` (opt-in; the first steps pay the compile time).
         cpu_bf16: bf16 autocast on the CPU, only where the CPU has native bf16 (AVX512-BF16 / AMX);

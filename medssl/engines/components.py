@@ -181,7 +181,7 @@ def place_model(
 
     Returns:
         ``(method, device, autocast dtype or None, channels_last)``. ``channels_last=None`` (auto) is on
-        for fp32 CPU runs, where it was measured faster (``benchmarks/RESULTS_pretrain.md``).
+        for fp32 CPU runs, where it was measured faster (``benchmarks/RESULTS.md``).
     """
     device = resolve_device(config.device)
     if local_rank is not None and device.type == "cuda":
