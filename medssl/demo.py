@@ -89,6 +89,9 @@ def _pretrain(out: Path, datalist: Path, splits: Path, steps: int, tracking_uri:
 
     cfg = PretrainConfig(datalist=str(datalist), splits=str(splits), method="simclr", encoder="segresnet",
                          encoder_kwargs={"init_filters": 8}, roi_size=[32, 32, 32], batch_size=4,
+                         # no flips: anterior vs posterior hippocampus (classes 1/2) is a left/right-free but
+                         # front/back distinction that flip-invariant features erase (demo measured dice_1 = 0)
+                         augment_kwargs={"flip_prob": 0.0},
                          total_steps=steps, warmup_steps=max(1, steps // 10), lr=1e-3,
                          checkpoint_every=max(1, steps // 2), out_dir=str(out / "pretrain_simclr"), device="cpu",
                          experiment="medssl-demo", run_name="demo-simclr-segresnet", tracking_uri=tracking_uri)
