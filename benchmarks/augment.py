@@ -50,6 +50,8 @@ from monai.transforms import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _machine import cpu_model  # noqa: E402 - benchmarks/ is sys.path[0] when a script runs
+
 import medssl.transforms.batched as batched_mod  # noqa: E402
 from medssl.engines.data import preprocessing  # noqa: E402
 from medssl.transforms.batched import BatchedSSLAugment  # noqa: E402
@@ -82,16 +84,6 @@ def tutorial_chain(roi: int = 32) -> Compose:
         *holes("image"),
         *holes("image_2"),
     ]).set_random_state(0)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _rate(step: Callable[[], int], seconds: float, sync: Callable[[], None]) -> float:
@@ -179,7 +171,7 @@ def main() -> None:
     wall = time.perf_counter() - t_all
     cmd = "python benchmarks/augment.py " + " ".join(sys.argv[1:])
     print(f"command: `{cmd.strip()}`")
-    print(f"machine: nproc={os.cpu_count()}, {_cpu()}, torch {torch.__version__} "
+    print(f"machine: nproc={os.cpu_count()}, {cpu_model()}, torch {torch.__version__} "
           f"(threads {torch.get_num_threads()}), monai {monai.__version__}, "
           f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
     print(f"roi {ROI}, {len(files)} hippocampus volumes, cache build {cache_s:.1f} s (not timed below), "

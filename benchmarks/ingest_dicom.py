@@ -25,18 +25,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from _machine import cpu_model  # benchmarks/ is sys.path[0] when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _synthetic(folder: Path, n: int = 60, naming: str = "ordered") -> Path:
@@ -133,7 +124,7 @@ def main() -> None:
         from importlib.metadata import version
 
         ver = version("dicom2nifti")
-    print(f"Machine: {os.cpu_count()} CPUs (nproc), {_cpu()}; python {platform.python_version()}, "
+    print(f"Machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}; python {platform.python_version()}, "
           f"pydicom {pydicom.__version__}, dicom2nifti {ver}; medssl decode workers: {args.workers}; "
           f"median of {args.repeats} runs\n")
     print("| series | medssl, thread decode (s) | medssl, process decode (s) | dicom2nifti (s) | speed-up "

@@ -15,19 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_model  # benchmarks/ is sys.path[0] when a script runs
+
 from medssl.data.ingest import IngestOptions, ingest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -48,7 +40,7 @@ def main() -> None:
             shutil.rmtree(out)
         med = statistics.median(times)
         rows.append((workers, n, med, n / med))
-    print(f"machine: {os.cpu_count()} cores, {_cpu()}, Python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}")
     print("command: python benchmarks/ingest_nifti.py --repeats", args.repeats)
     print("\n| workers | volumes | median s | volumes/s | speed-up |\n| --- | --- | --- | --- | --- |")
     for w, n, med, vps in rows:

@@ -3,15 +3,9 @@ few seconds; the sweep completes and no metric is lost (the trackers buffer, spo
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,60 +14,21 @@ from medssl.engines.sweep import run_sweep
 from medssl.tracking.compare import compare_study
 from medssl.tracking.mlflow_tracker import make_client
 from tests.test_sweep import FakeFinetune, FakePretrain, children, fresh_sqlite_uri, pipeline
+from tests.tracking.mlflow_server import free_port, start_server, stop_server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp: Path, port: int, db_uri: str) -> subprocess.Popen | None:
-    """``mlflow server`` on 127.0.0.1 in its own process group; ``None`` if not healthy within 40 s."""
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    cmd = [
-        mlflow,
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        db_uri,
-        "--default-artifact-root",
-        str(tmp / "art"),
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job workers: starts ~2x faster
-    proc = subprocess.Popen(
-        cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    _stop(proc)
-    return None
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)  # the server's own group: gunicorn/uvicorn workers included
-    proc.wait(timeout=20)
+def _artifact_args(tmp: Path) -> list[str]:
+    return ["--default-artifact-root", str(tmp / "art")]
 
 
 @pytest.mark.timeout(120)
 def test_sweep_survives_server_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     db_uri = fresh_sqlite_uri(tmp_path / "server")
-    servers = [_start_server(tmp_path, port, db_uri)]
+    servers = [start_server(tmp_path, port, db_uri, _artifact_args(tmp_path))]
     if servers[0] is None:
         pytest.skip("mlflow server did not start within 40 s")
     outage: dict[str, object] = {}
@@ -81,12 +36,12 @@ def test_sweep_survives_server_outage(tmp_path: Path, monkeypatch: pytest.Monkey
 
     def on_epoch(key: str, epoch: int) -> None:
         if key == victim and epoch == 0:
-            _stop(servers[-1], signal.SIGKILL)  # the server dies mid-run
+            stop_server(servers[-1], signal.SIGKILL)  # the server dies mid-run
             outage["down_at"] = time.monotonic()
 
             def restart() -> None:
                 time.sleep(2.0)
-                servers.append(_start_server(tmp_path, port, db_uri))
+                servers.append(start_server(tmp_path, port, db_uri, _artifact_args(tmp_path)))
                 outage["up_at"] = time.monotonic()
 
             threading.Thread(target=restart, daemon=True).start()
@@ -122,4 +77,4 @@ def test_sweep_survives_server_outage(tmp_path: Path, monkeypatch: pytest.Monkey
     finally:
         for s in servers:
             if s is not None:
-                _stop(s)
+                stop_server(s)

@@ -2,70 +2,29 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from medssl.tracking.mlflow_tracker import MlflowTracker
+from tests.tracking.mlflow_server import free_port, start_server, stop_server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(tmp: Path, port: int) -> subprocess.Popen:
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    proc = subprocess.Popen(
-        [
-            mlflow,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp / "artifacts"),
-        ],
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    _stop(proc)
-    pytest.skip("mlflow server did not start within 40 s")
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    os.killpg(proc.pid, sig)  # the server's own process group (uvicorn worker included)
-    proc.wait(timeout=20)
+def _start(tmp: Path, port: int):
+    proc = start_server(tmp, port, f"sqlite:///{tmp / 'server.db'}",
+                        ["--artifacts-destination", str(tmp / "artifacts")])
+    if proc is None:
+        pytest.skip("mlflow server did not start within 40 s")
+    return proc
 
 
 @pytest.mark.timeout(90)
 def test_server_outage_loses_no_metric(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start(tmp_path, port)
     try:
@@ -81,7 +40,7 @@ def test_server_outage_loses_no_metric(tmp_path: Path, monkeypatch: pytest.Monke
         tr.log_params({"lr": 0.1})
         for step in range(10):
             tr.log_metrics({"loss": float(step)}, step)
-        _stop(server, signal.SIGKILL)  # the server dies mid-run
+        stop_server(server, signal.SIGKILL)  # the server dies mid-run
         t0 = time.monotonic()
         for step in range(10, 30):  # server down: nothing raises, nothing blocks for long
             tr.log_metrics({"loss": float(step)}, step)
@@ -97,4 +56,4 @@ def test_server_outage_loses_no_metric(tmp_path: Path, monkeypatch: pytest.Monke
         assert not (tmp_path / "spool.jsonl").exists()
     finally:
         if server.poll() is None:
-            _stop(server)
+            stop_server(server)
