@@ -107,7 +107,7 @@ def split(
     verbose: Verbose = False,
 ) -> None:
     """Write splits.json: a fixed test set, per-seed validation and nested label fractions."""
-    from medssl.data.splits import split_datalist
+    from medssl.data.splits import split_datalist, splits_table
 
     _setup(verbose)
     try:
@@ -116,19 +116,6 @@ def split(
     except MedsslError as e:
         raise _fail(e, verbose) from None
     console.print(splits_table(splits, title=f"medssl split → {path}"))
-
-
-def splits_table(splits: dict, title: str) -> Table:
-    """Rich table of case counts per seed and fraction."""
-    table = Table(title=title)
-    fr = list(next(iter(splits["seeds"].values()))["fractions"].keys()) if splits["seeds"] else []
-    for col in ["seed", "test", "val"] + [f"{f}%" for f in fr] + ["unlabeled pool"]:
-        table.add_column(col, justify="right")
-    for seed, s in splits["seeds"].items():
-        pool = splits.get("unlabeled", {}).get(seed, [])
-        table.add_row(seed, str(len(splits["test"])), str(len(s["validation"])),
-                      *[str(len(s["fractions"][f])) for f in fr], str(len(pool)))
-    return table
 
 
 @app.command()

@@ -41,9 +41,8 @@ def run_demo(out: str | Path, *, sample: str | Path | None = None, console: Cons
     Raises:
         MedsslError: the sample data is missing or a stage fails.
     """
-    from medssl.cli import splits_table
     from medssl.data.ingest import IngestOptions, ingest
-    from medssl.data.splits import split_datalist
+    from medssl.data.splits import split_datalist, splits_table
 
     console = console or Console()
     sample = Path(sample) if sample else default_sample_dir()

@@ -51,10 +51,15 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medssl.errors import MedsslError
 
-__all__ = ["SPLITS_VERSION", "fraction_key", "load_splits", "make_splits", "split_datalist", "write_splits"]
+if TYPE_CHECKING:
+    from rich.table import Table
+
+__all__ = ["SPLITS_VERSION", "fraction_key", "load_splits", "make_splits", "split_datalist", "splits_table",
+           "write_splits"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,3 +306,18 @@ def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[
     logger.info("splits for %d items (%d labelled, test %d) written to %s", splits["counts"]["items"],
                 splits["counts"]["labelled"], splits["counts"]["test"], path)
     return path, splits
+
+
+def splits_table(splits: dict, title: str) -> Table:
+    """Rich ``Table`` of case counts per seed and fraction (test, validation, each fraction, unlabeled pool)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    fr = list(next(iter(splits["seeds"].values()))["fractions"].keys()) if splits["seeds"] else []
+    for col in ["seed", "test", "val"] + [f"{f}%" for f in fr] + ["unlabeled pool"]:
+        table.add_column(col, justify="right")
+    for seed, s in splits["seeds"].items():
+        pool = splits.get("unlabeled", {}).get(seed, [])
+        table.add_row(seed, str(len(splits["test"])), str(len(s["validation"])),
+                      *[str(len(s["fractions"][f])) for f in fr], str(len(pool)))
+    return table
