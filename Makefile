@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medssl-installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+STUDIES_DIR ?= studies
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench studies lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/ingest_dicom.py
 	$(PY) benchmarks/ingest_nifti.py
 	$(PY) benchmarks/augment.py
+
+# The issue-5 label-efficiency studies on the shared datasets (about 1 h each on 2 CPU cores; re-running
+# resumes). Each prints a Markdown section for benchmarks/RESULTS.md and copies its plots to benchmarks/figures.
+studies: $(STAMP)
+	MEDSSL_DATASETS=$${MEDSSL_DATASETS:-$(CURDIR)/../shared/datasets} \
+		$(PY) benchmarks/label_efficiency.py pipelines/label_efficiency.yaml --workdir $(STUDIES_DIR)
+	MEDSSL_DATASETS=$${MEDSSL_DATASETS:-$(CURDIR)/../shared/datasets} \
+		$(PY) benchmarks/label_efficiency.py pipelines/classification_adrenal.yaml --workdir $(STUDIES_DIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medssl tests benchmarks

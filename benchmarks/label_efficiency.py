@@ -1,0 +1,151 @@
+"""The issue-5 label-efficiency studies, end to end, with a Markdown report for ``benchmarks/RESULTS.md``.
+
+Runs (or resumes) ``medssl sweep`` on a pipeline file, then ``medssl compare`` for the primary metric and
+a few secondary ones, copies the CSV/PNG into ``benchmarks/figures/`` and prints a Markdown section: the
+per-(fraction, init) table (mean ± 95 % CI over seeds, paired SSL − scratch), per-seed values, the
+issue's targets evaluated from the measured numbers (never asserted here: a missed target is reported),
+wall-clock time and the machine.
+
+    export MEDSSL_DATASETS=../shared/datasets
+    python benchmarks/label_efficiency.py pipelines/label_efficiency.yaml --workdir ../studies
+    python benchmarks/label_efficiency.py pipelines/classification_adrenal.yaml --workdir ../studies
+    python benchmarks/label_efficiency.py pipelines/label_efficiency.yaml --workdir ../studies --report-only
+
+The work directory holds the study folders and the MLflow store (``sqlite:///<workdir>/mlruns.db`` unless
+``MLFLOW_TRACKING_URI`` is set); re-running the same command resumes an interrupted study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model  # noqa: E402
+
+FIGURES = Path(__file__).resolve().parent / "figures"
+
+# The issue's targets, keyed by metric: (description, function of the summaries → (value, met)).
+DIFF = "ssl-scratch"
+
+
+def _mean(s: dict[tuple[float, str], Any], frac: float, init: str) -> float | None:
+    x = s.get((frac, init))
+    return None if x is None else x.mean
+
+
+def targets(metric: str, s: dict[tuple[float, str], Any]) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets for ``metric`` evaluated on the summaries: ``(target, measured, met)``."""
+    out: list[tuple[str, str, bool | None]] = []
+    if metric == "test_dice_mean":
+        ssl10, scr100, ssl100 = _mean(s, 10.0, "ssl"), _mean(s, 100.0, "scratch"), _mean(s, 100.0, "ssl")
+        if ssl10 is not None and scr100 is not None:
+            gap = scr100 - ssl10
+            out.append(("SSL at 10 % within 0.02 Dice of scratch at 100 %",
+                        f"SSL@10 % {ssl10:.4f} vs scratch@100 % {scr100:.4f} (gap {gap:+.4f})", gap <= 0.02))
+        if ssl100 is not None:
+            out.append(("SSL at 100 % mean Dice ≥ 0.88", f"{ssl100:.4f}", ssl100 >= 0.88))
+    if metric == "test_auc":
+        for init in ("scratch", "ssl"):
+            v = _mean(s, 100.0, init)
+            if v is not None:
+                out.append((f"AUC ≥ 0.87 at 100 % ({init})", f"{v:.4f}", v >= 0.87))
+    return out
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if x.low is None:
+        return f"{x.mean:.4f}"
+    return f"{x.mean:.4f} ± {(x.high - x.low) / 2:.4f}"
+
+
+def report(results: list[Any], *, pipeline: Path, seconds: float | None) -> str:
+    """Markdown for RESULTS.md from :class:`medssl.tracking.compare.CompareResult` objects (first = primary)."""
+    main = results[0]
+    s = main.summaries
+    fracs = sorted({f for f, _ in s})
+    lines = [
+        f"### {main.study} ({pipeline.as_posix()})",
+        "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+        + (f"; wall clock of this invocation {seconds / 60:.1f} min" if seconds is not None else "")
+        + f". MLflow parent run `{main.parent_run_id}`.",
+        "",
+        "| fraction % | " + " | ".join(f"{r.metric} scratch | {r.metric} ssl | SSL − scratch (paired)"
+                                       for r in results) + " |",
+        "|---:|" + "---:|---:|---:|" * len(results),
+    ]
+    for f in fracs:
+        cells = [f"{f:g}"]
+        for r in results:
+            cells += [_fmt(r.summaries.get((f, "scratch"))), _fmt(r.summaries.get((f, "ssl"))),
+                      _fmt(r.summaries.get((f, DIFF)))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "mean ± half-width of the 95 % t-interval over seeds (n per cell: "
+              + ", ".join(sorted({str(x.n) for k, x in s.items() if k[1] != DIFF})) + ").", ""]
+    per_seed = sorted(main.records, key=lambda r: (r["fraction"], r["init"], r["seed"]))
+    lines.append(f"Per seed ({main.metric}): " + "; ".join(
+        f"{r['fraction']:g} % {r['init']} s{r['seed']} {r['value']:.4f}" for r in per_seed) + ".")
+    lines.append("")
+    tg = targets(main.metric, s)
+    if tg:
+        lines += ["| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in tg]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pipeline", type=Path)
+    ap.add_argument("--workdir", type=Path, default=Path("studies"), help="study folders + MLflow store")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override key=value")
+    ap.add_argument("--metrics", nargs="*", default=None,
+                    help="secondary metrics (default: per-class Dice for segmentation, accuracy for classification)")
+    ap.add_argument("--report-only", action="store_true", help="do not run the sweep; summarise what is there")
+    ap.add_argument("--no-figures", action="store_true", help="do not copy CSV/PNG into benchmarks/figures")
+    args = ap.parse_args(argv)
+
+    from medssl.engines.sweep import run_sweep
+    from medssl.sweep import load_pipeline
+    from medssl.tracking.compare import compare_study
+
+    pipeline = args.pipeline.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.workdir)  # the pipeline's relative out_dir and the default sqlite store live here
+    pl = load_pipeline(pipeline, args.overrides)
+    seconds = None
+    if not args.report_only:
+        t0 = time.perf_counter()
+        res = run_sweep(pl, progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - t0
+        if res.failed:
+            print(f"{len(res.failed)} children FAILED: " + ", ".join(c.key for c in res.failed), file=sys.stderr)
+    primary = pl.metric
+    secondary = args.metrics
+    if secondary is None:
+        secondary = ["test_dice_1", "test_dice_2", "test_hd95_mean"] if primary.startswith("test_dice") \
+            else ["test_balanced_accuracy"]
+    results = [compare_study(pl.study, tracking_uri=pl.tracking_uri, metric=m) for m in [primary, *secondary]]
+    if not args.no_figures:
+        FIGURES.mkdir(exist_ok=True)
+        for r in results:
+            for p in (r.csv_path, r.png_path):
+                shutil.copy2(p, FIGURES / p.name)
+    print(report(results, pipeline=args.pipeline, seconds=seconds))
+    return 1 if not args.report_only and res.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
