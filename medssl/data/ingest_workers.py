@@ -215,23 +215,22 @@ def ingest_dicom_series(task: DicomTask) -> TaskResult:
 
 def ingest_medmnist(npz: Path, *, out: Path, salt: str) -> TaskResult:
     """Convert a MedMNIST 3D ``.npz`` into NIfTI + classification items with the official splits."""
-    from medssl.data.medmnist import convert_medmnist
+    from medssl.data.medmnist import convert_medmnist, read_medmnist
     from medssl.errors import MedsslError
 
     res = TaskResult(source=str(npz), files=[str(npz)])
     stem = npz.name[: -len(".npz")]
     try:
-        items = convert_medmnist(npz, out / "medmnist" / stem, salt=salt)
+        data = read_medmnist(npz)  # read once: the manifest statistics below use the same arrays
+        items = convert_medmnist(npz, out / "medmnist" / stem, salt=salt, data=data)
     except MedsslError as e:
         res.quarantine.append({"path": str(npz), "reason": "bad_medmnist", "detail": str(e)})
         return res
     section_of = {"training": "training", "validation": "validation", "test": "test",
                   "train": "training", "val": "validation"}
-    with np.load(npz) as data:
-        arrays = {k: data[k] for k in data.files if k.endswith("_images")}
     for it in items:
         split_name, idx = it["source_index"].split("/")
-        array = arrays[f"{split_name}_images"][int(idx)]
+        array = data[split_name][0][int(idx)]
         section = section_of[it["split"]]
         image_abs = Path(it["image"]) if Path(it["image"]).is_absolute() else out / "medmnist" / stem / it["image"]
         item = {"image": _rel(image_abs, out), "class": int(it["class"]), "case_id": it["case_id"]}

@@ -112,7 +112,8 @@ def _default_name(npz: Path) -> str:
 
 
 def convert_medmnist(npz_path: str | Path, out_dir: str | Path, *, spacing_mm: float = 1.0, salt: str,
-                     name: str | None = None) -> list[dict]:
+                     name: str | None = None,
+                     data: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
     """Write every volume of a MedMNIST 3D file as NIfTI and return datalist items.
 
     Args:
@@ -121,6 +122,8 @@ def convert_medmnist(npz_path: str | Path, out_dir: str | Path, *, spacing_mm: f
         spacing_mm: isotropic voxel size written into the affine (MedMNIST stores none), > 0.
         salt: case-id secret (see :func:`medssl.data.phi.case_id`).
         name: dataset name in the case-id key; default: file stem without ``_28``/``_64`` suffix.
+        data: the file's content as returned by :func:`read_medmnist` when the caller has already read it
+            (the archive is then not read again); default: read ``npz_path``.
 
     Returns:
         One dict per volume, in file order (train, val, test): ``{"image": absolute path, "class": int,
@@ -135,7 +138,7 @@ def convert_medmnist(npz_path: str | Path, out_dir: str | Path, *, spacing_mm: f
     if not salt:
         raise ValueError("convert_medmnist needs a non-empty salt")
     npz = Path(npz_path)
-    data = read_medmnist(npz)
+    data = read_medmnist(npz) if data is None else data
     name = name or _default_name(npz)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

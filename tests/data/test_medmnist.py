@@ -93,6 +93,25 @@ def test_small_generated_file_converts(tmp_path: Path):
     assert [it["class"] for it in convert_medmnist(float_labels, tmp_path / "o2", salt="s")][:3] == [0, 1, 2]
 
 
+def test_ingest_reads_the_archive_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import medssl.data.medmnist as mm
+    from medssl.data.ingest_workers import ingest_medmnist
+
+    calls = Counter()
+    real_load = np.load
+
+    def counting_load(*args, **kwargs):
+        calls["np.load"] += 1
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(mm.np, "load", counting_load)
+    res = ingest_medmnist(_write_npz(tmp_path / "tiny.npz"), out=tmp_path / "out", salt="s")
+    assert calls["np.load"] == 1 and not res.quarantine
+    assert len(res.items) == len(res.rows) == 7
+    written = nib.load(tmp_path / "out" / res.items[3]["image"]).get_fdata()
+    assert written.shape == (6, 6, 6) and [r["section"] for r in res.rows][3] == "validation"
+
+
 @pytest.mark.parametrize("override,message", [
     ({"test_labels": None}, "'test_labels' missing"),
     ({"val_images": None}, "'val_images' missing"),
