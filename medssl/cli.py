@@ -181,7 +181,7 @@ def finetune(
     seed: Annotated[int | None, typer.Option(help="Split seed (validation set, fraction subset) and training seed.")] = None,
     init: Annotated[str | None, typer.Option(help="scratch | ssl:PATH_OR_MLFLOW_URI (encoder.pt, run folder, runs:/..., models:/...).")] = None,
     task: Annotated[str | None, typer.Option(help="segmentation | classification.")] = None,
-    network: Annotated[str | None, typer.Option(help="SwinUNETR | UNETR | SegResNet | ResNet.")] = None,
+    network: Annotated[str | None, typer.Option(help="SwinUNETR | UNETR | SegResNet | BasicUNet (Models Genesis) | ResNet.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (checkpoints/best.pt, results.json).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (FinetuneConfig fields); options given here win.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Max epochs.")] = None,
@@ -217,7 +217,8 @@ def finetune(
         table.add_row(k, f"{result.best_val.get(k, float('nan')):.4f}", f"{result.test_metrics[k]:.4f}")
     console.print(table)
     if result.transfer is not None:
-        console.print(f"SSL weights loaded: {100 * result.transfer['share']:.1f} % of the encoder")
+        part = "encoder and decoder" if result.transfer.get("n_matched_decoder") else "encoder"
+        console.print(f"SSL weights loaded: {100 * result.transfer['share']:.1f} % of the {part}")
     console.print(f"best checkpoint: {result.best_checkpoint}  MLflow run: {result.run_id or 'tracking disabled'}")
 
 

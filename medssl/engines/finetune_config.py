@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASKS = ("segmentation", "classification")
-NETWORKS = ("SwinUNETR", "UNETR", "SegResNet", "ResNet")
+NETWORKS = ("SwinUNETR", "UNETR", "SegResNet", "BasicUNet", "ResNet")
 _AMP = (None, "bf16", "fp16")
 _NORM = (None, "robust", "ct", "none")
 
@@ -45,9 +45,11 @@ class FinetuneConfig(ConfigBase):
         study: study name (MLflow tag ``medssl.study``; sweeps set it).
         init: ``"scratch"`` or ``"ssl:<path | folder | runs:/… | models:/… URI>"`` of an SSL checkpoint.
         task: ``"segmentation"`` or ``"classification"``.
-        network: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"`` (segmentation) or ``"ResNet"`` (classification).
-        network_kwargs: from scratch, the encoder family's build arguments (``feature_size``, ``init_filters``,
-            ``depth`` …) plus decoder/head arguments; with SSL init, only arguments not shaping the encoder.
+        network: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"`` (segmentation; BasicUNet
+            takes a Models Genesis checkpoint, encoder and decoder) or ``"ResNet"`` (classification).
+        network_kwargs: from scratch, the encoder family's build arguments (``feature_size``,
+            ``init_filters``, ``depth``, BasicUNet ``features`` …) plus decoder/head arguments; with SSL init,
+            only arguments not shaping the encoder (one equal to the recipe's is accepted, another refused).
         out_channels: segmentation classes including background (hippocampus: 3).
         num_classes: classifier classes (AdrenalMNIST3D: 2).
         class_key: datalist item key holding the class (classification).
@@ -163,8 +165,9 @@ class FinetuneConfig(ConfigBase):
         if self.network not in NETWORKS:
             raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if (self.task == "classification") != (self.network == "ResNet"):
+            seg = ", ".join(n for n in NETWORKS if n != "ResNet")
             raise ValueError(
-                f"network {self.network!r} does not do {self.task} (ResNet classifies, others segment)"
+                f"network {self.network!r} does not do {self.task} (ResNet classifies; {seg} segment)"
             )
         if self.init != "scratch" and not (self.init.startswith("ssl:") and len(self.init) > 4):
             raise ValueError(
@@ -227,7 +230,8 @@ def _head_kwargs(kind: str, network_kwargs: dict[str, Any], encoder_recipe: dict
     """Split ``network_kwargs`` for an SSL init: encoder-shaping ones (``depth``, ``feature_size`` …, the encoder
     family's build arguments) must describe the same encoder as the SSL recipe and are then dropped (the recipe
     builds the encoder); the rest (decoder/head settings) pass through. The same pipeline file thus serves both
-    inits; a contradiction is refused naming the differing constructor fields."""
+    inits; a contradiction is refused naming the differing constructor fields. A recipe of another encoder
+    family is not compared: :func:`build_model` then reports what a transfer misses (``TransferError``)."""
     import inspect
 
     from medssl.networks.downstream import ENCODER_FAMILY, scratch_recipe
@@ -235,7 +239,7 @@ def _head_kwargs(kind: str, network_kwargs: dict[str, Any], encoder_recipe: dict
 
     build_args = set(inspect.signature(ENCODERS[ENCODER_FAMILY[kind]].build).parameters) - {"cls"}
     enc_kw = {k: v for k, v in network_kwargs.items() if k in build_args}
-    if enc_kw:
+    if enc_kw and kind in encoder_recipe.get("downstream_kwargs", {}):  # else a family mismatch (see above)
         ours = scratch_recipe(kind, **({"in_channels": 1, "img_size": roi} | enc_kw))
         a = ours.get("downstream_kwargs", {}).get(kind, {})
         b = encoder_recipe.get("downstream_kwargs", {}).get(kind, {})

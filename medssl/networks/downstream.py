@@ -1,6 +1,6 @@
 """Downstream (finetuning) networks whose encoder part matches an SSL encoder exactly.
 
-Four MONAI networks are supported, each paired with one encoder family of
+Five MONAI networks are supported, each paired with one encoder family of
 :mod:`medssl.networks.encoders`:
 
 - ``SwinUNETR`` ← ``swinvit``: encoder keys ``swinViT.*``; depth levels 0 ``patch_embed``,
@@ -9,6 +9,10 @@ Four MONAI networks are supported, each paired with one encoder family of
 - ``SegResNet`` ← ``segresnet``: ``convInit.*`` and ``down_layers.*``; 0 ``convInit``, i+1
   ``down_layers.i``.
 - ``ResNet`` ← ``resnet3d``: everything but the classifier ``fc.*``; 0 ``conv1``/``bn1``, i ``layer{i}``.
+- ``BasicUNet`` ← ``unet`` (Models Genesis): ``conv_0.*``, ``down_1..4.*``; 0 ``conv_0``, i ``down_i``.
+  Genesis transfers its whole U-Net, so the decoder ``upcat_4..1.*`` is pretrained too
+  (:func:`transfer_keys`: loaded, reported, counted in the match share) but trains as part of the head
+  (not frozen, head lr, no warm-up). Only ``final_conv.*`` is new.
 
 Depth levels drive layer-wise LR decay (:func:`layerwise_lr_groups`); the decoder / head is one level
 above the deepest encoder level.
@@ -28,7 +32,7 @@ import re
 from typing import Any
 
 import torch
-from monai.networks.nets import UNETR, ResNet, SegResNet, SwinUNETR
+from monai.networks.nets import UNETR, BasicUNet, ResNet, SegResNet, SwinUNETR
 from torch import nn
 
 from medssl.errors import ConfigMismatchError, MedsslError
@@ -43,6 +47,9 @@ __all__ = [
     "encoder_key_prefixes",
     "is_encoder_key",
     "encoder_keys",
+    "decoder_key_prefixes",
+    "transfer_key_prefixes",
+    "transfer_keys",
     "encoder_depths",
     "downstream_features",
     "freeze_encoder",
@@ -58,6 +65,7 @@ ENCODER_FAMILY: dict[str, str] = {
     "UNETR": "vit",
     "SegResNet": "segresnet",
     "ResNet": "resnet3d",
+    "BasicUNet": "unet",
 }
 DOWNSTREAM_KINDS: tuple[str, ...] = tuple(ENCODER_FAMILY)
 
@@ -66,16 +74,20 @@ _CLASSES: dict[str, type[nn.Module]] = {
     "UNETR": UNETR,
     "SegResNet": SegResNet,
     "ResNet": ResNet,
+    "BasicUNet": BasicUNet,
 }
 # prefix added to the wrapped MONAI net's keys (``Encoder.downstream[kind]``)
-_KEY_PREFIX = {"SwinUNETR": "swinViT.", "UNETR": "vit.", "SegResNet": "", "ResNet": ""}
+_KEY_PREFIX = {"SwinUNETR": "swinViT.", "UNETR": "vit.", "SegResNet": "", "ResNet": "", "BasicUNet": ""}
 # keys of the downstream net that belong to the encoder
 _ENCODER_PREFIXES = {
     "SwinUNETR": ("swinViT.",),
     "UNETR": ("vit.",),
     "SegResNet": ("convInit.", "down_layers."),
     "ResNet": ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."),
+    "BasicUNet": ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
 }
+# pretrained decoder keys: transferred with the encoder, trained like the head (Models Genesis)
+_DECODER_PREFIXES = {"BasicUNet": ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")}
 
 
 def _check_kind(kind: str) -> None:
@@ -105,6 +117,23 @@ def encoder_keys(model: nn.Module, kind: str) -> list[str]:
     return [k for k in model.state_dict() if is_encoder_key(k, kind)]
 
 
+def decoder_key_prefixes(kind: str) -> tuple[str, ...]:
+    """Key prefixes of ``kind``'s pretrained decoder (BasicUNet ``upcat_*``; empty for the other kinds)."""
+    _check_kind(kind)
+    return _DECODER_PREFIXES.get(kind, ())
+
+
+def transfer_key_prefixes(kind: str) -> tuple[str, ...]:
+    """Key prefixes an SSL checkpoint fills: the encoder's, plus the pretrained decoder's (BasicUNet)."""
+    return encoder_key_prefixes(kind) + decoder_key_prefixes(kind)
+
+
+def transfer_keys(model: nn.Module, kind: str) -> list[str]:
+    """State-dict keys of ``model`` an SSL checkpoint must fill, in module order (everything else is new)."""
+    prefixes = transfer_key_prefixes(kind)
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+
 def encoder_depths(model: nn.Module, kind: str) -> dict[str, int]:
     """Depth level (0 = stem) of every encoder parameter of ``model``; decoder/head ones are absent.
 
@@ -132,6 +161,9 @@ def _depth(key: str, kind: str, n_blocks: int) -> int:
     if kind == "SegResNet":
         m = re.match(r"down_layers\.(\d+)\.", key)
         return int(m.group(1)) + 1 if m else 0
+    if kind == "BasicUNet":
+        m = re.match(r"down_(\d)\.", key)
+        return int(m.group(1)) if m else 0  # conv_0
     m = re.match(r"layer(\d)\.", key)  # ResNet: conv1/bn1 are the stem
     return int(m.group(1)) if m else 0
 
@@ -161,16 +193,16 @@ def build_downstream(
     """Build a downstream network whose encoder part is exactly the SSL encoder's architecture.
 
     Args:
-        kind: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"`` (segmentation, output ``(B, out_channels, D,
-            H, W)``) or ``"ResNet"`` (classifier, output ``(B, out_channels)``: ``num_classes``).
+        kind: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"`` (segmentation, output
+            ``(B, out_channels, D, H, W)``) or ``"ResNet"`` (classifier, output ``(B, out_channels)``).
         recipe: the encoder recipe (``Encoder.recipe`` or a checkpoint recipe with it under ``"encoder"``)
             for SSL initialisation; ``None`` for training from scratch.
         out_channels: segmentation classes (incl. background) or classifier classes.
         kwargs: with a recipe, extra constructor arguments of the MONAI class that do not shape the
             encoder (e.g. ``norm_name`` of the SwinUNETR decoder); an encoder argument equal to the
-            recipe's is accepted, a different one refused. Without a recipe, the paired encoder family's
-            ``build`` arguments (``in_channels``, ``img_size``, ``feature_size``, ``depth`` …) plus
-            decoder/head constructor arguments.
+            recipe's is accepted, a different one refused (BasicUNet: a default the recipe relies on,
+            e.g. ``bias``, too). Without a recipe, the paired encoder family's ``build`` arguments
+            (``in_channels``, ``img_size``, ``feature_size``, ``depth`` …) plus decoder/head arguments.
 
     Raises:
         ValueError: unknown ``kind`` or bad arguments.
@@ -180,6 +212,7 @@ def build_downstream(
     _check_kind(kind)
     if out_channels < 1:
         raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+    from_ssl = recipe is not None
     if recipe is None:
         family = ENCODERS[ENCODER_FAMILY[kind]]
         build_args = set(inspect.signature(family.build).parameters) - {"cls"}
@@ -192,6 +225,9 @@ def build_downstream(
             f"encoder {enc.get('name')!r} cannot initialise a {kind}; it transfers to: {sorted(fits) or 'none'}"
         )
     args = dict(fits[kind])
+    if from_ssl and kind == "BasicUNet":  # the decoder is pretrained too: defaults shape it as well
+        sig = inspect.signature(BasicUNet).parameters.items()
+        args = {k: p.default for k, p in sig if k != "out_channels" and k not in args} | args
     clash = {
         k: (args[k], v)
         for k, v in kwargs.items()
@@ -246,6 +282,11 @@ def downstream_features(model: nn.Module, kind: str, x: torch.Tensor) -> list[to
         return [model.proj_feat(hidden[i]) for i in layers] + [model.proj_feat(final)]
     if kind == "SegResNet":
         return model.encode(x)[1]
+    if kind == "BasicUNet":
+        out = [model.conv_0(x)]
+        for down in (model.down_1, model.down_2, model.down_3, model.down_4):
+            out.append(down(out[-1]))
+        return out
     x = model.act(model.bn1(model.conv1(x)))
     if not model.no_max_pool:
         x = model.maxpool(x)
@@ -260,7 +301,8 @@ def freeze_encoder(model: nn.Module, kind: str, *, freeze: bool = True) -> list[
     """Linear probe: ``requires_grad = not freeze`` on every encoder parameter of ``model``.
 
     Normalisation layers of the encoder still update their running statistics in ``train()`` mode;
-    a strict linear probe also puts those modules in ``eval()`` mode.
+    a strict linear probe also puts those modules in ``eval()`` mode. A pretrained decoder (BasicUNet
+    ``upcat_*``) stays trainable with the head.
 
     Returns:
         Names of the parameters changed (all encoder parameters).
@@ -278,9 +320,9 @@ def freeze_encoder(model: nn.Module, kind: str, *, freeze: bool = True) -> list[
 def layerwise_lr_groups(model: nn.Module, kind: str, base_lr: float, decay: float) -> list[dict[str, Any]]:
     """Optimizer param groups with layer-wise learning-rate decay (BEiT / MAE finetuning recipe).
 
-    The decoder / head (every non-encoder parameter) gets ``base_lr``; an encoder parameter at depth
-    level ``d`` (:func:`encoder_depths`: 0 = stem … ``n - 1`` = deepest) gets
-    ``base_lr * decay ** (n - d)``. Example, SwinUNETR, ``decay=0.5``: head 1.0, ``layers4`` 0.5,
+    The decoder / head (every non-encoder parameter, a pretrained BasicUNet decoder included) gets
+    ``base_lr``; an encoder parameter at depth level ``d`` (:func:`encoder_depths`: 0 = stem …
+    ``n - 1`` = deepest) gets ``base_lr * decay ** (n - d)``. Example, SwinUNETR, ``decay=0.5``: head 1.0, ``layers4`` 0.5,
     ``layers3`` 0.25, … ``patch_embed`` 0.5**5 (× ``base_lr``).
 
     Returns:

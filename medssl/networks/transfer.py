@@ -16,34 +16,33 @@ holding ``encoder.pt``, or an MLflow URI (``runs:/<run_id>/encoder/encoder.pt``,
 
 Finetuning options (defined in :mod:`medssl.networks.downstream`, re-exported here):
 :func:`freeze_encoder` (linear probe), :func:`layerwise_lr_groups` (layer-wise LR decay) and
-:class:`EncoderWarmup` (encoder lr held at 0 for the first steps).
+:class:`EncoderWarmup` (encoder lr held at 0 for the first steps). :class:`TransferReport` and
+:class:`TransferError` live in :mod:`medssl.networks.transfer_report` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from medssl.errors import ConfigMismatchError, MedsslError
 from medssl.networks.downstream import (
     EncoderWarmup,
-    encoder_keys,
     encoder_prefix,
     freeze_encoder,
     layerwise_lr_groups,
+    transfer_keys,
 )
 from medssl.networks.encoders import ENCODERS, Encoder, rebuild_encoder
+from medssl.networks.transfer_report import TransferError, TransferReport
 
 __all__ = [
     "SSLCheckpoint",
@@ -191,102 +190,6 @@ def load_ssl_checkpoint(src: str | Path, *, tracking_uri: str | None = None) -> 
     return SSLCheckpoint(recipe=recipe, encoder_state=dict(state), source=src_s)
 
 
-@dataclass
-class TransferReport:
-    """Outcome of :func:`transfer_weights` (keys are the downstream network's names).
-
-    Attributes:
-        target: downstream kind.
-        source: checkpoint path / URI.
-        matched: encoder keys loaded.
-        missing: encoder keys of the network the checkpoint did not provide.
-        unexpected: checkpoint keys with no destination in the network's encoder.
-        mismatched: ``(key, checkpoint shape, network shape)`` of same-name tensors with different shapes.
-        encoder_numel: values in the network's encoder tensors; ``matched_numel``: of those, loaded.
-        notes: extra explanations (e.g. the encoder family does not fit the target).
-        shapes: network shape of each missing key, checkpoint shape of each unexpected key.
-    """
-
-    target: str
-    source: str = ""
-    matched: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    encoder_numel: int = 0
-    matched_numel: int = 0
-    notes: list[str] = field(default_factory=list)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-    @property
-    def n_encoder(self) -> int:
-        """Number of encoder tensors in the network."""
-        return len(self.matched) + len(self.missing) + len(self.mismatched)
-
-    @property
-    def share(self) -> float:
-        """Loaded share of the network's encoder values (by element count), in [0, 1]."""
-        return self.matched_numel / self.encoder_numel if self.encoder_numel else 0.0
-
-    def summary(self) -> str:
-        """One line: counts and share."""
-        return (
-            f"{self.target} <- {self.source or 'checkpoint'}: {len(self.matched)}/{self.n_encoder} encoder "
-            f"tensors loaded ({100 * self.share:.1f} % of {self.encoder_numel:,} values); "
-            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-            f"{len(self.mismatched)} shape mismatches"
-        )
-
-    def table(self, max_rows: int = 20) -> Table:
-        """Rich table: one row per problem key (``max_rows`` per kind), and the matched count."""
-        t = Table(title=self.summary(), title_justify="left")
-        for col in ("status", "key", "checkpoint shape", "network shape"):
-            t.add_column(col)
-        for k, a, b in self.mismatched[:max_rows]:
-            t.add_row("[red]shape mismatch", k, str(tuple(a)), str(tuple(b)))
-        rows = [("[red]missing", self.missing), ("[yellow]unexpected", self.unexpected)]
-        for status, keys in rows:
-            for k in keys[:max_rows]:
-                shape = str(self.shapes.get(k, "?"))
-                t.add_row(status, k, *(("-", shape) if "missing" in status else (shape, "-")))
-        for status, n in (("shape mismatch", len(self.mismatched)), *((s, len(k)) for s, k in rows)):
-            if n > max_rows:
-                t.add_row(status.split("]")[-1], f"... and {n - max_rows} more", "", "")
-        t.add_row("[green]matched", f"{len(self.matched)} tensors", "", "")
-        return t
-
-    def render(self, width: int = 140) -> str:
-        """:meth:`table` and the notes as plain text (for error messages and logs)."""
-        buf = io.StringIO()
-        Console(file=buf, width=width, no_color=True, force_terminal=False).print(self.table())
-        return buf.getvalue() + "".join(f"note: {n}\n" for n in self.notes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (counts, share and every key list) for MLflow (``log_dict``)."""
-        return {
-            "target": self.target,
-            "source": self.source,
-            "share": self.share,
-            "n_matched": len(self.matched),
-            "n_missing": len(self.missing),
-            "n_unexpected": len(self.unexpected),
-            "n_mismatched": len(self.mismatched),
-            "matched": list(self.matched),
-            "missing": list(self.missing),
-            "unexpected": list(self.unexpected),
-            "mismatched": [[k, list(a), list(b)] for k, a, b in self.mismatched],
-            "notes": list(self.notes),
-        }
-
-
-class TransferError(MedsslError):
-    """Too few encoder weights could be loaded; ``report`` holds the :class:`TransferReport`."""
-
-    def __init__(self, message: str, report: TransferReport) -> None:
-        super().__init__(message)
-        self.report = report
-
-
 def transfer_weights(
     model: nn.Module,
     ckpt: SSLCheckpoint,
@@ -295,16 +198,20 @@ def transfer_weights(
     min_match: float = 1.0,
     allow_partial: bool = False,
 ) -> TransferReport:
-    """Load the checkpoint's encoder into ``model``'s encoder part (``strict=False``) and report.
+    """Load the checkpoint's encoder into ``model``'s pretrained part (``strict=False``) and report.
 
-    Checkpoint keys ``net.<k>`` become ``encoder_prefix(target) + <k>``; tensors with a destination of
-    the same shape are loaded, everything else is reported. Nothing is loaded when the transfer fails.
+    The pretrained part is the encoder (:func:`~medssl.networks.downstream.transfer_keys`), plus the
+    decoder ``upcat_*`` for ``BasicUNet`` (Models Genesis transfers its whole encoder-decoder). Checkpoint
+    keys ``net.<k>`` become ``encoder_prefix(target) + <k>``; tensors with a destination of the same shape
+    are loaded, everything else is reported. The SSL net's task head (the encoder's ``exclude_prefixes``,
+    e.g. the U-Net's ``final_conv``) is skipped with a note; network keys outside the pretrained part are
+    listed as ``new``. Nothing is loaded when the transfer fails.
 
     Args:
         model: a ``target`` network (e.g. from :func:`medssl.networks.downstream.build_downstream`).
         ckpt: from :func:`load_ssl_checkpoint`.
-        target: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"`` or ``"ResNet"``.
-        min_match: least share (by element count) of the network's encoder values that must be loaded.
+        target: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"`` or ``"ResNet"``.
+        min_match: least share (by element count) of the network's pretrained-part values to be loaded.
         allow_partial: load whatever matched even below ``min_match`` (a warning; never when nothing did).
 
     Raises:
@@ -322,13 +229,15 @@ def transfer_weights(
         report.notes.append(f"encoder {enc.get('name')!r} is not built for {target}; it transfers to: {fits}")
     excluded = ENCODERS[enc["name"]].exclude_prefixes
     dst = model.state_dict()
-    enc_keys = encoder_keys(model, target)
+    enc_keys = transfer_keys(model, target)
     enc_set = set(enc_keys)
     load: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
     for k, v in ckpt.encoder_state.items():
         sub = k[len("net.") :] if k.startswith("net.") else None
         if sub is not None and sub.startswith(excluded):
-            continue  # task-specific part of the SSL net (e.g. the U-Net's final conv), never transferred
+            skipped.append(k)  # task-specific part of the SSL net (e.g. the U-Net's final conv)
+            continue
         name = prefix + sub if sub is not None else k
         if sub is None or name not in enc_set:
             report.unexpected.append(k)
@@ -338,6 +247,12 @@ def transfer_weights(
         else:
             load[name] = v
     bad = {k for k, _, _ in report.mismatched}
+    if skipped:
+        report.notes.append(
+            f"{len(skipped)} checkpoint tensors of the SSL task head ({', '.join(excluded)}*) "
+            "are not transferred"
+        )
+    report.new = [k for k in dst if k not in enc_set]
     report.matched = [k for k in enc_keys if k in load]
     report.missing = [k for k in enc_keys if k not in load and k not in bad]
     report.shapes |= {k: tuple(dst[k].shape) for k in report.missing}

@@ -17,6 +17,7 @@ from medssl.networks.downstream import (
     encoder_prefix,
     freeze_encoder,
     layerwise_lr_groups,
+    transfer_keys,
 )
 from medssl.networks.encoders import build_encoder
 
@@ -29,6 +30,7 @@ TINY = {
     "UNETR": dict(img_size=(32, 32, 32), hidden_size=24, mlp_dim=48, num_heads=2),
     "SegResNet": dict(img_size=(16, 16, 16), init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)),
     "ResNet": dict(img_size=(16, 16, 16), depth=10, widen_factor=0.125),
+    "BasicUNet": dict(img_size=(32, 32, 32), features=(4, 4, 8, 8, 16, 4)),
 }
 
 
@@ -48,8 +50,9 @@ def test_encoder_part_matches_encoder_and_scratch_matches_ssl(kind: str) -> None
     # the key table agrees with the encoder's own export, and covers exactly its weights with the same shapes
     assert enc.downstream[kind] == encoder_prefix(kind)
     exported = {k: tuple(v.shape) for k, v in enc.export_state_dict(kind).items()}
-    assert exported == {k: s for k, s in _shapes(ssl_net).items() if k in set(encoder_keys(ssl_net, kind))}
-    assert set(exported) == set(encoder_keys(ssl_net, kind))
+    # (the pretrained part: the encoder, plus the decoder for BasicUNet; transfer_keys == encoder_keys otherwise)
+    assert exported == {k: s for k, s in _shapes(ssl_net).items() if k in set(transfer_keys(ssl_net, kind))}
+    assert set(exported) == set(transfer_keys(ssl_net, kind)) >= set(encoder_keys(ssl_net, kind))
     assert len(exported) < len(ssl_net.state_dict())  # a decoder / head exists beside the encoder
     # scratch from the same plain arguments: the same architecture, key for key and shape for shape
     scratch = build_downstream(kind, recipe=None, out_channels=3, in_channels=1, **TINY[kind])
@@ -105,7 +108,7 @@ def test_layerwise_lr_groups_decay_toward_stem_and_cover_once(kind: str) -> None
     assert groups[-1]["depth"] == 0 and lrs[-1] == pytest.approx(1e-3 * 0.5 ** groups[0]["depth"])
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in net.parameters()}
-    n_levels = {"SwinUNETR": 5, "UNETR": 14, "SegResNet": 4, "ResNet": 5}[kind]
+    n_levels = {"SwinUNETR": 5, "UNETR": 14, "SegResNet": 4, "ResNet": 5, "BasicUNet": 5}[kind]
     assert sorted(set(encoder_depths(net, kind).values())) == list(range(n_levels))
     torch.optim.AdamW(groups)  # a valid optimizer spec
     with pytest.raises(ValueError, match="decay"):
