@@ -11,6 +11,9 @@ reproduces the uninterrupted one exactly (CPU, ``deterministic=True``, ``num_wor
 Files under ``out_dir``: ``config.yaml`` (resolved: the preprocessing actually used), ``checkpoints/last.pt``,
 ``checkpoints/best.pt`` (``{"recipe", "config", "epoch", "model", "val"}``, rebuild with
 :func:`rebuild_model`), ``transfer_report.json`` (SSL init) and ``results.json``.
+
+Evaluation, selection and checkpoints of the `Finetuner` are in :mod:`medssl.engines.finetune_eval`; the
+result type, progress bar and MLflow tracker in :mod:`medssl.engines.finetune_support`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import os
 import random
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,9 @@ from medssl.engines.finetune_data import (
     seed_epoch,
     train_transforms,
 )
-from medssl.engines.metrics import SELECTION_METRIC, as_tensor, evaluate_model
+from medssl.engines.finetune_eval import RESUME_FIELDS, _FinetunerState  # noqa: F401 (re-export)
+from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker, _progress
+from medssl.engines.metrics import as_tensor
 from medssl.engines.schedules import WarmupCosineSchedule
 from medssl.errors import MedsslError
 
@@ -52,27 +57,8 @@ __all__ = ["FinetuneResult", "Finetuner", "build_model", "rebuild_model", "run_f
 
 log = logging.getLogger(__name__)
 
-#: config fields a resumed run must share with its checkpoint
-RESUME_FIELDS = ("task", "network", "network_kwargs", "init", "fraction", "seed", "roi_size")
 
-
-@dataclass
-class FinetuneResult:
-    """Outcome of :func:`run_finetune`. ``status`` is ``"finished"`` or ``"early_stopped"``; ``best_val``
-    and ``test_metrics`` use metric names without the ``val_`` / ``test_`` prefix."""
-
-    out_dir: Path
-    run_id: str | None = None
-    best_checkpoint: Path | None = None
-    best_val: dict[str, float] = field(default_factory=dict)
-    test_metrics: dict[str, float] = field(default_factory=dict)
-    epochs_run: int = 0
-    transfer: dict[str, Any] | None = None
-    status: str = "finished"
-    best_epoch: int | None = None
-
-
-class Finetuner:
+class Finetuner(_FinetunerState):
     """Owns model, data, optimizer, schedule, scaler and selection state of one finetuning run.
 
     Args:
@@ -191,102 +177,6 @@ class Finetuner:
                 losses.append(value)
         return float(np.mean(losses)) if losses else math.nan
 
-    # -- evaluation and selection ---------------------------------------------------------------------
-    def evaluate(self, dataset: Any) -> dict[str, float]:
-        """Metrics of the current model on ``dataset`` (sliding window for segmentation), unprefixed."""
-        return evaluate_model(
-            self.model,
-            dataset,
-            task=self.cfg.task,
-            num_classes=self.cfg.out_channels,
-            inferer=self.inferer,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            batch_size=4 * self.cfg.batch_size,
-            num_workers=self.cfg.num_workers,
-        )
-
-    def validate(self) -> dict[str, float]:
-        """Evaluate on validation; keep ``best.pt`` on improvement of the selection metric; early stopping."""
-        vals = self.evaluate(self.val_ds)
-        name = SELECTION_METRIC[self.cfg.task]
-        value = vals[name]
-        best = self.best["metric"] if self.best else None
-        if self.best is None or (
-            math.isfinite(value) and (best is None or not math.isfinite(best) or value > best)
-        ):
-            self.best = {"metric": value, "epoch": self.epoch, "values": vals}
-            self.bad_validations = 0
-            self._save_best(vals)
-        else:
-            self.bad_validations += 1
-            patience = self.cfg.early_stopping_patience
-            if patience and self.bad_validations >= patience:
-                log.info(
-                    "early stopping at epoch %d: val %s did not improve for %d validations (best %.4f at %d)",
-                    self.epoch,
-                    name,
-                    patience,
-                    self.best["metric"],
-                    self.best["epoch"],
-                )
-                self.stopped = True
-        return vals
-
-    # -- checkpoints ----------------------------------------------------------------------------------
-    def _save_best(self, vals: dict[str, float]) -> Path:
-        state = {
-            "format": 1,
-            "recipe": self.recipe,
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "val": vals,
-        }
-        return ck.atomic_save(state, self.out / "checkpoints" / "best.pt")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": 1,
-            "kind": "finetune",
-            "recipe": self.recipe,
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": ck.capture_rng(),
-            "best": self.best,
-            "bad_validations": self.bad_validations,
-            "stopped": self.stopped,
-            "history": self.history,
-            "transfer": self.transfer,
-            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore every state of a ``last.pt`` dict (RNG last).
-
-        Raises:
-            ConfigMismatchError: the checkpoint is of another task/network/init/fraction/seed/roi.
-        """
-        ck.check_recipe(
-            state["config"], self.cfg.to_dict(), RESUME_FIELDS, what="finetune checkpoint vs config"
-        )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["scheduler"])
-        self.schedule.total_steps = self.total_steps
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.best, self.bad_validations = state.get("best"), int(state.get("bad_validations", 0))
-        self.stopped, self.history = bool(state.get("stopped")), list(state.get("history") or [])
-        ck.restore_rng(state["rng"])
-        log.info("resumed at epoch %d (step %d)", self.epoch, self.step)
-
     # -- the run --------------------------------------------------------------------------------------
     def fit(self, *, fresh: bool = True, progress: bool = True) -> FinetuneResult:
         """Train to ``max_epochs`` / ``max_steps`` or early stop, then test the best-on-validation weights."""
@@ -361,73 +251,6 @@ class Finetuner:
             self.tracker.log_artifact(best_path, "checkpoints")
             self.tracker.log_artifact(self.out / "results.json")
         return res
-
-
-def _fmt(values: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-
-
-class _progress:
-    """Rich progress bar over epochs (stderr) as a context manager yielding ``update(epoch, loss)``.
-
-    Like ``medssl.engines.progress.ProgressBar`` with a "finetune" label (that one says "pretrain").
-    """
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.enabled, self.total, self.start = enabled, total, start
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda epoch, loss: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("finetune"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),  # stdout stays free for results
-        )
-        self.bar.start()
-        task = self.bar.add_task("finetune", total=self.total, completed=self.start, loss="")
-        return lambda epoch, loss: self.bar.update(task, completed=epoch, loss=f"loss {loss:.4f}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
-
-
-def _open_tracker(cfg: FinetuneConfig, run_id: str | None) -> Any:
-    from medssl.data.splits import fraction_key
-    from medssl.tracking.mlflow_tracker import MlflowTracker, standard_tags
-
-    tags = {
-        **standard_tags(
-            "finetune",
-            study=cfg.study,
-            fraction=fraction_key(cfg.fraction),
-            init=cfg.init_kind,
-            seed=cfg.seed,
-        ),
-        "medssl.task": cfg.task,
-        "medssl.network": cfg.network,
-        **cfg.tags,
-    }
-    if cfg.ssl_source:
-        tags["medssl.ssl_source"] = cfg.ssl_source
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return MlflowTracker(
-        cfg.experiment,
-        run_name=cfg.run_name or out.name,
-        tracking_uri=cfg.tracking_uri,
-        tags=tags,
-        run_id=run_id,
-        parent_run_id=cfg.parent_run_id,
-        spool_path=out / "mlflow_spool.jsonl",
-    )
 
 
 def run_finetune(

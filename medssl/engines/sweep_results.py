@@ -1,0 +1,94 @@
+"""Outcomes of a label-fraction sweep (`ChildOutcome`, `SweepResult`) and the local ``sweep_child.json``
+markers that tell finished children apart when MLflow has not received their end status yet.
+
+Part of :mod:`medssl.engines.sweep` (which re-exports the public names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medssl.data.splits import fraction_key
+
+__all__ = ["ChildOutcome", "SweepResult"]
+
+_MARKER = "sweep_child.json"
+
+
+@dataclass
+class ChildOutcome:
+    """One (fraction, init, seed) child: ``status`` FINISHED, SKIPPED (finished earlier) or FAILED."""
+
+    key: str
+    fraction: float
+    init: str
+    seed: int
+    out_dir: Path
+    status: str
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    """What :func:`medssl.engines.sweep.run_sweep` did."""
+
+    study: str
+    parent_run_id: str
+    sweep_dir: Path
+    data_hash: str
+    encoder_path: Path | None = None
+    pretrain_run_id: str | None = None
+    children: list[ChildOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[ChildOutcome]:
+        return [c for c in self.children if c.status == "FAILED"]
+
+    def table(self, metric: str | None = None) -> Any:
+        """Rich ``Table`` of the children: key, status, run id, ``metric`` (or all test metrics), error."""
+        from rich.table import Table
+
+        t = Table(title=f"medssl sweep {self.study} (parent run {self.parent_run_id})")
+        for col in ("child", "status", "run id", metric or "test metrics", "error"):
+            t.add_column(col, overflow="fold")
+        style = {"FINISHED": "green", "SKIPPED": "dim", "FAILED": "red"}
+        for c in self.children:
+            m = {
+                k: v
+                for k, v in c.metrics.items()
+                if metric is None or k in (metric, metric.removeprefix("test_"))
+            }
+            vals = ", ".join(f"{k}={v:.4f}" for k, v in m.items())
+            t.add_row(c.key, f"[{style.get(c.status, '')}]{c.status}[/]", c.run_id or "", vals, c.error or "")
+        return t
+
+
+def _data_hash(datalist: Path, splits: Path) -> str:
+    h = hashlib.sha256(datalist.read_bytes())
+    h.update(splits.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _child_key(fraction: float, init: str, seed: int) -> str:
+    return f"f{fraction_key(fraction)}-{init}-s{seed}"
+
+
+def _read_marker(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / _MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_marker(c: ChildOutcome) -> None:
+    c.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = c.out_dir / f".{_MARKER}.tmp"
+    tmp.write_text(json.dumps({"status": c.status, "run_id": c.run_id, "metrics": c.metrics}))
+    os.replace(tmp, c.out_dir / _MARKER)

@@ -1,0 +1,289 @@
+"""The state machine of one :func:`medssl.engines.sweep.run_sweep` call: the MLflow parent run (reattached
+or created), pretraining once, one finetuning child per (fraction, init, seed), and the MLflow bookkeeping
+of children (skip FINISHED, record FAILED with ``medssl.error``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medssl.data.splits import fraction_key
+from medssl.engines.sweep_results import (
+    _MARKER,
+    ChildOutcome,
+    SweepResult,
+    _child_key,
+    _data_hash,
+    _read_marker,
+    _write_marker,
+)
+from medssl.errors import MedsslError
+from medssl.sweep import Pipeline, finetune_dict
+from medssl.tracking.compare import child_runs, find_study_runs
+from medssl.tracking.mlflow_tracker import MlflowTracker, git_sha, make_client, standard_tags
+
+__all__: list[str] = []
+
+log = logging.getLogger(__name__)
+
+
+class _Sweep:
+    """State of one :func:`~medssl.engines.sweep.run_sweep` call: the parent run, its folder and the outcomes
+    so far."""
+
+    def __init__(
+        self,
+        pl: Pipeline,
+        datalist: Path,
+        splits: Path,
+        finetune_fn: Callable[..., Any],
+        progress: bool,
+        new: bool,
+    ) -> None:
+        self.pl, self.datalist, self.splits, self.finetune_fn, self.progress = (
+            pl,
+            datalist,
+            splits,
+            finetune_fn,
+            progress,
+        )
+        self.data_hash, self.sha, self.uri = _data_hash(datalist, splits), git_sha(), pl.tracking_uri or None
+        self.client = make_client(self.uri)
+        self.parent, self.sweep_dir = self._open_parent(new)
+        self.result = SweepResult(pl.study, self.parent.run_id, self.sweep_dir, self.data_hash)
+        self.common = {
+            "experiment": pl.experiment,
+            "tracking_uri": self.uri,
+            "parent_run_id": self.parent.run_id,
+        }
+
+    def _open_parent(self, new: bool) -> tuple[MlflowTracker, Path]:
+        """Reattach to the study's newest parent run (unless ``new``) or create one; its sweep folder."""
+        pl = self.pl
+        exp = self.client.get_experiment_by_name(pl.experiment)
+        previous = find_study_runs(self.client, pl.study, [exp.experiment_id]) if exp is not None else []
+        tags = {
+            **standard_tags("sweep", study=pl.study, data_hash=self.data_hash, sha=self.sha),
+            "medssl.metric": pl.metric,
+        }
+        kw = {"tracking_uri": self.uri, "client": self.client, "tags": tags}
+        if previous and not new:
+            run = previous[0]
+            if run.data.tags.get("medssl.data_hash", self.data_hash) != self.data_hash:
+                log.warning("study %s: datalist/splits changed since its parent run was made", pl.study)
+            sweep_dir = Path(run.data.tags.get("medssl.sweep_dir") or pl.study_root / "sweep")
+            log.info("resuming study %s (parent run %s, %s)", pl.study, run.info.run_id, sweep_dir)
+            return MlflowTracker(
+                pl.experiment, run_id=run.info.run_id, spool_path=sweep_dir / "mlflow_spool.jsonl", **kw
+            ), sweep_dir
+        tracker = MlflowTracker(pl.experiment, run_name=pl.study, **kw)
+        sweep_dir = pl.study_root / ("sweep" if not previous else f"sweep-{tracker.run_id[:8]}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        tracker.spool_path = sweep_dir / "mlflow_spool.jsonl"
+        tracker.set_tags({"medssl.sweep_dir": str(sweep_dir.resolve())})
+        tracker.log_params(
+            {
+                "fractions": pl.fractions,
+                "inits": pl.inits,
+                "seeds": pl.seeds,
+                "metric": pl.metric,
+                "data": json.dumps(pl.data, sort_keys=True),
+            }
+        )
+        log.info("study %s: new parent run %s in %s", pl.study, tracker.run_id, sweep_dir)
+        return tracker, sweep_dir
+
+    def run(self, pretrain_fn: Callable[..., Any]) -> None:
+        pl, r = self.pl, self.result
+        try:
+            existing = self._existing_children()
+        except Exception as e:  # noqa: BLE001 - MLflow hiccup: the local markers still tell finished children
+            log.warning("cannot list child runs of %s (%s); using local markers only", pl.study, e)
+            existing = {}
+        pretrain_error = None
+        if "ssl" in pl.inits:
+            try:
+                r.encoder_path, r.pretrain_run_id = self._pretrain(pretrain_fn)
+            except Exception as e:  # noqa: BLE001 - scratch children can still run
+                if (pl.pretrain or {}).get("checkpoint"):
+                    raise
+                pretrain_error = f"pretraining failed: {type(e).__name__}: {e}"
+                log.error("%s; ssl children are marked FAILED, scratch children go on", pretrain_error)
+        self.parent.set_tags({"medssl.ssl_checkpoint": str(r.encoder_path or "")})
+        todo = [(f, s, i) for f in pl.fractions for s in pl.seeds for i in pl.inits]
+        for n, (fraction, seed, init) in enumerate(todo, start=1):
+            key = _child_key(fraction, init, seed)
+            out = self.sweep_dir / key
+            marker = _read_marker(out)
+            if existing.get(key, ("", None))[0] == "FINISHED" or marker.get("status") == "FINISHED":
+                log.info("[%d/%d] %s finished earlier; skipped", n, len(todo), key)
+                r.children.append(
+                    ChildOutcome(
+                        key,
+                        fraction,
+                        init,
+                        seed,
+                        out,
+                        "SKIPPED",
+                        marker.get("run_id") or existing.get(key, ("", None))[1],
+                        marker.get("metrics", {}),
+                    )
+                )
+                continue
+            log.info("[%d/%d] %s", n, len(todo), key)
+            r.children.append(
+                self._child(ChildOutcome(key, fraction, init, seed, out, "FAILED"), pretrain_error)
+            )
+            self.parent.log_metrics(
+                {
+                    "children_done": float(sum(c.status != "FAILED" for c in r.children)),
+                    "children_failed": float(len(r.failed)),
+                },
+                step=n,
+            )
+        self.parent.set_tags({"medssl.children_failed": str(len(r.failed))})
+        rows = [dataclasses.asdict(c) | {"out_dir": str(c.out_dir)} for c in r.children]
+        (self.sweep_dir / "sweep.json").write_text(
+            json.dumps({"study": r.study, "parent_run_id": r.parent_run_id, "children": rows}, indent=1)
+        )
+
+    def _existing_children(self) -> dict[str, tuple[str, str]]:
+        """sweep key → (status, run id) of the parent's child runs (a FINISHED one wins, else the newest)."""
+        out: dict[str, tuple[str, str]] = {}
+        for run in child_runs(self.client, self.client.get_run(self.parent.run_id)):
+            key = run.data.tags.get("medssl.sweep_key")
+            upgrade = key in out and run.info.status == "FINISHED" and out[key][0] != "FINISHED"
+            if key and (key not in out or upgrade):
+                out[key] = (run.info.status, run.info.run_id)
+        return out
+
+    def _tags(self, c: ChildOutcome) -> dict[str, str]:
+        return {
+            **standard_tags(
+                "finetune",
+                study=self.pl.study,
+                init=c.init,
+                seed=c.seed,
+                data_hash=self.data_hash,
+                sha=self.sha,
+            ),
+            "medssl.fraction": fraction_key(c.fraction),
+            "medssl.sweep_key": c.key,
+        }
+
+    def _child(self, c: ChildOutcome, pretrain_error: str | None) -> ChildOutcome:
+        """Run (or resume) one child; a failure is recorded on the outcome and in MLflow, never raised."""
+        from medssl.engines.finetune_config import FinetuneConfig
+
+        pl, base = self.pl, finetune_dict(self.pl, c.fraction, c.init)
+        cfg = {
+            **base,
+            **self.common,
+            "datalist": str(self.datalist),
+            "splits": str(self.splits),
+            "fraction": c.fraction,
+            "seed": c.seed,
+            "study": pl.study,
+            "out_dir": str(c.out_dir),
+            "run_name": f"{pl.study}/{c.key}",
+            "tags": {**base.get("tags", {}), **self._tags(c)},
+            "init": "scratch" if c.init == "scratch" else f"ssl:{self.result.encoder_path}",
+        }
+        try:
+            if c.init == "ssl" and self.result.encoder_path is None:
+                raise MedsslError(pretrain_error or "no SSL checkpoint")
+            res = self.finetune_fn(FinetuneConfig.from_dict(cfg), resume="auto", progress=self.progress)
+            c.run_id = getattr(res, "run_id", None)
+            c.metrics = {k: float(v) for k, v in (getattr(res, "test_metrics", None) or {}).items()}
+            status = str(getattr(res, "status", None) or "finished")
+            if status.upper() in ("FAILED", "KILLED"):  # run_finetune says "finished" / "early_stopped"
+                raise MedsslError(f"finetuning ended with status {status}")
+            c.status = "FINISHED"
+            _write_marker(c)
+        except Exception as e:  # noqa: BLE001 - one failing child never stops the sweep
+            c.error = f"{type(e).__name__}: {e}"[:1000]
+            log.error("child %s failed: %s", c.key, c.error)
+            c.run_id = self._mark_failed(c)
+        return c
+
+    def _mark_failed(self, c: ChildOutcome) -> str | None:
+        """Mark the child's run (found by sweep key) FAILED with ``medssl.error``; make one if none exists."""
+        client = self.client
+        try:
+            runs = [
+                x
+                for x in child_runs(client, client.get_run(self.parent.run_id))
+                if x.data.tags.get("medssl.sweep_key") == c.key
+            ]
+            if runs:
+                run_id = runs[0].info.run_id
+                client.set_tag(run_id, "medssl.error", c.error)
+                try:
+                    client.log_param(run_id, "medssl.error", c.error)
+                except Exception:  # noqa: BLE001 - params are immutable: an earlier attempt's error stays
+                    log.debug("param medssl.error already set on %s", run_id)
+                if runs[0].info.status != "FAILED":
+                    client.set_terminated(run_id, status="FAILED")
+                return run_id
+            tr = MlflowTracker(
+                self.pl.experiment,
+                run_name=f"{self.pl.study}/{c.key}",
+                tracking_uri=self.uri,
+                client=client,
+                tags={**self._tags(c), "medssl.error": c.error},
+                parent_run_id=self.parent.run_id,
+                spool_path=c.out_dir / "mlflow_spool.jsonl",
+                close_timeout_s=10,
+            )
+            tr.log_params({"medssl.error": c.error, "fraction": c.fraction, "seed": c.seed, "init": c.init})
+            tr.close("FAILED")
+            return tr.run_id
+        except Exception as e:  # noqa: BLE001 - recording the failure must not stop the sweep either
+            log.warning("could not record the failure of %s in MLflow: %s", c.key, e)
+            return None
+
+    def _pretrain(self, pretrain_fn: Callable[..., Any]) -> tuple[Path, str | None]:
+        """Reuse ``pretrain.checkpoint``, or pretrain once into ``<sweep>/pretrain`` (skipped if finished)."""
+        from medssl.config import PretrainConfig
+
+        spec = dict(self.pl.pretrain or {})
+        if spec.get("checkpoint"):
+            ckpt = Path(spec["checkpoint"])
+            if not ckpt.exists():
+                raise MedsslError(f"pretrain.checkpoint {ckpt} does not exist")
+            return ckpt.resolve(), None
+        out = self.sweep_dir / "pretrain"
+        marker = _read_marker(out)
+        if (out / "encoder.pt").exists() and marker.get("status") == "FINISHED":
+            log.info("pretraining finished earlier: %s", out / "encoder.pt")
+            return (out / "encoder.pt").resolve(), marker.get("run_id")
+        tags = {
+            **spec.get("tags", {}),
+            "medssl.study": self.pl.study,
+            "medssl.sweep_key": "pretrain",
+            "medssl.data_hash": self.data_hash,
+        }
+        cfg = PretrainConfig.from_dict(
+            {
+                "datalist": str(self.datalist),
+                "splits": str(self.splits),
+                **spec,
+                **self.common,
+                "out_dir": str(out),
+                "run_name": f"{self.pl.study}/pretrain",
+                "tags": tags,
+            }
+        )
+        last = out / "checkpoints" / "last.pt"
+        res = pretrain_fn(cfg, resume=last if last.exists() else None, progress=self.progress)
+        encoder = Path(getattr(res, "encoder_path", None) or out / "encoder.pt")
+        if not encoder.exists():
+            raise MedsslError(f"pretraining wrote no encoder at {encoder}")
+        run_id = getattr(res, "run_id", None)
+        (out / _MARKER).write_text(json.dumps({"status": "FINISHED", "run_id": run_id}))
+        return encoder.resolve(), run_id
