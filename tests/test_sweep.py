@@ -333,7 +333,9 @@ def test_fraction_leaving_a_class_empty_is_refused(tmp_path: Path) -> None:
 
 def test_pipeline_files_parse() -> None:
     root = Path(__file__).resolve().parents[1] / "pipelines"
-    for name in ("label_efficiency.yaml", "classification_adrenal.yaml"):
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert names == ["classification_adrenal.yaml", "label_efficiency.yaml", "label_efficiency_genesis.yaml"]
+    for name in names:
         pl = load_pipeline_env(root / name)
         assert pl.inits == ["scratch", "ssl"] and len(pl.seeds) >= 2
         from medssl.config import PretrainConfig
@@ -345,6 +347,11 @@ def test_pipeline_files_parse() -> None:
         PretrainConfig.from_dict(pl.pretrain)
     assert load_pipeline_env(root / "label_efficiency.yaml").fractions == [5, 10, 25, 50, 100]
     assert load_pipeline_env(root / "classification_adrenal.yaml").fractions == [1, 10, 100]
+    genesis = load_pipeline_env(root / "label_efficiency_genesis.yaml")
+    assert genesis.pretrain["method"] == "genesis" and genesis.finetune["network"] == "BasicUNet"
+    # reuses label_efficiency.yaml's data, so both studies share one fixed test set and fraction subsets
+    simclr = load_pipeline_env(root / "label_efficiency.yaml")
+    assert Path(genesis.data["datalist"]).parent == Path(simclr.out_dir) / simclr.study / "data"
 
 
 def load_pipeline_env(path: Path) -> Any:
