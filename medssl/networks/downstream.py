@@ -21,6 +21,10 @@ above the deepest encoder level.
 recipe's ``downstream_kwargs`` fix every encoder-shaping argument) or, for training from scratch, from the
 encoder family's own ``build`` arguments passed as plain kwargs: both paths go through the same recipe,
 so scratch and SSL runs differ only in the initial weights.
+
+The key tables and depth levels live in :mod:`medssl.networks.downstream_keys`, the finetuning options
+(:func:`freeze_encoder`, :func:`layerwise_lr_groups`, :class:`EncoderWarmup`) in
+:mod:`medssl.networks.finetune_opts`; all are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import re
 from typing import Any
 
 import torch
@@ -36,7 +39,21 @@ from monai.networks.nets import UNETR, BasicUNet, ResNet, SegResNet, SwinUNETR
 from torch import nn
 
 from medssl.errors import ConfigMismatchError, MedsslError
+from medssl.networks.downstream_keys import (
+    DOWNSTREAM_KINDS,
+    ENCODER_FAMILY,
+    _check_kind,
+    decoder_key_prefixes,
+    encoder_depths,
+    encoder_key_prefixes,
+    encoder_keys,
+    encoder_prefix,
+    is_encoder_key,
+    transfer_key_prefixes,
+    transfer_keys,
+)
 from medssl.networks.encoders import ENCODERS, build_encoder
+from medssl.networks.finetune_opts import EncoderWarmup, freeze_encoder, layerwise_lr_groups
 
 __all__ = [
     "DOWNSTREAM_KINDS",
@@ -59,16 +76,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: downstream kind → the encoder family (``medssl.networks.encoders.ENCODERS`` name) it pairs with
-ENCODER_FAMILY: dict[str, str] = {
-    "SwinUNETR": "swinvit",
-    "UNETR": "vit",
-    "SegResNet": "segresnet",
-    "ResNet": "resnet3d",
-    "BasicUNet": "unet",
-}
-DOWNSTREAM_KINDS: tuple[str, ...] = tuple(ENCODER_FAMILY)
-
 _CLASSES: dict[str, type[nn.Module]] = {
     "SwinUNETR": SwinUNETR,
     "UNETR": UNETR,
@@ -76,96 +83,6 @@ _CLASSES: dict[str, type[nn.Module]] = {
     "ResNet": ResNet,
     "BasicUNet": BasicUNet,
 }
-# prefix added to the wrapped MONAI net's keys (``Encoder.downstream[kind]``)
-_KEY_PREFIX = {"SwinUNETR": "swinViT.", "UNETR": "vit.", "SegResNet": "", "ResNet": "", "BasicUNet": ""}
-# keys of the downstream net that belong to the encoder
-_ENCODER_PREFIXES = {
-    "SwinUNETR": ("swinViT.",),
-    "UNETR": ("vit.",),
-    "SegResNet": ("convInit.", "down_layers."),
-    "ResNet": ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."),
-    "BasicUNet": ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
-}
-# pretrained decoder keys: transferred with the encoder, trained like the head (Models Genesis)
-_DECODER_PREFIXES = {"BasicUNet": ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")}
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in ENCODER_FAMILY:
-        raise ValueError(f"unknown downstream network {kind!r}; known: {', '.join(DOWNSTREAM_KINDS)}")
-
-
-def encoder_prefix(kind: str) -> str:
-    """Prefix that turns the wrapped encoder net's keys into ``kind``'s keys (``"swinViT."`` for SwinUNETR)."""
-    _check_kind(kind)
-    return _KEY_PREFIX[kind]
-
-
-def encoder_key_prefixes(kind: str) -> tuple[str, ...]:
-    """Key prefixes of ``kind``'s state dict that belong to the encoder (the transferable part)."""
-    _check_kind(kind)
-    return _ENCODER_PREFIXES[kind]
-
-
-def is_encoder_key(key: str, kind: str) -> bool:
-    """Whether a state-dict (or parameter) name of a ``kind`` network belongs to its encoder."""
-    return key.startswith(encoder_key_prefixes(kind))
-
-
-def encoder_keys(model: nn.Module, kind: str) -> list[str]:
-    """State-dict keys (parameters and persistent buffers) of ``model``'s encoder part, in module order."""
-    return [k for k in model.state_dict() if is_encoder_key(k, kind)]
-
-
-def decoder_key_prefixes(kind: str) -> tuple[str, ...]:
-    """Key prefixes of ``kind``'s pretrained decoder (BasicUNet ``upcat_*``; empty for the other kinds)."""
-    _check_kind(kind)
-    return _DECODER_PREFIXES.get(kind, ())
-
-
-def transfer_key_prefixes(kind: str) -> tuple[str, ...]:
-    """Key prefixes an SSL checkpoint fills: the encoder's, plus the pretrained decoder's (BasicUNet)."""
-    return encoder_key_prefixes(kind) + decoder_key_prefixes(kind)
-
-
-def transfer_keys(model: nn.Module, kind: str) -> list[str]:
-    """State-dict keys of ``model`` an SSL checkpoint must fill, in module order (everything else is new)."""
-    prefixes = transfer_key_prefixes(kind)
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
-
-
-def encoder_depths(model: nn.Module, kind: str) -> dict[str, int]:
-    """Depth level (0 = stem) of every encoder parameter of ``model``; decoder/head ones are absent.
-
-    Levels per kind are in the module table; UNETR's final ``vit.norm`` sits one level above the last
-    block (``num_blocks + 1``), a SwinUNETR v2 stage's ``layers{i}c`` shares the level of ``layers{i}``.
-    """
-    _check_kind(kind)
-    n_blocks = len(model.vit.blocks) if kind == "UNETR" else 0
-    depths = {}
-    for key, _ in model.named_parameters():
-        if is_encoder_key(key, kind):
-            depths[key] = _depth(key, kind, n_blocks)
-    return depths
-
-
-def _depth(key: str, kind: str, n_blocks: int) -> int:
-    if kind == "SwinUNETR":
-        m = re.match(r"swinViT\.layers(\d+)", key)
-        return int(m.group(1)) if m else 0  # patch_embed
-    if kind == "UNETR":
-        m = re.match(r"vit\.blocks\.(\d+)\.", key)
-        if m:
-            return int(m.group(1)) + 1
-        return 0 if key.startswith("vit.patch_embedding.") else n_blocks + 1  # final norm
-    if kind == "SegResNet":
-        m = re.match(r"down_layers\.(\d+)\.", key)
-        return int(m.group(1)) + 1 if m else 0
-    if kind == "BasicUNet":
-        m = re.match(r"down_(\d)\.", key)
-        return int(m.group(1)) if m else 0  # conv_0
-    m = re.match(r"layer(\d)\.", key)  # ResNet: conv1/bn1 are the stem
-    return int(m.group(1)) if m else 0
 
 
 def scratch_recipe(kind: str, **encoder_kwargs: Any) -> dict[str, Any]:
@@ -295,114 +212,3 @@ def downstream_features(model: nn.Module, kind: str, x: torch.Tensor) -> list[to
         x = layer(x)
         out.append(x)
     return out
-
-
-def freeze_encoder(model: nn.Module, kind: str, *, freeze: bool = True) -> list[str]:
-    """Linear probe: ``requires_grad = not freeze`` on every encoder parameter of ``model``.
-
-    Normalisation layers of the encoder still update their running statistics in ``train()`` mode;
-    a strict linear probe also puts those modules in ``eval()`` mode. A pretrained decoder (BasicUNet
-    ``upcat_*``) stays trainable with the head.
-
-    Returns:
-        Names of the parameters changed (all encoder parameters).
-    """
-    names = []
-    for name, p in model.named_parameters():
-        if is_encoder_key(name, kind):
-            p.requires_grad_(not freeze)
-            names.append(name)
-    if not names:
-        raise MedsslError(f"no encoder parameters found in this model for kind {kind!r}")
-    return names
-
-
-def layerwise_lr_groups(model: nn.Module, kind: str, base_lr: float, decay: float) -> list[dict[str, Any]]:
-    """Optimizer param groups with layer-wise learning-rate decay (BEiT / MAE finetuning recipe).
-
-    The decoder / head (every non-encoder parameter, a pretrained BasicUNet decoder included) gets
-    ``base_lr``; an encoder parameter at depth level ``d`` (:func:`encoder_depths`: 0 = stem …
-    ``n - 1`` = deepest) gets ``base_lr * decay ** (n - d)``. Example, SwinUNETR, ``decay=0.5``: head 1.0, ``layers4`` 0.5,
-    ``layers3`` 0.25, … ``patch_embed`` 0.5**5 (× ``base_lr``).
-
-    Returns:
-        Groups ordered head → stem, each ``{"params", "param_names", "lr", "lr_scale", "depth", "name",
-        "encoder"}`` (``lr_scale`` is what ``engines.schedules.WarmupCosineSchedule`` multiplies in;
-        ``encoder`` is what :class:`EncoderWarmup` reads). Every parameter appears exactly once, frozen
-        ones included.
-
-    Raises:
-        ValueError: ``base_lr <= 0`` or ``decay`` outside (0, 1].
-    """
-    if base_lr <= 0 or not 0.0 < decay <= 1.0:
-        raise ValueError(f"base_lr > 0 and decay in (0, 1] expected, got {base_lr}, {decay}")
-    depths = encoder_depths(model, kind)
-    n = 1 + max(depths.values(), default=-1)
-    by_level: dict[int, list[tuple[str, nn.Parameter]]] = {}
-    for name, p in model.named_parameters():
-        by_level.setdefault(depths.get(name, n), []).append((name, p))
-    groups = []
-    for level in sorted(by_level, reverse=True):
-        scale = decay ** (n - level)
-        groups.append(
-            {
-                "params": [p for _, p in by_level[level]],
-                "param_names": [k for k, _ in by_level[level]],
-                "lr": base_lr * scale,
-                "lr_scale": scale,
-                "depth": level,
-                "name": "head" if level == n else f"encoder.depth{level}",
-                "encoder": level != n,
-            }
-        )
-    return groups
-
-
-class EncoderWarmup:
-    """Keep the encoder's learning rate at 0 for ``frozen_steps`` optimizer steps, then ramp it up.
-
-    The multiplier for optimizer step ``t`` (from 0) is 0 for ``t < frozen_steps``, then rises linearly
-    to 1 over ``ramp_steps`` (``(t - frozen_steps + 1) / ramp_steps``), then stays 1. Example:
-    ``EncoderWarmup(2, 2)`` gives 0, 0, 0.5, 1, 1, …
-
-    Engine use: build the optimizer from :func:`layerwise_lr_groups` (groups carry ``"encoder"``); at
-    each step, after the lr schedule has written the step's lrs, call ``warm.apply(optimizer, t)``
-    before ``optimizer.step()``. It scales the lr of encoder groups only, and remembers the unscaled
-    value, so it does not compound whether or not a schedule rewrites the lrs every step.
-    ``warm.frozen(t)`` lets the engine skip encoder gradients (``torch.no_grad`` / ``freeze_encoder``)
-    while the multiplier is 0. With AdamW, moments still accumulate for the encoder during the frozen
-    phase (lr 0 also zeroes its decoupled weight decay).
-
-    Args:
-        frozen_steps: steps with encoder lr 0 (>= 0).
-        ramp_steps: linear ramp length after that (>= 0).
-    """
-
-    def __init__(self, frozen_steps: int, ramp_steps: int = 0) -> None:
-        if frozen_steps < 0 or ramp_steps < 0:
-            raise ValueError(f"frozen_steps and ramp_steps must be >= 0, got {frozen_steps}, {ramp_steps}")
-        self.frozen_steps, self.ramp_steps = int(frozen_steps), int(ramp_steps)
-
-    def __call__(self, step: int) -> float:
-        """lr multiplier of the encoder groups at optimizer step ``step``."""
-        if step < self.frozen_steps:
-            return 0.0
-        if self.ramp_steps and step < self.frozen_steps + self.ramp_steps:
-            return (step - self.frozen_steps + 1) / self.ramp_steps
-        return 1.0
-
-    def frozen(self, step: int) -> bool:
-        """True while the encoder lr is 0."""
-        return self(step) == 0.0
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Scale the lr of groups with ``group["encoder"]`` for ``step``; returns the multiplier."""
-        m = self(step)
-        for g in optimizer.param_groups:
-            if not g.get("encoder", False):
-                continue
-            # lr still what we set last time → nobody rewrote it: restart from the remembered base
-            base = g["warmup_base_lr"] if g.get("warmup_set_lr") == g["lr"] else g["lr"]
-            g["lr"] = base * m
-            g["warmup_base_lr"], g["warmup_set_lr"] = base, g["lr"]
-        return m

@@ -14,7 +14,7 @@ checkpoint recipe is accepted too (no preprocessing is then known). ``src`` may 
 holding ``encoder.pt``, or an MLflow URI (``runs:/<run_id>/encoder/encoder.pt``, ``models:/name/1``,
 ``models:/name@alias``, ``mlflow-artifacts:/...``), downloaded with ``mlflow.artifacts``.
 
-Finetuning options (defined in :mod:`medssl.networks.downstream`, re-exported here):
+Finetuning options (defined in :mod:`medssl.networks.finetune_opts`, re-exported here and from :mod:`medssl.networks.downstream`):
 :func:`freeze_encoder` (linear probe), :func:`layerwise_lr_groups` (layer-wise LR decay) and
 :class:`EncoderWarmup` (encoder lr held at 0 for the first steps). :class:`TransferReport` and
 :class:`TransferError` live in :mod:`medssl.networks.transfer_report` and are re-exported here.

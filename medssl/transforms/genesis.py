@@ -15,16 +15,15 @@ As elsewhere, the maths are pure batched functions of uniforms shared with the b
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import convert_to_dst_type
 
-from medssl.transforms.masking import as_batch, boxes_mask, fill_masked, merge_mask, sample_boxes
+from medssl.transforms._dict_base import RandDictTransform
+from medssl.transforms.masking import RandMaskTransform, boxes_mask, fill_masked, sample_boxes
 
 __all__ = ["bezier_lut", "bezier_remap", "paint_mask", "RandBezierRemapd", "RandInOutPaintd"]
 
@@ -106,7 +105,7 @@ def paint_mask(shape: Sequence[int], outpaint: torch.Tensor, n_boxes: torch.Tens
     return torch.where(outpaint.to(union.device)[:, None, None, None], ~union, union)
 
 
-class RandBezierRemapd(RandomizableTransform, MapTransform):
+class RandBezierRemapd(RandDictTransform):
     """Models-Genesis non-linear intensity remapping (the same curve for all keys).
 
     Args:
@@ -115,10 +114,11 @@ class RandBezierRemapd(RandomizableTransform, MapTransform):
         n_points: size of the look-up table over ``[0, 1]``.
     """
 
+    draw_before_keys = True  # the draw ignores the image
+
     def __init__(self, keys: KeysCollection, prob: float = 0.9, n_points: int = 1024,
                  allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob=prob)
+        super().__init__(keys, prob, allow_missing_keys)
         self.n_points = int(n_points)
 
     def randomize(self, data: Any = None) -> None:
@@ -127,18 +127,14 @@ class RandBezierRemapd(RandomizableTransform, MapTransform):
             self._u = torch.from_numpy(self.R.random_sample((1, 4)))
             self._invert = torch.tensor([self.R.random_sample() < 0.5])
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        lut = bezier_lut(self._u, self._invert, self.n_points)
-        for key in self.key_iterator(d):
-            d[key] = convert_to_dst_type(bezier_remap(as_batch(d[key]), lut)[0], d[key])[0]
-        return d
+    def _prepare(self, first: Any) -> torch.Tensor:
+        return bezier_lut(self._u, self._invert, self.n_points)
+
+    def _apply(self, x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+        return bezier_remap(x, lut)
 
 
-class RandInOutPaintd(RandomizableTransform, MapTransform):
+class RandInOutPaintd(RandMaskTransform):
     """Models-Genesis in-painting / out-painting with uniform noise (see module docstring).
 
     Args:
@@ -152,12 +148,11 @@ class RandInOutPaintd(RandomizableTransform, MapTransform):
     def __init__(self, keys: KeysCollection, prob: float = 0.9, outpaint_prob: float = 0.8,
                  max_boxes: int = 5, mask_key: str | None = "view1_mask",
                  allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob=prob)
+        super().__init__(keys, mask_key, prob, allow_missing_keys)
         if not 0.0 <= outpaint_prob <= 1.0 or max_boxes < 1:
             raise ValueError(f"need 0 <= outpaint_prob <= 1 and max_boxes >= 1, "
                              f"got {outpaint_prob}, {max_boxes}")
-        self.outpaint_prob, self.max_boxes, self.mask_key = float(outpaint_prob), int(max_boxes), mask_key
+        self.outpaint_prob, self.max_boxes = float(outpaint_prob), int(max_boxes)
 
     def randomize(self, img: Any) -> None:
         super().randomize(None)
@@ -169,19 +164,8 @@ class RandInOutPaintd(RandomizableTransform, MapTransform):
             self._u_start = torch.from_numpy(self.R.random_sample((1, k, 3)))
             self._u_fill = torch.from_numpy(self.R.random_sample((1, *img.shape)))
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
-        first = d[keys[0]]
-        self.randomize(first)
-        mask = None
-        if self._do_transform:
-            mask = paint_mask(first.shape[1:], self._outpaint, self._n, self._u_size, self._u_start)
-            for key in keys:
-                x = as_batch(d[key])
-                d[key] = convert_to_dst_type(fill_masked(x, mask, "noise", self._u_fill[:, : x.shape[1]])[0],
-                                             d[key])[0]
-        merge_mask(d, self.mask_key, mask, first)
-        return d
+    def _mask(self, shape: Sequence[int]) -> torch.Tensor:
+        return paint_mask(shape, self._outpaint, self._n, self._u_size, self._u_start)
+
+    def _apply(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return fill_masked(x, mask, "noise", self._u_fill[:, : x.shape[1]])

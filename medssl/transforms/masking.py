@@ -20,14 +20,14 @@ that share a ``mask_key`` OR their masks, and always write it (zeros when not ap
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import convert_to_dst_type
+
+from medssl.transforms._dict_base import RandDictTransform, as_batch
 
 __all__ = ["as_batch", "sample_boxes", "cover_count", "boxes_mask", "ratio_mask", "ratio_mask_vectorised",
            "patch_mask", "fill_masked", "merge_mask", "check_mask_args", "RandMaskTransform",
@@ -199,46 +199,30 @@ def merge_mask(d: dict[Hashable, Any], mask_key: str | None, mask: torch.Tensor 
     d[mask_key] = new
 
 
-def as_batch(img: Any) -> torch.Tensor:
-    t = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
-    return t[None]
-
-
 def _ratio(r: float | Sequence[float], u: float) -> float:
     if isinstance(r, (int, float)):
         return float(r)
     return float(r[0]) + (float(r[1]) - float(r[0])) * u
 
 
-class RandMaskTransform(RandomizableTransform, MapTransform):
+class RandMaskTransform(RandDictTransform):
     """Base of the masking dict transforms: draw once, apply the same mask to every key, write ``mask_key``.
 
     Subclasses implement ``randomize(img)``, ``_mask(shape) -> (1, D, H, W) bool`` and ``_apply(x, mask)``
-    on ``(1, C, D, H, W)`` tensors.
+    on ``(1, C, D, H, W)`` tensors; ``__call__`` is :class:`~medssl.transforms._dict_base.RandDictTransform`'s
+    (the mask is its ``state``).
     """
 
     def __init__(self, keys: KeysCollection, mask_key: str | None, prob: float,
                  allow_missing_keys: bool) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob=prob)
+        super().__init__(keys, prob, allow_missing_keys)
         self.mask_key = mask_key
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
-        first = d[keys[0]]
-        self.randomize(first)
-        mask = None
-        if self._do_transform:
-            mask = self._mask(first.shape[1:])
-            for key in keys:
-                img = d[key]
-                out = self._apply(as_batch(img), mask)[0]
-                d[key] = convert_to_dst_type(out, img)[0]
-        merge_mask(d, self.mask_key, mask, first)
-        return d
+    def _prepare(self, first: Any) -> torch.Tensor:
+        return self._mask(first.shape[1:])
+
+    def _finish(self, d: dict[Hashable, Any], state: torch.Tensor | None, first: Any) -> None:
+        merge_mask(d, self.mask_key, state, first)
 
     def _mask(self, shape: Sequence[int]) -> torch.Tensor:
         raise NotImplementedError
