@@ -69,7 +69,22 @@ def _fmt(x: Any) -> str:
     return f"{x.mean:.4f} ± {(x.high - x.low) / 2:.4f}"
 
 
-def report(results: list[Any], *, pipeline: Path, seconds: float | None) -> str:
+def study_minutes(tracking_uri: str | None, parent_run_id: str) -> tuple[float | None, int]:
+    """Wall-clock minutes of the study's parent run (start → end, or → now while it runs) and its child count."""
+    from medssl.tracking.compare import child_runs
+    from medssl.tracking.mlflow_tracker import make_client
+
+    client = make_client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    children = child_runs(client, parent)
+    starts = [r.info.start_time for r in [parent, *children] if r.info.start_time]
+    ends = [r.info.end_time for r in [parent, *children] if r.info.end_time]
+    if not starts or not ends:
+        return None, len(children)
+    return (max(ends) - min(starts)) / 60_000, len(children)
+
+
+def report(results: list[Any], *, pipeline: Path, seconds: float | None, minutes: float | None = None) -> str:
     """Markdown for RESULTS.md from :class:`medssl.tracking.compare.CompareResult` objects (first = primary)."""
     main = results[0]
     s = main.summaries
@@ -80,18 +95,25 @@ def report(results: list[Any], *, pipeline: Path, seconds: float | None) -> str:
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}"
         + (f"; wall clock of this invocation {seconds / 60:.1f} min" if seconds is not None else "")
+        + (f"; study wall clock (first child start → last child end, MLflow) {minutes:.0f} min"
+           if minutes is not None else "")
         + f". MLflow parent run `{main.parent_run_id}`.",
         "",
-        "| fraction % | " + " | ".join(f"{r.metric} scratch | {r.metric} ssl | SSL − scratch (paired)"
-                                       for r in results) + " |",
-        "|---:|" + "---:|---:|---:|" * len(results),
+        f"| fraction % | n seeds | {main.metric} scratch | {main.metric} SSL | SSL − scratch (paired) |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for f in fracs:
-        cells = [f"{f:g}"]
-        for r in results:
-            cells += [_fmt(r.summaries.get((f, "scratch"))), _fmt(r.summaries.get((f, "ssl"))),
-                      _fmt(r.summaries.get((f, DIFF)))]
-        lines.append("| " + " | ".join(cells) + " |")
+        n = max((x.n for k, x in s.items() if k[0] == f and k[1] != DIFF), default=0)
+        lines.append(f"| {f:g} | {n} | {_fmt(s.get((f, 'scratch')))} | {_fmt(s.get((f, 'ssl')))} | "
+                     f"{_fmt(s.get((f, DIFF)))} |")
+    if len(results) > 1:
+        lines += ["", "| fraction % | " + " | ".join(f"{r.metric} scratch | {r.metric} SSL" for r in results[1:])
+                  + " |", "|---:|" + "---:|---:|" * (len(results) - 1)]
+        for f in fracs:
+            cells = [f"{f:g}"]
+            for r in results[1:]:
+                cells += [_fmt(r.summaries.get((f, "scratch"))), _fmt(r.summaries.get((f, "ssl")))]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "mean ± half-width of the 95 % t-interval over seeds (n per cell: "
               + ", ".join(sorted({str(x.n) for k, x in s.items() if k[1] != DIFF})) + ").", ""]
     per_seed = sorted(main.records, key=lambda r: (r["fraction"], r["init"], r["seed"]))
@@ -143,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             for p in (r.csv_path, r.png_path):
                 shutil.copy2(p, FIGURES / p.name)
-    print(report(results, pipeline=args.pipeline, seconds=seconds))
+    minutes, _ = study_minutes(pl.tracking_uri, results[0].parent_run_id)
+    print(report(results, pipeline=args.pipeline, seconds=seconds, minutes=minutes))
     return 1 if not args.report_only and res.failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from medssl.errors import MedsslError
+
+    try:
+        sys.exit(main())
+    except MedsslError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
