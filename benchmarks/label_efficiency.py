@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [compare_study(pl.study, tracking_uri=pl.tracking_uri, metric=m) for m in [primary, *secondary]]
     if not args.no_figures:
         FIGURES.mkdir(exist_ok=True)
-        for r in results:
-            for p in (r.csv_path, r.png_path):
+        for i, r in enumerate(results):  # every CSV; the plot of the primary metric only
+            for p in (r.csv_path, r.png_path) if i == 0 else (r.csv_path,):
                 shutil.copy2(p, FIGURES / p.name)
     minutes, _ = study_minutes(pl.tracking_uri, results[0].parent_run_id)
     print(report(results, pipeline=args.pipeline, seconds=seconds, minutes=minutes))

@@ -191,7 +191,10 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
 def plot_curve(
     summaries: dict[tuple[float, str], Summary], path: str | Path, *, study: str, metric: str
 ) -> Path:
-    """PNG: metric vs label fraction (log x), one line per init with its CI band (none where n = 1)."""
+    """PNG: metric vs label fraction (log x), one line per init with its CI band (none where n = 1).
+
+    Bands of metrics bounded to [0, 1] (Dice, AUC, accuracy) are clipped to that range.
+    """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -203,6 +206,7 @@ def plot_curve(
     ax = fig.add_subplot(1, 1, 1)
     colors = {"scratch": "tab:gray", "ssl": "tab:blue"}
     fracs_all = sorted({f for f, _ in summaries})
+    bounded = metric.removeprefix("test_").removeprefix("val_").startswith(("dice", "auc", "accuracy", "balanced"))
     for init in sorted({i for _, i in summaries if i != DIFF}):
         fr = [f for f in fracs_all if (f, init) in summaries]
         s = [summaries[(f, init)] for f in fr]
@@ -213,6 +217,8 @@ def plot_curve(
         line = ax.plot(
             fr, mean, marker="o", color=colors.get(init), label=f"{init} (n={'/'.join(map(str, ns))})"
         )
+        if bounded:  # a t-interval over 2 seeds can leave [0, 1]; the metric cannot
+            lo, hi = np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
         ax.fill_between(fr, lo, hi, color=line[0].get_color(), alpha=0.2, linewidth=0)
     ax.set_xscale("log")
     ax.set_xticks(fracs_all)
@@ -220,7 +226,7 @@ def plot_curve(
     ax.minorticks_off()
     ax.set_xlabel("labelled training fraction (log scale)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{study}: {metric}, mean ± 95% CI over seeds")
+    ax.set_title(f"{study}\n{metric}, mean ± 95% CI over seeds", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
