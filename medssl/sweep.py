@@ -156,12 +156,14 @@ def prepare_data(
 ) -> tuple[Path, Path]:
     """The study's ``(datalist.json, splits.json)``: given, or ingested from ``data.sources`` into
     ``data.out`` (default ``<study_root>/data``) and split with the pipeline's fractions/seeds; existing
-    files are reused.
+    files are reused, and an existing ``splits.json`` gains the pipeline's seeds/fractions it lacks
+    (:func:`medssl.data.splits.extend_splits`: every existing set stays as it is, or nothing is written).
 
     Raises:
-        MedsslError: neither ``datalist`` nor ``sources`` given, or ingest/split errors.
+        MedsslError: neither ``datalist`` nor ``sources`` given, ingest/split errors, or splits that
+            cannot be extended without changing them.
     """
-    from medssl.data.splits import split_datalist
+    from medssl.data.splits import extend_splits, split_datalist
 
     unknown = sorted(
         set(data)
@@ -194,7 +196,9 @@ def prepare_data(
     else:
         raise MedsslError("data needs 'datalist' (+ optional 'splits') or 'sources' to ingest")
     splits = Path(data.get("splits") or datalist.with_name("splits.json"))
-    if not splits.exists():
+    if splits.exists():  # a study extended with seeds/fractions later: add them, keep every existing set
+        extend_splits(datalist, splits, fractions=fractions, seeds=seeds)
+    else:
         log.info("writing %s (fractions %s, seeds %s)", splits, fractions, seeds)
         split_datalist(
             datalist,

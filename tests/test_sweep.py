@@ -449,3 +449,19 @@ def test_finished_child_is_known_from_mlflow_or_from_its_marker(tmp_path: Path) 
     again = run_sweep(spec, finetune_fn=ft)
     assert ft.calls == [] and [c.status for c in again.children] == ["SKIPPED", "SKIPPED"]
     assert again.children[0].run_id == s0.run_id and again.children[1].run_id == s1.run_id
+
+
+def test_prepare_data_adds_new_seeds_to_existing_splits(tmp_path: Path) -> None:
+    """`--set seeds=[0,1,2]` on a finished 2-seed study: seed 2 is added, the test set and seeds 0/1 stay."""
+    from medssl.data.splits import load_splits, split_datalist
+    from medssl.sweep import check_fractions_available, prepare_data
+
+    items = [{"image": f"i{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"c{i:03d}"} for i in range(30)]
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items}))
+    path, old = split_datalist(dl, fractions=[10, 100], seeds=[0, 1])
+    got = prepare_data({"datalist": str(dl)}, tmp_path, fractions=[10, 100], seeds=[0, 1, 2])
+    new = load_splits(path)
+    assert got == (dl.resolve(), path.resolve()) and sorted(new["seeds"]) == ["0", "1", "2"]
+    assert new["test"] == old["test"] and all(new["seeds"][s] == old["seeds"][s] for s in ("0", "1"))
+    check_fractions_available(path, [10, 100], [0, 1, 2])

@@ -58,8 +58,8 @@ from medssl.errors import MedsslError
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["SPLITS_VERSION", "fraction_key", "load_splits", "make_splits", "split_datalist", "splits_table",
-           "write_splits"]
+__all__ = ["SPLITS_VERSION", "extend_splits", "fraction_key", "load_splits", "make_splits", "split_datalist",
+           "splits_table", "write_splits"]
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +306,64 @@ def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[
     logger.info("splits for %d items (%d labelled, test %d) written to %s", splits["counts"]["items"],
                 splits["counts"]["labelled"], splits["counts"]["test"], path)
     return path, splits
+
+
+def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: list[float],
+                  seeds: list[int]) -> bool:
+    """Add missing seeds / fractions to an existing ``splits.json`` without changing what it holds.
+
+    Splits are pure functions of the case ids, the seed and the recorded parameters (hash order, see the
+    module docstring), so re-splitting with the union of old and new seeds/fractions reproduces every
+    existing entry. That is checked: the fixed test set and each existing seed's validation set and fraction
+    subsets must come out identical, otherwise nothing is written. A study can so gain seeds (narrower CIs)
+    or fractions later and keep its fixed test set.
+
+    Args:
+        datalist: the datalist the splits were made from.
+        splits_path: the existing ``splits.json`` (rewritten in place when something was missing).
+        fractions: fractions in percent that must exist.
+        seeds: seeds that must exist.
+
+    Returns:
+        ``True`` if the file was extended, ``False`` if it already held every seed and fraction.
+
+    Raises:
+        MedsslError: unreadable files, or the re-split does not reproduce the existing entries (the datalist
+            changed since the split, or the file was edited by hand) — naming the file and what differs.
+    """
+    splits_path = Path(splits_path)
+    old = load_splits(splits_path)
+    params = old.get("params", {})
+    old_fracs = [float(f) for f in params.get("fractions", [])]
+    old_seeds = [int(s) for s in old["seeds"]]
+    want_fracs = sorted({*old_fracs, *map(float, fractions)})
+    want_seeds = sorted({*old_seeds, *map(int, seeds)})
+    if want_fracs == sorted(old_fracs) and want_seeds == sorted(old_seeds):
+        return False
+    tmp = splits_path.with_name(splits_path.name + ".extending")
+    try:
+        _, new = split_datalist(
+            datalist, fractions=want_fracs, seeds=want_seeds, out=tmp,
+            test_fraction=float(params.get("test_fraction", 0.2)), val_fraction=float(params.get("val_fraction", 0.1)),
+            stratify_key=params.get("stratify_key", "class"),
+        )
+        diffs = [] if new["test"] == old["test"] else ["the test set"]
+        for seed, s in old["seeds"].items():
+            if new["seeds"][seed]["validation"] != s["validation"]:
+                diffs.append(f"seed {seed} validation")
+            diffs += [f"seed {seed} fraction {k} %" for k, ids in s["fractions"].items()
+                      if new["seeds"][seed]["fractions"].get(k) != ids]
+        if diffs:
+            raise MedsslError(f"{splits_path}: cannot add seeds {sorted(set(want_seeds) - set(old_seeds))} / "
+                              f"fractions {sorted(set(want_fracs) - set(old_fracs))}: re-splitting {datalist} "
+                              f"changes {', '.join(diffs[:5])} (datalist changed or the file was edited); "
+                              "split into a new file instead")
+        tmp.replace(splits_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("%s: added seeds %s, fractions %s; existing test/validation/fraction sets unchanged", splits_path,
+                sorted(set(want_seeds) - set(old_seeds)), sorted(set(want_fracs) - set(old_fracs)))
+    return True
 
 
 def splits_table(splits: dict, title: str) -> Table:

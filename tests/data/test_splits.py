@@ -253,3 +253,49 @@ def test_real_medmnist_1584_items(medmnist_dir: Path, tmp_path: Path):
                 0: max(1, _half_up(f / 100 * 929)), 1: max(1, _half_up(f / 100 * 259))}
         assert len(sp["unlabeled"][s]) == 1188
     assert sp["seeds"]["0"]["fractions"]["1"] != sp["seeds"]["1"]["fractions"]["1"]
+
+
+@pytest.mark.parametrize("class_weights", [None, [0.7, 0.3]])
+def test_extend_splits_adds_seeds_and_fractions_keeping_every_set(tmp_path: Path, class_weights):
+    from medssl.data.splits import extend_splits
+
+    items = _items(60, class_weights, seed=3, n_unlabeled=5)
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items}))
+    path, old = split_datalist(dl, fractions=[10, 100], seeds=[0, 1], test_fraction=0.25, val_fraction=0.15)
+    assert extend_splits(dl, path, fractions=[10], seeds=[1]) is False  # nothing missing: untouched
+    assert json.loads(path.read_text()) == old
+    assert extend_splits(dl, path, fractions=[5, 100], seeds=[0, 2]) is True
+    new = load_splits(path)
+    assert new["test"] == old["test"] and sorted(new["seeds"]) == ["0", "1", "2"]
+    assert new["params"]["test_fraction"] == 0.25 and new["params"]["fractions"] == [5.0, 10.0, 100.0]
+    for seed in ("0", "1"):
+        assert new["seeds"][seed]["validation"] == old["seeds"][seed]["validation"]
+        for k, ids in old["seeds"][seed]["fractions"].items():
+            assert new["seeds"][seed]["fractions"][k] == ids
+        assert set(new["seeds"][seed]["fractions"]["5"]) <= set(ids)  # still nested
+    # a fresh split with the union is the same file: extending == having asked for it at the start
+    _, fresh = split_datalist(dl, fractions=[5, 10, 100], seeds=[0, 1, 2], test_fraction=0.25, val_fraction=0.15,
+                              out=tmp_path / "fresh.json")
+    assert new == fresh
+
+
+def test_extend_splits_refuses_to_change_existing_sets(tmp_path: Path):
+    from medssl.data.splits import extend_splits
+
+    items = _items(40, None, seed=4)
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items}))
+    path, old = split_datalist(dl, fractions=[50, 100], seeds=[0])
+    edited = json.loads(path.read_text())
+    edited["seeds"]["0"]["fractions"]["50"] = edited["seeds"]["0"]["fractions"]["50"][:-1]  # hand-edited
+    path.write_text(json.dumps(edited))
+    with pytest.raises(MedsslError, match=r"splits\.json: cannot add seeds \[1\].*seed 0 fraction 50 %"):
+        extend_splits(dl, path, fractions=[50], seeds=[0, 1])
+    assert json.loads(path.read_text()) == edited and not list(tmp_path.glob("*.extending"))
+    # the datalist changed since the split (a case removed): the test set would move → refused, file kept
+    dl.write_text(json.dumps({"training": items[1:]}))
+    path.write_text(json.dumps(old))
+    with pytest.raises(MedsslError, match="datalist changed or the file was edited"):
+        extend_splits(dl, path, fractions=[25], seeds=[0])
+    assert json.loads(path.read_text()) == old
