@@ -48,8 +48,9 @@ from medssl.engines.finetune_data import (
     train_transforms,
 )
 from medssl.engines.finetune_eval import RESUME_FIELDS, _FinetunerState  # noqa: F401 (re-export)
-from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker, _progress
+from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker
 from medssl.engines.metrics import as_tensor
+from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
 from medssl.errors import MedsslError
 
@@ -205,7 +206,7 @@ class Finetuner(_FinetunerState):
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         try:
-            with _progress(progress, self.max_epochs, self.epoch) as bar:
+            with ProgressBar(progress, self.max_epochs, self.epoch, label="finetune") as bar:
                 while self.epoch < self.max_epochs and self.step < self.total_steps and not self.stopped:
                     loss = self.train_epoch(self.epoch)
                     self.epoch += 1

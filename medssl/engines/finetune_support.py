@@ -1,5 +1,5 @@
-"""Helpers of a finetuning run (:mod:`medssl.engines.finetune`): the `FinetuneResult`, log formatting, the
-epoch progress bar and the MLflow tracker with the standard finetuning tags.
+"""Helpers of a finetuning run (:mod:`medssl.engines.finetune`): the `FinetuneResult`, log formatting and the
+MLflow tracker with the standard finetuning tags.
 """
 
 from __future__ import annotations
@@ -32,38 +32,6 @@ class FinetuneResult:
 
 def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-
-
-class _progress:
-    """Rich progress bar over epochs (stderr) as a context manager yielding ``update(epoch, loss)``.
-
-    Like ``medssl.engines.progress.ProgressBar`` with a "finetune" label (that one says "pretrain").
-    """
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.enabled, self.total, self.start = enabled, total, start
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda epoch, loss: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("finetune"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),  # stdout stays free for results
-        )
-        self.bar.start()
-        task = self.bar.add_task("finetune", total=self.total, completed=self.start, loss="")
-        return lambda epoch, loss: self.bar.update(task, completed=epoch, loss=f"loss {loss:.4f}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def _open_tracker(cfg: FinetuneConfig, run_id: str | None) -> Any:
