@@ -31,13 +31,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/ingest_nifti.py
 	$(PY) benchmarks/augment.py
 
-# The issue-5 label-efficiency studies on the shared datasets (about 1 h each on 2 CPU cores; re-running
+# The issue-5 label-efficiency studies on the shared datasets (about 45 min each alone on 2 CPU cores; re-running
 # resumes). Each prints a Markdown section for benchmarks/RESULTS.md and copies its plots to benchmarks/figures.
 studies: $(STAMP)
 	MEDSSL_DATASETS=$${MEDSSL_DATASETS:-$(CURDIR)/../shared/datasets} \
 		$(PY) benchmarks/label_efficiency.py pipelines/label_efficiency.yaml --workdir $(STUDIES_DIR)
 	MEDSSL_DATASETS=$${MEDSSL_DATASETS:-$(CURDIR)/../shared/datasets} \
 		$(PY) benchmarks/label_efficiency.py pipelines/classification_adrenal.yaml --workdir $(STUDIES_DIR)
+	MEDSSL_DATASETS=$${MEDSSL_DATASETS:-$(CURDIR)/../shared/datasets} \
+		$(PY) benchmarks/label_efficiency.py pipelines/label_efficiency_genesis.yaml --workdir $(STUDIES_DIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medssl tests benchmarks
