@@ -277,11 +277,22 @@ def test_reused_checkpoint_and_pretraining_failure(tmp_path: Path) -> None:
 
 
 def test_bad_pipelines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from medssl.sweep import check_fractions_available
+
     base = pipeline(tmp_path, "sqlite:///unused.db")
+    sp_path = Path(base["data"]["splits"])
     with pytest.raises(MedsslError, match=r"fraction 25 % is not in"):
-        run_sweep({**base, "fractions": [25]}, finetune_fn=FakeFinetune())
+        check_fractions_available(sp_path, [25], [0])
     with pytest.raises(MedsslError, match="seed 7 is not in"):
+        check_fractions_available(sp_path, [10], [7])
+    # the sweep adds a missing seed/fraction to splits.json (extend_splits) unless that would change the existing
+    # sets: a hand-edited file is refused with the file named, before any run exists, and left as it is
+    edited = json.loads(sp_path.read_text())
+    edited["test"] = edited["test"][:-1]
+    sp_path.write_text(json.dumps(edited))
+    with pytest.raises(MedsslError, match=r"splits\.json: cannot add seeds \[7\].*changes the test set"):
         run_sweep({**base, "seeds": [7]}, finetune_fn=FakeFinetune())
+    assert json.loads(sp_path.read_text()) == edited and not (tmp_path / "runs").exists()
     with pytest.raises(MedsslError, match=r"unknown pipeline key\(s\) \['fractons'\]"):
         load_pipeline({**base, "fractons": [1]})
     with pytest.raises(MedsslError, match="needs a 'pretrain' section"):
