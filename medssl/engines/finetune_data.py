@@ -12,10 +12,8 @@ Exact resume: :func:`seed_epoch` re-seeds the random transforms from ``(seed, ep
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from monai.transforms import (
 )
 
 from medssl.data.splits import fraction_key, load_splits
+from medssl.engines.data import pool_fingerprint
 from medssl.errors import MedsslError
 
 __all__ = [
@@ -297,9 +296,6 @@ def epoch_loader(
 
 
 def items_hash(items: Sequence[dict[str, Any]]) -> str:
-    """Short sha256 over case ids and image file sizes (identifies the data without reading it)."""
-    h = hashlib.sha256()
-    for it in sorted(items, key=lambda x: x["case_id"]):
-        size = os.path.getsize(it["image"]) if os.path.exists(it["image"]) else -1
-        h.update(f"{it['case_id']}:{size};".encode())
-    return h.hexdigest()[:16]
+    """Short sha256 over case ids and image file sizes (identifies the data without reading it); the same
+    fingerprint as the pretraining pool's (:func:`medssl.engines.data.pool_fingerprint`)."""
+    return pool_fingerprint(list(items))
