@@ -53,6 +53,7 @@ from medssl.networks.downstream_keys import (
     transfer_keys,
 )
 from medssl.networks.encoders import ENCODERS, build_encoder
+from medssl.networks.encoders_cnn import basicunet_features, resnet_features
 from medssl.networks.finetune_opts import EncoderWarmup, freeze_encoder, layerwise_lr_groups
 
 __all__ = [
@@ -200,15 +201,5 @@ def downstream_features(model: nn.Module, kind: str, x: torch.Tensor) -> list[to
     if kind == "SegResNet":
         return model.encode(x)[1]
     if kind == "BasicUNet":
-        out = [model.conv_0(x)]
-        for down in (model.down_1, model.down_2, model.down_3, model.down_4):
-            out.append(down(out[-1]))
-        return out
-    x = model.act(model.bn1(model.conv1(x)))
-    if not model.no_max_pool:
-        x = model.maxpool(x)
-    out = []
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-        x = layer(x)
-        out.append(x)
-    return out
+        return basicunet_features(model, x)
+    return resnet_features(model, x)

@@ -13,7 +13,27 @@ from torch import nn
 
 from medssl.networks.encoder_base import Encoder
 
-__all__ = ["SegResNetEncoder", "ResNetEncoder", "UNetEncoder"]
+__all__ = ["SegResNetEncoder", "ResNetEncoder", "UNetEncoder", "resnet_features", "basicunet_features"]
+
+
+def resnet_features(net: ResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of ``layer1..layer4`` of a MONAI ``ResNet`` (stem, then each stage), shallow → deep."""
+    x = net.act(net.bn1(net.conv1(x)))
+    if not net.no_max_pool:
+        x = net.maxpool(x)
+    out = []
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        x = layer(x)
+        out.append(x)
+    return out
+
+
+def basicunet_features(net: BasicUNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of ``conv_0, down_1..down_4`` of a MONAI ``BasicUNet`` (strides 1..16), shallow → deep."""
+    out = [net.conv_0(x)]
+    for down in (net.down_1, net.down_2, net.down_3, net.down_4):
+        out.append(down(out[-1]))
+    return out
 
 _RESNET_LAYERS = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 
@@ -82,15 +102,7 @@ class ResNetEncoder(Encoder):
         self.downstream_kwargs = {"ResNet": {k: v for k, v in self.kwargs.items() if k != "feed_forward"}}
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        n = self.net
-        x = n.act(n.bn1(n.conv1(x)))
-        if not n.no_max_pool:
-            x = n.maxpool(x)
-        out = []
-        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
-            x = layer(x)
-            out.append(x)
-        return out
+        return resnet_features(self.net, x)
 
     @classmethod
     def build(
@@ -135,12 +147,7 @@ class UNetEncoder(Encoder):
         self.downstream_kwargs = {"BasicUNet": {k: v for k, v in self.kwargs.items() if k != "out_channels"}}
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        n = self.net
-        x0 = n.conv_0(x)
-        x1 = n.down_1(x0)
-        x2 = n.down_2(x1)
-        x3 = n.down_3(x2)
-        return [x0, x1, x2, x3, n.down_4(x3)]
+        return basicunet_features(self.net, x)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Full encoder-decoder: ``(B, C, D, H, W)`` → ``(B, C, D, H, W)``; sides divisible by 16."""
