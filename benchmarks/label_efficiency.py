@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model  # noqa: E402
 
+from medssl.tracking.compare import DIFF  # noqa: E402  (the paired SSL − scratch row of the summaries)
+
 FIGURES = Path(__file__).resolve().parent / "figures"
 
-# The targets, keyed by metric: (description, function of the summaries → (value, met)).
-DIFF = "ssl-scratch"
 
 
 def _mean(s: dict[tuple[float, str], Any], frac: float, init: str) -> float | None:
