@@ -21,6 +21,7 @@ from medssl.networks.transfer import TransferError
 SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
 CLS_NET = {"depth": 10, "widen_factor": 0.125, "conv1_t_size": 3, "conv1_t_stride": 2}
 SEG_METRICS = {"dice_1", "dice_2", "dice_mean", "hd95_1", "hd95_2", "hd95_mean"}
+SEG_METRICS |= {"missed_1", "missed_2", "hd95_penalised_1", "hd95_penalised_2", "cases"}  # metrics.py counts
 CLS_METRICS = {"auc", "accuracy", "balanced_accuracy"}
 
 
