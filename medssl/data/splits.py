@@ -1,9 +1,10 @@
-"""Label-fraction splits for SSL studies: fixed test set, per-seed validation, nested labelled subsets.
+"""Label-fraction splits for SSL studies: fixed test set, per-seed validation, nested labelled subsets,
+patient groups kept whole, and one study-wide pretraining pool.
 
 ``medssl split DATALIST --fractions 1,5,10,25,50,100 --seeds 0,1,2`` writes ``splits.json``::
 
     {
-      "version": 1,
+      "version": 2,
       "test": ["c0a1...", ...],                  # fixed labelled test set, identical for every seed
       "seeds": {
         "0": {
@@ -11,11 +12,12 @@
           "fractions": {"1": [...], "5": [...], ..., "100": [...]}   # labelled training subsets, nested
         }, ...
       },
-      "unlabeled": {"0": [...], ...},            # pretraining pool per seed: every volume not in test/val
+      "unlabeled": {"0": [...], ...},            # per-seed pool: every volume outside test ∪ this seed's val
+      "pretrain_pool": [...],                    # study-wide pool: outside test ∪ EVERY seed's validation
       "params": {"fractions": [1.0, 5.0, ...], "seeds": [0, 1, 2], "test_fraction": 0.2,
-                 "val_fraction": 0.1, "stratify_key": "class", "stratified": true,
+                 "val_fraction": 0.1, "stratify_key": "class", "stratified": true, "group_key": "group_id",
                  "fixed_test": false, "fixed_val": false, "datalist": "..."},
-      "counts": {"items": 1584, "labelled": 1584, "test": 298,
+      "counts": {"items": 1584, "labelled": 1584, "groups": 1584, "test": 298, "pretrain_pool": 1188,
                  "classes": {"all": {"0": 1234, "1": 350}, "test": {"0": 229, "1": 69}},
                  "seeds": {"0": {"validation": 98, "training": 1188, "unlabeled": 1188,
                                  "fractions": {"1": 12, ...},
@@ -28,24 +30,35 @@ labelled training cases, written with ``f"{f:g}"`` (``1``, ``12.5``, ``100``).
 
 Rules:
 - *Labelled* items carry the stratification key (classification, e.g. ``"class"``) or a ``"label"`` path
-  (segmentation). Other items (the datalist's ``unlabeled`` section, label-less images) only join the
-  unlabelled pool.
-- Per class (or over all labelled cases when there are no classes) the test set takes
-  ``round(test_fraction · n_class)`` cases and each seed's validation ``round(val_fraction · n_class)`` of
-  the rest; fraction ``f`` takes ``max(1, round(f/100 · n_train_class))`` of that seed's training cases,
-  so every fraction holds at least one case of every class and proportions follow the full set
-  (``round`` = half up). 100 % is every labelled training case of the seed.
-- Order is ``sha256(f"{seed}:{role}:{case_id}")``, not a random generator: identical on every machine and
+  (segmentation). Other items (the datalist's ``unlabeled`` section, label-less images) only join the pools.
+- **Patient groups** (:mod:`medssl.data.split_groups`): items sharing ``group_id`` (absent: the case id) are
+  drawn together, so a patient is wholly in the test set, or in one seed's validation set, or in that seed's
+  training cases; a fraction holds whole groups too. A group's unlabelled items leave both pools when any of
+  its items is held out (same patient). Stratification puts a group in its majority class (ties: the smallest
+  class key).
+- Sizes are counted in *cases*. Per class (or over all labelled cases when there are no classes) the test set
+  takes groups in hash order until it holds ``round(test_fraction · n_class)`` cases (reached or just
+  exceeded: a group is never cut), each seed's validation likewise ``round(val_fraction · n_class)`` of the
+  rest; fraction ``f`` targets ``max(1, round(f/100 · n_train_class))`` of that seed's training cases, so
+  every fraction holds at least one case of every class and proportions follow the full set (``round`` =
+  half up). 100 % is every labelled training case of the seed. With one case per group (datalists without
+  ``group_id``) every set has exactly its target size, as in version-1 files.
+- Order is ``sha256(f"{seed}:{role}:{group_id}")``, not a random generator: identical on every machine and
   numpy version and independent of the input order. Each fraction is a prefix of the same per-class order,
   hence 1 % ⊂ 5 % ⊂ … ⊂ 100 %. The test order uses seed ``"test"``, so the test set is the same for all seeds.
+- ``pretrain_pool`` is what pretraining uses by default (:func:`medssl.engines.data.load_pool`): an encoder
+  pretrained on it never saw a validation or test case of any seed. Adding seeds later
+  (:func:`extend_splits`) shrinks it (the new validation sets leave it); an encoder pretrained on the old
+  pool then fails the leakage check at finetuning (:mod:`medssl.engines.leakage`) and must be re-pretrained.
 - ``fixed_test`` / ``fixed_val`` (e.g. the official MedMNIST splits, taken from the datalist's ``test`` and
-  ``validation`` sections by :func:`split_datalist`) replace the drawn sets.
+  ``validation`` sections by :func:`split_datalist`) replace the drawn sets; labelled cases sharing a group
+  with them are left out of training (logged).
+- Version-1 files (before groups and ``pretrain_pool``) still load: :func:`load_splits` derives
+  ``pretrain_pool`` as every case outside the test set and all validation sets.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections import Counter, defaultdict
@@ -53,17 +66,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medssl.data.split_groups import GROUP_KEY, group_of, group_order, group_strata, take_groups
+from medssl.data.splits_io import SPLITS_VERSION, datalist_items, load_splits, write_splits
 from medssl.errors import MedsslError
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["SPLITS_VERSION", "extend_splits", "fraction_key", "load_splits", "make_splits", "split_datalist",
-           "splits_table", "write_splits"]
+__all__ = ["SPLITS_VERSION", "datalist_items", "extend_splits", "fraction_key", "load_splits", "make_splits",
+           "split_datalist", "splits_table", "write_splits"]
 
 logger = logging.getLogger(__name__)
 
-SPLITS_VERSION = 1
 _PLAIN = "__all__"  # the single stratum of unstratified (segmentation) splits
 
 
@@ -74,10 +88,6 @@ def fraction_key(fraction: float) -> str:
 
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5))  # half up: no banker's rounding surprises
-
-
-def _order(ids: Iterable[str], seed: str, role: str) -> list[str]:
-    return sorted(ids, key=lambda c: hashlib.sha256(f"{seed}:{role}:{c}".encode()).hexdigest())
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
@@ -97,15 +107,25 @@ def _is_labelled(item: dict, stratify_key: str | None) -> bool:
     return bool(item.get("label")) or (stratify_key is not None and item.get(stratify_key) is not None)
 
 
-def _strata(ids: Iterable[str], klass: dict[str, str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for c in ids:
-        out[klass[c]].append(c)
-    return dict(sorted(out.items()))
-
-
 def _class_counts(ids: Iterable[str], klass: dict[str, str]) -> dict[str, int]:
-    return {k: len(v) for k, v in _strata(ids, klass).items()}
+    return dict(sorted(Counter(klass[c] for c in ids).items()))
+
+
+def _check_items(items: list[dict], seeds: Sequence[int], test_fraction: float, val_fraction: float) -> list[str]:
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise MedsslError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)!r}")
+    if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
+        raise MedsslError(f"test_fraction ({test_fraction}) and val_fraction ({val_fraction}) must be in [0, 1) "
+                          "and sum to < 1")
+    ids: list[str] = []
+    for n, it in enumerate(items):
+        if not it.get("case_id"):
+            raise MedsslError(f"datalist item {n} has no case_id (ingest the data with `medssl ingest` first)")
+        ids.append(str(it["case_id"]))
+    dupes = sorted(c for c, n in Counter(ids).items() if n > 1)
+    if dupes:
+        raise MedsslError(f"duplicate case ids in the datalist: {dupes[:5]}")
+    return ids
 
 
 def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], test_fraction: float = 0.2,
@@ -114,8 +134,8 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
     """Build the splits described in the module docstring.
 
     Args:
-        items: datalist items, each with a unique ``"case_id"``; labelled ones carry ``stratify_key``
-            (classification) or ``"label"`` (segmentation).
+        items: datalist items, each with a unique ``"case_id"`` and optionally a ``"group_id"`` (patient);
+            labelled ones carry ``stratify_key`` (classification) or ``"label"`` (segmentation).
         fractions: labelled fractions in percent, 0 < f ≤ 100 (sorted and de-duplicated), e.g. ``[1, 5, 100]``.
         seeds: one split per seed, e.g. ``[0, 1, 2]``.
         test_fraction: share of labelled cases in the fixed test set (ignored with ``fixed_test``), [0, 1).
@@ -129,24 +149,12 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
 
     Raises:
         MedsslError: bad fractions/seeds/shares, missing or duplicate case ids, unknown ids in
-            ``fixed_test``/``fixed_val``, no labelled cases, or a class without training cases (the error
-            names the fraction and the class).
+            ``fixed_test``/``fixed_val``, fixed sets sharing a case or a patient group, no labelled cases, or a
+            class without training cases (the error names the fraction and the class).
     """
     fr = _check_fractions(fractions)
     seed_list = [int(s) for s in seeds]
-    if not seed_list or len(set(seed_list)) != len(seed_list):
-        raise MedsslError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)!r}")
-    if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
-        raise MedsslError(f"test_fraction ({test_fraction}) and val_fraction ({val_fraction}) must be in [0, 1) "
-                          "and sum to < 1")
-    ids: list[str] = []
-    for n, it in enumerate(items):
-        if not it.get("case_id"):
-            raise MedsslError(f"datalist item {n} has no case_id (ingest the data with `medssl ingest` first)")
-        ids.append(str(it["case_id"]))
-    dupes = sorted(c for c, n in Counter(ids).items() if n > 1)
-    if dupes:
-        raise MedsslError(f"duplicate case ids in the datalist: {dupes[:5]}")
+    ids = _check_items(items, seed_list, test_fraction, val_fraction)
     labelled = {str(it["case_id"]): it for it in items if _is_labelled(it, stratify_key)}
     if not labelled:
         raise MedsslError("no labelled items (none has a 'label' or a "
@@ -158,6 +166,13 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
             raise MedsslError(f"{len(missing)} labelled items lack '{stratify_key}' (e.g. {missing[0]}): "
                               "cannot stratify a mix of classified and unclassified cases")
     klass = {c: (str(it[stratify_key]) if stratified else _PLAIN) for c, it in labelled.items()}
+    gid = {str(it["case_id"]): group_of(it) for it in items}
+    members: dict[str, list[str]] = defaultdict(list)  # group → its labelled cases
+    for c in sorted(labelled):
+        members[gid[c]].append(c)
+    size = {g: len(m) for g, m in members.items()}
+    strata = group_strata(members, klass)
+    n_stratum = {k: sum(size[g] for g in gs) for k, gs in strata.items()}
     all_ids = set(ids)
 
     def _fixed(given: list[str] | None, what: str) -> set[str] | None:
@@ -168,93 +183,75 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
             raise MedsslError(f"fixed {what} set names {len(unknown)} unknown case ids, e.g. {unknown[0]}")
         return set(map(str, given))
 
-    test = _fixed(fixed_test, "test")
-    fval = _fixed(fixed_val, "validation")
+    test, fval = _fixed(fixed_test, "test"), _fixed(fixed_val, "validation")
     if test is None:
-        test = set()
-        for members in _strata(labelled, klass).values():
-            test.update(_order(members, "test", "test")[: _round(test_fraction * len(members))])
+        test_groups: set[str] = set()
+        for k, gs in strata.items():
+            test_groups.update(take_groups(group_order(gs, "test", "test"), size, _round(test_fraction * n_stratum[k])))
+        test = {c for g in test_groups for c in members[g]}
+    else:
+        test_groups = {gid[c] for c in test}
+    fval_groups = {gid[c] for c in fval} if fval is not None else set()
     if fval is not None and fval & test:
         raise MedsslError(f"fixed validation and test sets share {len(fval & test)} case ids")
-    n_by_class = _class_counts(labelled, klass)
+    if fval_groups & test_groups:
+        raise MedsslError(f"fixed validation and test sets share {len(fval_groups & test_groups)} patient groups "
+                          f"('{GROUP_KEY}'), e.g. {sorted(fval_groups & test_groups)[0]}: a patient cannot be in both")
+    orphans = sorted(c for c in labelled if gid[c] in test_groups | fval_groups and c not in test | (fval or set()))
+    if orphans:
+        logger.warning("%d labelled cases share a patient group with the fixed test/validation set (e.g. %s): "
+                       "left out of training", len(orphans), orphans[0])
     out_seeds: dict[str, dict] = {}
     unlabeled: dict[str, list[str]] = {}
     counts_seeds: dict[str, dict] = {}
+    held_out_groups = set(test_groups)
     for seed in seed_list:
         s = str(seed)
-        rest = [c for c in labelled if c not in test]
+        avail = {k: [g for g in gs if g not in test_groups] for k, gs in strata.items()}
         if fval is None:
-            val: set[str] = set()
-            for k, members in _strata(rest, klass).items():
-                val.update(_order(members, s, "val")[: _round(val_fraction * n_by_class[k])])
+            val_groups: set[str] = set()
+            for k, gs in avail.items():
+                val_groups.update(take_groups(group_order(gs, s, "val"), size, _round(val_fraction * n_stratum[k])))
+            val = {c for g in val_groups for c in members[g]}
         else:
-            val = set(fval)
-        train = _strata((c for c in rest if c not in val), klass)
-        for k in n_by_class:
-            if k not in train:
+            val, val_groups = set(fval), fval_groups
+        held_out_groups |= val_groups
+        train = {k: [g for g in gs if g not in val_groups] for k, gs in avail.items()}
+        for k in n_stratum:
+            if not train[k]:
                 name = "" if k == _PLAIN else f" of class {k!r}"
                 raise MedsslError(f"fraction {fraction_key(fr[0])}% cannot hold a case{name}: no labelled "
                                   f"training case{name} is left for seed {s} after test/validation")
-        ordered = {k: _order(members, s, "train") for k, members in train.items()}
+        ordered = {k: group_order(gs, s, "train") for k, gs in train.items()}
+        n_train = {k: sum(size[g] for g in gs) for k, gs in ordered.items()}
         fractions_out: dict[str, list[str]] = {}
-        fraction_classes: dict[str, dict[str, int]] = {}
         for f in fr:
-            take = {k: max(1, _round(f / 100 * len(members))) for k, members in ordered.items()}
-            chosen = [c for k, members in ordered.items() for c in members[: take[k]]]
+            chosen = [c for k, gs in ordered.items()
+                      for g in take_groups(gs, size, max(1, _round(f / 100 * n_train[k]))) for c in members[g]]
             fractions_out[fraction_key(f)] = sorted(chosen)
-            fraction_classes[fraction_key(f)] = take
-        pool = sorted(c for c in ids if c not in test and c not in val)
+        pool = sorted(c for c in ids if gid[c] not in test_groups | val_groups)
         out_seeds[s] = {"validation": sorted(val), "fractions": fractions_out}
         unlabeled[s] = pool
         counts_seeds[s] = {
-            "validation": len(val), "training": sum(len(m) for m in train.values()), "unlabeled": len(pool),
+            "validation": len(val), "training": sum(n_train.values()), "unlabeled": len(pool),
             "fractions": {k: len(v) for k, v in fractions_out.items()},
         }
         if stratified:
-            counts_seeds[s]["classes"] = fraction_classes | {"validation": _class_counts(val & labelled.keys(),
-                                                                                          klass)}
-    counts: dict = {"items": len(ids), "labelled": len(labelled), "test": len(test), "seeds": counts_seeds}
+            counts_seeds[s]["classes"] = {k: _class_counts(v, klass) for k, v in fractions_out.items()} | {
+                "validation": _class_counts(val & labelled.keys(), klass)}
+    pretrain_pool = sorted(c for c in ids if gid[c] not in held_out_groups)
+    counts: dict = {"items": len(ids), "labelled": len(labelled), "groups": len(set(gid.values())),
+                    "test": len(test), "pretrain_pool": len(pretrain_pool), "seeds": counts_seeds}
     if stratified:
-        counts["classes"] = {"all": n_by_class, "test": _class_counts(test & labelled.keys(), klass)}
+        counts["classes"] = {"all": _class_counts(labelled, klass), "test": _class_counts(test & labelled.keys(),
+                                                                                          klass)}
     params = {"fractions": fr, "seeds": seed_list, "test_fraction": test_fraction, "val_fraction": val_fraction,
-              "stratify_key": stratify_key, "stratified": stratified, "fixed_test": fixed_test is not None,
-              "fixed_val": fixed_val is not None}
+              "stratify_key": stratify_key, "stratified": stratified, "group_key": GROUP_KEY,
+              "fixed_test": fixed_test is not None, "fixed_val": fixed_val is not None}
     return {"version": SPLITS_VERSION, "test": sorted(test), "seeds": out_seeds, "unlabeled": unlabeled,
-            "params": params, "counts": counts}
+            "pretrain_pool": pretrain_pool, "params": params, "counts": counts}
 
 
-def write_splits(splits: dict, path: str | Path) -> Path:
-    """Write ``splits`` as indented JSON (parent folders created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(splits, indent=1) + "\n")
-    return path
-
-
-def load_splits(path: str | Path) -> dict:
-    """Read a ``splits.json`` and check its schema.
-
-    Raises:
-        MedsslError: unreadable file, other version, or missing ``test``/``seeds``/``unlabeled`` sections.
-    """
-    path = Path(path)
-    try:
-        splits = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MedsslError(f"{path}: cannot read splits ({e})") from e
-    if not isinstance(splits, dict) or splits.get("version") != SPLITS_VERSION:
-        raise MedsslError(f"{path}: not a version-{SPLITS_VERSION} medssl splits file")
-    for key in ("test", "seeds", "unlabeled"):
-        if key not in splits:
-            raise MedsslError(f"{path}: splits file lacks '{key}'")
-    for seed, s in splits["seeds"].items():
-        if "validation" not in s or "fractions" not in s:
-            raise MedsslError(f"{path}: seed {seed} lacks 'validation' or 'fractions'")
-    return splits
-
-
-def _section_items(datalist: dict, section: str) -> list[dict]:
-    return [it if isinstance(it, dict) else {"image": it} for it in datalist.get(section) or []]
 
 
 def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[int], test_fraction: float = 0.2,
@@ -281,13 +278,7 @@ def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[
         MedsslError: unreadable datalist or any :func:`make_splits` error.
     """
     datalist = Path(datalist)
-    try:
-        dl = json.loads(datalist.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MedsslError(f"{datalist}: cannot read datalist ({e})") from e
-    if not isinstance(dl, dict):
-        raise MedsslError(f"{datalist}: not a decathlon datalist (expected a JSON object with sections)")
-    sections = {s: _section_items(dl, s) for s in ("training", "validation", "test", "unlabeled")}
+    sections = datalist_items(datalist)
     items = [it for sec in sections.values() for it in sec]
     fixed: dict[str, list[str] | None] = {"test": None, "validation": None}
     for sec in fixed:
@@ -297,14 +288,14 @@ def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[
         elif use_official and its:
             logger.warning("%s: the '%s' section has items without labels: used as unlabelled volumes, "
                            "%s set drawn from the labelled cases", datalist, sec, sec)
-    fixed_test, fixed_val = fixed["test"], fixed["validation"]
     splits = make_splits(items, fractions=fractions, seeds=seeds, test_fraction=test_fraction,
-                         val_fraction=val_fraction, stratify_key=stratify_key, fixed_test=fixed_test,
-                         fixed_val=fixed_val)
+                         val_fraction=val_fraction, stratify_key=stratify_key, fixed_test=fixed["test"],
+                         fixed_val=fixed["validation"])
     splits["params"]["datalist"] = datalist.name
     path = write_splits(splits, Path(out) if out is not None else datalist.with_name("splits.json"))
-    logger.info("splits for %d items (%d labelled, test %d) written to %s", splits["counts"]["items"],
-                splits["counts"]["labelled"], splits["counts"]["test"], path)
+    logger.info("splits for %d items (%d labelled, %d patient groups, test %d) written to %s",
+                splits["counts"]["items"], splits["counts"]["labelled"], splits["counts"]["groups"],
+                splits["counts"]["test"], path)
     return path, splits
 
 
@@ -312,11 +303,16 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
                   seeds: list[int]) -> bool:
     """Add missing seeds / fractions to an existing ``splits.json`` without changing what it holds.
 
-    Splits are pure functions of the case ids, the seed and the recorded parameters (hash order, see the
-    module docstring), so re-splitting with the union of old and new seeds/fractions reproduces every
+    Splits are pure functions of the case and group ids, the seed and the recorded parameters (hash order,
+    see the module docstring), so re-splitting with the union of old and new seeds/fractions reproduces every
     existing entry. That is checked: the fixed test set and each existing seed's validation set and fraction
     subsets must come out identical, otherwise nothing is written. A study can so gain seeds (narrower CIs)
     or fractions later and keep its fixed test set.
+
+    ``pretrain_pool`` is *not* kept: a new seed's validation cases leave it (they must never be pretrained
+    on), so it shrinks and a warning says so. An encoder pretrained on the old pool fails
+    :func:`medssl.engines.leakage.check_pretrain_leakage` when finetuned for the new seed: re-pretrain (a
+    sweep: delete its ``pretrain/`` folder). A version-1 file is rewritten as version 2.
 
     Args:
         datalist: the datalist the splits were made from.
@@ -329,7 +325,8 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
 
     Raises:
         MedsslError: unreadable files, or the re-split does not reproduce the existing entries (the datalist
-            changed since the split, or the file was edited by hand) — naming the file and what differs.
+            changed since the split, the file was edited by hand, or a version-1 file cut a patient group) —
+            naming the file and what differs.
     """
     splits_path = Path(splits_path)
     old = load_splits(splits_path)
@@ -361,21 +358,27 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
         tmp.replace(splits_path)
     finally:
         tmp.unlink(missing_ok=True)
+    left = sorted(set(old["pretrain_pool"]) - set(new["pretrain_pool"]))
+    if left:
+        logger.warning("%s: the study-wide pretrain_pool lost %d cases (now in the new seeds' validation sets, "
+                       "e.g. %s): an encoder pretrained on the old pool fails the leakage check when finetuned "
+                       "for those seeds; re-pretrain it", splits_path, len(left), ", ".join(left[:3]))
     logger.info("%s: added seeds %s, fractions %s; existing test/validation/fraction sets unchanged", splits_path,
                 sorted(set(want_seeds) - set(old_seeds)), sorted(set(want_fracs) - set(old_fracs)))
     return True
 
 
 def splits_table(splits: dict, title: str) -> Table:
-    """Rich ``Table`` of case counts per seed and fraction (test, validation, each fraction, unlabeled pool)."""
+    """Rich ``Table`` of case counts per seed and fraction (test, validation, each fraction, pools)."""
     from rich.table import Table
 
     table = Table(title=title)
     fr = list(next(iter(splits["seeds"].values()))["fractions"].keys()) if splits["seeds"] else []
-    for col in ["seed", "test", "val"] + [f"{f}%" for f in fr] + ["unlabeled pool"]:
+    for col in ["seed", "test", "val"] + [f"{f}%" for f in fr] + ["seed pool", "study pool"]:
         table.add_column(col, justify="right")
+    study = str(len(splits["pretrain_pool"])) if "pretrain_pool" in splits else "-"
     for seed, s in splits["seeds"].items():
         pool = splits.get("unlabeled", {}).get(seed, [])
         table.add_row(seed, str(len(splits["test"])), str(len(s["validation"])),
-                      *[str(len(s["fractions"][f])) for f in fr], str(len(pool)))
+                      *[str(len(s["fractions"][f])) for f in fr], str(len(pool)), study)
     return table

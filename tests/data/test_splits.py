@@ -43,7 +43,7 @@ def _check_invariants(items: list[dict], sp: dict, seeds: list[int]) -> None:
     klass = {it["case_id"]: it.get("class") for it in items}
     test = set(sp["test"])
     assert test <= labelled and len(test) == len(sp["test"])
-    assert sp["version"] == 1 and list(sp["seeds"]) == [str(s) for s in seeds]
+    assert sp["version"] == 2 and list(sp["seeds"]) == [str(s) for s in seeds]
     for s in map(str, seeds):
         val = set(sp["seeds"][s]["validation"])
         assert not val & test
@@ -60,6 +60,8 @@ def _check_invariants(items: list[dict], sp: dict, seeds: list[int]) -> None:
         assert previous == labelled - test - val  # 100 % = every labelled training case of the seed
         assert set(sp["unlabeled"][s]) == all_ids - test - val
         assert sp["counts"]["seeds"][s]["fractions"] == {k: len(v) for k, v in fr.items()}
+    vals = set().union(*(sp["seeds"][str(s)]["validation"] for s in seeds))
+    assert set(sp["pretrain_pool"]) == all_ids - test - vals  # study-wide: outside EVERY seed's validation
 
 
 @pytest.mark.parametrize("class_weights", [None, [0.5, 0.5], [0.8, 0.2], [0.6, 0.25, 0.1, 0.05]])
@@ -208,9 +210,12 @@ def test_split_datalist_official_sections_and_label_less_test(tmp_path: Path):
 
 
 def test_load_splits_rejects_other_files(tmp_path: Path):
-    (tmp_path / "a.json").write_text(json.dumps({"version": 2, "test": []}))
-    with pytest.raises(MedsslError, match="version-1"):
+    (tmp_path / "a.json").write_text(json.dumps({"version": 3, "test": []}))
+    with pytest.raises(MedsslError, match="version 1 or 2"):
         load_splits(tmp_path / "a.json")
+    (tmp_path / "v2.json").write_text(json.dumps({"version": 2, "test": [], "seeds": {}, "unlabeled": {}}))
+    with pytest.raises(MedsslError, match="lacks 'pretrain_pool'"):
+        load_splits(tmp_path / "v2.json")
     (tmp_path / "b.json").write_text("{not json")
     with pytest.raises(MedsslError, match="cannot read"):
         load_splits(tmp_path / "b.json")
