@@ -36,7 +36,6 @@ from medssl.tracking.compare import DIFF  # noqa: E402  (the paired SSL − scra
 FIGURES = Path(__file__).resolve().parent / "figures"
 
 
-
 def _mean(s: dict[tuple[float, str], Any], frac: float, init: str) -> float | None:
     x = s.get((frac, init))
     return None if x is None else x.mean
@@ -65,8 +64,14 @@ def _fmt(x: Any) -> str:
     if x is None:
         return "–"
     if x.low is None:
-        return f"{x.mean:.4f}"
+        return f"{x.mean:.4f} (n={x.n}, no CI)"
     return f"{x.mean:.4f} ± {(x.high - x.low) / 2:.4f}"
+
+
+def _value(record: dict[str, Any]) -> str:
+    """A per-seed value of :attr:`CompareResult.records`: the number, or why there is none."""
+    status = record.get("status", "ok")
+    return f"{record['value']:.4f}" if status == "ok" else status
 
 
 def study_minutes(tracking_uri: str | None, parent_run_id: str) -> tuple[float | None, int]:
@@ -118,7 +123,11 @@ def report(results: list[Any], *, pipeline: Path, seconds: float | None, minutes
               + ", ".join(sorted({str(x.n) for k, x in s.items() if k[1] != DIFF})) + ").", ""]
     per_seed = sorted(main.records, key=lambda r: (r["fraction"], r["init"], r["seed"]))
     lines.append(f"Per seed ({main.metric}): " + "; ".join(
-        f"{r['fraction']:g} % {r['init']} s{r['seed']} {r['value']:.4f}" for r in per_seed) + ".")
+        f"{r['fraction']:g} % {r['init']} s{r['seed']} {_value(r)}" for r in per_seed) + ".")
+    excluded = [r for r in per_seed if r.get("status", "ok") != "ok"]
+    if excluded:  # counted in the table's n, never averaged
+        lines.append(f"Not averaged ({len(excluded)} children, metric missing or non-finite): "
+                     + ", ".join(f"{r['fraction']:g} % {r['init']} s{r['seed']}" for r in excluded) + ".")
     lines.append("")
     tg = targets(main.metric, s)
     if tg:
@@ -137,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="secondary metrics (default: per-class Dice for segmentation, accuracy for classification)")
     ap.add_argument("--report-only", action="store_true", help="do not run the sweep; summarise what is there")
     ap.add_argument("--no-figures", action="store_true", help="do not copy CSV/PNG into benchmarks/figures")
+    ap.add_argument("--config-hash", default=None,
+                    help="where a cell mixes finetune configs: 'latest' or hash(es) (medssl compare --config-hash)")
     args = ap.parse_args(argv)
 
     from medssl.engines.sweep import run_sweep
@@ -159,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if secondary is None:
         secondary = ["test_dice_1", "test_dice_2", "test_hd95_mean"] if primary.startswith("test_dice") \
             else ["test_balanced_accuracy"]
-    results = [compare_study(pl.study, tracking_uri=pl.tracking_uri, metric=m) for m in [primary, *secondary]]
+    results = [compare_study(pl.study, tracking_uri=pl.tracking_uri, metric=m, config_hash=args.config_hash)
+               for m in [primary, *secondary]]
     if not args.no_figures:
         FIGURES.mkdir(exist_ok=True)
         for i, r in enumerate(results):  # every CSV; the plot of the primary metric only

@@ -250,18 +250,23 @@ def compare(
     metric: Annotated[str | None, typer.Option(help="Metric (default: the study's, e.g. test_dice_mean).")] = None,
     tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <sweep dir>/compare).")] = None,
+    config_hash: Annotated[str | None, typer.Option("--config-hash", help="Where children of one fraction/init differ in config: 'latest' or hash(es), comma-separated.")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Table of mean ± 95 % CI over seeds per fraction and init, paired SSL − scratch; CSV + PNG to MLflow."""
+    """Table of mean ± 95 % CI over seeds per fraction and init, paired SSL − scratch; CSV, PNG and summary
+    metrics to the study's MLflow parent run."""
     from medssl.tracking.compare import compare_study
 
     _setup(verbose)
     try:
-        r = compare_study(study, tracking_uri=tracking_uri, metric=metric, out_dir=out)
+        r = compare_study(study, tracking_uri=tracking_uri, metric=metric, out_dir=out, config_hash=config_hash)
     except MedsslError as e:
         raise _fail(e, verbose) from None
     console.print(r.table)
-    console.print(f"CSV {r.csv_path}\nPNG {r.png_path} (also logged to parent run {r.parent_run_id})")
+    console.print(
+        f"CSV {r.csv_path}\nPNG {r.png_path} (also logged to parent run {r.parent_run_id}, "
+        f"with {len(r.parent_metrics)} summary metrics {r.metric}/f<fraction>_<arm>_<stat>)"
+    )
 
 
 @app.command()

@@ -3,14 +3,19 @@
 PNG curve (metric vs label fraction, log x axis, CI bands), logged back to the study's parent run.
 
 Runs are found by tags only: the parent has ``medssl.kind = sweep`` and ``medssl.study``; its children carry
-``medssl.fraction`` / ``medssl.init`` / ``medssl.seed`` (see :mod:`medssl.sweep`). Only FINISHED children
-count; of several runs of one (fraction, init, seed) the newest is used.
+``medssl.fraction`` / ``medssl.init`` / ``medssl.seed`` / ``medssl.config_hash`` (see :mod:`medssl.sweep`).
+Which children count is :mod:`medssl.tracking.compare_select` (FINISHED only, one per key, one config per
+cell). A child whose metric is missing or non-finite (e.g. AUC of a single-class test set) is counted, not
+averaged: every cell reports ``n`` (finite values) and how many were missing / non-finite; paired
+differences use only the seeds finite in both arms. The per-fraction summary is also logged as metrics on
+the parent run (:func:`summary_metrics`), so studies can be compared in the MLflow UI.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,24 +23,52 @@ from typing import Any
 from rich.table import Table
 
 from medssl.errors import MedsslError
+from medssl.tracking.compare_select import child_runs, collect_records, find_study_runs
 from medssl.tracking.mlflow_tracker import default_tracking_uri, make_client
 from medssl.tracking.stats import Summary, format_summary, mean_ci, paired_difference
 
 __all__ = [
     "CompareResult",
+    "Cell",
     "compare_study",
     "find_study_runs",
     "child_runs",
     "collect_records",
     "summarise",
+    "cell_counts",
+    "summary_metrics",
     "build_table",
     "write_csv",
     "plot_curve",
+    "DIFF",
 ]
 
 log = logging.getLogger(__name__)
 
+#: the init name of the paired SSL − scratch difference rows
 DIFF = "ssl-scratch"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What one (fraction, init) cell is made of.
+
+    Attributes:
+        n: finite values averaged (for :data:`DIFF`: seeds finite in both arms).
+        missing: children of the cell that did not log the metric.
+        nonfinite: children whose value is NaN / ``inf`` (e.g. AUC of a single-class test set).
+        config_hash: the ``medssl.config_hash`` of the cell's children (``""`` for :data:`DIFF`).
+    """
+
+    n: int
+    missing: int = 0
+    nonfinite: int = 0
+    config_hash: str = ""
+
+    def note(self) -> str:
+        """``"2"``, ``"2 (1 missing, 1 NaN)"``: the table's n cell."""
+        extra = [f"{k} {w}" for k, w in ((self.missing, "missing"), (self.nonfinite, "NaN")) if k]
+        return f"{self.n} ({', '.join(extra)})" if extra else str(self.n)
 
 
 @dataclass
@@ -43,10 +76,14 @@ class CompareResult:
     """Output of :func:`compare_study`.
 
     Attributes:
-        records: one dict per used child run: ``fraction`` (percent), ``init``, ``seed``, ``value``,
-            ``run_id``.
-        rows: one dict per (fraction, init ∈ inits ∪ {``"ssl-scratch"``}): ``n``, ``mean``, ``std``,
-            ``ci_low``, ``ci_high`` (``None`` for n = 1), ``seeds`` — the CSV rows.
+        records: one dict per used child run (see :func:`collect_records`): ``fraction`` (percent), ``init``,
+            ``seed``, ``value`` (NaN unless ``status == "ok"``), ``status``, ``run_id``, ``config_hash``.
+        rows: one dict per (fraction, init ∈ inits ∪ {``"ssl-scratch"``}): ``n``, ``missing``,
+            ``nonfinite``, ``mean``, ``std``, ``ci_low``, ``ci_high`` (``None`` where undefined), ``seeds``,
+            ``config_hash`` — the CSV rows.
+        summaries: ``(fraction, init) → Summary`` of the cells with at least one finite value.
+        cells: ``(fraction, init) → Cell`` of every cell (also those with n = 0).
+        parent_metrics: the summary metrics logged on the parent run (:func:`summary_metrics`).
     """
 
     study: str
@@ -58,76 +95,28 @@ class CompareResult:
     csv_path: Path
     png_path: Path
     summaries: dict[tuple[float, str], Summary] = field(default_factory=dict)
+    cells: dict[tuple[float, str], Cell] = field(default_factory=dict)
+    parent_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _quote(v: str) -> str:
-    return "'" + str(v).replace("'", "\\'") + "'"
-
-
-def find_study_runs(client: Any, study: str, experiment_ids: list[str] | None = None) -> list[Any]:
-    """Parent (``medssl.kind = sweep``) runs of ``study``, newest first, in the given or all experiments."""
-    if experiment_ids is None:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    if not experiment_ids:
-        return []
-    query = f"tags.`medssl.study` = {_quote(study)} and tags.`medssl.kind` = 'sweep'"
-    return list(
-        client.search_runs(
-            experiment_ids, filter_string=query, order_by=["attributes.start_time DESC"], max_results=1000
-        )
-    )
-
-
-def child_runs(client: Any, parent: Any) -> list[Any]:
-    """All child runs of a parent run (any status), newest first."""
-    query = f"tags.mlflow.parentRunId = {_quote(parent.info.run_id)}"
-    return list(
-        client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=query,
-            order_by=["attributes.start_time DESC"],
-            max_results=10000,
-        )
-    )
-
-
-def collect_records(client: Any, parent: Any, metric: str) -> list[dict[str, Any]]:
-    """FINISHED child runs of ``parent`` that logged ``metric``, newest per (fraction, init, seed)."""
-    seen: set[tuple[float, str, int]] = set()
-    out = []
-    for run in child_runs(client, parent):  # newest first
-        t = run.data.tags
-        if run.info.status != "FINISHED" or t.get("medssl.kind") == "pretrain":
-            continue
-        if not all(k in t for k in ("medssl.fraction", "medssl.init", "medssl.seed")):
-            continue
-        if metric not in run.data.metrics:
-            continue
-        key = (float(t["medssl.fraction"]), t["medssl.init"], int(t["medssl.seed"]))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(
-            {
-                "fraction": key[0],
-                "init": key[1],
-                "seed": key[2],
-                "value": float(run.data.metrics[metric]),
-                "run_id": run.info.run_id,
-            }
-        )
-    return sorted(out, key=lambda r: (r["fraction"], r["init"], r["seed"]))
+def _ok(records: list[dict[str, Any]]) -> dict[tuple[float, str], dict[int, float]]:
+    by: dict[tuple[float, str], dict[int, float]] = {}
+    for r in records:
+        vals = by.setdefault((r["fraction"], r["init"]), {})
+        if r.get("status", "ok") == "ok":
+            vals[r["seed"]] = r["value"]
+    return by
 
 
 def summarise(records: list[dict[str, Any]], confidence: float = 0.95) -> dict[tuple[float, str], Summary]:
-    """``(fraction, init) → Summary`` over seeds, plus ``(fraction, "ssl-scratch")`` paired differences."""
-    by: dict[tuple[float, str], dict[int, float]] = {}
-    for r in records:
-        by.setdefault((r["fraction"], r["init"]), {})[r["seed"]] = r["value"]
+    """``(fraction, init) → Summary`` over the seeds with a finite value, plus ``(fraction, "ssl-scratch")``
+    paired differences over the seeds finite in both arms. Cells without a finite value are left out."""
+    by = _ok(records)
     out: dict[tuple[float, str], Summary] = {}
     for (frac, init), vals in sorted(by.items()):
-        seeds = sorted(vals)
-        out[(frac, init)] = mean_ci([vals[s] for s in seeds], confidence, seeds=seeds)
+        if vals:
+            seeds = sorted(vals)
+            out[(frac, init)] = mean_ci([vals[s] for s in seeds], confidence, seeds=seeds)
     for frac in sorted({f for f, _ in by}):
         if (frac, "ssl") in by and (frac, "scratch") in by:
             d = paired_difference(by[(frac, "ssl")], by[(frac, "scratch")], confidence)
@@ -136,55 +125,123 @@ def summarise(records: list[dict[str, Any]], confidence: float = 0.95) -> dict[t
     return out
 
 
-def _rows(summaries: dict[tuple[float, str], Summary]) -> list[dict[str, Any]]:
-    return [
-        {
-            "fraction": f,
-            "init": init,
-            "n": s.n,
-            "mean": s.mean,
-            "std": s.std,
-            "ci_low": s.low,
-            "ci_high": s.high,
-            "seeds": " ".join(str(x) for x in s.seeds),
-        }
-        for (f, init), s in summaries.items()
-    ]
+def cell_counts(records: list[dict[str, Any]]) -> dict[tuple[float, str], Cell]:
+    """``(fraction, init) → Cell`` for every cell with a child, plus the paired :data:`DIFF` cells."""
+    out: dict[tuple[float, str], Cell] = {}
+    for key in sorted({(r["fraction"], r["init"]) for r in records}):
+        rs = [r for r in records if (r["fraction"], r["init"]) == key]
+        status = [r.get("status", "ok") for r in rs]
+        hashes = sorted({str(r.get("config_hash", "")) for r in rs})
+        out[key] = Cell(
+            status.count("ok"), status.count("missing"), status.count("nonfinite"), ",".join(hashes)
+        )
+    by = _ok(records)
+    for frac in sorted({f for f, _ in out}):
+        if (frac, "ssl") in out and (frac, "scratch") in out:
+            out[(frac, DIFF)] = Cell(len(set(by[(frac, "ssl")]) & set(by[(frac, "scratch")])))
+    return out
 
 
-def build_table(summaries: dict[tuple[float, str], Summary], study: str, metric: str) -> Table:
-    """Rich table: a row per fraction; per init ``n`` and ``mean ± CI``; the paired SSL − scratch diff."""
-    inits = sorted({i for _, i in summaries if i != DIFF})
+def _name(x: str) -> str:
+    """MLflow-safe metric name part: letters, digits, ``_ - . /`` kept, anything else → ``_``."""
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in x)
+
+
+def summary_metrics(
+    summaries: dict[tuple[float, str], Summary], cells: dict[tuple[float, str], Cell], metric: str
+) -> dict[str, float]:
+    """Per-fraction summary as flat MLflow metrics for the study's parent run.
+
+    Names: ``<metric>/f<fraction>_<arm>_<stat>`` with the fraction's ``.`` as ``_`` (12.5 % → ``f12_5``),
+    ``<arm>`` an init (``ssl``, ``scratch``) or ``delta`` (paired SSL − scratch); stats ``mean``, ``ci_low``,
+    ``ci_high`` (only where a CI exists, n ≥ 2), ``n`` (finite values / matched pairs) and, for inits,
+    ``missing`` (children without a finite value). E.g. ``test_dice_mean/f10_ssl_mean``,
+    ``test_dice_mean/f10_delta_ci_low``.
+    """
+    out: dict[str, float] = {}
+    for (frac, init), cell in sorted(cells.items()):
+        arm = "delta" if init == DIFF else _name(init)
+        prefix = f"{_name(metric)}/f{frac:g}".replace(".", "_") + f"_{arm}_"
+        out[prefix + "n"] = float(cell.n)
+        if init != DIFF:
+            out[prefix + "missing"] = float(cell.missing + cell.nonfinite)
+        s = summaries.get((frac, init))
+        if s is not None:
+            out[prefix + "mean"] = s.mean
+            if s.low is not None and s.high is not None:
+                out[prefix + "ci_low"], out[prefix + "ci_high"] = s.low, s.high
+    return out
+
+
+def _rows(
+    summaries: dict[tuple[float, str], Summary], cells: dict[tuple[float, str], Cell]
+) -> list[dict[str, Any]]:
+    rows = []
+    for key, c in cells.items():
+        s = summaries.get(key)
+        rows.append(
+            {
+                "fraction": key[0],
+                "init": key[1],
+                "n": c.n,
+                "missing": c.missing,
+                "nonfinite": c.nonfinite,
+                "mean": s.mean if s else None,
+                "std": s.std if s else None,
+                "ci_low": s.low if s else None,
+                "ci_high": s.high if s else None,
+                "seeds": " ".join(str(x) for x in s.seeds) if s else "",
+                "config_hash": c.config_hash,
+            }
+        )
+    return rows
+
+
+def build_table(
+    summaries: dict[tuple[float, str], Summary],
+    study: str,
+    metric: str,
+    cells: dict[tuple[float, str], Cell] | None = None,
+) -> Table:
+    """Rich table: a row per fraction; per init ``n`` (+ missing / NaN children) and ``mean ± CI``
+    (``n=1, no CI`` for one value, ``–`` for none); the paired SSL − scratch difference and its pairs."""
+    if cells is None:
+        cells = {k: Cell(s.n) for k, s in summaries.items()}
+    inits = sorted({i for _, i in cells if i != DIFF})
     table = Table(title=f"{study}: {metric} (mean ± 95% CI over seeds)")
     table.add_column("fraction %", justify="right")
     for init in inits:
         table.add_column(f"{init} n", justify="right")
         table.add_column(init, justify="right")
+    table.add_column("pairs", justify="right")
     table.add_column("SSL − scratch (paired)", justify="right")
-    for frac in sorted({f for f, _ in summaries}):
-        cells = [f"{frac:g}"]
+    for frac in sorted({f for f, _ in cells}):
+        row = [f"{frac:g}"]
         for init in inits:
-            s = summaries.get((frac, init))
-            cells += [str(s.n) if s else "0", format_summary(s)]
+            c = cells.get((frac, init))
+            row += [c.note() if c else "0", format_summary(summaries.get((frac, init)))]
         d = summaries.get((frac, DIFF))
         diff = format_summary(d)
-        if d is not None and d.low is not None and (d.low > 0 or d.high < 0):
+        if d is not None and d.low is not None and d.high is not None and (d.low > 0 or d.high < 0):
             diff = f"[bold {'green' if d.mean > 0 else 'red'}]{diff}[/]"
-        cells.append(diff)
-        table.add_row(*cells)
+        pairs = cells.get((frac, DIFF))
+        row += [str(pairs.n) if pairs else "0", diff]
+        table.add_row(*row)
     return table
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Long-format CSV: ``fraction,init,n,mean,std,ci_low,ci_high,seeds`` (empty cells where undefined)."""
+    """Long-format CSV: ``fraction,init,n,missing,nonfinite,mean,std,ci_low,ci_high,seeds,config_hash``
+    (empty cells where undefined)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["fraction", "init", "n", "mean", "std", "ci_low", "ci_high", "seeds"]
+    cols = ["fraction", "init", "n", "missing", "nonfinite", "mean", "std", "ci_low", "ci_high", "seeds"]
+    cols.append("config_hash")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            w.writerow({k: "" if r[k] is None else r[k] for k in cols})
+            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in cols})
     return path
 
 
@@ -206,7 +263,9 @@ def plot_curve(
     ax = fig.add_subplot(1, 1, 1)
     colors = {"scratch": "tab:gray", "ssl": "tab:blue"}
     fracs_all = sorted({f for f, _ in summaries})
-    bounded = metric.removeprefix("test_").removeprefix("val_").startswith(("dice", "auc", "accuracy", "balanced"))
+    bounded = (
+        metric.removeprefix("test_").removeprefix("val_").startswith(("dice", "auc", "accuracy", "balanced"))
+    )
     for init in sorted({i for _, i in summaries if i != DIFF}):
         fr = [f for f in fracs_all if (f, init) in summaries]
         s = [summaries[(f, init)] for f in fr]
@@ -242,6 +301,8 @@ def compare_study(
     out_dir: str | Path | None = None,
     parent_run_id: str | None = None,
     confidence: float = 0.95,
+    config_hash: str | None = None,
+    log_to_parent: bool = True,
 ) -> CompareResult:
     """Summarise a study from MLflow; the library entry point behind ``medssl compare --study NAME``.
 
@@ -252,10 +313,14 @@ def compare_study(
         out_dir: where ``<study>_<metric>.csv`` / ``.png`` go; default ``<sweep folder>/compare``.
         parent_run_id: a specific parent run (default: the study's newest).
         confidence: CI level.
+        config_hash: which finetune config to compare when a cell mixes several (``medssl.config_hash``):
+            ``"latest"`` (per cell the newest child's) or hashes / prefixes, comma-separated; ``None``
+            refuses mixed cells.
+        log_to_parent: log the CSV/PNG and :func:`summary_metrics` to the parent run.
 
     Raises:
-        MedsslError: unknown study (known ones named), or no finished child logged ``metric`` (the
-            metrics that exist are named).
+        MedsslError: unknown study (known ones named), no FINISHED child logged ``metric`` (the metrics that
+            exist are named), or a cell mixes config hashes (named with counts and an example key).
     """
     uri = tracking_uri or default_tracking_uri()
     client = make_client(uri)
@@ -269,34 +334,51 @@ def compare_study(
         raise MedsslError(f"no study {study!r} in MLflow at {uri}; known studies: {_known_studies(client)}")
     parent = parents[0]
     metric = metric or parent.data.tags.get("medssl.metric") or "test_dice_mean"
-    records = collect_records(client, parent, metric)
-    if not records:
+    records = collect_records(client, parent, metric, config_hash=config_hash, study=study)
+    if all(r["status"] == "missing" for r in records):
         have = sorted({m for r in child_runs(client, parent) for m in r.data.metrics})
         raise MedsslError(
             f"study {study!r}: no FINISHED child run logged {metric!r}; metrics present: {have}"
         )
     summaries = summarise(records, confidence)
-    rows = _rows(summaries)
+    cells = cell_counts(records)
+    rows = _rows(summaries, cells)
     sweep_dir = parent.data.tags.get("medssl.sweep_dir")
     out = Path(out_dir) if out_dir else (Path(sweep_dir) / "compare" if sweep_dir else Path("runs/compare"))
     csv_path = write_csv(rows, out / f"{study}_{metric}.csv")
     png_path = plot_curve(summaries, out / f"{study}_{metric}.png", study=study, metric=metric)
-    for p in (csv_path, png_path):
-        try:
-            client.log_artifact(parent.info.run_id, str(p), "compare")
-        except Exception as e:  # noqa: BLE001 - the local files are there; say so and go on
-            log.warning("could not log %s to the parent run %s: %s", p.name, parent.info.run_id, e)
+    parent_metrics = summary_metrics(summaries, cells, metric)
+    if log_to_parent:
+        _log_to_parent(client, parent.info.run_id, parent_metrics, (csv_path, png_path))
     return CompareResult(
         study,
         metric,
         parent.info.run_id,
         records,
         rows,
-        build_table(summaries, study, metric),
+        build_table(summaries, study, metric, cells),
         csv_path,
         png_path,
         summaries,
+        cells,
+        parent_metrics,
     )
+
+
+def _log_to_parent(client: Any, run_id: str, metrics: dict[str, float], files: tuple[Path, ...]) -> None:
+    """Summary metrics (step 0) and the CSV/PNG under ``compare/`` on the parent run; failures are warnings."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    try:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+    except Exception as e:  # noqa: BLE001 - the table and files are there; say so and go on
+        log.warning("could not log the summary metrics to the parent run %s: %s", run_id, e)
+    for p in files:
+        try:
+            client.log_artifact(run_id, str(p), "compare")
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not log %s to the parent run %s: %s", p.name, run_id, e)
 
 
 def _known_studies(client: Any) -> list[str]:

@@ -4,7 +4,8 @@ the paired SSL − scratch difference over matching seeds.
 All functions are pure (numbers in, numbers out). With n seeds the interval is
 ``mean ± t_{1-α/2, n-1} · s / √n`` (``s`` the sample standard deviation, ``ddof=1``). Example: values
 ``[0.80, 0.82, 0.84]`` → mean 0.82, s = 0.02, t_{0.975, 2} = 4.303 → half-width 4.303 · 0.02 / √3 = 0.0497.
-One seed gives a mean but no interval (shown as ``"n=1"``).
+One seed gives a mean but no interval (shown as ``"n=1, no CI"``). NaN / ``inf`` values are never averaged:
+:func:`mean_ci` refuses them, :func:`paired_difference` drops the seeds where either arm has one.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95, seeds: Sequence[i
 
 
 def paired_difference(
-    treated: Mapping[int, float], control: Mapping[int, float], confidence: float = 0.95
+    treated: Mapping[int, float | None], control: Mapping[int, float | None], confidence: float = 0.95
 ) -> Summary | None:
-    """Mean ± CI of the per-seed differences ``treated[s] − control[s]`` over the seeds present in both.
+    """Mean ± CI of the per-seed differences ``treated[s] − control[s]`` over the seeds present in both
+    with finite values (a NaN / ``inf`` / ``None`` in either arm drops that seed).
 
     Pairing removes the between-seed variance shared by both arms (same split, same validation set), so
     the interval of the difference is usually much narrower than the two separate intervals suggest.
@@ -93,19 +95,23 @@ def paired_difference(
         confidence: CI level.
 
     Returns:
-        The :class:`Summary` of the differences (``seeds`` = matched seeds, sorted), or ``None`` when no seed
-        is in both.
+        The :class:`Summary` of the differences (``seeds`` = matched seeds, sorted, ``n`` their number), or
+        ``None`` when no seed is finite in both.
     """
-    common = sorted(set(treated) & set(control))
+
+    def finite(x: float | None) -> bool:
+        return x is not None and math.isfinite(x)
+
+    common = sorted(s for s in set(treated) & set(control) if finite(treated[s]) and finite(control[s]))
     if not common:
         return None
     return mean_ci([treated[s] - control[s] for s in common], confidence, seeds=common)
 
 
 def format_summary(s: Summary | None, digits: int = 3) -> str:
-    """``"0.820 ± 0.050"``, ``"0.820 (n=1)"`` or ``"–"`` for ``None``."""
+    """``"0.820 ± 0.050"``, ``"0.820 (n=1, no CI)"`` or ``"–"`` for ``None`` (no finite value)."""
     if s is None:
         return "–"
     if s.half_width is None:
-        return f"{s.mean:.{digits}f} (n={s.n})"
+        return f"{s.mean:.{digits}f} (n={s.n}, no CI)"
     return f"{s.mean:.{digits}f} ± {s.half_width:.{digits}f}"

@@ -32,7 +32,7 @@ def test_single_value_has_no_interval() -> None:
     s = mean_ci([0.5])
     assert s.n == 1 and s.mean == 0.5 and s.std is None and s.half_width is None
     assert s.low is None and s.high is None
-    assert format_summary(s) == "0.500 (n=1)"
+    assert format_summary(s) == "0.500 (n=1, no CI)"
 
 
 @pytest.mark.parametrize("bad", [[], [float("nan")], [1.0, float("inf")]])
@@ -59,6 +59,14 @@ def test_paired_difference_uses_matching_seeds_only() -> None:
     # pairing: a constant per-seed offset gives a zero-width interval of the difference
     same = paired_difference({0: 0.5, 1: 0.9}, {0: 0.4, 1: 0.8})
     assert same is not None and same.mean == pytest.approx(0.1) and same.half_width == pytest.approx(0.0)
+
+
+def test_paired_difference_skips_non_finite_seeds() -> None:
+    ssl = {0: 0.85, 1: float("nan"), 2: 0.90, 3: 0.7}
+    scratch = {0: 0.80, 1: 0.78, 2: float("inf"), 3: 0.6, 4: 0.5}
+    d = paired_difference(ssl, scratch)
+    assert d is not None and d.seeds == (0, 3) and d.n == 2 and d.mean == pytest.approx(0.075)
+    assert paired_difference({0: float("nan")}, {0: 0.5}) is None
 
 
 def test_paired_difference_without_common_seed() -> None:
