@@ -16,9 +16,13 @@ from rich.table import Table
 
 from medssl.errors import MedsslError
 
-__all__ = ["run_demo", "default_sample_dir"]
+__all__ = ["run_demo", "default_sample_dir", "DEMO_FINETUNE_AUGMENT"]
 
 log = logging.getLogger(__name__)
+
+#: finetuning augmentation of the demo sweep: left/right flips only (array axis 0 after RAS orientation);
+#: anterior (class 1) vs posterior (class 2) hippocampus lies along axis 1, which a flip would swap
+DEMO_FINETUNE_AUGMENT = {"flip_prob": 0.5, "flip_axes": [0]}
 
 
 def default_sample_dir() -> Path:
@@ -122,7 +126,7 @@ def _sweep(out: Path, datalist: Path, splits: Path, encoder: Path, steps: int, t
         "finetune": {"task": "segmentation", "network": "SegResNet", "network_kwargs": {"init_filters": 8},
                      "out_channels": 3, "roi_size": [32, 32, 32], "normalisation": "robust", "batch_size": 2,
                      "num_samples": 2, "lr": 1e-3, "max_steps": steps, "warmup_steps": max(1, steps // 10),
-                     "sw_batch_size": 4, "device": "cpu"},
+                     "sw_batch_size": 4, "device": "cpu", "augment": DEMO_FINETUNE_AUGMENT},
         # validate about every 50 steps (batch 2: 4 and 14 steps per epoch at 25 % and 100 %)
         "finetune_by_fraction": {25: {"val_every": 12}, 100: {"val_every": 4}},
     }

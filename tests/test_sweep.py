@@ -116,17 +116,31 @@ class FakeFinetune:
         return SimpleNamespace(run_id=tr.run_id, test_metrics=test, status="FINISHED")
 
 
-class FakePretrain:
-    """Stands in for ``run_pretraining``: writes ``encoder.pt`` and a real child run."""
+def write_encoder(out: Path, width: int = 4, **recipe: Any) -> Path:
+    """A real (tiny, untrained) SegResNet ``encoder.pt`` whose recipe records ``recipe``'s preprocessing."""
+    from medssl.engines.checkpoint import save_encoder
+    from medssl.networks.encoders import build_encoder
 
-    def __init__(self) -> None:
-        self.calls = 0
+    enc = build_encoder("segresnet", in_channels=1, img_size=(16, 16, 16), init_filters=width,
+                        blocks_down=[1, 1], blocks_up=[1], norm=["GROUP", {"num_groups": 2}])
+    base = dict(encoder=enc.recipe, method="simclr", method_kwargs={}, in_channels=1, roi_size=[16, 16, 16],
+                target_spacing=[1.0, 1.0, 1.0], normalisation="robust", ct_window=[-1000.0, 1000.0])
+    pt, _ = save_encoder(out, enc, base | recipe)
+    return pt
+
+
+class FakePretrain:
+    """Stands in for ``run_pretraining``: writes a real tiny ``encoder.pt`` (recipe: ``recipe``, weights from
+    ``width``) and a real child run."""
+
+    def __init__(self, width: int = 4, **recipe: Any) -> None:
+        self.calls, self.width, self.recipe = 0, width, recipe
 
     def __call__(self, cfg: Any, *, resume: Any, progress: bool) -> SimpleNamespace:
         self.calls += 1
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "encoder.pt").write_bytes(b"weights")
+        write_encoder(out, self.width, **self.recipe)
         tr = MlflowTracker(
             cfg.experiment,
             run_name=cfg.run_name,
@@ -188,7 +202,7 @@ def test_sweep_parent_children_tags_failure_and_rerun(tmp_path: Path) -> None:
     assert {
         k: run.data.tags[k] for k in ("medssl.study", "medssl.fraction", "medssl.init", "medssl.seed")
     } == {"medssl.study": "toy", "medssl.fraction": "100", "medssl.init": "ssl", "medssl.seed": "0"}
-    assert run.data.tags["medssl.data_hash"] == parent.data.tags["medssl.data_hash"]
+    assert len(run.data.tags["medssl.data_hash"]) == 16 and len(run.data.tags["medssl.config_hash"]) == 16
     assert run.data.metrics["test_dice_mean"] == pytest.approx(fake_value(100, "ssl", 0))
     failed = by_key["f10-ssl-s1"]
     assert failed.info.status == "FAILED" and "boom" in failed.data.tags["medssl.error"]
@@ -258,8 +272,7 @@ def test_default_sqlite_store_in_working_dir(tmp_path: Path, monkeypatch: pytest
 
 def test_reused_checkpoint_and_pretraining_failure(tmp_path: Path) -> None:
     uri = fresh_sqlite_uri(tmp_path)
-    enc = tmp_path / "enc.pt"
-    enc.write_bytes(b"w")
+    enc = write_encoder(tmp_path / "enc")
     ft = FakeFinetune()
     spec = pipeline(
         tmp_path, uri, study="reuse", pretrain={"checkpoint": str(enc)}, fractions=[100], seeds=[0]
@@ -432,6 +445,7 @@ def test_real_engines_tiny_hippocampus_sweep(hippocampus_dir: Path, tmp_path: Pa
     kinds = sorted(r.data.tags["medssl.kind"] for r in runs)
     assert kinds == ["finetune"] * 2 + ["pretrain"] and all(r.info.status == "FINISHED" for r in runs)
     ssl_run = next(r for r in runs if r.data.tags.get("medssl.sweep_key") == "f100-ssl-s0")
+    assert ssl_run.data.params["config_hash"] == ssl_run.data.tags["medssl.config_hash"]
     assert ssl_run.data.tags["medssl.fraction"] == "100" and ssl_run.data.params["transfer.share"] == "1.0"
     out = compare_study("hippo-tiny", tracking_uri=uri)
     assert {(r["fraction"], r["init"]) for r in out.rows} == {

@@ -39,6 +39,7 @@ from medssl.engines.components import resolve_device
 from medssl.engines.finetune_config import FinetuneConfig, build_model, rebuild_model
 from medssl.engines.finetune_data import (
     class_weights,
+    data_channels,
     epoch_loader,
     eval_transforms,
     finetune_items,
@@ -48,6 +49,7 @@ from medssl.engines.finetune_data import (
     train_transforms,
 )
 from medssl.engines.finetune_eval import RESUME_FIELDS, _FinetunerState  # noqa: F401 (re-export)
+from medssl.engines.finetune_identity import config_hash, config_identity, file_sha256
 from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker
 from medssl.engines.metrics import as_tensor
 from medssl.engines.progress import ProgressBar
@@ -73,30 +75,40 @@ class Finetuner(_FinetunerState):
 
         self.tracker, self.device = tracker, resolve_device(config.device)
         self.seg = config.task == "segmentation"
-        model, self.recipe, report, pre = build_model(config)
+        self.items = finetune_items(
+            config.datalist,
+            config.splits,
+            fraction=config.fraction,
+            seed=config.seed,
+            task=config.task,
+            class_key=config.class_key,
+            num_classes=None if self.seg else config.num_classes,
+        )
+        channels = data_channels(self.items)
+        if config.in_channels is not None and int(config.in_channels) != channels:
+            raise MedsslError(
+                f"in_channels={config.in_channels} but the items of {config.datalist} have {channels} "
+                "image channel(s)"
+            )
+        model, self.recipe, report, pre = build_model(config.replace(in_channels=channels))
         self.transfer = report.to_dict() if report is not None else None
         self.cfg = cfg = config.replace(
             normalisation=pre["normalisation"],
             target_spacing=pre.get("target_spacing"),
             ct_window=pre["ct_window"],
+            in_channels=channels,
         )
+        self.recipe["augment"] = cfg.augment
         self.model = model.to(self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
         if self.amp_dtype is not None and self.device.type != "cuda":
             log.warning("amp=%s ignored on %s (AMP runs on CUDA only)", cfg.amp, self.device)
             self.amp_dtype = None
-        self.items = finetune_items(
-            cfg.datalist,
-            cfg.splits,
-            fraction=cfg.fraction,
-            seed=cfg.seed,
-            task=cfg.task,
-            class_key=cfg.class_key,
-            num_classes=None if self.seg else cfg.num_classes,
-        )
         tf = dict(normalisation=cfg.normalisation, target_spacing=cfg.target_spacing, ct_window=cfg.ct_window)
-        self.eval_tf = eval_transforms(cfg.task, roi_size=cfg.roi_size, **tf)
-        train_tf = train_transforms(cfg.task, roi_size=cfg.roi_size, num_samples=cfg.num_samples, **tf)
+        self.eval_tf = eval_transforms(cfg.task, roi_size=cfg.roi_size, native_label=True, **tf)
+        train_tf = train_transforms(
+            cfg.task, roi_size=cfg.roi_size, num_samples=cfg.num_samples, augment=cfg.augment, **tf
+        )
         self.train_ds = make_dataset(self.items["training"], train_tf, cfg.cache_rate, cfg.num_workers)
         self.val_ds = make_dataset(self.items["validation"], self.eval_tf, cfg.cache_rate, cfg.num_workers)
         if self.seg:
@@ -123,6 +135,16 @@ class Finetuner(_FinetunerState):
         self.epoch, self.step, self.nan_run, self.bad_validations, self.stopped = 0, 0, 0, 0, False
         self.best: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
+
+    @property
+    def config_hash(self) -> str:
+        """``medssl.config_hash``: the sweep's tag, else the hash of this run's resolved config (with the
+        sha256 of a local SSL encoder file; :mod:`medssl.engines.finetune_identity`)."""
+        if self.cfg.tags.get("medssl.config_hash"):
+            return str(self.cfg.tags["medssl.config_hash"])
+        src = self.cfg.ssl_source
+        sha = file_sha256(src) if src and Path(src).is_file() else None
+        return config_hash(config_identity(self.cfg, encoder_sha256=sha))
 
     # -- one optimizer step (schedule → warm-up → forward → guard → backward/clip → step) ----------------
     def _autocast(self) -> Any:
@@ -165,7 +187,7 @@ class Finetuner(_FinetunerState):
 
     def train_epoch(self, epoch: int) -> float:
         """Train epoch ``epoch`` (0-based; stops at ``total_steps``); returns the mean loss of its steps."""
-        self.model.train()
+        self.model.train()  # a linear probe's encoder stays in eval mode (finetune_opts.freeze_encoder)
         seed_epoch(self.train_ds, self.cfg.seed, epoch)
         losses = []
         for batch in epoch_loader(
@@ -191,12 +213,15 @@ class Finetuner(_FinetunerState):
                 from medssl.config import flatten_dict
 
                 params = flatten_dict(cfg.to_dict()) | {"data.n_training": len(self.items["training"])}
+                params["config_hash"] = self.config_hash
                 if self.transfer is not None:
                     params["transfer.share"] = round(self.transfer["share"], 6)
                 tr.log_params(params)
-            if "medssl.data_hash" not in cfg.tags:  # a sweep sets its own (whole-study) data hash
+            tags = {"medssl.config_hash": self.config_hash}
+            if "medssl.data_hash" not in cfg.tags:  # a sweep sets its own data hash
                 all_items = [it for role in self.items.values() for it in role]
-                tr.set_tags({"medssl.data_hash": items_hash(all_items)})
+                tags["medssl.data_hash"] = items_hash(all_items)
+            tr.set_tags(tags)
             tr.log_artifact(self.out / "config.yaml")
             if self.transfer is not None:
                 tr.log_artifact(self.out / "transfer_report.json")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from medssl.config import ConfigBase
+from medssl.engines.finetune_augment import resolve_augment
 from medssl.errors import ConfigMismatchError, MedsslError
 
 __all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "build_model", "rebuild_model"]
@@ -63,6 +64,11 @@ class FinetuneConfig(ConfigBase):
         override_preprocessing: accept preprocessing that contradicts the SSL recipe (warned).
         batch_size: volumes per step (segmentation: each contributes ``num_samples`` crops).
         num_samples: crops per volume per step (``RandCropByPosNegLabeld``), segmentation.
+        augment: random training transforms (:mod:`medssl.engines.finetune_augment`): ``flip_prob``,
+            ``flip_axes`` (default all three), ``intensity_scale``, ``intensity_shift``, ``intensity_prob``;
+            missing keys take the defaults (flip each axis with p = 0.5). Stored resolved (every key).
+        in_channels: input channels; ``None`` = the datalist's channel count (``"image": [paths]`` items are
+            multi-channel). An explicit value must match the data and an SSL recipe's.
         lr: peak learning rate (AdamW); ``min_lr``: end of the cosine decay; ``warmup_steps``: linear warm-up.
         weight_decay: AdamW weight decay.
         max_epochs: passes over the training fraction; ``max_steps`` > 0 caps optimizer steps instead
@@ -109,6 +115,8 @@ class FinetuneConfig(ConfigBase):
     override_preprocessing: bool = False
     batch_size: int = 2
     num_samples: int = 2
+    augment: dict[str, Any] = field(default_factory=dict)
+    in_channels: int | None = None
     lr: float = 1e-3
     min_lr: float = 1e-6
     warmup_steps: int = 0
@@ -146,6 +154,7 @@ class FinetuneConfig(ConfigBase):
             elif isinstance(v, tuple):
                 setattr(self, name, list(v))
         self.fraction = float(self.fraction)
+        self.augment = resolve_augment(self.augment)
         self.validate()
 
     @property
@@ -187,6 +196,8 @@ class FinetuneConfig(ConfigBase):
             len(self.ct_window) != 2 or self.ct_window[0] >= self.ct_window[1]
         ):
             raise ValueError(f"ct_window must be [min, max] HU with min < max, got {self.ct_window!r}")
+        if self.in_channels is not None and int(self.in_channels) < 1:
+            raise ValueError(f"in_channels must be >= 1 or None (= the data's), got {self.in_channels!r}")
         if not 0.0 < self.fraction <= 100.0:
             raise ValueError(f"fraction is percent in (0, 100], got {self.fraction!r}")
         for name in (
@@ -271,11 +282,11 @@ def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any,
     out = config.out_channels if config.task == "segmentation" else config.num_classes
     explicit = {"roi_size": roi} | {
         k: getattr(config, k)
-        for k in ("target_spacing", "normalisation", "ct_window")
+        for k in ("target_spacing", "normalisation", "ct_window", "in_channels")
         if getattr(config, k) is not None
     }
     report, src = None, config.ssl_source
-    scratch_kw = {"in_channels": 1, "img_size": roi, **config.network_kwargs}
+    scratch_kw = {"in_channels": int(config.in_channels or 1), "img_size": roi, **config.network_kwargs}
     if src is None:
         build = {"kind": kind, "recipe": None, "out_channels": out, "kwargs": scratch_kw}
         try:

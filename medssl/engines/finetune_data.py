@@ -3,7 +3,10 @@
 Preprocessing is the pretraining chain (:func:`medssl.engines.data.preprocessing`) extended to the label:
 load → channel first → RAS → optional resampling (image bilinear, label nearest, mm) → the same intensity
 normalisation (``NormalizeIntensityRobustd`` / HU window) → float32. Training adds random crops
-(``RandCropByPosNegLabeld``, segmentation) or pad/crop to ``roi_size`` (classification) and flips.
+(``RandCropByPosNegLabeld``, segmentation) or pad/crop to ``roi_size`` (classification) and the configured
+augmentation (:mod:`medssl.engines.finetune_augment`). A multi-channel item (``"image": [path, ...]``, fixed
+channel order) is loaded as one ``(C, X, Y, Z)`` volume. With ``target_spacing``, evaluation items also carry
+``native_label``: the label on its original grid (RAS-oriented, never resampled) for native-grid metrics.
 
 Exact resume: :func:`seed_epoch` re-seeds the random transforms from ``(seed, epoch)`` and
 :func:`epoch_loader` draws the order from the same pair, so an epoch's batches depend on nothing else
@@ -24,12 +27,12 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     Orientationd,
     RandCropByPosNegLabeld,
-    RandFlipd,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     Spacingd,
@@ -38,6 +41,7 @@ from monai.transforms import (
 
 from medssl.data.splits import fraction_key, load_splits
 from medssl.engines.data import pool_fingerprint
+from medssl.engines.finetune_augment import augment_transforms
 from medssl.errors import MedsslError
 
 __all__ = [
@@ -49,6 +53,7 @@ __all__ = [
     "seed_epoch",
     "epoch_loader",
     "items_hash",
+    "data_channels",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,9 @@ _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as medssl.engines.data (pr
 _ROLES = ("training", "validation", "test")
 
 
-def _resolve(path: str, root: Path) -> str:
+def _resolve(path: str | list[str], root: Path) -> str | list[str]:
+    if isinstance(path, (list, tuple)):  # a multi-channel item: one file per channel, order kept
+        return [str(_resolve(p, root)) for p in path]
     return str(Path(path) if Path(path).is_absolute() else (root / path).resolve())
 
 
@@ -87,7 +94,8 @@ def finetune_items(
     Returns:
         ``{"training": [...], "validation": [...], "test": [...]}``; segmentation items
         ``{"image": abs path, "label": abs path, "case_id"}``, classification items
-        ``{"image": abs path, "label": int class, "case_id"}``.
+        ``{"image": abs path, "label": int class, "case_id"}``; a multi-channel ``image`` stays a list of
+        absolute paths (channel order kept).
 
     Raises:
         MedsslError: unknown seed / fraction (the available ones named), case ids of the splits missing from
@@ -158,6 +166,26 @@ def _check_classes(out: dict[str, list[dict[str, Any]]], fkey: str, num_classes:
         )
 
 
+def data_channels(items: dict[str, list[dict[str, Any]]] | Sequence[dict[str, Any]]) -> int:
+    """Input channels of the items: ``len(image)`` of a multi-channel item, 1 for a single path.
+
+    Raises:
+        MedsslError: items with different channel counts (the first differing case and both counts named).
+    """
+    flat = [it for v in items.values() for it in v] if isinstance(items, dict) else list(items)
+    first: tuple[str, int] | None = None
+    for it in flat:
+        n = len(it["image"]) if isinstance(it["image"], (list, tuple)) else 1
+        if first is None:
+            first = (str(it.get("case_id")), n)
+        elif n != first[1]:
+            raise MedsslError(
+                f"case {it.get('case_id')} has {n} image channel(s) but case {first[0]} has {first[1]}: "
+                "every item of a datalist needs the same channels"
+            )
+    return first[1] if first else 1
+
+
 def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
     """Inverse-frequency class weights ``N / (K * n_c)`` of the training items (mean weight per case 1).
 
@@ -199,12 +227,14 @@ def eval_transforms(
     target_spacing: Sequence[float] | None = None,
     ct_window: Sequence[float] = (-1000.0, 1000.0),
     roi_size: Sequence[int] = (32, 32, 32),
+    native_label: bool = False,
 ) -> Compose:
     """Deterministic chain for validation / test (and the cached head of the training chain).
 
-    Segmentation maps ``{"image", "label"}`` paths to ``MetaTensor (1, X, Y, Z)`` each (image float32 in the
-    normalised range, label float32 class indices; meta kept for the voxel spacing of HD95). Classification
-    maps ``{"image"}`` to ``(1, *roi_size)`` (padded / centre-cropped), the int ``label`` is left as is.
+    Segmentation maps ``{"image", "label"}`` paths to ``MetaTensor (C, X, Y, Z)`` / ``(1, X, Y, Z)`` (image
+    float32 in the normalised range, label float32 class indices; meta kept for the voxel spacing of HD95).
+    Classification maps ``{"image"}`` to ``(C, *roi_size)`` (padded / centre-cropped), the int ``label`` is
+    left as is.
 
     Args:
         task: ``"segmentation"`` or ``"classification"``.
@@ -212,6 +242,8 @@ def eval_transforms(
         target_spacing: voxel size in mm ``(x, y, z)``; ``None`` keeps the native grid.
         ct_window: HU window for ``"ct"``.
         roi_size: classification input size ``(D, H, W)`` in voxels.
+        native_label: segmentation with ``target_spacing``: also keep ``native_label``, the label before
+            resampling ``(1, X0, Y0, Z0)`` with its own affine (evaluation in the label's native grid).
     """
     keys = ["image", "label"] if task == "segmentation" else ["image"]
     chain: list = [
@@ -219,13 +251,18 @@ def eval_transforms(
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS),
     ]
+    if native_label and task == "segmentation" and target_spacing is not None:
+        chain.append(CopyItemsd(["label"], names=["native_label"]))
+        keys_typed = [*keys, "native_label"]
+    else:
+        keys_typed = keys
     if target_spacing is not None:
         mode = ("bilinear", "nearest") if task == "segmentation" else "bilinear"
         chain.append(Spacingd(keys, pixdim=tuple(float(s) for s in target_spacing), mode=mode))
     norm = _normaliser(normalisation, ct_window)
     if norm is not None:
         chain.append(norm)
-    chain.append(EnsureTyped(keys, dtype=torch.float32))
+    chain.append(EnsureTyped(keys_typed, dtype=torch.float32))
     if task == "classification":
         chain.append(ResizeWithPadOrCropd(["image"], spatial_size=tuple(int(r) for r in roi_size)))
     return Compose(chain)
@@ -239,12 +276,14 @@ def train_transforms(
     normalisation: str = "robust",
     target_spacing: Sequence[float] | None = None,
     ct_window: Sequence[float] = (-1000.0, 1000.0),
+    augment: dict[str, Any] | None = None,
 ) -> Compose:
     """:func:`eval_transforms` + random training transforms (arguments as there).
 
     Segmentation: pad to ``roi_size`` (``SpatialPadd``), ``num_samples`` crops of ``roi_size`` centred on
-    foreground / background voxels 1:1 (``RandCropByPosNegLabeld``), random flips of each axis (p = 0.5).
-    Classification: random flips of each axis (p = 0.5) of the padded / cropped volume.
+    foreground / background voxels 1:1 (``RandCropByPosNegLabeld``), then ``augment``. Classification:
+    ``augment`` of the padded / cropped volume. ``augment``: :func:`~medssl.engines.finetune_augment.resolve_augment`
+    keys; ``None`` = the defaults (random flips of each axis, p = 0.5).
     """
     roi = tuple(int(r) for r in roi_size)
     det = eval_transforms(
@@ -259,7 +298,7 @@ def train_transforms(
                 keys, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
             ),
         ]
-    rand += [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)]
+    rand += augment_transforms(keys, augment)
     return Compose([*det.transforms, *rand])
 
 

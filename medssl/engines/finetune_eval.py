@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl.engines import checkpoint as ck
+from medssl.engines.finetune_native import evaluate_native
 from medssl.engines.metrics import SELECTION_METRIC, evaluate_model
 
 __all__ = ["RESUME_FIELDS"]
@@ -30,7 +31,18 @@ class _FinetunerState:
 
     # -- evaluation and selection ---------------------------------------------------------------------
     def evaluate(self, dataset: Any) -> dict[str, float]:
-        """Metrics of the current model on ``dataset`` (sliding window for segmentation), unprefixed."""
+        """Metrics of the current model on ``dataset`` (sliding window for segmentation), unprefixed; with
+        ``target_spacing``, segmentation is scored in the label's native grid (:mod:`.finetune_native`)."""
+        if self.cfg.task == "segmentation" and self.cfg.target_spacing is not None:
+            return evaluate_native(
+                self.model,
+                dataset,
+                num_classes=self.cfg.out_channels,
+                inferer=self.inferer,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                num_workers=self.cfg.num_workers,
+            )
         return evaluate_model(
             self.model,
             dataset,

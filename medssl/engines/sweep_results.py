@@ -33,6 +33,8 @@ class ChildOutcome:
     run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    config_hash: str | None = None
+    data_hash: str | None = None
 
 
 @dataclass
@@ -71,8 +73,13 @@ class SweepResult:
 
 
 def _data_hash(datalist: Path, splits: Path) -> str:
+    """Study-level data hash (parent run tag): the datalist bytes and the fixed test set. Adding seeds or
+    fractions (which rewrites ``splits.json``) keeps it; each child's own ``medssl.data_hash`` also covers its
+    training and validation sets (:func:`medssl.engines.finetune_identity.split_data_hash`)."""
+    from medssl.data.splits import load_splits
+
     h = hashlib.sha256(datalist.read_bytes())
-    h.update(splits.read_bytes())
+    h.update(json.dumps(sorted(load_splits(splits)["test"])).encode())
     return h.hexdigest()[:16]
 
 
@@ -87,8 +94,14 @@ def _read_marker(out: Path) -> dict[str, Any]:
         return {}
 
 
-def _write_marker(c: ChildOutcome) -> None:
+def _write_marker(c: ChildOutcome, identity: dict[str, Any] | None = None) -> None:
+    """``sweep_child.json``: status (RUNNING at the start, then FINISHED / FAILED), run id, metrics, and what
+    the child was run with (``config_hash``, ``data_hash``, ``config``: the identity behind the hash)."""
     c.out_dir.mkdir(parents=True, exist_ok=True)
     tmp = c.out_dir / f".{_MARKER}.tmp"
-    tmp.write_text(json.dumps({"status": c.status, "run_id": c.run_id, "metrics": c.metrics}))
+    data = {"status": c.status, "run_id": c.run_id, "metrics": c.metrics, "config_hash": c.config_hash,
+            "data_hash": c.data_hash}
+    if identity is None:
+        identity = _read_marker(c.out_dir).get("config")
+    tmp.write_text(json.dumps(data | {"config": identity}, default=str))
     os.replace(tmp, c.out_dir / _MARKER)

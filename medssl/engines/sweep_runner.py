@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from medssl.data.splits import fraction_key
+from medssl.engines.finetune_identity import config_hash, config_identity, file_sha256, split_data_hash
+from medssl.engines.sweep_identity import Conflict, pretrain_identity, refuse_conflicts, resolve_preprocessing
 from medssl.engines.sweep_results import (
     _MARKER,
     ChildOutcome,
@@ -56,6 +58,9 @@ class _Sweep:
         self.client = make_client(self.uri)
         self.parent, self.sweep_dir = self._open_parent(new)
         self.result = SweepResult(pl.study, self.parent.run_id, self.sweep_dir, self.data_hash)
+        self.preprocessing: dict[str, Any] = {}
+        self.encoder_sha: str | None = None
+        self.pretrain_identity: dict[str, Any] | None = None
         self.common = {
             "experiment": pl.experiment,
             "tracking_uri": self.uri,
@@ -106,6 +111,7 @@ class _Sweep:
             log.warning("cannot list child runs of %s (%s); using local markers only", pl.study, e)
             existing = {}
         pretrain_error = None
+        self._check_pretrain()  # a changed pretraining config is refused, never silently reused
         if "ssl" in pl.inits:
             try:
                 r.encoder_path, r.pretrain_run_id = self._pretrain(pretrain_fn)
@@ -114,31 +120,30 @@ class _Sweep:
                     raise
                 pretrain_error = f"pretraining failed: {type(e).__name__}: {e}"
                 log.error("%s; ssl children are marked FAILED, scratch children go on", pretrain_error)
+        if r.encoder_path is not None:
+            try:  # both arms get the SSL recipe's preprocessing (sweep_identity)
+                self.preprocessing = resolve_preprocessing(r.encoder_path, pl.finetune)
+            except MedsslError as e:
+                if (pl.pretrain or {}).get("checkpoint"):
+                    raise
+                pretrain_error, r.encoder_path = f"pretraining wrote an unusable encoder: {e}", None
+                log.error("%s; ssl children are marked FAILED, scratch children go on", pretrain_error)
+        self.encoder_sha = file_sha256(r.encoder_path) if r.encoder_path is not None else None
         self.parent.set_tags({"medssl.ssl_checkpoint": str(r.encoder_path or "")})
         todo = [(f, s, i) for f in pl.fractions for s in pl.seeds for i in pl.inits]
-        for n, (fraction, seed, init) in enumerate(todo, start=1):
-            key = _child_key(fraction, init, seed)
-            out = self.sweep_dir / key
-            marker = _read_marker(out)
-            if existing.get(key, ("", None))[0] == "FINISHED" or marker.get("status") == "FINISHED":
-                log.info("[%d/%d] %s finished earlier; skipped", n, len(todo), key)
-                r.children.append(
-                    ChildOutcome(
-                        key,
-                        fraction,
-                        init,
-                        seed,
-                        out,
-                        "SKIPPED",
-                        marker.get("run_id") or existing.get(key, ("", None))[1],
-                        marker.get("metrics", {}),
-                    )
-                )
+        plans = [self._plan(f, i, s) for f, s, i in todo]
+        self._check_reuse(plans, existing)  # refuses before any child runs
+        for n, (c, cfg, identity) in enumerate(plans, start=1):
+            marker = _read_marker(c.out_dir)
+            if existing.get(c.key, ("",))[0] == "FINISHED" or marker.get("status") == "FINISHED":
+                log.info("[%d/%d] %s finished earlier; skipped", n, len(todo), c.key)
+                c.status = "SKIPPED"
+                c.run_id = marker.get("run_id") or (existing.get(c.key) or ("", None))[1]
+                c.metrics = marker.get("metrics", {})
+                r.children.append(c)
                 continue
-            log.info("[%d/%d] %s", n, len(todo), key)
-            r.children.append(
-                self._child(ChildOutcome(key, fraction, init, seed, out, "FAILED"), pretrain_error)
-            )
+            log.info("[%d/%d] %s", n, len(todo), c.key)
+            r.children.append(self._child(c, cfg, identity, pretrain_error))
             self.parent.log_metrics(
                 {
                     "children_done": float(sum(c.status != "FAILED" for c in r.children)),
@@ -152,51 +157,110 @@ class _Sweep:
             json.dumps({"study": r.study, "parent_run_id": r.parent_run_id, "children": rows}, indent=1)
         )
 
-    def _existing_children(self) -> dict[str, tuple[str, str]]:
-        """sweep key → (status, run id) of the parent's child runs (a FINISHED one wins, else the newest)."""
-        out: dict[str, tuple[str, str]] = {}
+    def _check_pretrain(self) -> None:
+        """Record the pretraining's config identity; refuse when the sweep's pretraining ran with another."""
+        spec = dict(self.pl.pretrain or {})
+        if "ssl" not in self.pl.inits or spec.get("checkpoint"):
+            return
+        self.pretrain_identity = ident = pretrain_identity({"datalist": str(self.datalist), **spec})
+        marker = _read_marker(self.sweep_dir / "pretrain")
+        old = marker.get("config")
+        if old is not None and old != ident:
+            what = "finished" if marker.get("status") == "FINISHED" else "interrupted"
+            refuse_conflicts(
+                self.pl.study,
+                [Conflict("pretrain", what, "config", config_hash(old), config_hash(ident), old, ident)],
+            )
+
+    def _existing_children(self) -> dict[str, tuple[str, str, str | None, str | None]]:
+        """sweep key → (status, run id, config hash, data hash) of the parent's child runs (a FINISHED one
+        wins, else the newest)."""
+        out: dict[str, tuple[str, str, str | None, str | None]] = {}
         for run in child_runs(self.client, self.client.get_run(self.parent.run_id)):
-            key = run.data.tags.get("medssl.sweep_key")
+            key, tags = run.data.tags.get("medssl.sweep_key"), run.data.tags
             upgrade = key in out and run.info.status == "FINISHED" and out[key][0] != "FINISHED"
             if key and (key not in out or upgrade):
-                out[key] = (run.info.status, run.info.run_id)
+                out[key] = (run.info.status, run.info.run_id, tags.get("medssl.config_hash"),
+                            tags.get("medssl.data_hash"))
         return out
 
+    def _plan(self, fraction: float, init: str, seed: int) -> tuple[ChildOutcome, dict[str, Any], dict]:
+        """The child's outcome record, its effective finetune config and its config identity (hashed)."""
+        pl, key = self.pl, _child_key(fraction, init, seed)
+        c = ChildOutcome(key, fraction, init, seed, self.sweep_dir / key, "FAILED")
+        base = finetune_dict(pl, fraction, init)
+        enc = self.result.encoder_path
+        cfg = {
+            **base,
+            **self.preprocessing,
+            **self.common,
+            "datalist": str(self.datalist),
+            "splits": str(self.splits),
+            "fraction": fraction,
+            "seed": seed,
+            "study": pl.study,
+            "out_dir": str(c.out_dir),
+            "run_name": f"{pl.study}/{key}",
+            "init": "scratch" if init == "scratch" else f"ssl:{enc if enc is not None else 'unavailable'}",
+        }
+        identity = config_identity(cfg, encoder_sha256=self.encoder_sha if init == "ssl" else None)
+        c.config_hash = config_hash(identity)
+        c.data_hash = split_data_hash(self.datalist, self.splits, seed=seed, fraction=fraction)
+        cfg["tags"] = {**base.get("tags", {}), **self._tags(c)}
+        return c, cfg, identity
+
+    def _check_reuse(self, plans: list[tuple[ChildOutcome, dict[str, Any], dict]],
+                     existing: dict[str, tuple[str, str, str | None, str | None]]) -> None:
+        """Refuse (MedsslError, nothing run) when a finished / failed / interrupted child was made with another
+        config or data than it would get now (:mod:`medssl.engines.sweep_identity`)."""
+        conflicts = []
+        for c, _, identity in plans:
+            marker = _read_marker(c.out_dir)
+            status, _, run_cfg, run_data = existing.get(c.key, ("", "", None, None))
+            state = marker.get("status") or status
+            if not state or (not marker and state == "FAILED"):
+                continue  # never started (e.g. its pretraining failed): retried with the current config
+            what = {"FINISHED": "finished", "FAILED": "failed"}.get(state, "interrupted")
+            old_cfg, old_data = marker.get("config_hash") or run_cfg, marker.get("data_hash") or run_data
+            if old_cfg is None and old_data is None:
+                if state == "FINISHED":
+                    log.warning("child %s records no config hash (made by an older medssl): reused", c.key)
+                continue
+            if old_cfg is not None and old_cfg != c.config_hash:
+                old = marker.get("config") if marker.get("config_hash") == old_cfg else None
+                conflicts.append(Conflict(c.key, what, "config", old_cfg, c.config_hash, old, identity))
+            elif old_data is not None and old_data != c.data_hash:
+                conflicts.append(Conflict(c.key, what, "data", old_data, c.data_hash))
+        refuse_conflicts(self.pl.study, conflicts)
+
     def _tags(self, c: ChildOutcome) -> dict[str, str]:
-        return {
+        tags = {
             **standard_tags(
                 "finetune",
                 study=self.pl.study,
                 init=c.init,
                 seed=c.seed,
-                data_hash=self.data_hash,
+                data_hash=c.data_hash or self.data_hash,
                 sha=self.sha,
             ),
             "medssl.fraction": fraction_key(c.fraction),
             "medssl.sweep_key": c.key,
         }
+        if c.config_hash:
+            tags["medssl.config_hash"] = c.config_hash
+        return tags
 
-    def _child(self, c: ChildOutcome, pretrain_error: str | None) -> ChildOutcome:
+    def _child(self, c: ChildOutcome, cfg: dict[str, Any], identity: dict[str, Any],
+               pretrain_error: str | None) -> ChildOutcome:
         """Run (or resume) one child; a failure is recorded on the outcome and in MLflow, never raised."""
         from medssl.engines.finetune_config import FinetuneConfig
 
-        pl, base = self.pl, finetune_dict(self.pl, c.fraction, c.init)
-        cfg = {
-            **base,
-            **self.common,
-            "datalist": str(self.datalist),
-            "splits": str(self.splits),
-            "fraction": c.fraction,
-            "seed": c.seed,
-            "study": pl.study,
-            "out_dir": str(c.out_dir),
-            "run_name": f"{pl.study}/{c.key}",
-            "tags": {**base.get("tags", {}), **self._tags(c)},
-            "init": "scratch" if c.init == "scratch" else f"ssl:{self.result.encoder_path}",
-        }
         try:
             if c.init == "ssl" and self.result.encoder_path is None:
                 raise MedsslError(pretrain_error or "no SSL checkpoint")
+            c.status = "RUNNING"
+            _write_marker(c, identity)  # what this child runs with, before anything of it exists
+            c.status = "FAILED"
             res = self.finetune_fn(FinetuneConfig.from_dict(cfg), resume="auto", progress=self.progress)
             c.run_id = getattr(res, "run_id", None)
             c.metrics = {k: float(v) for k, v in (getattr(res, "test_metrics", None) or {}).items()}
@@ -204,11 +268,14 @@ class _Sweep:
             if status.upper() in ("FAILED", "KILLED"):  # run_finetune says "finished" / "early_stopped"
                 raise MedsslError(f"finetuning ended with status {status}")
             c.status = "FINISHED"
-            _write_marker(c)
+            _write_marker(c, identity)
         except Exception as e:  # noqa: BLE001 - one failing child never stops the sweep
+            c.status = "FAILED"
             c.error = f"{type(e).__name__}: {e}"[:1000]
             log.error("child %s failed: %s", c.key, c.error)
             c.run_id = self._mark_failed(c)
+            if (c.out_dir / _MARKER).exists():
+                _write_marker(c)
         return c
 
     def _mark_failed(self, c: ChildOutcome) -> str | None:
@@ -280,10 +347,14 @@ class _Sweep:
             }
         )
         last = out / "checkpoints" / "last.pt"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / _MARKER).write_text(json.dumps({"status": "RUNNING", "config": self.pretrain_identity}))
         res = pretrain_fn(cfg, resume=last if last.exists() else None, progress=self.progress)
         encoder = Path(getattr(res, "encoder_path", None) or out / "encoder.pt")
         if not encoder.exists():
             raise MedsslError(f"pretraining wrote no encoder at {encoder}")
         run_id = getattr(res, "run_id", None)
-        (out / _MARKER).write_text(json.dumps({"status": "FINISHED", "run_id": run_id}))
+        (out / _MARKER).write_text(
+            json.dumps({"status": "FINISHED", "run_id": run_id, "config": self.pretrain_identity})
+        )
         return encoder.resolve(), run_id

@@ -1,11 +1,16 @@
 """Finetuning options on a downstream network: linear probe, layer-wise LR decay, encoder warm-up.
 
+The linear probe (:func:`freeze_encoder`) freezes the encoder completely: parameters without gradients *and*
+its modules in ``eval()`` mode (BatchNorm / InstanceNorm running statistics unchanged, dropout off), kept so
+by a ``train()`` override on those modules, so ``model.train()`` in the training loop does not undo it.
+
 Parameters are told apart by :mod:`medssl.networks.downstream_keys`; every public name here is
 re-exported by :mod:`medssl.networks.downstream` (and :mod:`medssl.networks.transfer`).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -14,18 +19,36 @@ from torch import nn
 from medssl.errors import MedsslError
 from medssl.networks.downstream_keys import encoder_depths, is_encoder_key
 
-__all__ = ["freeze_encoder", "layerwise_lr_groups", "EncoderWarmup"]
+__all__ = ["freeze_encoder", "frozen_modules", "layerwise_lr_groups", "EncoderWarmup"]
+
+
+def _train_frozen(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a frozen encoder module: it (and its children) stay in ``eval()`` mode."""
+    return nn.Module.train(self, False)
+
+
+def frozen_modules(model: nn.Module, kind: str) -> list[str]:
+    """Names of the outermost modules of ``model`` that belong to its encoder (``kind``'s key prefixes)."""
+    out: list[str] = []
+    for name, _ in model.named_modules():
+        if name and is_encoder_key(f"{name}.", kind) and not any(name.startswith(f"{o}.") for o in out):
+            out.append(name)
+    return out
 
 
 def freeze_encoder(model: nn.Module, kind: str, *, freeze: bool = True) -> list[str]:
-    """Linear probe: ``requires_grad = not freeze`` on every encoder parameter of ``model``.
+    """Linear probe: ``requires_grad = not freeze`` on every encoder parameter of ``model``, and the encoder
+    modules held in ``eval()`` mode (``freeze=False`` undoes both).
 
-    Normalisation layers of the encoder still update their running statistics in ``train()`` mode;
-    a strict linear probe also puts those modules in ``eval()`` mode. A pretrained decoder (BasicUNet
-    ``upcat_*``) stays trainable with the head.
+    Held in eval mode: BatchNorm / InstanceNorm running statistics do not change and dropout is off while the
+    head trains; ``model.train()`` does not undo it (the frozen modules' ``train`` is overridden on the
+    instances). A pretrained decoder (BasicUNet ``upcat_*``) stays trainable with the head.
 
     Returns:
         Names of the parameters changed (all encoder parameters).
+
+    Raises:
+        MedsslError: ``model`` has no encoder parameters for ``kind``.
     """
     names = []
     for name, p in model.named_parameters():
@@ -34,6 +57,14 @@ def freeze_encoder(model: nn.Module, kind: str, *, freeze: bool = True) -> list[
             names.append(name)
     if not names:
         raise MedsslError(f"no encoder parameters found in this model for kind {kind!r}")
+    mods = dict(model.named_modules())
+    for name in frozen_modules(model, kind):
+        for m in mods[name].modules():
+            if freeze:
+                m.train = types.MethodType(_train_frozen, m)  # type: ignore[method-assign]
+            else:
+                m.__dict__.pop("train", None)
+        mods[name].train(not freeze and model.training)
     return names
 
 

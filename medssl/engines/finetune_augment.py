@@ -1,0 +1,79 @@
+"""Finetuning augmentation (``FinetuneConfig.augment``): which random transforms a training crop gets.
+
+The defaults reproduce the original behaviour (each axis flipped with p = 0.5, no intensity change). Where
+orientation carries the class, switch the flips of that axis off: in MSD hippocampus (RAS after
+``Orientationd``) anterior (class 1) vs posterior (class 2) lies along array axis 1, so the hippocampus
+pipelines flip only axis 0 (left/right): ``augment: {flip_axes: [0]}``.
+
+Keys (all optional; missing ones take the defaults)::
+
+    flip_prob: 0.5           # probability of flipping each listed axis (independently)
+    flip_axes: [0, 1, 2]     # array axes of (X, Y, Z) = (L/R, P/A, I/S) after RAS orientation
+    intensity_scale: 0.0     # image *= 1 + U(-s, s)   (RandScaleIntensityd; 0 = off)
+    intensity_shift: 0.0     # image += U(-o, o)       (RandShiftIntensityd, normalised units; 0 = off)
+    intensity_prob: 0.5      # probability of each intensity transform
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from monai.transforms import RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+
+__all__ = ["AUGMENT_DEFAULTS", "resolve_augment", "augment_transforms"]
+
+#: the default augmentation: today's behaviour (flip each axis with p = 0.5, no intensity change)
+AUGMENT_DEFAULTS: dict[str, Any] = {
+    "flip_prob": 0.5,
+    "flip_axes": [0, 1, 2],
+    "intensity_scale": 0.0,
+    "intensity_shift": 0.0,
+    "intensity_prob": 0.5,
+}
+
+
+def resolve_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full augmentation dict: ``augment`` merged over :data:`AUGMENT_DEFAULTS`, validated.
+
+    Example: ``resolve_augment({"flip_axes": [0]})`` → flips of axis 0 only, p = 0.5, no intensity change.
+
+    Raises:
+        ValueError: an unknown key (the valid ones named), a probability outside [0, 1], an axis outside
+            0..2 or a negative intensity range.
+    """
+    given = dict(augment or {})
+    unknown = sorted(set(given) - set(AUGMENT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown augment key(s) {unknown}; valid keys: {sorted(AUGMENT_DEFAULTS)}")
+    out = {**AUGMENT_DEFAULTS, **given}
+    axes = out["flip_axes"]
+    if isinstance(axes, int):
+        axes = [axes]
+    if not isinstance(axes, Sequence) or any(int(a) not in (0, 1, 2) for a in axes):
+        raise ValueError(f"augment.flip_axes must list axes in 0..2, got {out['flip_axes']!r}")
+    out["flip_axes"] = sorted({int(a) for a in axes})
+    for name in ("flip_prob", "intensity_prob"):
+        out[name] = float(out[name])
+        if not 0.0 <= out[name] <= 1.0:
+            raise ValueError(f"augment.{name} must be in [0, 1], got {out[name]!r}")
+    for name in ("intensity_scale", "intensity_shift"):
+        out[name] = float(out[name])
+        if out[name] < 0:
+            raise ValueError(f"augment.{name} must be >= 0, got {out[name]!r}")
+    return out
+
+
+def augment_transforms(keys: Sequence[str], augment: Mapping[str, Any] | None) -> list[Any]:
+    """Random MONAI transforms of :func:`resolve_augment` ``(augment)``: flips act on every key (image and
+    label stay aligned), intensity transforms on ``keys[0]`` (the image) only."""
+    aug = resolve_augment(augment)
+    keys = list(keys)
+    out: list[Any] = []
+    if aug["flip_prob"] > 0:
+        out += [RandFlipd(keys, prob=aug["flip_prob"], spatial_axis=a) for a in aug["flip_axes"]]
+    if aug["intensity_scale"] > 0:
+        out.append(RandScaleIntensityd(keys[:1], factors=aug["intensity_scale"], prob=aug["intensity_prob"]))
+    if aug["intensity_shift"] > 0:
+        out.append(RandShiftIntensityd(keys[:1], offsets=aug["intensity_shift"], prob=aug["intensity_prob"]))
+    return out
