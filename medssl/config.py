@@ -84,16 +84,19 @@ class PretrainConfig(ConfigBase):
     Args:
         datalist: MONAI datalist JSON (``medssl ingest`` output); paths inside are relative to it.
         sections: datalist sections forming the unlabelled pool (labels, if any, are ignored).
-        splits: optional ``splits.json`` (``medssl split``); the pool is then its ``unlabeled`` list of
-            ``split_seed`` (every case outside that seed's validation/test sets), from any section.
-        split_seed: which seed's pool of ``splits`` to use.
+        splits: optional ``splits.json`` (``medssl split``); the pool is then its study-wide
+            ``pretrain_pool`` (every case outside the test set and every seed's validation set, patient
+            groups included), from any section, so the encoder serves every seed of the study.
+        split_seed: ``None`` (default): the study-wide pool; a seed: that seed's ``unlabeled`` pool only
+            (it holds the other seeds' validation cases: finetuning those seeds fails the leakage check).
         method: SSL method name (``medssl.methods``) or ``"package.module:callable"``.
         method_kwargs: extra constructor arguments of the method.
         encoder: encoder name (``medssl.networks.encoders``) or ``"package.module:callable"``.
         encoder_kwargs: extra constructor arguments of the encoder.
         augment: ``None`` (the method's default batched on-device augmentation) or ``"module:callable"``.
         augment_kwargs: overrides passed to the augmentation factory.
-        in_channels: image channels C.
+        in_channels: image channels C; ``None`` (default): the pool's channel count (files per
+            ``"image"`` list of a multi-channel datalist, else 1). A value contradicting the data is an error.
         roi_size: view size ``(D, H, W)`` in voxels produced by the augmentation (network input).
         source_size: largest window ``(D, H, W)`` of a cached volume handed to the augmentation, which
             draws the views inside it; ``None`` hands whole volumes (small MRI). E.g. ``[96, 96, 96]`` for CT.
@@ -146,14 +149,14 @@ class PretrainConfig(ConfigBase):
     datalist: str = ""
     sections: list[str] = field(default_factory=lambda: ["unlabeled", "training"])
     splits: str | None = None
-    split_seed: int = 0
+    split_seed: int | None = None
     method: str = "simclr"
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     encoder: str = "swinvit"
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     augment: str | None = None
     augment_kwargs: dict[str, Any] = field(default_factory=dict)
-    in_channels: int = 1
+    in_channels: int | None = None
     roi_size: list[int] = field(default_factory=lambda: [32, 32, 32])
     source_size: list[int] | None = None
     target_spacing: list[float] | None = None
@@ -221,7 +224,7 @@ class PretrainConfig(ConfigBase):
         ):
             raise ValueError(f"target_spacing must be 3 positive mm values, got {self.target_spacing!r}")
         for name in ("batch_size", "grad_accum", "max_nan_steps", "log_every", "in_channels"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         nonneg = ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers", "num_threads")
         for name in nonneg:

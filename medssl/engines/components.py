@@ -90,6 +90,11 @@ def _build_components(
     config: PretrainConfig, rank: int = 0, world_size: int = 1
 ) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
     roi = tuple(config.roi_size)
+    if config.in_channels is None:  # the pool's channel count (multi-channel datalists)
+        from medssl.engines.data import load_pool, resolve_in_channels
+
+        pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
+        config = resolve_in_channels(config, pool)
     if ":" in config.encoder:
         encoder = _import(config.encoder)(
             in_channels=config.in_channels, img_size=roi, **config.encoder_kwargs

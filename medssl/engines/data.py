@@ -32,7 +32,8 @@ from monai.transforms import (
 
 from medssl.errors import MedsslError
 
-__all__ = ["load_pool", "preprocessing", "SafeCacheDataset", "CropBatcher", "pool_fingerprint"]
+__all__ = ["load_pool", "pool_channels", "pool_record", "resolve_in_channels", "preprocessing", "SafeCacheDataset", "CropBatcher",
+           "pool_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +45,27 @@ def load_pool(
     datalist: str | Path,
     sections: Sequence[str] = ("unlabeled", "training"),
     splits: str | Path | None = None,
-    split_seed: int = 0,
+    split_seed: int | None = None,
 ) -> list[dict[str, Any]]:
     """The unlabelled pretraining pool (labels dropped; no duplicates).
 
-    Without ``splits``: every image of ``sections``. With a ``splits.json`` of ``medssl split``: the
-    images of *any* datalist section whose ``case_id`` is in ``splits["unlabeled"][split_seed]`` (every
-    volume outside that seed's test/validation sets), so pretraining never sees held-out cases. A
-    splits file without that list falls back to ``sections`` minus every case id listed under a key
-    containing ``val`` or ``test``.
+    Without ``splits``: every image of ``sections``. With a ``splits.json`` of ``medssl split``: the images
+    of *any* datalist section whose ``case_id`` is in the study-wide ``pretrain_pool`` (every volume outside
+    the test set and **every** seed's validation set, patient groups included; derived for version-1 files),
+    so one encoder serves every seed without having seen a held-out case. ``split_seed`` picks that seed's
+    pool instead (``splits["unlabeled"][seed]``: it holds the other seeds' validation cases, so finetuning
+    those seeds with it fails :func:`medssl.engines.leakage.check_pretrain_leakage`). A non-medssl splits file
+    falls back to ``sections`` minus every case id listed under a key containing ``val`` or ``test``.
 
     Args:
         datalist: MONAI datalist JSON; relative paths are resolved against its folder.
         sections: sections to take images from (without splits); missing sections are ignored.
         splits: optional ``splits.json``.
-        split_seed: which seed's pool of ``splits`` to use.
+        split_seed: ``None`` (default): the study-wide pool; an int: that seed's pool.
 
     Returns:
-        ``[{"image": absolute path, "case_id": str}, ...]``.
+        ``[{"image": absolute path, "case_id": str}, ...]``; a multi-channel item keeps its list of channel
+        files (``"image": [path_c0, path_c1, ...]``, fixed order) and its ``"channels"`` names if given.
 
     Raises:
         MedsslError: unreadable datalist/splits, unknown split seed or an empty pool.
@@ -72,11 +76,8 @@ def load_pool(
     held_out: set[str] = set()
     if splits:
         sp = _read_json(Path(splits), "splits")
-        pools = sp.get("unlabeled")
-        if isinstance(pools, dict) and pools:
-            if str(split_seed) not in pools:
-                raise MedsslError(f"split seed {split_seed} not in {splits} (seeds: {sorted(pools)})")
-            keep = set(pools[str(split_seed)])
+        if isinstance(sp.get("unlabeled"), dict) and sp["unlabeled"]:
+            keep = _medssl_pool(Path(splits), sp, split_seed)
             sections = [k for k, v in data.items() if isinstance(v, list)]
         else:
             held_out = _held_out_cases(sp)
@@ -84,12 +85,16 @@ def load_pool(
     for section in sections:
         for it in data.get(section, []):
             image = it["image"] if isinstance(it, dict) else it
-            path = Path(image) if Path(image).is_absolute() else (datalist.parent / image).resolve()
-            case_id = it.get("case_id", path.name) if isinstance(it, dict) else path.name
-            if str(path) in seen or case_id in held_out or (keep is not None and case_id not in keep):
+            paths = [_resolve(datalist, p) for p in image] if isinstance(image, list) else _resolve(datalist, image)
+            first = paths[0] if isinstance(paths, list) else paths
+            case_id = it.get("case_id", Path(first).name) if isinstance(it, dict) else Path(first).name
+            if str(paths) in seen or case_id in held_out or (keep is not None and case_id not in keep):
                 continue
-            seen.add(str(path))
-            items.append({"image": str(path), "case_id": case_id})
+            seen.add(str(paths))
+            item = {"image": paths, "case_id": case_id}
+            if isinstance(it, dict) and it.get("channels"):
+                item["channels"] = list(it["channels"])
+            items.append(item)
     if not items:
         raise MedsslError(
             f"no pretraining images in sections {list(sections)} of {datalist}"
@@ -97,6 +102,70 @@ def load_pool(
         )
     log.info("pretraining pool: %d volumes from %s", len(items), datalist)
     return items
+
+
+def _resolve(datalist: Path, image: str) -> str:
+    return str(Path(image) if Path(image).is_absolute() else (datalist.parent / image).resolve())
+
+
+def _medssl_pool(path: Path, sp: dict[str, Any], split_seed: int | None) -> set[str]:
+    """Case ids of the study-wide pool, or of ``split_seed``'s pool, of a medssl ``splits.json``."""
+    if split_seed is not None:
+        pools = sp["unlabeled"]
+        if str(split_seed) not in pools:
+            raise MedsslError(f"split seed {split_seed} not in {path} (seeds: {sorted(pools)})")
+        log.warning("pretraining on seed %s's pool of %s: it holds the other seeds' validation cases (use the "
+                    "study-wide pretrain_pool, split_seed=None, for multi-seed studies)", split_seed, path)
+        return set(pools[str(split_seed)])
+    if isinstance(sp.get("pretrain_pool"), list):
+        return set(sp["pretrain_pool"])
+    from medssl.data.splits_io import load_splits  # version 1: derives the study-wide pool
+
+    return set(load_splits(path)["pretrain_pool"])
+
+
+def pool_channels(pool: Sequence[dict[str, Any]], source: str | Path = "the pool") -> int:
+    """Channels per case of a pool (``len(image)`` for a list of channel files, else 1), equal for all.
+
+    Raises:
+        MedsslError: cases with different channel counts, naming one case of each count and ``source``.
+    """
+    by_count: dict[int, str] = {}
+    for it in pool:
+        by_count.setdefault(len(it["image"]) if isinstance(it["image"], list) else 1, it["case_id"])
+    if len(by_count) > 1:
+        named = ", ".join(f"case {c} has {n}" for n, c in sorted(by_count.items()))
+        raise MedsslError(f"{source}: cases have different channel counts ({named}); one study, one channel set")
+    return next(iter(by_count), 1)
+
+
+def resolve_in_channels(config: Any, pool: Sequence[dict[str, Any]]) -> Any:
+    """``config`` (a :class:`~medssl.config.PretrainConfig`) with ``in_channels`` set to the pool's channel
+    count when it is ``None``; an explicit value must match it.
+
+    Raises:
+        MedsslError: mixed channel counts in the pool, or ``in_channels`` contradicting the data (naming a
+            case and both counts).
+    """
+    channels = pool_channels(pool, config.datalist)
+    if config.in_channels is None:
+        return config.replace(in_channels=channels)
+    if int(config.in_channels) != channels:
+        raise MedsslError(
+            f"in_channels={config.in_channels} but the pretraining pool of {config.datalist} has {channels} "
+            f"channel(s) per case (e.g. case {pool[0]['case_id']}); leave in_channels unset to use the data's"
+        )
+    return config
+
+
+def pool_record(pool: Sequence[dict[str, Any]], splits: str | Path | None, split_seed: int | None) -> dict[str, Any]:
+    """What a checkpoint recipe records about its pretraining pool (``recipe["pool"]``, see
+    :mod:`medssl.engines.leakage`): sorted case ids, :func:`pool_fingerprint`, the splits file's sha256 and
+    which pool of it was used."""
+    digest = hashlib.sha256(Path(splits).read_bytes()).hexdigest() if splits and Path(splits).exists() else None
+    source = "sections" if not splits else "pretrain_pool" if split_seed is None else f"unlabeled[{split_seed}]"
+    return {"case_ids": sorted(str(it["case_id"]) for it in pool), "fingerprint": pool_fingerprint(list(pool)),
+            "splits_sha256": digest, "source": source}
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -315,9 +384,11 @@ class CropBatcher:
 
 
 def pool_fingerprint(pool: list[dict[str, Any]]) -> str:
-    """Short sha256 over the pool's case ids and file sizes (identifies the data without reading it)."""
+    """Short sha256 over the pool's case ids and file sizes (identifies the data without reading it); a
+    multi-channel item contributes the sizes of its channel files in order."""
     h = hashlib.sha256()
     for it in sorted(pool, key=lambda x: x["case_id"]):
-        size = os.path.getsize(it["image"]) if os.path.exists(it["image"]) else -1
-        h.update(f"{it['case_id']}:{size};".encode())
+        files = it["image"] if isinstance(it["image"], list) else [it["image"]]
+        sizes = ",".join(str(os.path.getsize(f) if os.path.exists(f) else -1) for f in files)
+        h.update(f"{it['case_id']}:{sizes};".encode())
     return h.hexdigest()[:16]

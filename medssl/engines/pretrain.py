@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,14 @@ from medssl.engines.components import (
     resolve_device,
     to_memory_format,
 )
-from medssl.engines.data import CropBatcher, SafeCacheDataset, load_pool, preprocessing
+from medssl.engines.data import (
+    CropBatcher,
+    SafeCacheDataset,
+    load_pool,
+    pool_record,
+    preprocessing,
+    resolve_in_channels,
+)
 from medssl.engines.pretrain_state import _PretrainerState
 from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
@@ -83,6 +91,9 @@ class Pretrainer(_PretrainerState):
             ``on_step_end(step, total_steps)``.
         augment: ``augment(volumes) -> batch dict`` on the volumes' device; ``volumes`` is a list of
             ``(C, D_i, H_i, W_i)`` tensors (sizes may differ), as ``BatchedSSLAugment`` takes.
+        pool: the pretraining pool (:func:`~medssl.engines.data.load_pool`); loaded from the config if
+            ``None``. ``config.in_channels=None`` resolves to its channel count; the recipe records it
+            (``recipe["pool"]``: case ids, fingerprint, splits sha256).
     """
 
     def __init__(
@@ -91,14 +102,17 @@ class Pretrainer(_PretrainerState):
         encoder: torch.nn.Module,
         method: torch.nn.Module,
         augment: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        pool: list[dict[str, Any]] | None = None,
     ) -> None:
+        if pool is None:
+            pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
+        self.pool, config = pool, resolve_in_channels(config, pool)
         self.cfg, self.encoder, self.augment = config, encoder, augment
         self.dist = dd.dist_info()
         self.method, self.device, self.amp_dtype, self.channels_last = place_model(
             config, method, self.dist.local_rank if self.dist.enabled else None
         )
         self.out = Path(config.out_dir)
-        self.pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         self.dataset = SafeCacheDataset(
             self.pool,
             preprocessing(config.normalisation, config.target_spacing, config.ct_window),
@@ -131,7 +145,8 @@ class Pretrainer(_PretrainerState):
         )
         if config.compile:
             self.model = torch.compile(self.model)
-        self.recipe = make_recipe(config, encoder)
+        # the pool is part of the recipe: finetuning refuses an encoder that saw its validation/test cases
+        self.recipe = make_recipe(config, encoder) | {"pool": pool_record(pool, config.splits, config.split_seed)}
         self.step, self.nan_run, self.tracker, self.checkpoints = 0, 0, None, []
         self.compile_s: float | None = None  # torch.compile: seconds of the first (compiling) step
         self.result = PretrainResult(out_dir=self.out)
@@ -274,11 +289,13 @@ def run_pretraining(
     """
     info, created = dd.init_distributed(config.device)
     try:
+        pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
+        config = resolve_in_channels(config, pool)  # in_channels=None → the datalist's channel count
         _seed_all(config.seed)  # same model init on every rank (DDP also broadcasts rank 0's)
         encoder, method, augment = build_components(config, rank=info.rank, world_size=info.world_size)
         if info.enabled:
             _seed_all(config.seed + info.rank)  # ranks draw different dropout/augmentation randomness
-        return Pretrainer(config, encoder, method, augment).fit(resume=resume, progress=progress)
+        return Pretrainer(config, encoder, method, augment, pool).fit(resume=resume, progress=progress)
     finally:
         if created:
             dd.cleanup_distributed()

@@ -22,6 +22,7 @@ from medssl.engines import checkpoint as ck
 from medssl.engines import distributed as dd
 from medssl.engines.components import make_tracker
 from medssl.engines.data import CropBatcher, pool_fingerprint
+from medssl.errors import MedsslError
 
 __all__: list[str] = []
 
@@ -89,6 +90,7 @@ class _PretrainerState:
         """
         state = ck.load_checkpoint(path, map_location="cpu")  # RNG states must stay on the CPU
         ck.check_recipe(state["recipe"], self.recipe)
+        _check_same_pool(state["recipe"].get("pool"), self.recipe["pool"], path)
         changed = {
             k: (v, self.cfg.to_dict().get(k))
             for k, v in state.get("config", {}).items()
@@ -129,7 +131,7 @@ class _PretrainerState:
         r.last_checkpoint, r.checkpoints = self._last_path(), list(self.checkpoints)
         r.final_loss = r.loss_history[-1][1] if r.loss_history else None
         skipped = dd.all_gather_objects(self.batcher.skipped) if self.dist.enabled else [self.batcher.skipped]
-        r.skipped_volumes = {self.pool[i]["image"]: why for s in skipped for i, why in s.items()}
+        r.skipped_volumes = {_image_name(self.pool[i]["image"]): why for s in skipped for i, why in s.items()}
         if not self.dist.is_main:
             r.encoder_path, r.encoder_json = self.out / "encoder.pt", self.out / "encoder.json"
             dd.barrier()  # rank 0 writes the encoder and closes MLflow
@@ -177,3 +179,26 @@ class _PretrainerState:
         finally:
             ck.restore_rng(rng)
             ck.load_component_state(self.augment, aug)
+
+
+def _image_name(image: str | list[str]) -> str:
+    """A pool item's image as one string (channel files joined by `` + ``)."""
+    return " + ".join(image) if isinstance(image, list) else image
+
+
+def _check_same_pool(saved: dict[str, Any] | None, current: dict[str, Any], path: str | Path) -> None:
+    """A resume must continue on the pool the checkpoint was trained on: the recipe's case ids would
+    otherwise understate what the encoder saw (and the data position would not be exact).
+
+    Raises:
+        MedsslError: the pools differ, naming how many cases were added / removed.
+    """
+    if saved is None:
+        log.warning("%s records no pretraining pool (older checkpoint): the recipe will list today's pool", path)
+        return
+    old, new = set(saved.get("case_ids", [])), set(current["case_ids"])
+    if old != new:
+        raise MedsslError(
+            f"{path} was pretrained on another pool ({len(new - old)} cases added, {len(old - new)} removed "
+            "since, e.g. seeds added to splits.json): resuming would hide what the encoder saw; start a new run"
+        )

@@ -4,10 +4,19 @@ import json
 import logging
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
-from medssl.engines.data import CropBatcher, SafeCacheDataset, load_pool, preprocessing
+from medssl.engines.data import (
+    CropBatcher,
+    SafeCacheDataset,
+    load_pool,
+    pool_channels,
+    pool_fingerprint,
+    preprocessing,
+)
 from medssl.errors import MedsslError
 
 
@@ -20,25 +29,19 @@ def _dataset(datalist: Path) -> SafeCacheDataset:
 def test_pool_sections_and_held_out_cases(tiny_datalist: Path, tmp_path: Path) -> None:
     pool = load_pool(tiny_datalist)
     assert len(pool) == 6 and all(Path(p["image"]).is_absolute() for p in pool)
-    splits = tmp_path / "splits.json"  # the layout `medssl split` writes
-    splits.write_text(
-        json.dumps(
-            {
-                "test": ["case2"],
-                "seeds": {"0": {"validation": ["case1"]}, "1": {"validation": ["case3"]}},
-                "unlabeled": {
-                    "0": ["case0", "case3", "case4", "case5"],
-                    "1": ["case0", "case1", "case4", "case5"],
-                },
-            }
-        )
-    )
-    assert {p["case_id"] for p in load_pool(tiny_datalist, splits=splits)} == {
-        "case0",
-        "case3",
-        "case4",
-        "case5",
+    layout = {  # what `medssl split` writes (version 1 had no pretrain_pool)
+        "version": 1,
+        "test": ["case2"],
+        "seeds": {"0": {"validation": ["case1"], "fractions": {}}, "1": {"validation": ["case3"], "fractions": {}}},
+        "unlabeled": {"0": ["case0", "case3", "case4", "case5"], "1": ["case0", "case1", "case4", "case5"]},
     }
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps(layout))
+    # default: the study-wide pool, outside the test set and EVERY seed's validation set (derived for v1)
+    assert {p["case_id"] for p in load_pool(tiny_datalist, splits=splits)} == {"case0", "case4", "case5"}
+    splits.write_text(json.dumps(layout | {"version": 2, "pretrain_pool": ["case4", "case5"]}))
+    assert {p["case_id"] for p in load_pool(tiny_datalist, splits=splits)} == {"case4", "case5"}
+    # an explicit split_seed picks that seed's own pool
     assert {p["case_id"] for p in load_pool(tiny_datalist, splits=splits, split_seed=1)} == {
         "case0",
         "case1",
@@ -112,3 +115,35 @@ def test_bad_volume_is_logged_and_skipped(
     dl.write_text(json.dumps({"unlabeled": [{"image": str(bad), "case_id": "bad"}]}))
     with pytest.raises(MedsslError, match="every volume"):
         CropBatcher(_dataset(dl), (8, 8, 8)).next_batch(1)
+
+
+def write_two_channel(folder: Path, n: int = 4) -> Path:
+    """``n`` cases of two 10³ NIfTI channels (``t1``, ``t2``; t2 = 100 × t1 + 5) + a multi-channel datalist."""
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        t1 = rng.random((10, 10, 10)).astype(np.float32)
+        for name, data in (("t1", t1), ("t2", 100 * t1 + 5)):
+            nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"c{i}_{name}.nii.gz")
+        items.append({"image": [f"c{i}_t1.nii.gz", f"c{i}_t2.nii.gz"], "channels": ["t1", "t2"],
+                      "case_id": f"case{i}", "group_id": f"p{i}"})
+    path = folder / "datalist.json"
+    path.write_text(json.dumps({"training": [], "unlabeled": items}))
+    return path
+
+
+def test_multi_channel_items_load_as_channels(tmp_path: Path) -> None:
+    dl = write_two_channel(tmp_path / "mc")
+    pool = load_pool(dl)
+    assert len(pool) == 4 and pool[0]["channels"] == ["t1", "t2"] and pool_channels(pool) == 2
+    assert [Path(p).name for p in pool[0]["image"]] == ["c0_t1.nii.gz", "c0_t2.nii.gz"]
+    img = preprocessing("robust")({"image": pool[0]["image"]})["image"]
+    assert tuple(img.shape) == (2, 10, 10, 10)  # MONAI stacks the list of files as channels
+    assert torch.allclose(img[0], img[1], atol=1e-4)  # each channel normalised on its own (t2 = 100 t1 + 5)
+    fp = pool_fingerprint(pool)
+    (tmp_path / "mc" / "c0_t2.nii.gz").write_bytes(b"x")  # a second channel file changes the fingerprint
+    assert pool_fingerprint(pool) != fp
+    single = [{"image": str(tmp_path / "mc" / "c1_t1.nii.gz"), "case_id": "s"}]
+    with pytest.raises(MedsslError, match=r"case s has 1, case case0 has 2"):
+        pool_channels(pool + single, "dl.json")

@@ -313,3 +313,57 @@ def test_pretrain_on_real_hippocampus_volumes(hippocampus_dir: Path, tmp_path: P
     res = run_pretraining(cfg, progress=False)
     assert len(res.loss_history) == 3 and all(math.isfinite(v) for _, v in res.loss_history)
     assert not res.skipped_volumes and res.encoder_path.exists()
+
+
+def test_multi_channel_datalist_sets_in_channels(tmp_path: Path) -> None:
+    from tests.engines.test_data import write_two_channel
+
+    dl = write_two_channel(tmp_path / "mc")
+    res = run_pretraining(toy_config(dl, tmp_path / "run", total_steps=2), progress=False)
+    ckpt = load_checkpoint(res.last_checkpoint)
+    assert ckpt["recipe"]["in_channels"] == 2 and ckpt["config"]["in_channels"] == 2
+    enc = torch.load(res.encoder_path, weights_only=True)
+    assert enc["state_dict"]["net.0.weight"].shape[1] == 2 and enc["recipe"]["in_channels"] == 2
+    with pytest.raises(MedsslError, match=r"in_channels=1 but the pretraining pool .* has 2 channel\(s\)"):
+        run_pretraining(toy_config(dl, tmp_path / "bad", total_steps=2, in_channels=1), progress=False)
+
+
+def _labelled_datalist(tiny_datalist: Path, tmp_path: Path) -> Path:
+    """The 6 tiny volumes as labelled cases (label paths are only read by finetuning) of one patient each."""
+    data = json.loads(tiny_datalist.read_text())
+    items = [{"image": str(tiny_datalist.parent / it["image"]), "label": "unused.nii.gz", "case_id": it["case_id"]}
+             for it in data["unlabeled"]]
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items}))
+    return dl
+
+
+def test_pretraining_with_splits_uses_and_records_the_study_wide_pool(tiny_datalist: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from medssl.data.splits import split_datalist
+    from medssl.engines.leakage import check_pretrain_leakage
+
+    dl = _labelled_datalist(tiny_datalist, tmp_path)
+    path, sp = split_datalist(dl, fractions=[100], seeds=[0, 1], test_fraction=0.2, val_fraction=0.2)
+    held = set(sp["test"]) | set(sp["seeds"]["0"]["validation"]) | set(sp["seeds"]["1"]["validation"])
+    assert sp["seeds"]["0"]["validation"] != sp["seeds"]["1"]["validation"] and len(held) == 3
+    res = run_pretraining(toy_config(dl, tmp_path / "run", total_steps=2, splits=str(path)), progress=False)
+    recipe = torch.load(res.encoder_path, weights_only=True)["recipe"]
+    pool = recipe["pool"]
+    assert pool["case_ids"] == sp["pretrain_pool"] and not held & set(pool["case_ids"])
+    assert pool["source"] == "pretrain_pool" and pool["splits_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(pool["fingerprint"]) == 16 and load_checkpoint(res.last_checkpoint)["recipe"]["pool"] == pool
+    for s in ("0", "1"):  # one encoder serves every seed
+        check_pretrain_leakage(recipe, sp["seeds"][s]["validation"], sp["test"], source=str(res.encoder_path))
+    # the old default (seed 0's own pool) saw seed 1's validation cases: refused for seed 1
+    seed0 = run_pretraining(toy_config(dl, tmp_path / "s0", total_steps=2, splits=str(path), split_seed=0),
+                            progress=False)
+    recipe0 = torch.load(seed0.encoder_path, weights_only=True)["recipe"]
+    assert recipe0["pool"]["source"] == "unlabeled[0]"
+    with pytest.raises(MedsslError, match=r"pretrained on 1 validation case\(s\)"):
+        check_pretrain_leakage(recipe0, sp["seeds"]["1"]["validation"], sp["test"], source="s0")
+    # resuming on another pool would hide what the encoder saw
+    other = toy_config(dl, tmp_path / "run", total_steps=4, splits=str(path), split_seed=0)
+    with pytest.raises(MedsslError, match="another pool"):
+        Pretrainer(other, *build_components(other)).resume(res.last_checkpoint)

@@ -1,0 +1,57 @@
+"""check_pretrain_leakage: an encoder that saw validation/test cases is refused with counts and examples."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from medssl.data.splits import extend_splits, split_datalist
+from medssl.engines.leakage import check_pretrain_leakage, pretrained_case_ids
+from medssl.errors import MedsslError
+
+
+def _recipe(ids: list[str]) -> dict:
+    return {"encoder": {"name": "tiny"}, "pool": {"case_ids": sorted(ids), "fingerprint": "f", "splits_sha256": None}}
+
+
+def test_refuses_with_counts_examples_and_source():
+    recipe = _recipe([f"c{i}" for i in range(10)])
+    with pytest.raises(MedsslError) as ei:
+        check_pretrain_leakage(recipe, ["c1", "c2", "c3", "c4", "x9"], ["c7", "t1"], source="runs/p/encoder.pt")
+    msg = str(ei.value)
+    assert msg.startswith("runs/p/encoder.pt: ")
+    assert "4 validation case(s) (c1, c2, c3, …)" in msg and "1 test case(s) (c7)" in msg and "c4" not in msg
+    with pytest.raises(MedsslError, match=r"pretrained on 2 test case\(s\) \(c0, c5\) of this run"):
+        check_pretrain_leakage(recipe, ["v"], ["c5", "c0"], source="x")
+
+
+def test_disjoint_pool_passes_and_missing_pool_warns(caplog: pytest.LogCaptureFixture):
+    check_pretrain_leakage(_recipe(["a", "b"]), ["c"], ["d"], source="x")
+    with caplog.at_level(logging.WARNING, logger="medssl.engines.leakage"):
+        check_pretrain_leakage({"encoder": {"name": "swinvit"}}, ["a"], ["b"], source="external.pt")
+        check_pretrain_leakage(None, ["a"], ["b"], source="bare.pt")
+    assert "external.pt records no pretraining pool" in caplog.text and "bare.pt" in caplog.text
+    assert pretrained_case_ids({"pool": {"case_ids": ["b", "a"]}}) == {"a", "b"}
+    assert pretrained_case_ids({"pool": {"fingerprint": "x"}}) is None
+
+
+def test_seeds_added_after_pretraining_are_caught(tmp_path: Path):
+    """extend_splits writes the new, smaller pool; the encoder pretrained on the old one is refused for the new
+    seed (whose validation cases it saw) and still accepted for the old seeds."""
+    items = [{"image": f"i{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"c{i:02d}"} for i in range(40)]
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items}))
+    path, old = split_datalist(dl, fractions=[100], seeds=[0, 1])
+    encoder_recipe = _recipe(old["pretrain_pool"])  # pretrained before seed 2 existed
+    assert extend_splits(dl, path, fractions=[100], seeds=[2])
+    new = json.loads(path.read_text())
+    for s in ("0", "1"):
+        check_pretrain_leakage(encoder_recipe, new["seeds"][s]["validation"], new["test"], source="enc.pt")
+    seen = sorted(set(new["seeds"]["2"]["validation"]) & set(old["pretrain_pool"]))
+    assert seen and not set(seen) & set(new["pretrain_pool"])
+    with pytest.raises(MedsslError, match=rf"enc.pt: .*pretrained on {len(seen)} validation case\(s\) \({seen[0]}"):
+        check_pretrain_leakage(encoder_recipe, new["seeds"]["2"]["validation"], new["test"], source="enc.pt")
+    check_pretrain_leakage(_recipe(new["pretrain_pool"]), new["seeds"]["2"]["validation"], new["test"], source="x")
