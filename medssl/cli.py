@@ -63,6 +63,7 @@ def ingest(
     four_d: Annotated[str, typer.Option("--four-d", help="4D DICOM series: split | quarantine.")] = "split",
     copy_nifti: Annotated[bool, typer.Option("--copy-nifti", help="Copy NIfTI inputs under case-id names (hides file names).")] = False,
     salt: Annotated[str | None, typer.Option(envvar="MEDSSL_SALT", help="Secret salt of the case-id hash.")] = None,
+    group_by: Annotated[str, typer.Option("--group-by", help="NIfTI patient groups (group_id): case (the case folder, or the file-name case key in imagesTr/-like or flat folders) | parent | file | regex:<pattern> (first group of the pattern in the relative path).")] = "case",
     verbose: Verbose = False,
 ) -> None:
     """Ingest NIfTI / DICOM / MedMNIST into a PHI-free MONAI datalist, a manifest and a quarantine report."""
@@ -71,7 +72,8 @@ def ingest(
 
     _setup(verbose)
     try:
-        opts = IngestOptions(tilt=tilt, uneven=uneven, four_d=four_d, copy_nifti=copy_nifti, salt=salt)
+        opts = IngestOptions(tilt=tilt, uneven=uneven, four_d=four_d, copy_nifti=copy_nifti, salt=salt,
+                             group_by=group_by)
         report = run_ingest(sources, out, labels=labels, workers=workers, options=opts,
                             progress=sys.stderr.isatty())
     except MedsslError as e:
@@ -83,6 +85,8 @@ def ingest(
         table.add_row(name, str(n))
     table.add_row("[red]quarantined[/]", str(len(report.quarantined)))
     table.add_row("unchanged (skipped)", str(report.reused))
+    if report.warnings:
+        table.add_row("[yellow]warnings[/]", f"{len(report.warnings)} (see {report.out / 'warnings.csv'})")
     console.print(table)
     if report.quarantined:
         q = Table(title=f"quarantined ({report.quarantine})", show_lines=False)

@@ -17,7 +17,7 @@ import numpy as np
 from medssl.data.dicom_types import DicomFrame
 from medssl.errors import QuarantineError
 
-__all__ = ["EXTRA_KEYWORDS", "NON_IMAGE_MODALITIES", "transfer_syntax_name"]
+__all__ = ["EXTRA_KEYWORDS", "NON_IMAGE_MODALITIES", "patient_key", "transfer_syntax_name"]
 
 # Non-PHI attributes copied into DicomFrame.extra (keyword -> extra key).
 EXTRA_KEYWORDS = {
@@ -127,7 +127,25 @@ def _frame(ds: Any, path: Path, pos: np.ndarray, ori: np.ndarray, sp: tuple[floa
                       orientation=ori, pixel_spacing=sp, rows=rows, cols=cols, load=load,
                       instance_number=instance, frame_index=index, temporal_key=key,
                       modality=str(ds.get("Modality", "") or ""), extra=extra,
-                      slice_thickness=float(thickness) if thickness not in (None, "") else None)
+                      slice_thickness=float(thickness) if thickness not in (None, "") else None,
+                      patient_key=patient_key(ds))
+
+
+#: PatientID values of anonymised exports that name no patient (fall back to the study)
+_NO_PATIENT = {"", "anonymous", "anon", "removed", "unknown", "none", "n/a", "na", "0", "nopatientid"}
+
+
+def patient_key(ds: Any) -> str:
+    """Grouping key of the patient: ``"patient:<PatientID>"``, else ``"study:<StudyInstanceUID>"``, else ``""``.
+
+    Placeholder PatientIDs of anonymised exports (``ANONYMOUS``, ``REMOVED``, empty…) fall back to the study, so
+    unrelated patients are not merged into one group. PHI: the key is only ever hashed with the salt.
+    """
+    pid = str(ds.get("PatientID", "") or "").strip()
+    if pid.lower() not in _NO_PATIENT:
+        return f"patient:{pid}"
+    study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    return f"study:{study}" if study else ""
 
 
 # ---------------------------------------------------------------------------------------------------

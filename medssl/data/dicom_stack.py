@@ -44,6 +44,8 @@ class DicomVolume:
         source_files: files holding the frames of this volume.
         temporal_index: index of the volume in a split 4D series (sorted temporal keys), ``None`` for 3D.
         identity: stable identifier (series UID + temporal index) for salted case ids; never write it out.
+        patient_key: the patient (PatientID, else StudyInstanceUID, else the series) for the salted
+            ``group_id``; never write it out.
     """
 
     array: np.ndarray = field(repr=False)
@@ -53,6 +55,7 @@ class DicomVolume:
     source_files: list[Path] = field(repr=False)
     temporal_index: int | None = None
     identity: str = field(default="", repr=False)
+    patient_key: str = field(default="", repr=False)
 
     def __repr__(self) -> str:
         spacing = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
@@ -208,4 +211,4 @@ def _build_volume(frames: list[DicomFrame], *, tilt: str, uneven: str, target_sl
     ident = f"{base}|{temporal_index}" if temporal_index is not None else base
     return DicomVolume(array=array, affine=affine, modality=f0.modality, meta=meta,
                        source_files=sorted({f.path for f in frames}), temporal_index=temporal_index,
-                       identity=ident)
+                       identity=ident, patient_key=f0.patient_key or f"series:{base}")

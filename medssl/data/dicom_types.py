@@ -43,6 +43,8 @@ class DicomFrame:
         modality: Modality (``"CT"``, ``"MR"``…).
         slice_thickness: SliceThickness in mm, if present.
         extra: other non-PHI attributes useful for the manifest (manufacturer, kVp…).
+        patient_key: ``"patient:<PatientID>"``, else ``"study:<StudyInstanceUID>"``, else ``""`` (grouping key of
+            the salted ``group_id``; PHI: never written to outputs).
     """
 
     path: Path
@@ -59,6 +61,7 @@ class DicomFrame:
     modality: str = ""
     slice_thickness: float | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    patient_key: str = field(default="", repr=False)
 
     @property
     def normal(self) -> np.ndarray:

@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TaskResult:
+    """What one input gave: datalist items, manifest rows (one per item), quarantine and warning rows."""
+
     source: str
     files: list[str] = field(default_factory=list)
     items: list[dict] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +45,9 @@ class TaskResult:
 
 @dataclass
 class NiftiTask:
-    image: str
+    """One NIfTI case (see `medssl.data.pairing.NiftiCase`); ``group`` is the unsalted patient key."""
+
+    images: list[str]
     label: str | None
     section: str
     key: str
@@ -50,6 +55,11 @@ class NiftiTask:
     salt: str
     options: dict
     modality: str = "unknown"
+    channels: list[str] | None = None
+    structures: dict[str, str] | None = None
+    class_table: dict[str, int] | None = None
+    group: str = ""
+    n_channels: int = 1
 
 
 @dataclass
@@ -85,19 +95,22 @@ def _rel(path: str | Path, out: str | Path) -> str:
     return os.path.relpath(Path(path).resolve(), Path(out).resolve())
 
 
-def _row(case_id: str, section: str, fmt: str, image_rel: str, label_rel: str, array: np.ndarray,
+def _row(case_id: str, section: str, fmt: str, image_rel: str, label_rel: str, array: np.ndarray | list[np.ndarray],
          spacing: np.ndarray, orientation: str, modality: str, dtype: str, sha: str, label_classes: str = "",
-         notes: str = "", klass: str = "") -> dict:
+         notes: str = "", klass: str = "", group_id: str = "", channels: str = "") -> dict:
+    """One manifest row; a multi-channel case gives per-channel statistics joined by ``;``."""
     from medssl.data.validation import intensity_stats
 
-    st = intensity_stats(array)
+    arrays = array if isinstance(array, list) else [array]
+    st = [intensity_stats(a) for a in arrays]
+    stat = lambda k: ";".join(f"{s[k]:.6g}" for s in st)  # noqa: E731
     return {
-        "case_id": case_id, "section": section, "source_format": fmt, "image": image_rel, "label": label_rel,
-        "class": klass, "shape": "x".join(str(int(s)) for s in array.shape),
+        "case_id": case_id, "group_id": group_id or case_id, "section": section, "source_format": fmt,
+        "image": image_rel, "channels": channels, "label": label_rel, "class": klass,
+        "shape": "x".join(str(int(s)) for s in arrays[0].shape),
         "spacing_mm": ",".join(f"{float(s):.4g}" for s in spacing), "orientation": orientation,
-        "modality": modality, "dtype": dtype, "min": f"{st['min']:.6g}", "p0_5": f"{st['p0.5']:.6g}",
-        "p50": f"{st['p50']:.6g}", "p99_5": f"{st['p99.5']:.6g}", "max": f"{st['max']:.6g}",
-        "label_classes": label_classes, "sha256": sha, "notes": notes,
+        "modality": modality, "dtype": dtype, "min": stat("min"), "p0_5": stat("p0.5"), "p50": stat("p50"),
+        "p99_5": stat("p99.5"), "max": stat("max"), "label_classes": label_classes, "sha256": sha, "notes": notes,
     }
 
 
@@ -111,7 +124,7 @@ def _guarded(fn):
         except QuarantineError:
             raise
         except Exception as e:  # noqa: BLE001 - by design: one bad input must not stop the batch
-            source = getattr(task, "image", None) or getattr(task, "description", None) or str(task)
+            source = (getattr(task, "images", None) or [None])[0] or getattr(task, "description", None) or str(task)
             log.debug("unexpected error on %s", source, exc_info=True)
             return TaskResult(source=str(source), files=list(getattr(task, "files", []) or [str(source)]),
                               quarantine=[{"path": str(source), "reason": "internal_error",
@@ -120,57 +133,96 @@ def _guarded(fn):
     return wrapper
 
 
+def _copy(src: Path, out: Path, name: str) -> Path:
+    """``--copy-nifti``: ``out/nifti/<name>.nii[.gz]``."""
+    dst = out / "nifti" / (name + (".nii.gz" if src.name.endswith(".gz") else ".nii"))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _reject_case(res: TaskResult, task: NiftiTask, e: QuarantineError, what: str) -> TaskResult:
+    """The whole case is quarantined: a row for the offending file, ``image_quarantined`` for the others."""
+    bad = e.path or task.images[0]
+    res.quarantine.append({"path": bad, "reason": e.reason, "detail": e.detail})
+    for f in [*task.images, *([task.label] if task.label else [])]:
+        if f != bad:
+            res.quarantine.append({"path": f, "reason": "image_quarantined",
+                                   "detail": f"its case was quarantined ({e.reason} in {what})"})
+    return res
+
+
 @_guarded
 def ingest_nifti(task: NiftiTask) -> TaskResult:
-    """Load, validate and register one NIfTI image (+ optional label map)."""
-    from medssl.data.nifti import load_nifti, orientation_code
+    """Load, validate and register one NIfTI case: image channel(s) + optional label map or structure masks."""
+    from medssl.data.nifti import orientation_code, save_nifti
+    from medssl.data.nifti_case import load_case_image
     from medssl.data.phi import case_id as make_case_id
-    from medssl.data.validation import squeeze_to_3d, validate_image, validate_label
+    from medssl.data.structures import merge_structures
+    from medssl.data.validation import looks_like_label
 
-    res = TaskResult(source=task.image, files=[task.image] + ([task.label] if task.label else []))
+    files = [*task.images, *([task.label] if task.label else []), *(task.structures or {}).values()]
+    res = TaskResult(source=task.images[0], files=files)
     try:
-        img = load_nifti(task.image)
-        array = squeeze_to_3d(img.array, task.image)
-        validate_image(array, img.affine, task.image)
+        img = load_case_image(task.images, task.channels, task.n_channels)
     except QuarantineError as e:
-        res.quarantine.append({"path": task.image, "reason": e.reason, "detail": e.detail})
-        if task.label:
-            res.quarantine.append({"path": task.label, "reason": "image_quarantined",
-                                   "detail": f"its image was quarantined ({e.reason})"})
-        return res
+        return _reject_case(res, task, e, Path(e.path or task.images[0]).name)
+    cid = make_case_id(task.key, task.salt)
+    out = Path(task.out)
     section, label_rel, classes, notes = task.section, "", "", ""
+    label_path: Path | None = None
     label_arr = None
     if task.label:
         try:
-            lab = load_nifti(task.label)
-            label_arr = validate_label(squeeze_to_3d(lab.array, task.label), lab.affine, array.shape,
-                                       img.affine, task.label)
-            classes = " ".join(str(int(v)) for v in np.unique(label_arr))
+            label_arr = _checked_label(task.label, img.shape, img.affine)
+            label_path = Path(task.label)
         except QuarantineError as e:
             res.quarantine.append({"path": task.label, "reason": e.reason,
                                    "detail": f"{e.detail}; image kept in the unlabeled pool"})
-            section, label_arr, notes = "unlabeled", None, f"label quarantined: {e.reason}"
-    cid = make_case_id(task.key, task.salt)
-    out = Path(task.out)
-    image_path, label_path = Path(task.image), Path(task.label) if label_arr is not None else None
+            section, notes = "unlabeled", f"label quarantined: {e.reason}"
+    elif task.structures:
+        try:
+            label_arr = merge_structures(task.structures, task.class_table or {}, img.shape, img.affine)
+        except QuarantineError as e:
+            return _reject_case(res, task, e, "the structure masks")
+        label_path = save_nifti(label_arr, img.affine, out / "nifti" / f"{cid}_label.nii.gz")
+        notes = f"merged {len(task.structures)} structure masks"
+    if label_arr is not None:
+        classes = " ".join(str(int(v)) for v in np.unique(label_arr))
+    for path, arr in zip(task.images * len(img.channels) if task.n_channels > 1 else task.images, img.channels,
+                         strict=True):
+        values = looks_like_label(arr)
+        if values is not None:
+            res.warnings.append({"path": path, "case_id": cid, "reason": "looks_like_label", "detail": (
+                f"integer volume with only {len(values)} distinct values ({' '.join(map(str, values[:8]))}"
+                f"{' …' if len(values) > 8 else ''}) ingested as an image: is it a label map?")})
+    image_paths = [Path(p) for p in task.images]
     if task.options.get("copy_nifti"):
-        (out / "nifti").mkdir(parents=True, exist_ok=True)
-        ext = ".nii.gz" if image_path.name.endswith(".gz") else ".nii"
-        dst = out / "nifti" / f"{cid}{ext}"
-        shutil.copyfile(image_path, dst)
-        image_path = dst
-        if label_path is not None:
-            ldst = out / "nifti" / f"{cid}_label{'.nii.gz' if label_path.name.endswith('.gz') else '.nii'}"
-            shutil.copyfile(label_path, ldst)
-            label_path = ldst
-    item = {"image": _rel(image_path, out), "case_id": cid}
+        names = task.channels if len(image_paths) > 1 else [None]
+        image_paths = [_copy(p, out, f"{cid}_{n}" if n else cid) for p, n in zip(image_paths, names, strict=True)]
+        if label_path is not None and task.label:
+            label_path = _copy(label_path, out, f"{cid}_label")
+    rels = [_rel(p, out) for p in image_paths]
+    group_id = make_case_id(task.group or f"case:{task.key}", task.salt, prefix="g")
+    item: dict = {"image": rels if len(rels) > 1 else rels[0], "case_id": cid, "group_id": group_id}
+    if task.channels:
+        item["channels"] = list(task.channels)
     if label_path is not None:
         item["label"] = label_rel = _rel(label_path, out)
     res.items.append(item)
-    res.rows.append(_row(cid, section, "nifti", item["image"], label_rel, array, img.spacing,
-                         orientation_code(img.affine), task.modality, str(img.dtype), sha256_file(image_path),
-                         classes, notes))
+    res.rows.append(_row(cid, section, "nifti", ";".join(rels), label_rel, img.channels, img.spacing,
+                         orientation_code(img.affine), task.modality, img.dtype,
+                         ";".join(sha256_file(p) for p in image_paths), classes, notes, group_id=group_id,
+                         channels=";".join(task.channels or [])))
     return res
+
+
+def _checked_label(path: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    from medssl.data.nifti import load_nifti
+    from medssl.data.validation import squeeze_to_3d, validate_label
+
+    lab = load_nifti(path)
+    return validate_label(squeeze_to_3d(lab.array, path), lab.affine, shape, affine, path)
 
 
 @_guarded
@@ -205,11 +257,12 @@ def ingest_dicom_series(task: DicomTask) -> TaskResult:
         save_nifti(vol, dst)
         spacing = np.sqrt((vol.affine[:3, :3] ** 2).sum(axis=0))
         notes = "; ".join(str(n) for n in vol.meta.get("notes", []))
-        item = {"image": _rel(dst, out), "case_id": cid}
+        group_id = make_case_id(vol.patient_key or f"series:{identity}", task.salt, prefix="g")
+        item = {"image": _rel(dst, out), "case_id": cid, "group_id": group_id}
         res.items.append(item)
         res.rows.append(_row(cid, "unlabeled", "dicom", item["image"], "", vol.array, spacing,
                              orientation_code(vol.affine), str(vol.modality or "unknown"), str(vol.array.dtype),
-                             sha256_file(dst), notes=notes))
+                             sha256_file(dst), notes=notes, group_id=group_id))
     return res
 
 
@@ -233,7 +286,9 @@ def ingest_medmnist(npz: Path, *, out: Path, salt: str) -> TaskResult:
         array = data[split_name][0][int(idx)]
         section = section_of[it["split"]]
         image_abs = Path(it["image"]) if Path(it["image"]).is_absolute() else out / "medmnist" / stem / it["image"]
-        item = {"image": _rel(image_abs, out), "class": int(it["class"]), "case_id": it["case_id"]}
+        # one volume per patient (the MedMNIST splits are per patient): group = case
+        item = {"image": _rel(image_abs, out), "class": int(it["class"]), "case_id": it["case_id"],
+                "group_id": it["case_id"]}
         res.items.append(item)
         res.rows.append(_row(item["case_id"], section, "medmnist", item["image"], "", array,
                              np.ones(3), "RAS", "MEDMNIST", str(array.dtype), sha256_file(image_abs),

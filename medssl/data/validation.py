@@ -41,7 +41,9 @@ __all__ = [
     "MIN_SPATIAL_SIZE",
     "STATS_MAX_VOXELS",
     "grid_distance_mm",
+    "LABEL_LIKE_MAX_VALUES",
     "intensity_stats",
+    "looks_like_label",
     "squeeze_to_3d",
     "validate_image",
     "validate_label",
@@ -51,6 +53,8 @@ MIN_SPATIAL_SIZE = 4
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 50.0
 LABEL_AFFINE_TOL_MM = 1e-3
+#: an image with at most this many distinct non-negative integer values looks like a label map
+LABEL_LIKE_MAX_VALUES = 32
 #: ``intensity_stats`` computes std and percentiles on a regular strided subsample above this many voxels.
 STATS_MAX_VOXELS = 2_000_000
 
@@ -254,3 +258,31 @@ def intensity_stats(array: np.ndarray) -> dict[str, float]:
     return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean(dtype=np.float64)),
             "std": float(sub.std()), "p0.5": float(p[0]), "p1": float(p[1]), "p50": float(p[2]),
             "p99": float(p[3]), "p99.5": float(p[4])}
+
+
+def looks_like_label(array: np.ndarray, max_values: int = LABEL_LIKE_MAX_VALUES) -> list[int] | None:
+    """The distinct values of an image that looks like a label map, else ``None``.
+
+    A label map: integer values (any dtype; float32 ``0.0/1.0/2.0`` counts), none negative, at most
+    ``max_values`` = 32 distinct. CT (negative HU) and MRI (hundreds of grey values) fail fast on a strided
+    subsample of about 100k voxels before the full check.
+
+    Args:
+        array: ``(X, Y, Z)`` voxel values.
+        max_values: most distinct values a label map is expected to hold.
+
+    Returns:
+        Sorted distinct values, e.g. ``[0, 1, 2]``, or ``None``.
+    """
+    a = np.asarray(array)
+    if a.size == 0 or a.dtype.kind not in "biuf":
+        return None
+    for part in (a.ravel()[:: max(1, a.size // 100_000)], a):
+        if part.dtype.kind == "f" and not (np.isfinite(part).all() and np.array_equal(part, np.round(part))):
+            return None
+        if part.min() < 0:
+            return None
+        values = np.unique(part)
+        if values.size > max_values:
+            return None
+    return [int(v) for v in values]

@@ -18,7 +18,10 @@ def _touch(p: Path) -> Path:
 @pytest.mark.parametrize(
     ("name", "key"),
     [("case_01.nii.gz", "case_01"), ("case_01_seg.nii.gz", "case_01"), ("Case_01_label.nii", "case_01"),
-     ("brats_0001_0000.nii.gz", "brats_0001"), ("liver-mask.nii.gz", "liver"), ("x_gt.nii.gz", "x")],
+     # nnU-Net channel suffixes are a folder-level decision (AMOS amos_0001 is a case): see test_layouts.py
+     ("brats_0001_0000.nii.gz", "brats_0001_0000"), ("liver-mask.nii.gz", "liver"), ("x_gt.nii.gz", "x"),
+     ("segmentation-12.nii", "12"), ("img0001.nii.gz", "0001"), ("imaging.nii.gz", ""),
+     ("BraTS2021_00000_t1ce.nii.gz", "brats2021_00000")],
 )
 def test_name_key(name: str, key: str) -> None:
     assert name_key(Path(name)) == key

@@ -176,6 +176,7 @@ def test_medmnist_1584_volumes_with_classes(medmnist_dir: Path, tmp_path: Path):
     assert (len(dl["training"]), len(dl["validation"]), len(dl["test"])) == (1188, 98, 298)
     counts = {s: np.bincount([it["class"] for it in dl[s]]).tolist() for s in ("training", "validation", "test")}
     assert counts == {"training": [929, 259], "validation": [76, 22], "test": [229, 69]}
+    assert all(it["group_id"] == it["case_id"] for s in ("training", "validation", "test") for it in dl[s])
 
 
 def test_truncated_gzip_detail_names_the_file(tmp_path: Path):
@@ -221,6 +222,9 @@ def test_dicom_bad_inputs_and_phi_free_outputs(tmp_path: Path, caplog: pytest.Lo
     assert report.counts["unlabeled"] == 2  # both series of the mixed folder
     shapes = sorted(r["shape"] for r in _rows(report.manifest))
     assert shapes == ["10x12x6", "10x12x8"]
+    # one PatientID: both series share one salted group id, the raw ID is written nowhere
+    items = json.loads(report.datalist.read_text())["unlabeled"]
+    assert len({it["group_id"] for it in items}) == 1 and items[0]["group_id"].startswith("g")
     text = "".join(p.read_text() for p in (report.datalist, report.manifest, report.quarantine)) + caplog.text
     for value in PHI.values():
         assert value not in text
