@@ -490,3 +490,119 @@ def test_prepare_data_adds_new_seeds_to_existing_splits(tmp_path: Path) -> None:
     assert got == (dl.resolve(), path.resolve()) and sorted(new["seeds"]) == ["0", "1", "2"]
     assert new["test"] == old["test"] and all(new["seeds"][s] == old["seeds"][s] for s in ("0", "1"))
     check_fractions_available(path, [10, 100], [0, 1, 2])
+
+
+def _hashes(uri: str, parent_id: str) -> dict[str, tuple[str, str]]:
+    return {
+        r.data.tags["medssl.sweep_key"]: (r.data.tags.get("medssl.config_hash"), r.data.tags.get("medssl.data_hash"))
+        for r in children(uri, parent_id)
+        if r.data.tags.get("medssl.sweep_key") != "pretrain"
+    }
+
+
+def test_changed_config_refuses_to_reuse_children(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    spec = pipeline(tmp_path, uri, study="hashes", fractions=[10, 100], inits=["scratch"], seeds=[0])
+    res = run_sweep(spec, finetune_fn=FakeFinetune())
+    first = _hashes(uri, res.parent_run_id)
+    assert len(set(h for h, _ in first.values())) == 1  # one config across fractions (no per-fraction override)
+    assert len(set(d for _, d in first.values())) == 2  # each child's own training set
+    marker = json.loads((res.sweep_dir / "f10-scratch-s0" / "sweep_child.json").read_text())
+    assert marker["config_hash"] == first["f10-scratch-s0"][0] and marker["config"]["lr"] == 1e-3
+    for change, named in (
+        ("finetune.lr=0.01", r"lr: 0\.001 → 0\.01"),
+        ("finetune.augment.flip_axes=[0]", r"augment\.flip_axes: \[0, 1, 2\] → \[0\]"),
+    ):
+        ft = FakeFinetune()
+        with pytest.raises(MedsslError, match=rf"finished run f10-scratch-s0 .*{named}.*--new"):
+            run_sweep(load_pipeline(spec, [change]), finetune_fn=ft)
+        assert ft.calls == []
+    # the same config written differently (defaults spelled out, 1e-3 as 0.001) is the same config
+    same = FakeFinetune()
+    run_sweep(load_pipeline(spec, ["finetune.lr=0.001", "finetune.augment.flip_prob=0.5"]), finetune_fn=same)
+    assert same.calls == []
+    # adding a seed later: only the new children run, with the same config hash
+    more = FakeFinetune()
+    again = run_sweep(load_pipeline(spec, ["seeds=[0,1]"]), finetune_fn=more)
+    assert sorted(k for k, _ in more.calls) == ["f10-scratch-s1", "f100-scratch-s1"]
+    hashes = _hashes(uri, again.parent_run_id)
+    assert {h for h, _ in hashes.values()} == {first["f10-scratch-s0"][0]} and hashes["f10-scratch-s0"] == first[
+        "f10-scratch-s0"
+    ]
+    # --new: a new parent run with the new config
+    new = FakeFinetune()
+    res_new = run_sweep(load_pipeline(spec, ["finetune.lr=0.01"]), new=True, finetune_fn=new)
+    assert len(new.calls) == 2 and res_new.parent_run_id != res.parent_run_id
+    # the datalist changed (same case ids, other content): refused naming the data hash
+    dl = Path(spec["data"]["datalist"])
+    data = json.loads(dl.read_text())
+    data["training"][0]["image"] = "other.nii.gz"
+    dl.write_text(json.dumps(data))
+    with pytest.raises(MedsslError, match=r"finished run .* another data: data hash .*--new"):
+        run_sweep(load_pipeline(spec, ["finetune.lr=0.01"]), finetune_fn=FakeFinetune())  # the newest parent
+
+
+def test_interrupted_child_with_another_config_is_not_resumed(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    spec = pipeline(tmp_path, uri, study="int-hash", fractions=[100], inits=["scratch"], seeds=[0])
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, finetune_fn=FakeFinetune(interrupt={"f100-scratch-s0"}))
+    with pytest.raises(MedsslError, match=r"interrupted run f100-scratch-s0 .*max_epochs: 3 → 5"):
+        run_sweep(load_pipeline(spec, ["finetune.max_epochs=5"]), finetune_fn=FakeFinetune())
+    ft = FakeFinetune()
+    assert not run_sweep(spec, finetune_fn=ft).failed and ft.calls == [("f100-scratch-s0", "auto")]
+
+
+def test_changed_pretraining_or_encoder_is_refused(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    spec = pipeline(tmp_path, uri, study="pre-hash", fractions=[100], seeds=[0])
+    res = run_sweep(spec, finetune_fn=FakeFinetune(), pretrain_fn=FakePretrain())
+    with pytest.raises(MedsslError, match=r"finished run pretrain .*total_steps: 2 → 5.*--new"):
+        run_sweep(load_pipeline(spec, ["pretrain.total_steps=5"]), finetune_fn=FakeFinetune())
+    write_encoder(res.sweep_dir / "pretrain")  # re-pretrained in place: other weights, same recipe
+    ft = FakeFinetune()
+    with pytest.raises(MedsslError, match=r"finished run f100-ssl-s0 .*encoder_sha256"):
+        run_sweep(spec, finetune_fn=ft, pretrain_fn=FakePretrain())
+    assert ft.calls == []
+
+
+def test_both_arms_get_the_ssl_recipes_preprocessing(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from medssl.engines.finetune_config import FinetuneConfig, build_model
+    from medssl.engines.finetune_data import eval_transforms
+
+    uri = fresh_sqlite_uri(tmp_path)
+    spec = pipeline(tmp_path, uri, study="pre-arms", fractions=[100], seeds=[0],
+                    finetune={"task": "segmentation", "network": "SegResNet", "max_epochs": 1,
+                              "roi_size": [16, 16, 16]})
+    ft = FakeFinetune()
+    run_sweep(spec, finetune_fn=ft, pretrain_fn=FakePretrain(target_spacing=[1.5, 1.5, 2.0], normalisation="none"))
+    cfgs = {c.init_kind: c for c in ft.configs}
+    fields = ("target_spacing", "normalisation", "ct_window", "in_channels")
+    assert [getattr(cfgs["scratch"], f) for f in fields] == [getattr(cfgs["ssl"], f) for f in fields]
+    assert cfgs["scratch"].target_spacing == [1.5, 1.5, 2.0] and cfgs["scratch"].normalisation == "none"
+    # what each arm's model build resolves (SSL: recipe + config) is identical, so are the tensors
+    pres = {k: build_model(FinetuneConfig.from_dict(c.to_dict()))[3] for k, c in cfgs.items()}
+    assert all(pres["scratch"][f] == pres["ssl"][f] for f in ("target_spacing", "normalisation", "ct_window"))
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random((9, 8, 6)).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])),
+             tmp_path / "case.nii.gz")
+    nib.save(nib.Nifti1Image((rng.random((9, 8, 6)) > 0.5).astype(np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])),
+             tmp_path / "lab.nii.gz")
+    item = {"image": str(tmp_path / "case.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+    out = {
+        k: eval_transforms("segmentation", **{f: p[f] for f in ("target_spacing", "normalisation", "ct_window")})(
+            dict(item)
+        )["image"]
+        for k, p in pres.items()
+    }
+    assert out["scratch"].shape == out["ssl"].shape and torch_equal(out["scratch"], out["ssl"])
+    assert out["ssl"].pixdim.tolist() == [1.5, 1.5, 2.0]  # the recipe's spacing (native: 1 × 1 × 3 mm)
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
