@@ -229,7 +229,7 @@ def finetune(
 @app.command()
 def sweep(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML, e.g. pipelines/label_efficiency.yaml.")],
-    new: Annotated[bool, typer.Option("--new", help="New parent run even if the study exists (default: resume it).")] = False,
+    new: Annotated[bool, typer.Option("--new", help="New parent run even if the study exists (default: resume it; a changed config or data is refused there, naming the keys).")] = False,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override key.sub=value (repeatable), e.g. --set 'seeds=[0]'.")] = None,
     verbose: Verbose = False,
 ) -> None:
