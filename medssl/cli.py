@@ -108,18 +108,34 @@ def split(
     test_fraction: Annotated[float, typer.Option(help="Share of labelled cases in the fixed test set.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Share of labelled cases in each seed's validation set.")] = 0.1,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="splits.json path (default: beside the datalist).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Do not split: report on the existing splits.json (counts per split, class and patient group; leakage checks). Exit 1 on a FAIL.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Write splits.json: a fixed test set, per-seed validation and nested label fractions."""
-    from medssl.data.splits import split_datalist, splits_table
+    """Write splits.json (fixed test set, per-seed validation, nested label fractions, patient groups kept
+    whole, study-wide pretraining pool) and print its report; `--report` only checks an existing file."""
+    from medssl.data.splits import datalist_items, load_splits, split_datalist
+    from medssl.data.splits_report import report_lines, report_table, splits_report
 
     _setup(verbose)
     try:
-        path, splits = split_datalist(datalist, fractions=_csv_list(fractions, float), seeds=_csv_list(seeds, int),
-                                      test_fraction=test_fraction, val_fraction=val_fraction, out=out)
+        if report:
+            path = out or datalist.with_name("splits.json")
+            if not path.exists():
+                raise MedsslError(f"{path} does not exist: run `medssl split {datalist}` first (without --report)")
+            splits = load_splits(path)
+        else:
+            path, splits = split_datalist(datalist, fractions=_csv_list(fractions, float),
+                                          seeds=_csv_list(seeds, int), test_fraction=test_fraction,
+                                          val_fraction=val_fraction, out=out)
+        rep = splits_report(splits, [it for sec in datalist_items(datalist).values() for it in sec])
     except MedsslError as e:
         raise _fail(e, verbose) from None
-    console.print(splits_table(splits, title=f"medssl split → {path}"))
+    console.print(report_table(rep, title=f"medssl split {'--report ' if report else '→ '}{path}"))
+    for line in report_lines(rep):
+        console.print(f"[{'green' if line.startswith('PASS') else 'bold red'}]{line[:4]}[/]{line[4:]}", highlight=False)
+    if not rep["ok"]:
+        raise _fail(MedsslError(f"{path}: leakage check failed (FAIL lines above); re-split with `medssl split`"),
+                    verbose)
 
 
 @app.command()

@@ -158,10 +158,11 @@ def prepare_data(
     ``data.out`` (default ``<study_root>/data``) and split with the pipeline's fractions/seeds; existing
     files are reused, and an existing ``splits.json`` gains the pipeline's seeds/fractions it lacks
     (:func:`medssl.data.splits.extend_splits`: every existing set stays as it is, or nothing is written).
+    The splits report (:func:`medssl.data.splits_report.check_splits`) is logged, and a FAIL refuses the study.
 
     Raises:
-        MedsslError: neither ``datalist`` nor ``sources`` given, ingest/split errors, or splits that
-            cannot be extended without changing them.
+        MedsslError: neither ``datalist`` nor ``sources`` given, ingest/split errors, splits that
+            cannot be extended without changing them, or a failed leakage check.
     """
     from medssl.data.splits import extend_splits, split_datalist
 
@@ -209,6 +210,9 @@ def prepare_data(
             val_fraction=float(data.get("val_fraction", 0.1)),
             stratify_key=data.get("stratify_key", "class"),
         )
+    from medssl.data.splits_report import check_splits
+
+    check_splits(datalist, splits)  # logs counts per split/class/group; refuses a leaking split
     return datalist.resolve(), splits.resolve()
 
 

@@ -51,6 +51,7 @@ from medssl.engines.finetune_data import (
 from medssl.engines.finetune_eval import RESUME_FIELDS, _FinetunerState  # noqa: F401 (re-export)
 from medssl.engines.finetune_identity import config_hash, config_identity, file_sha256
 from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker
+from medssl.engines.leakage import check_pretrain_leakage
 from medssl.engines.metrics import as_tensor
 from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
@@ -92,6 +93,13 @@ class Finetuner(_FinetunerState):
             )
         model, self.recipe, report, pre = build_model(config.replace(in_channels=channels))
         self.transfer = report.to_dict() if report is not None else None
+        if config.ssl_source is not None:  # refuse an encoder pretrained on this run's validation/test cases
+            check_pretrain_leakage(
+                {"pool": self.recipe["ssl_pool"]},
+                [it["case_id"] for it in self.items["validation"]],
+                [it["case_id"] for it in self.items["test"]],
+                source=str(config.ssl_source),
+            )
         self.cfg = cfg = config.replace(
             normalisation=pre["normalisation"],
             target_spacing=pre.get("target_spacing"),

@@ -326,6 +326,7 @@ def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any,
         "normalisation": pre["normalisation"],
         "ct_window": pre["ct_window"],
         "init": config.init,
+        "ssl_pool": ckpt.recipe.get("pool") if src is not None else None,  # what the encoder saw (leakage)
         "versions": ck.library_versions(),
     }
     return model, recipe, report, pre

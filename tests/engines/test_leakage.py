@@ -11,6 +11,7 @@ import pytest
 from medssl.data.splits import extend_splits, split_datalist
 from medssl.engines.leakage import check_pretrain_leakage, pretrained_case_ids
 from medssl.errors import MedsslError
+from tests.engines.test_finetune import hippo, seg_config, ssl_run  # noqa: F401, F811 (fixtures)
 
 
 def _recipe(ids: list[str]) -> dict:
@@ -55,3 +56,26 @@ def test_seeds_added_after_pretraining_are_caught(tmp_path: Path):
     with pytest.raises(MedsslError, match=rf"enc.pt: .*pretrained on {len(seen)} validation case\(s\) \({seen[0]}"):
         check_pretrain_leakage(encoder_recipe, new["seeds"]["2"]["validation"], new["test"], source="enc.pt")
     check_pretrain_leakage(_recipe(new["pretrain_pool"]), new["seeds"]["2"]["validation"], new["test"], source="x")
+
+
+def test_finetuning_refuses_an_encoder_that_saw_its_validation_cases(hippo, ssl_run, tmp_path: Path,  # noqa: F811
+                                                                      caplog: pytest.LogCaptureFixture):
+    """The call site in Finetuner: the SSL recipe's pool against the run's validation/test cases."""
+    import torch
+
+    from medssl.engines.finetune import Finetuner
+
+    sp = json.loads(hippo[1].read_text())
+    state = torch.load(ssl_run.encoder_path, weights_only=True)
+    assert state["recipe"]["pool"]["case_ids"] == ["case0", "case1"]  # its own two volumes: no overlap
+    Finetuner(seg_config(hippo, tmp_path / "ok", init=f"ssl:{ssl_run.encoder_path}", network_kwargs={}))
+    state["recipe"]["pool"]["case_ids"] += sp["seeds"]["0"]["validation"]
+    leaky = tmp_path / "leaky.pt"
+    torch.save(state, leaky)
+    with pytest.raises(MedsslError, match=r"leaky.pt: the SSL encoder was pretrained on 1 validation case\(s\)"):
+        Finetuner(seg_config(hippo, tmp_path / "bad", init=f"ssl:{leaky}", network_kwargs={}))
+    del state["recipe"]["pool"]  # an external / older encoder: warned, not refused
+    torch.save(state, leaky)
+    with caplog.at_level(logging.WARNING, logger="medssl.engines.leakage"):
+        Finetuner(seg_config(hippo, tmp_path / "old", init=f"ssl:{leaky}", network_kwargs={}))
+    assert "records no pretraining pool" in caplog.text
