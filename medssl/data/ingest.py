@@ -59,7 +59,7 @@ MANIFEST_FIELDS = [
 ]
 QUARANTINE_FIELDS = ["path", "reason", "detail"]
 WARNING_FIELDS = ["path", "case_id", "reason", "detail"]
-#: bumped when the items of a NIfTI case change shape (2: group_id, channels): older state is re-ingested
+#: bumped when the items of an input change shape (2: group_id, channels): older state is re-ingested
 TASK_FORMAT = "2"
 SECTIONS = ("training", "validation", "test", "unlabeled")
 
@@ -231,7 +231,7 @@ def ingest(
     dicom_tasks: list[DicomTask] = []
     for files, label in dicom_groups:
         key = "dicom:" + "|".join(sorted(files))
-        fp = fingerprint([Path(f) for f in files], opts.fingerprint())
+        fp = fingerprint([Path(f) for f in files], opts.fingerprint() + TASK_FORMAT)  # older results: no group_id
         prev = state.get(key)
         if prev and prev.get("fp") == fp and _outputs_exist(out, prev["result"]):
             results.append(TaskResult.from_dict(prev["result"]))
