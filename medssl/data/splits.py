@@ -312,7 +312,7 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
     ``pretrain_pool`` is *not* kept: a new seed's validation cases leave it (they must never be pretrained
     on), so it shrinks and a warning says so. An encoder pretrained on the old pool fails
     :func:`medssl.engines.leakage.check_pretrain_leakage` when finetuned for the new seed: re-pretrain (a
-    sweep: delete its ``pretrain/`` folder). A version-1 file is rewritten as version 2.
+    sweep: ``medssl sweep … --new``). A version-1 file is rewritten as version 2.
 
     Args:
         datalist: the datalist the splits were made from.
@@ -362,7 +362,7 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
     if left:
         logger.warning("%s: the study-wide pretrain_pool lost %d cases (now in the new seeds' validation sets, "
                        "e.g. %s): an encoder pretrained on the old pool fails the leakage check when finetuned "
-                       "for those seeds; re-pretrain it", splits_path, len(left), ", ".join(left[:3]))
+                       "for those seeds; re-pretrain it (a sweep: --new)", splits_path, len(left), ", ".join(left[:3]))
     logger.info("%s: added seeds %s, fractions %s; existing test/validation/fraction sets unchanged", splits_path,
                 sorted(set(want_seeds) - set(old_seeds)), sorted(set(want_fracs) - set(old_fracs)))
     return True

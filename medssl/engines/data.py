@@ -125,14 +125,16 @@ def _medssl_pool(path: Path, sp: dict[str, Any], split_seed: int | None) -> set[
 
 
 def pool_channels(pool: Sequence[dict[str, Any]], source: str | Path = "the pool") -> int:
-    """Channels per case of a pool (``len(image)`` for a list of channel files, else 1), equal for all.
+    """Channels per case of a pool, equal for all: ``len(item["channels"])`` when present (also an MSD 4D file,
+    one path with channels last), else ``len(image)`` for a list of channel files, else 1.
 
     Raises:
         MedsslError: cases with different channel counts, naming one case of each count and ``source``.
     """
     by_count: dict[int, str] = {}
     for it in pool:
-        by_count.setdefault(len(it["image"]) if isinstance(it["image"], list) else 1, it["case_id"])
+        n = len(it["channels"]) if it.get("channels") else len(it["image"]) if isinstance(it["image"], list) else 1
+        by_count.setdefault(n, it["case_id"])
     if len(by_count) > 1:
         named = ", ".join(f"case {c} has {n}" for n, c in sorted(by_count.items()))
         raise MedsslError(f"{source}: cases have different channel counts ({named}); one study, one channel set")

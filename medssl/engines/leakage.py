@@ -67,6 +67,6 @@ def check_pretrain_leakage(recipe: Mapping[str, Any] | None, validation_ids: Ite
     raise MedsslError(
         f"{source}: the SSL encoder was pretrained on {' and '.join(named)} of this run, so checkpoint "
         "selection and test numbers would be biased. Pretrain on the study-wide pool (splits.json "
-        "'pretrain_pool', the default of `medssl pretrain --splits` since splits version 2); after adding "
-        "seeds to a study, delete its pretrain/ folder so the sweep pretrains again"
+        "'pretrain_pool', the default of `medssl pretrain --splits` since splits version 2); seeds added to a "
+        "study after its pretraining: `medssl sweep … --new` pretrains again on the current pool"
     )

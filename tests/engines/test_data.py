@@ -147,3 +147,4 @@ def test_multi_channel_items_load_as_channels(tmp_path: Path) -> None:
     single = [{"image": str(tmp_path / "mc" / "c1_t1.nii.gz"), "case_id": "s"}]
     with pytest.raises(MedsslError, match=r"case s has 1, case case0 has 2"):
         pool_channels(pool + single, "dl.json")
+    assert pool_channels([{**single[0], "channels": ["t1", "t2"]}]) == 2  # an MSD 4D file: one path, 2 channels
