@@ -47,9 +47,11 @@ Rules:
   numpy version and independent of the input order. Each fraction is a prefix of the same per-class order,
   hence 1 % ⊂ 5 % ⊂ … ⊂ 100 %. The test order uses seed ``"test"``, so the test set is the same for all seeds.
 - ``pretrain_pool`` is what pretraining uses by default (:func:`medssl.engines.data.load_pool`): an encoder
-  pretrained on it never saw a validation or test case of any seed. Adding seeds later
-  (:func:`extend_splits`) shrinks it (the new validation sets leave it); an encoder pretrained on the old
-  pool then fails the leakage check at finetuning (:mod:`medssl.engines.leakage`) and must be re-pretrained.
+  pretrained on it never saw a validation or test case of any seed. Seeds added later (:func:`extend_splits`)
+  keep it: they are *reserve seeds* (``params.reserve_seeds``) whose validation sets are drawn from the cases
+  the other seeds already hold out, so an encoder pretrained before stays valid for them. (Otherwise the new
+  validation sets would leave the pool and the finetuning leakage check, :mod:`medssl.engines.leakage`, would
+  refuse the old encoder for the new seeds.)
 - ``fixed_test`` / ``fixed_val`` (e.g. the official MedMNIST splits, taken from the datalist's ``test`` and
   ``validation`` sections by :func:`split_datalist`) replace the drawn sets; labelled cases sharing a group
   with them are left out of training (logged).
@@ -130,7 +132,7 @@ def _check_items(items: list[dict], seeds: Sequence[int], test_fraction: float, 
 
 def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], test_fraction: float = 0.2,
                 val_fraction: float = 0.1, stratify_key: str | None = "class", fixed_test: list[str] | None = None,
-                fixed_val: list[str] | None = None) -> dict:
+                fixed_val: list[str] | None = None, reserve_seeds: Sequence[int] = ()) -> dict:
     """Build the splits described in the module docstring.
 
     Args:
@@ -143,6 +145,10 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
         stratify_key: item key holding the class; ``None`` or absent from all items → unstratified.
         fixed_test: case ids of a given test set (same for all seeds).
         fixed_val: case ids of a given validation set (same for all seeds).
+        reserve_seeds: seeds whose validation set is drawn only from the *held-out reserve*, the union of the
+            other seeds' validation sets, so that they leave ``pretrain_pool`` unchanged (what
+            :func:`extend_splits` uses for seeds added to a study that may already have pretrained). At least one
+            seed must not be a reserve seed.
 
     Returns:
         The splits dict (schema in the module docstring).
@@ -155,6 +161,10 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
     fr = _check_fractions(fractions)
     seed_list = [int(s) for s in seeds]
     ids = _check_items(items, seed_list, test_fraction, val_fraction)
+    reserve = sorted({int(s) for s in reserve_seeds})
+    if set(reserve) - set(seed_list) or set(reserve) >= set(seed_list):
+        raise MedsslError(f"reserve_seeds {reserve} must be a subset of the seeds {seed_list} that leaves at least "
+                          "one seed to draw the held-out reserve")
     labelled = {str(it["case_id"]): it for it in items if _is_labelled(it, stratify_key)}
     if not labelled:
         raise MedsslError("no labelled items (none has a 'label' or a "
@@ -205,17 +215,25 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
     unlabeled: dict[str, list[str]] = {}
     counts_seeds: dict[str, dict] = {}
     held_out_groups = set(test_groups)
-    for seed in seed_list:
+    reserve_groups: set[str] = set()  # validation groups of the non-reserve seeds
+    # non-reserve seeds first: their validation sets make the reserve the others draw from
+    for seed in sorted(seed_list, key=lambda x: (x in reserve, seed_list.index(x))):
         s = str(seed)
         avail = {k: [g for g in gs if g not in test_groups] for k, gs in strata.items()}
+        if seed in reserve:
+            avail_val = {k: [g for g in gs if g in reserve_groups] for k, gs in avail.items()}
+        else:
+            avail_val = avail
         if fval is None:
             val_groups: set[str] = set()
-            for k, gs in avail.items():
+            for k, gs in avail_val.items():
                 val_groups.update(take_groups(group_order(gs, s, "val"), size, _round(val_fraction * n_stratum[k])))
             val = {c for g in val_groups for c in members[g]}
         else:
             val, val_groups = set(fval), fval_groups
         held_out_groups |= val_groups
+        if seed not in reserve:
+            reserve_groups |= val_groups
         train = {k: [g for g in gs if g not in val_groups] for k, gs in avail.items()}
         for k in n_stratum:
             if not train[k]:
@@ -239,6 +257,9 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
         if stratified:
             counts_seeds[s]["classes"] = {k: _class_counts(v, klass) for k, v in fractions_out.items()} | {
                 "validation": _class_counts(val & labelled.keys(), klass)}
+    out_seeds = {str(x): out_seeds[str(x)] for x in seed_list}  # the caller's seed order
+    unlabeled = {str(x): unlabeled[str(x)] for x in seed_list}
+    counts_seeds = {str(x): counts_seeds[str(x)] for x in seed_list}
     pretrain_pool = sorted(c for c in ids if gid[c] not in held_out_groups)
     counts: dict = {"items": len(ids), "labelled": len(labelled), "groups": len(set(gid.values())),
                     "test": len(test), "pretrain_pool": len(pretrain_pool), "seeds": counts_seeds}
@@ -247,7 +268,7 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
                                                                                           klass)}
     params = {"fractions": fr, "seeds": seed_list, "test_fraction": test_fraction, "val_fraction": val_fraction,
               "stratify_key": stratify_key, "stratified": stratified, "group_key": GROUP_KEY,
-              "fixed_test": fixed_test is not None, "fixed_val": fixed_val is not None}
+              "fixed_test": fixed_test is not None, "fixed_val": fixed_val is not None, "reserve_seeds": reserve}
     return {"version": SPLITS_VERSION, "test": sorted(test), "seeds": out_seeds, "unlabeled": unlabeled,
             "pretrain_pool": pretrain_pool, "params": params, "counts": counts}
 
@@ -256,7 +277,7 @@ def make_splits(items: list[dict], *, fractions: list[float], seeds: list[int], 
 
 def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[int], test_fraction: float = 0.2,
                    val_fraction: float = 0.1, out: str | Path | None = None, stratify_key: str | None = "class",
-                   use_official: bool = True) -> tuple[Path, dict]:
+                   use_official: bool = True, reserve_seeds: Sequence[int] = ()) -> tuple[Path, dict]:
     """Split a decathlon datalist (``medssl ingest`` output) and write ``splits.json``.
 
     Args:
@@ -270,6 +291,7 @@ def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[
         use_official: a non-empty ``test``/``validation`` section whose items all carry labels (official
             MedMNIST splits) is kept as the fixed test/validation set. Otherwise (or when an item lacks its
             label, like MSD's label-less test images) its items are pooled and the set is drawn.
+        reserve_seeds: see :func:`make_splits`.
 
     Returns:
         ``(path written, splits dict)``.
@@ -290,7 +312,7 @@ def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[
                            "%s set drawn from the labelled cases", datalist, sec, sec)
     splits = make_splits(items, fractions=fractions, seeds=seeds, test_fraction=test_fraction,
                          val_fraction=val_fraction, stratify_key=stratify_key, fixed_test=fixed["test"],
-                         fixed_val=fixed["validation"])
+                         fixed_val=fixed["validation"], reserve_seeds=reserve_seeds)
     splits["params"]["datalist"] = datalist.name
     path = write_splits(splits, Path(out) if out is not None else datalist.with_name("splits.json"))
     logger.info("splits for %d items (%d labelled, %d patient groups, test %d) written to %s",
@@ -300,7 +322,7 @@ def split_datalist(datalist: str | Path, *, fractions: list[float], seeds: list[
 
 
 def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: list[float],
-                  seeds: list[int]) -> bool:
+                  seeds: list[int], keep_pool: bool = True) -> bool:
     """Add missing seeds / fractions to an existing ``splits.json`` without changing what it holds.
 
     Splits are pure functions of the case and group ids, the seed and the recorded parameters (hash order,
@@ -309,16 +331,23 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
     subsets must come out identical, otherwise nothing is written. A study can so gain seeds (narrower CIs)
     or fractions later and keep its fixed test set.
 
-    ``pretrain_pool`` is *not* kept: a new seed's validation cases leave it (they must never be pretrained
-    on), so it shrinks and a warning says so. An encoder pretrained on the old pool fails
-    :func:`medssl.engines.leakage.check_pretrain_leakage` when finetuned for the new seed: re-pretrain (a
-    sweep: ``medssl sweep … --new``). A version-1 file is rewritten as version 2.
+    ``pretrain_pool`` is kept (``keep_pool=True``, the default): an encoder may already have been pretrained
+    on it, so each added seed is a *reserve seed* (``params.reserve_seeds``, :func:`make_splits`) whose
+    validation set is drawn from the cases the existing seeds already hold out (the union of their validation
+    sets, in the new seed's hash order). The encoder then never saw a validation or test case of any seed, old
+    or new, and needs no re-pretraining. The price: a study extended from seeds ``[0, 1]`` to ``[0, 1, 2]``
+    differs in seed 2's validation set from one split with ``[0, 1, 2]`` at the start (every other set is equal).
+    With ``keep_pool=False`` the new validation sets are drawn as at the start and leave the pool, which
+    shrinks (warned): an encoder pretrained on the old pool then fails
+    :func:`medssl.engines.leakage.check_pretrain_leakage` for the new seeds and must be re-pretrained. A
+    version-1 file is rewritten as version 2.
 
     Args:
         datalist: the datalist the splits were made from.
         splits_path: the existing ``splits.json`` (rewritten in place when something was missing).
         fractions: fractions in percent that must exist.
         seeds: seeds that must exist.
+        keep_pool: draw added seeds' validation sets from the held-out reserve so ``pretrain_pool`` stays.
 
     Returns:
         ``True`` if the file was extended, ``False`` if it already held every seed and fraction.
@@ -337,14 +366,18 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
     want_seeds = sorted({*old_seeds, *map(int, seeds)})
     if want_fracs == sorted(old_fracs) and want_seeds == sorted(old_seeds):
         return False
+    added = sorted(set(want_seeds) - set(old_seeds))
+    reserve = sorted({*map(int, params.get("reserve_seeds", [])), *(added if keep_pool else [])})
     tmp = splits_path.with_name(splits_path.name + ".extending")
     try:
         _, new = split_datalist(
             datalist, fractions=want_fracs, seeds=want_seeds, out=tmp,
             test_fraction=float(params.get("test_fraction", 0.2)), val_fraction=float(params.get("val_fraction", 0.1)),
-            stratify_key=params.get("stratify_key", "class"),
+            stratify_key=params.get("stratify_key", "class"), reserve_seeds=reserve,
         )
         diffs = [] if new["test"] == old["test"] else ["the test set"]
+        if keep_pool and new["pretrain_pool"] != old["pretrain_pool"]:
+            diffs.append("the pretraining pool")
         for seed, s in old["seeds"].items():
             if new["seeds"][seed]["validation"] != s["validation"]:
                 diffs.append(f"seed {seed} validation")
@@ -363,8 +396,9 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
         logger.warning("%s: the study-wide pretrain_pool lost %d cases (now in the new seeds' validation sets, "
                        "e.g. %s): an encoder pretrained on the old pool fails the leakage check when finetuned "
                        "for those seeds; re-pretrain it (a sweep: --new)", splits_path, len(left), ", ".join(left[:3]))
-    logger.info("%s: added seeds %s, fractions %s; existing test/validation/fraction sets unchanged", splits_path,
-                sorted(set(want_seeds) - set(old_seeds)), sorted(set(want_fracs) - set(old_fracs)))
+    logger.info("%s: added seeds %s%s, fractions %s; existing test/validation/fraction sets unchanged",
+                splits_path, added, " (validation from the held-out reserve, pretrain_pool kept)" if keep_pool and
+                added else "", sorted(set(want_fracs) - set(old_fracs)))
     return True
 
 

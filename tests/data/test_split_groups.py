@@ -136,6 +136,29 @@ def test_version_1_files_load_with_a_derived_study_pool(tmp_path: Path):
     assert "u0" in loaded["pretrain_pool"] and not held & set(loaded["pretrain_pool"])
 
 
+def test_extend_splits_keeps_the_pool_with_reserve_seeds(tmp_path: Path):
+    items = [{"case_id": f"c{i:02d}", "group_id": f"p{i // 3}", "label": "x"} for i in range(60)]
+    items += [{"case_id": f"u{i}", "group_id": f"p{i}"} for i in range(20)]  # unlabelled follow-ups
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items}))
+    path, old = split_datalist(dl, fractions=[50, 100], seeds=[0, 1])
+    assert extend_splits(dl, path, fractions=[100], seeds=[2, 3]) is True
+    new = load_splits(path)
+    assert new["pretrain_pool"] == old["pretrain_pool"] and new["params"]["reserve_seeds"] == [2, 3]
+    reserve = set(old["seeds"]["0"]["validation"]) | set(old["seeds"]["1"]["validation"])
+    for s in ("2", "3"):
+        assert new["seeds"][s]["validation"] and set(new["seeds"][s]["validation"]) <= reserve
+        assert not set(new["seeds"][s]["validation"]) & set(new["pretrain_pool"])
+    assert new["seeds"]["2"]["validation"] != new["seeds"]["3"]["validation"]  # each seed its own draw
+    _check_groups(items, new, [0, 1, 2, 3])
+    # extending again reproduces the reserve seeds' sets (they are recorded in params)
+    assert extend_splits(dl, path, fractions=[50], seeds=[4]) is True
+    again = load_splits(path)
+    assert again["seeds"]["2"] == new["seeds"]["2"] and again["params"]["reserve_seeds"] == [2, 3, 4]
+    with pytest.raises(MedsslError, match="reserve_seeds"):
+        make_splits(items, fractions=[100], seeds=[0], reserve_seeds=[0])
+
+
 def test_extend_splits_writes_the_smaller_pool_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     items = [{"case_id": f"c{i:02d}", "group_id": f"p{i // 3}", "label": "x"} for i in range(60)]
     dl = tmp_path / "datalist.json"
@@ -143,7 +166,7 @@ def test_extend_splits_writes_the_smaller_pool_and_warns(tmp_path: Path, caplog:
     path, old = split_datalist(dl, fractions=[100], seeds=[0, 1])
     path.write_text(json.dumps(_v1(old)))  # a version-1 file extended → rewritten as version 2
     with caplog.at_level(logging.WARNING, logger="medssl.data.splits"):
-        assert extend_splits(dl, path, fractions=[100], seeds=[2]) is True
+        assert extend_splits(dl, path, fractions=[100], seeds=[2], keep_pool=False) is True
     new = load_splits(path)
     assert new["version"] == 2 and new["seeds"]["0"] == old["seeds"]["0"]
     lost = set(old["pretrain_pool"]) - set(new["pretrain_pool"])

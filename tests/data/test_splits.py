@@ -279,10 +279,21 @@ def test_extend_splits_adds_seeds_and_fractions_keeping_every_set(tmp_path: Path
         for k, ids in old["seeds"][seed]["fractions"].items():
             assert new["seeds"][seed]["fractions"][k] == ids
         assert set(new["seeds"][seed]["fractions"]["5"]) <= set(ids)  # still nested
-    # a fresh split with the union is the same file: extending == having asked for it at the start
+    # the added seed is a reserve seed: its validation set comes from what seeds 0/1 hold out, so the pretraining
+    # pool (an encoder may exist already) is unchanged; a fresh split naming seed 2 a reserve seed is the same file
+    assert new["params"]["reserve_seeds"] == [2] and new["pretrain_pool"] == old["pretrain_pool"]
+    assert set(new["seeds"]["2"]["validation"]) <= set(old["seeds"]["0"]["validation"]) | set(
+        old["seeds"]["1"]["validation"])
+    assert len(new["seeds"]["2"]["validation"]) == len(new["seeds"]["0"]["validation"])
     _, fresh = split_datalist(dl, fractions=[5, 10, 100], seeds=[0, 1, 2], test_fraction=0.25, val_fraction=0.15,
-                              out=tmp_path / "fresh.json")
+                              out=tmp_path / "fresh.json", reserve_seeds=[2])
     assert new == fresh
+    # without keep_pool, extending == having asked for the seeds at the start (the pool shrinks)
+    path.write_text(json.dumps(old))
+    assert extend_splits(dl, path, fractions=[5, 100], seeds=[0, 2], keep_pool=False) is True
+    _, plain = split_datalist(dl, fractions=[5, 10, 100], seeds=[0, 1, 2], test_fraction=0.25, val_fraction=0.15,
+                              out=tmp_path / "plain.json")
+    assert load_splits(path) == plain and plain["params"]["reserve_seeds"] == []
 
 
 def test_extend_splits_refuses_to_change_existing_sets(tmp_path: Path):

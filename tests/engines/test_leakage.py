@@ -39,15 +39,29 @@ def test_disjoint_pool_passes_and_missing_pool_warns(caplog: pytest.LogCaptureFi
     assert pretrained_case_ids({"pool": {"fingerprint": "x"}}) is None
 
 
-def test_seeds_added_after_pretraining_are_caught(tmp_path: Path):
-    """extend_splits writes the new, smaller pool; the encoder pretrained on the old one is refused for the new
-    seed (whose validation cases it saw) and still accepted for the old seeds."""
+def test_seeds_added_after_pretraining_keep_the_encoder_valid(tmp_path: Path):
+    """By default an added seed draws its validation set from the held-out reserve: the encoder pretrained
+    before it existed passes the leakage check for every seed, old and new."""
+    items = [{"image": f"i{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"c{i:02d}"} for i in range(40)]
+    dl = tmp_path / "datalist.json"
+    dl.write_text(json.dumps({"training": items}))
+    path, old = split_datalist(dl, fractions=[100], seeds=[0, 1])
+    encoder_recipe = _recipe(old["pretrain_pool"])
+    assert extend_splits(dl, path, fractions=[100], seeds=[2])
+    new = json.loads(path.read_text())
+    for s in ("0", "1", "2"):
+        check_pretrain_leakage(encoder_recipe, new["seeds"][s]["validation"], new["test"], source="enc.pt")
+
+
+def test_seeds_added_without_keeping_the_pool_are_caught(tmp_path: Path):
+    """extend_splits(keep_pool=False) writes the new, smaller pool; the encoder pretrained on the old one is
+    refused for the new seed (whose validation cases it saw) and still accepted for the old seeds."""
     items = [{"image": f"i{i}.nii.gz", "label": f"l{i}.nii.gz", "case_id": f"c{i:02d}"} for i in range(40)]
     dl = tmp_path / "datalist.json"
     dl.write_text(json.dumps({"training": items}))
     path, old = split_datalist(dl, fractions=[100], seeds=[0, 1])
     encoder_recipe = _recipe(old["pretrain_pool"])  # pretrained before seed 2 existed
-    assert extend_splits(dl, path, fractions=[100], seeds=[2])
+    assert extend_splits(dl, path, fractions=[100], seeds=[2], keep_pool=False)
     new = json.loads(path.read_text())
     for s in ("0", "1"):
         check_pretrain_leakage(encoder_recipe, new["seeds"][s]["validation"], new["test"], source="enc.pt")
