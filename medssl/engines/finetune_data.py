@@ -40,7 +40,7 @@ from monai.transforms import (
 )
 
 from medssl.data.splits import fraction_key, load_splits
-from medssl.engines.data import pool_fingerprint
+from medssl.engines.data import pool_channels, pool_fingerprint
 from medssl.engines.finetune_augment import augment_transforms
 from medssl.errors import MedsslError
 
@@ -145,10 +145,14 @@ def _item(it: dict[str, Any], root: Path, task: str, class_key: str, role: str) 
     if task == "segmentation":
         if not it.get("label"):
             raise MedsslError(f"{role} case {case} has no 'label' (segmentation needs label maps)")
-        return {"image": _resolve(it["image"], root), "label": _resolve(it["label"], root), "case_id": case}
-    if it.get(class_key) is None:
+        out = {"image": _resolve(it["image"], root), "label": _resolve(it["label"], root), "case_id": case}
+    elif it.get(class_key) is None:
         raise MedsslError(f"{role} case {case} has no '{class_key}' (classification needs a class per item)")
-    return {"image": _resolve(it["image"], root), "label": int(it[class_key]), "case_id": case}
+    else:
+        out = {"image": _resolve(it["image"], root), "label": int(it[class_key]), "case_id": case}
+    if it.get("channels"):
+        out["channels"] = list(it["channels"])  # channel names (their count is the network's in_channels)
+    return out
 
 
 def _check_classes(out: dict[str, list[dict[str, Any]]], fkey: str, num_classes: int | None) -> None:
@@ -167,23 +171,14 @@ def _check_classes(out: dict[str, list[dict[str, Any]]], fkey: str, num_classes:
 
 
 def data_channels(items: dict[str, list[dict[str, Any]]] | Sequence[dict[str, Any]]) -> int:
-    """Input channels of the items: ``len(image)`` of a multi-channel item, 1 for a single path.
+    """Input channels of the items, equal for all (:func:`medssl.engines.data.pool_channels`: the
+    ``channels`` list when present, e.g. an MSD 4D file, else ``len(image)`` of a list of channel files, else 1).
 
     Raises:
-        MedsslError: items with different channel counts (the first differing case and both counts named).
+        MedsslError: items with different channel counts (one case of each count named).
     """
     flat = [it for v in items.values() for it in v] if isinstance(items, dict) else list(items)
-    first: tuple[str, int] | None = None
-    for it in flat:
-        n = len(it["image"]) if isinstance(it["image"], (list, tuple)) else 1
-        if first is None:
-            first = (str(it.get("case_id")), n)
-        elif n != first[1]:
-            raise MedsslError(
-                f"case {it.get('case_id')} has {n} image channel(s) but case {first[0]} has {first[1]}: "
-                "every item of a datalist needs the same channels"
-            )
-    return first[1] if first else 1
+    return pool_channels(flat, "the finetuning cases")
 
 
 def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:

@@ -25,9 +25,11 @@ SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": [
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _volumes(folder: Path, *, channels: int = 1, n: int = 5, mixed: bool = False) -> tuple[Path, Path]:
+def _volumes(folder: Path, *, channels: int = 1, n: int = 5, mixed: bool = False,
+             four_d: bool = False) -> tuple[Path, Path]:
     """``n`` anisotropic 8×8×4 cases (spacing 1×1×3 mm): image value = z index (+ channel), label 1 on the
-    last z slice; ``channels`` files per case (``"image": [...]`` when > 1); ``mixed``: case 0 one channel."""
+    last z slice; ``channels`` files per case (``"image": [...]`` when > 1); ``mixed``: case 0 one channel;
+    ``four_d``: one 4D file per case with its ``"channels"`` names (MSD multi-modal layout)."""
     folder.mkdir(parents=True, exist_ok=True)
     affine = np.diag([1.0, 1.0, 3.0, 1.0])
     z = np.broadcast_to(np.arange(4, dtype=np.float32), (8, 8, 4))
@@ -41,7 +43,12 @@ def _volumes(folder: Path, *, channels: int = 1, n: int = 5, mixed: bool = False
             paths.append(f"img{i}_{c}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), folder / f"lab{i}.nii.gz")
         image = paths[0] if channels == 1 or (mixed and i == 0) else paths
-        items.append({"image": image, "label": f"lab{i}.nii.gz", "case_id": f"case{i}"})
+        item = {"image": image, "label": f"lab{i}.nii.gz", "case_id": f"case{i}"}
+        if four_d:
+            stack = np.stack([np.ascontiguousarray(z + c) for c in range(channels)], axis=-1)  # (X, Y, Z, C)
+            nib.save(nib.Nifti1Image(stack, affine), folder / f"img{i}_4d.nii.gz")
+            item |= {"image": f"img{i}_4d.nii.gz", "channels": [f"m{c}" for c in range(channels)]}
+        items.append(item)
     (folder / "datalist.json").write_text(json.dumps({"training": items}))
     splits, _ = split_datalist(folder / "datalist.json", fractions=[100], seeds=[0], test_fraction=0.2,
                                val_fraction=0.2)
@@ -105,8 +112,17 @@ def test_multichannel_items_set_in_channels(tmp_path: Path) -> None:
     with pytest.raises(MedsslError, match=r"in_channels: 1 != 2"):
         Finetuner(_cfg(data, tmp_path / "ssl_run", init=f"ssl:{pt}", network_kwargs={}))
     mixed = _volumes(tmp_path / "mixed", channels=2, mixed=True)
-    with pytest.raises(MedsslError, match=r"case (case0 has 1|case\d has 2) image channel"):
+    with pytest.raises(MedsslError, match=r"different channel counts \(case case0 has 1, case case\d has 2\)"):
         Finetuner(_cfg(mixed, tmp_path / "mixed_run"))
+
+
+def test_four_d_items_count_their_channels_list(tmp_path: Path) -> None:
+    """An MSD multi-modal case is one 4D file whose ``channels`` names its modalities: 2 input channels."""
+    ft = Finetuner(_cfg(_volumes(tmp_path / "4d", channels=2, four_d=True), tmp_path / "run"))
+    assert ft.cfg.in_channels == 2 and ft.recipe["in_channels"] == 2
+    assert ft.model.convInit.conv.weight.shape[1] == 2
+    x = ft.val_ds[0]["image"]
+    assert x.shape[0] == 2 and torch.allclose(x[1] - x[0], torch.ones_like(x[0]))
 
 
 def test_linear_probe_freezes_encoder_norm_statistics(tmp_path: Path) -> None:
