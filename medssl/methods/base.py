@@ -31,6 +31,7 @@ _REGISTRY: dict[str, str] = {
     "swin": "medssl.methods.swin:SwinPretrain",
     "vicreg": "medssl.methods.vicreg:VICReg",
     "byol": "medssl.methods.byol:BYOL",
+    "spark": "medssl.methods.spark:SparK",
 }
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 

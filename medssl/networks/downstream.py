@@ -7,7 +7,9 @@ Five MONAI networks are supported, each paired with one encoder family of
   1..4 ``layers1..4`` (a v2 stage's ``layers{i}c`` shares level i).
 - ``UNETR`` ← ``vit``: ``vit.*``; 0 ``patch_embedding``, i+1 ``blocks.i``, L+1 the final ``norm``.
 - ``SegResNet`` ← ``segresnet``: ``convInit.*`` and ``down_layers.*``; 0 ``convInit``, i+1
-  ``down_layers.i``.
+  ``down_layers.i``. ← ``segresnet_unet`` (SparK masked image modelling pretrains the whole U-Net): the same
+  encoder, plus the decoder ``up_samples.*``/``up_layers.*`` pretrained and transferred, trained like
+  Genesis's BasicUNet decoder (with the head: not frozen, base lr, no warm-up). Only ``conv_final.*`` is new.
 - ``ResNet`` ← ``resnet3d``: everything but the classifier ``fc.*``; 0 ``conv1``/``bn1``, i ``layer{i}``.
 - ``BasicUNet`` ← ``unet`` (Models Genesis): ``conv_0.*``, ``down_1..4.*``; 0 ``conv_0``, i ``down_i``.
   Genesis transfers its whole U-Net, so the decoder ``upcat_4..1.*`` is pretrained too
@@ -118,8 +120,9 @@ def build_downstream(
         out_channels: segmentation classes (incl. background) or classifier classes.
         kwargs: with a recipe, extra constructor arguments of the MONAI class that do not shape the
             encoder (e.g. ``norm_name`` of the SwinUNETR decoder); an encoder argument equal to the
-            recipe's is accepted, a different one refused (BasicUNet: a default the recipe relies on,
-            e.g. ``bias``, too). Without a recipe, the paired encoder family's ``build`` arguments
+            recipe's is accepted, a different one refused (with a pretrained decoder, BasicUNet from
+            ``unet`` or SegResNet from ``segresnet_unet``: a default the recipe relies on, e.g. ``bias``
+            or ``upsample_mode``, too). Without a recipe, the paired encoder family's ``build`` arguments
             (``in_channels``, ``img_size``, ``feature_size``, ``depth`` …) plus decoder/head arguments.
 
     Raises:
@@ -143,8 +146,8 @@ def build_downstream(
             f"encoder {enc.get('name')!r} cannot initialise a {kind}; it transfers to: {sorted(fits) or 'none'}"
         )
     args = dict(fits[kind])
-    if from_ssl and kind == "BasicUNet":  # the decoder is pretrained too: defaults shape it as well
-        sig = inspect.signature(BasicUNet).parameters.items()
+    if from_ssl and decoder_key_prefixes(kind, enc.get("name")):  # a pretrained decoder: defaults shape it too
+        sig = inspect.signature(_CLASSES[kind]).parameters.items()
         args = {k: p.default for k, p in sig if k != "out_channels" and k not in args} | args
     clash = {
         k: (args[k], v)

@@ -1,4 +1,5 @@
-"""Key layout of the downstream networks: which state-dict keys are encoder / pretrained decoder, and
+"""Key layout of the downstream networks: which state-dict keys are encoder / pretrained decoder (per SSL
+encoder family: ``unet`` pretrains the BasicUNet decoder, ``segresnet_unet`` the SegResNet one), and
 each encoder parameter's depth level (0 = stem), as tabulated in :mod:`medssl.networks.downstream`.
 
 Used by :mod:`medssl.networks.downstream`, :mod:`medssl.networks.finetune_opts` and the weight
@@ -44,8 +45,13 @@ _ENCODER_PREFIXES = {
     "ResNet": ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."),
     "BasicUNet": ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
 }
-# pretrained decoder keys: transferred with the encoder, trained like the head (Models Genesis)
-_DECODER_PREFIXES = {"BasicUNet": ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")}
+# pretrained decoder keys per (kind, SSL encoder family): transferred with the encoder, trained like the head
+# (Models Genesis's BasicUNet; SparK's whole SegResNet U-Net). A kind's default family pretrains no decoder
+# unless listed here (``segresnet`` is the encoder half only).
+_DECODER_PREFIXES = {
+    ("BasicUNet", "unet"): ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1."),
+    ("SegResNet", "segresnet_unet"): ("up_samples.", "up_layers."),
+}
 
 
 def _check_kind(kind: str) -> None:
@@ -75,20 +81,28 @@ def encoder_keys(model: nn.Module, kind: str) -> list[str]:
     return [k for k in model.state_dict() if is_encoder_key(k, kind)]
 
 
-def decoder_key_prefixes(kind: str) -> tuple[str, ...]:
-    """Key prefixes of ``kind``'s pretrained decoder (BasicUNet ``upcat_*``; empty for the other kinds)."""
+def decoder_key_prefixes(kind: str, family: str | None = None) -> tuple[str, ...]:
+    """Key prefixes of ``kind``'s decoder that an SSL encoder of ``family`` pretrains (empty: none).
+
+    Args:
+        kind: downstream kind.
+        family: the checkpoint's encoder family (``Encoder.name``); ``None`` = ``kind``'s default family
+            (:data:`ENCODER_FAMILY`). BasicUNet ← ``unet``: ``upcat_4..1``; SegResNet ← ``segresnet_unet``:
+            ``up_samples``, ``up_layers``; every other pair: ``()``.
+    """
     _check_kind(kind)
-    return _DECODER_PREFIXES.get(kind, ())
+    return _DECODER_PREFIXES.get((kind, family or ENCODER_FAMILY[kind]), ())
 
 
-def transfer_key_prefixes(kind: str) -> tuple[str, ...]:
-    """Key prefixes an SSL checkpoint fills: the encoder's, plus the pretrained decoder's (BasicUNet)."""
-    return encoder_key_prefixes(kind) + decoder_key_prefixes(kind)
+def transfer_key_prefixes(kind: str, family: str | None = None) -> tuple[str, ...]:
+    """Key prefixes an SSL checkpoint of ``family`` fills: the encoder's, plus a pretrained decoder's."""
+    return encoder_key_prefixes(kind) + decoder_key_prefixes(kind, family)
 
 
-def transfer_keys(model: nn.Module, kind: str) -> list[str]:
-    """State-dict keys of ``model`` an SSL checkpoint must fill, in module order (everything else is new)."""
-    prefixes = transfer_key_prefixes(kind)
+def transfer_keys(model: nn.Module, kind: str, family: str | None = None) -> list[str]:
+    """State-dict keys of ``model`` an SSL checkpoint of encoder ``family`` (default: ``kind``'s default
+    family) must fill, in module order; everything else is new."""
+    prefixes = transfer_key_prefixes(kind, family)
     return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 

@@ -1,4 +1,5 @@
-"""Convolutional encoders: the ``SegResNet`` encoder half, 3D ``ResNet`` and the ``BasicUNet`` (Genesis).
+"""Convolutional encoders: the ``SegResNet`` encoder half, the whole ``SegResNet`` U-Net (SparK), 3D ``ResNet``
+and the ``BasicUNet`` (Genesis).
 
 See :mod:`medssl.networks.encoders` for the shared interface and the registry (``ENCODERS``).
 """
@@ -13,7 +14,14 @@ from torch import nn
 
 from medssl.networks.encoder_base import Encoder
 
-__all__ = ["SegResNetEncoder", "ResNetEncoder", "UNetEncoder", "resnet_features", "basicunet_features"]
+__all__ = [
+    "SegResNetEncoder",
+    "SegResNetUNetEncoder",
+    "ResNetEncoder",
+    "UNetEncoder",
+    "resnet_features",
+    "basicunet_features",
+]
 
 
 def resnet_features(net: ResNet, x: torch.Tensor) -> list[torch.Tensor]:
@@ -81,6 +89,73 @@ class SegResNetEncoder(Encoder):
     ) -> SegResNetEncoder:
         kwargs = dict(spatial_dims=3, init_filters=init_filters, in_channels=in_channels)
         kwargs |= dict(out_channels=2, dropout_prob=dropout_prob, act=act, norm=norm)
+        kwargs |= dict(blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up))
+        return cls(kwargs, img_size)
+
+
+class SegResNetUNetEncoder(Encoder):
+    """The whole MONAI ``SegResNet`` (encoder *and* decoder), for masked image modelling (``spark``).
+
+    Same constructor arguments, maps and ``downstream_kwargs`` as ``segresnet`` (so a finetuning
+    ``SegResNet`` is built exactly alike), but ``net`` is the full U-Net with ``out_channels =
+    in_channels``: :meth:`reconstruct` runs it. Everything but ``conv_final`` (the task head) is exported:
+    ``convInit``, ``down_layers`` (the encoder) and ``up_samples``, ``up_layers`` (the pretrained decoder,
+    see :func:`medssl.networks.downstream.transfer_keys`). Input sides must be multiples of
+    ``2 ** (len(blocks_down) - 1)``.
+    """
+
+    name = "segresnet_unet"
+    monai_class = "monai.networks.nets.SegResNet"
+    exclude_prefixes = ("conv_final.",)
+
+    def __init__(self, kwargs: dict[str, Any], img_size: tuple[int, int, int]) -> None:
+        super().__init__(kwargs, img_size)
+        self.net = SegResNet(**self.kwargs)
+        f = int(self.kwargs["init_filters"])
+        self.feature_channels = [f * 2**i for i in range(len(self.kwargs["blocks_down"]))]
+        self.downstream = {"SegResNet": ""}
+        self.downstream_kwargs = {"SegResNet": {k: v for k, v in self.kwargs.items() if k != "out_channels"}}
+
+    @property
+    def total_stride(self) -> int:
+        """Downsampling factor of the deepest map (``2 ** (len(blocks_down) - 1)``)."""
+        return 2 ** (len(self.kwargs["blocks_down"]) - 1)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.net.encode(x)[1]  # convInit (+ dropout), then every down layer's output
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The U-Net decoder and ``conv_final`` on maps as :meth:`forward_features` gives them (shallow → deep).
+
+        Returns:
+            ``(B, out_channels, D, H, W)`` at the input resolution.
+        """
+        return self.net.decode(features[-1], features[::-1])
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Full encoder-decoder: ``(B, C, D, H, W)`` → ``(B, C, D, H, W)``."""
+        return self.net(x)
+
+    @classmethod
+    def build(
+        cls,
+        in_channels: int,
+        img_size: tuple[int, int, int],
+        init_filters: int = 16,
+        blocks_down: tuple[int, ...] = (1, 2, 2, 4),
+        blocks_up: tuple[int, ...] = (1, 1, 1),
+        norm: str | tuple = ("GROUP", {"num_groups": 8}),
+        act: str | tuple = ("RELU", {"inplace": True}),
+        dropout_prob: float | None = None,
+    ) -> SegResNetUNetEncoder:
+        """Arguments as ``segresnet`` (MONAI ``SegResNet``); ``len(blocks_up) == len(blocks_down) - 1``."""
+        if len(blocks_up) != len(blocks_down) - 1:
+            raise ValueError(
+                f"segresnet_unet needs len(blocks_up) == len(blocks_down) - 1 (a full U-Net), got "
+                f"blocks_down={tuple(blocks_down)}, blocks_up={tuple(blocks_up)}"
+            )
+        kwargs = dict(spatial_dims=3, init_filters=init_filters, in_channels=in_channels)
+        kwargs |= dict(out_channels=in_channels, dropout_prob=dropout_prob, act=act, norm=norm)
         kwargs |= dict(blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up))
         return cls(kwargs, img_size)
 

@@ -99,7 +99,7 @@ class SSLCheckpoint:
         pre["img_size"] = list(enc["img_size"]) if name == "vit" else None
         if name == "swinvit":
             pre["size_divisor"] = int(kw["patch_size"][0]) * 2**5
-        elif name == "segresnet":
+        elif name in ("segresnet", "segresnet_unet"):
             pre["size_divisor"] = 2 ** (len(kw["blocks_down"]) - 1)
         elif name == "vit":
             pre["size_divisor"] = int(kw["patch_size"][0])
@@ -201,7 +201,8 @@ def transfer_weights(
     """Load the checkpoint's encoder into ``model``'s pretrained part (``strict=False``) and report.
 
     The pretrained part is the encoder (:func:`~medssl.networks.downstream.transfer_keys`), plus the
-    decoder ``upcat_*`` for ``BasicUNet`` (Models Genesis transfers its whole encoder-decoder). Checkpoint
+    decoder an encoder-decoder family pretrains: ``upcat_*`` of ``BasicUNet`` from ``unet`` (Models
+    Genesis), ``up_samples``/``up_layers`` of ``SegResNet`` from ``segresnet_unet`` (SparK). Checkpoint
     keys ``net.<k>`` become ``encoder_prefix(target) + <k>``; tensors with a destination of the same shape
     are loaded, everything else is reported. The SSL net's task head (the encoder's ``exclude_prefixes``,
     e.g. the U-Net's ``final_conv``) is skipped with a note; network keys outside the pretrained part are
@@ -229,7 +230,7 @@ def transfer_weights(
         report.notes.append(f"encoder {enc.get('name')!r} is not built for {target}; it transfers to: {fits}")
     excluded = ENCODERS[enc["name"]].exclude_prefixes
     dst = model.state_dict()
-    enc_keys = transfer_keys(model, target)
+    enc_keys = transfer_keys(model, target, enc["name"])  # + the decoder the family pretrains
     enc_set = set(enc_keys)
     load: dict[str, torch.Tensor] = {}
     skipped: list[str] = []

@@ -2,9 +2,10 @@
 
 Both are re-exported by :mod:`medssl.networks.transfer` (import them from there). Keys are the downstream
 network's names. The *pretrained part* of a network is what an SSL checkpoint must fill
-(:func:`medssl.networks.downstream.transfer_keys`): the encoder, plus the decoder for ``BasicUNet`` (Models
-Genesis transfers its whole encoder-decoder). Everything else (decoder / head of the other kinds, the
-BasicUNet ``final_conv``) is *new*: trained from scratch by design, listed but never a failure.
+(:func:`medssl.networks.downstream.transfer_keys`): the encoder, plus the decoder where the SSL encoder
+pretrained one (BasicUNet from Models Genesis, SegResNet from ``segresnet_unet``/SparK). Everything else
+(decoder / head otherwise, the output conv ``final_conv`` / ``conv_final``) is *new*: trained from scratch
+by design, listed but never a failure.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class TransferReport:
     Attributes:
         target: downstream kind.
         source: checkpoint path / URI.
-        matched: pretrained-part keys loaded (encoder, and the BasicUNet decoder).
+        matched: pretrained-part keys loaded (encoder, and a pretrained decoder).
         missing: pretrained-part keys of the network the checkpoint did not provide.
         unexpected: checkpoint keys with no destination in the network's pretrained part.
         mismatched: ``(key, checkpoint shape, network shape)`` of same-name tensors with different shapes.
@@ -60,7 +61,7 @@ class TransferReport:
 
     @property
     def matched_decoder(self) -> list[str]:
-        """The matched keys that belong to a pretrained decoder (BasicUNet ``upcat_*``; else empty)."""
+        """The matched keys that belong to a pretrained decoder (BasicUNet ``upcat_*``, SegResNet ``up_*``)."""
         if self.target not in DOWNSTREAM_KINDS:
             return []
         return [k for k in self.matched if not is_encoder_key(k, self.target)]
@@ -72,7 +73,7 @@ class TransferReport:
 
     def summary(self) -> str:
         """One line: counts and share."""
-        dec = self.target in DOWNSTREAM_KINDS and decoder_key_prefixes(self.target)
+        dec = self.matched_decoder or (self.target in DOWNSTREAM_KINDS and decoder_key_prefixes(self.target))
         part = "encoder+decoder" if dec else "encoder"
         return (
             f"{self.target} <- {self.source or 'checkpoint'}: {len(self.matched)}/{self.n_encoder} {part} "

@@ -22,6 +22,7 @@ rotation   1       crop, 4-class rot90 (``view1_rot``), mild intensity
 mae        1       crop, flips, target, MAE patch mask (ratio 0.75)
 genesis    1       crop, flips, target, local shuffle (p .5), Bézier (p .9), in/out-paint (p .9)
 swin       2       crops (side ×0.8–1.0, overlap ≥ 0.5), rot90 + labels, target, cuboid mask 10–30 %
+spark      1       crop, intensity (scale, shift, gamma, contrast), no flips; the method masks
 ========== ======= =================================================================================
 """
 
@@ -83,6 +84,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "paint_prob": 0.9},
     "swin": {"n_views": 2, "scale": (0.8, 1.0), "min_overlap": 0.5, "max_overlap": 1.0, "n_rotations": 4,
              "targets": True, "mask": "cuboid", "mask_ratio": (0.1, 0.3), "mask_fill": "noise"},
+    # SparK (medssl.methods.spark) draws its own patch mask; no flips (orientation can carry the class), no
+    # blur/noise (the unmasked view is the reconstruction target)
+    "spark": {"flip_prob": 0.0, "mask": "none", "scale_prob": 0.5, "shift_prob": 0.5, "gamma_prob": 0.3,
+              "contrast_prob": 0.3},
 }
 
 
@@ -211,7 +216,8 @@ def ssl_transforms(method: str, roi_size: Sequence[int], seed: int = 0, image_ke
     """Seeded per-sample chain producing ``method``'s SSL batch keys from ``{image_key: (C, D, H, W)}``.
 
     Args:
-        method: ``simclr``, ``triplet``, ``byol``, ``vicreg``, ``rotation``, ``mae``, ``genesis`` or ``swin``.
+        method: ``simclr``, ``triplet``, ``byol``, ``vicreg``, ``rotation``, ``mae``, ``genesis``, ``swin``
+            or ``spark``.
         roi_size: view size ``(D, H, W)``; e.g. ``(32, 32, 32)`` for hippocampus MRI (~35×50×40 voxels).
         seed: seed of every random transform of the chain (``Compose.set_random_state``).
         image_key: key of the cached, normalised volume.

@@ -15,7 +15,7 @@ def resnet():
 
 
 def test_registry(resnet) -> None:
-    assert set(METHODS) == {"simclr", "triplet", "rotation", "mae", "genesis", "swin", "vicreg", "byol"}
+    assert set(METHODS) == {"simclr", "triplet", "rotation", "mae", "genesis", "swin", "vicreg", "byol", "spark"}
     m = build_method("simclr", resnet, hidden_dim=16, out_dim=8)
     assert isinstance(m, SSLMethod) and m.name == "simclr" and m.encoder is resnet
     with pytest.raises(ValueError, match="known: simclr"):

@@ -18,6 +18,7 @@ EXPECTED = {
     "mae": {"view1", "view1_target"},  # MAE masks tokens inside the method
     "genesis": {"view1", "view1_target", "view1_mask"},
     "swin": {f"view{i}{s}" for i in (1, 2) for s in ("", "_target", "_mask", "_rot")},
+    "spark": {"view1"},  # SparK masks patches inside the method; view1 is its own target
 }
 
 
