@@ -36,7 +36,7 @@ from torch import nn
 
 from medssl.engines import checkpoint as ck
 from medssl.engines.components import resolve_device
-from medssl.engines.finetune_config import FinetuneConfig, build_model, rebuild_model
+from medssl.engines.finetune_config import SCRATCH_ONLY, FinetuneConfig, build_model, rebuild_model
 from medssl.engines.finetune_data import (
     class_weights,
     data_channels,
@@ -50,6 +50,7 @@ from medssl.engines.finetune_data import (
 )
 from medssl.engines.finetune_eval import RESUME_FIELDS, _FinetunerState  # noqa: F401 (re-export)
 from medssl.engines.finetune_identity import config_hash, config_identity, file_sha256
+from medssl.engines.finetune_plan import resolve_plan, training_sampling
 from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker
 from medssl.engines.leakage import check_pretrain_leakage
 from medssl.engines.metrics import as_tensor
@@ -60,6 +61,10 @@ from medssl.errors import MedsslError
 __all__ = ["FinetuneResult", "Finetuner", "build_model", "rebuild_model", "run_finetune"]
 
 log = logging.getLogger(__name__)
+
+#: plan entries logged as MLflow params ``plan.<key>`` (the whole plan is the artifact ``plan.json``)
+_PLAN_PARAMS = ("target_spacing", "spacing_source", "median_shape", "patch_size", "strides", "batch_size",
+                "num_classes")
 
 
 class Finetuner(_FinetunerState):
@@ -91,6 +96,7 @@ class Finetuner(_FinetunerState):
                 f"in_channels={config.in_channels} but the items of {config.datalist} have {channels} "
                 "image channel(s)"
             )
+        config, self.plan = resolve_plan(config, self.items)  # "auto" fields planned; unfit recipes refused
         model, self.recipe, report, pre = build_model(config.replace(in_channels=channels))
         self.transfer = report.to_dict() if report is not None else None
         if config.ssl_source is not None:  # refuse an encoder pretrained on this run's validation/test cases
@@ -106,7 +112,8 @@ class Finetuner(_FinetunerState):
             ct_window=pre["ct_window"],
             in_channels=channels,
         )
-        self.recipe["augment"] = cfg.augment
+        self.sampling = training_sampling(cfg, self.items["training"])
+        self.recipe |= {"augment": cfg.augment, "sampling": self.sampling, "plan": self.plan}
         self.model = model.to(self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
         if self.amp_dtype is not None and self.device.type != "cuda":
@@ -115,7 +122,8 @@ class Finetuner(_FinetunerState):
         tf = dict(normalisation=cfg.normalisation, target_spacing=cfg.target_spacing, ct_window=cfg.ct_window)
         self.eval_tf = eval_transforms(cfg.task, roi_size=cfg.roi_size, native_label=True, **tf)
         train_tf = train_transforms(
-            cfg.task, roi_size=cfg.roi_size, num_samples=cfg.num_samples, augment=cfg.augment, **tf
+            cfg.task, roi_size=cfg.roi_size, num_samples=cfg.num_samples, augment=cfg.augment,
+            sampling=self.sampling, num_classes=int(cfg.out_channels), class_ratios=cfg.class_ratios, **tf
         )
         self.train_ds = make_dataset(self.items["training"], train_tf, cfg.cache_rate, cfg.num_workers)
         self.val_ds = make_dataset(self.items["validation"], self.eval_tf, cfg.cache_rate, cfg.num_workers)
@@ -126,7 +134,10 @@ class Finetuner(_FinetunerState):
             self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         if cfg.freeze_encoder:
             freeze_encoder(self.model, cfg.network)
-        groups = layerwise_lr_groups(self.model, cfg.network, cfg.lr, cfg.llrd or 1.0)
+        if cfg.network in SCRATCH_ONLY:  # no encoder/head split: one group
+            groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        else:
+            groups = layerwise_lr_groups(self.model, cfg.network, cfg.lr, cfg.llrd or 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.items["training"]) / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.max_epochs * self.steps_per_epoch
@@ -141,6 +152,7 @@ class Finetuner(_FinetunerState):
         )
         self.out = Path(cfg.out_dir)
         self.epoch, self.step, self.nan_run, self.bad_validations, self.stopped = 0, 0, 0, 0, False
+        self.val_step = -1  # optimizer step of the last validation
         self.best: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
 
@@ -201,12 +213,27 @@ class Finetuner(_FinetunerState):
         for batch in epoch_loader(
             self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.num_workers
         ):
-            if self.step >= self.total_steps:
+            if self.step >= self.total_steps or self.stopped:
                 break
             value = self.train_step(batch)
             if value is not None:
                 losses.append(value)
+            every = self.cfg.val_every_steps
+            if every and self.step % every == 0 and self.step < self.total_steps:  # the last: in fit
+                self._record({f"val_{k}": v for k, v in self._validate().items()})
+                self.model.train()
         return float(np.mean(losses)) if losses else math.nan
+
+    def _validate(self) -> dict[str, float]:
+        self.val_step = self.step
+        return self.validate()
+
+    def _record(self, logs: dict[str, float]) -> None:
+        """History + MLflow (x axis: the optimizer step with ``val_every_steps``, else the epoch)."""
+        self.history.append({"epoch": float(self.epoch), "step": float(self.step), **logs})
+        log.info("epoch %d, step %d: %s", self.epoch, self.step, _fmt(logs))
+        if self.tracker:
+            self.tracker.log_metrics(logs, self.step if self.cfg.val_every_steps else self.epoch)
 
     # -- the run --------------------------------------------------------------------------------------
     def fit(self, *, fresh: bool = True, progress: bool = True) -> FinetuneResult:
@@ -214,6 +241,8 @@ class Finetuner(_FinetunerState):
         cfg, tr = self.cfg, self.tracker
         self.out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(self.out / "config.yaml")
+        if self.plan is not None:
+            (self.out / "plan.json").write_text(json.dumps(self.plan, indent=1))
         if self.transfer is not None:
             (self.out / "transfer_report.json").write_text(json.dumps(self.transfer, indent=1))
         if tr:
@@ -222,6 +251,9 @@ class Finetuner(_FinetunerState):
 
                 params = flatten_dict(cfg.to_dict()) | {"data.n_training": len(self.items["training"])}
                 params["config_hash"] = self.config_hash
+                params["sampling_used"] = self.sampling
+                if self.plan is not None:
+                    params |= {f"plan.{k}": self.plan[k] for k in _PLAN_PARAMS}
                 if self.transfer is not None:
                     params["transfer.share"] = round(self.transfer["share"], 6)
                 tr.log_params(params)
@@ -231,6 +263,8 @@ class Finetuner(_FinetunerState):
                 tags["medssl.data_hash"] = items_hash(all_items)
             tr.set_tags(tags)
             tr.log_artifact(self.out / "config.yaml")
+            if self.plan is not None:
+                tr.log_artifact(self.out / "plan.json")
             if self.transfer is not None:
                 tr.log_artifact(self.out / "transfer_report.json")
         prev_det = torch.are_deterministic_algorithms_enabled()
@@ -245,12 +279,10 @@ class Finetuner(_FinetunerState):
                     self.epoch += 1
                     logs = {"train_loss": loss, "lr": self.schedule.value(max(self.step - 1, 0))}
                     done = self.epoch >= self.max_epochs or self.step >= self.total_steps
-                    if self.epoch % cfg.val_every == 0 or done:
-                        logs |= {f"val_{k}": v for k, v in self.validate().items()}
-                    self.history.append({"epoch": float(self.epoch), **logs})
-                    log.info("epoch %d/%d: %s", self.epoch, self.max_epochs, _fmt(logs))
-                    if tr:
-                        tr.log_metrics(logs, self.epoch)
+                    due = not cfg.val_every_steps and self.epoch % cfg.val_every == 0
+                    if (due or done) and self.val_step != self.step and not self.stopped:
+                        logs |= {f"val_{k}": v for k, v in self._validate().items()}
+                    self._record(logs)
                     ck.atomic_save(self.state_dict(), self.out / "checkpoints" / "last.pt")
                     bar(self.epoch, loss)
             if self.best is None:  # resumed a run that never validated

@@ -12,6 +12,13 @@ Keys (all optional; missing ones take the defaults)::
     intensity_scale: 0.0     # image *= 1 + U(-s, s)   (RandScaleIntensityd; 0 = off)
     intensity_shift: 0.0     # image += U(-o, o)       (RandShiftIntensityd, normalised units; 0 = off)
     intensity_prob: 0.5      # probability of each intensity transform
+
+Segmentation crops (:func:`crop_transforms`, ``FinetuneConfig.sampling``): ``"posneg"`` centres crops on
+foreground / background voxels 1:1 (``RandCropByPosNegLabeld``; a small class is drawn in proportion to its
+voxels), ``"classes"`` draws the crop centre's class first with per-class ratios (``RandCropByLabelClassesd``;
+default: background and each foreground class equally), so a small class (hippocampus anterior) is a crop
+centre as often as a large one. When the crop covers every training volume, no sampling is needed: the volume
+is padded to the crop (``"whole"``).
 """
 
 from __future__ import annotations
@@ -19,9 +26,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from monai.transforms import RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from monai.transforms import (
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropSamplesd,
+    ResizeWithPadOrCropd,
+    SpatialPadd,
+)
 
-__all__ = ["AUGMENT_DEFAULTS", "resolve_augment", "augment_transforms"]
+__all__ = ["AUGMENT_DEFAULTS", "SAMPLINGS", "resolve_augment", "augment_transforms", "class_ratios",
+           "crop_transforms"]
+
+#: crop samplers of ``FinetuneConfig.sampling`` (``"whole"`` is chosen by the engine, never configured)
+SAMPLINGS = ("posneg", "classes")
 
 #: the default augmentation: today's behaviour (flip each axis with p = 0.5, no intensity change)
 AUGMENT_DEFAULTS: dict[str, Any] = {
@@ -77,3 +97,64 @@ def augment_transforms(keys: Sequence[str], augment: Mapping[str, Any] | None) -
     if aug["intensity_shift"] > 0:
         out.append(RandShiftIntensityd(keys[:1], offsets=aug["intensity_shift"], prob=aug["intensity_prob"]))
     return out
+
+
+def class_ratios(num_classes: int, ratios: Sequence[float] | None = None) -> list[float]:
+    """Crop-centre class ratios for ``sampling="classes"``: ``ratios`` checked, or background and every
+    foreground class equally (``num_classes=3`` → ``[1, 1, 1]``: each class a third of the crop centres).
+
+    Raises:
+        ValueError: ``ratios`` of the wrong length (``num_classes`` named), negative, or all zero.
+    """
+    if ratios is None:
+        return [1.0] * int(num_classes)
+    out = [float(r) for r in ratios]
+    if len(out) != num_classes or min(out) < 0 or sum(out) <= 0:
+        raise ValueError(
+            f"class_ratios must be {num_classes} non-negative values (one per class incl. background, "
+            f"not all 0), got {list(ratios)!r}"
+        )
+    return out
+
+
+def crop_transforms(
+    keys: Sequence[str],
+    roi_size: Sequence[int],
+    *,
+    sampling: str = "posneg",
+    num_samples: int = 2,
+    num_classes: int | None = None,
+    ratios: Sequence[float] | None = None,
+) -> list[Any]:
+    """Pad to ``roi_size`` then take ``num_samples`` crops ``(C, *roi_size)`` per volume (label key ``"label"``).
+
+    Args:
+        keys: image and label keys (cropped alike).
+        roi_size: crop size in voxels ``(D, H, W)``.
+        sampling: ``"posneg"`` (1:1 foreground / background centres), ``"classes"`` (centres drawn per class
+            with :func:`class_ratios`) or ``"whole"`` (the crop covers every volume: pad, no sampling;
+            ``num_samples`` copies of the padded volume, each augmented independently afterwards).
+        num_samples: crops per volume.
+        num_classes: classes incl. background (``"classes"``).
+        ratios: per-class ratios (``"classes"``); ``None`` = equal.
+
+    Raises:
+        ValueError: an unknown ``sampling`` or bad ratios.
+    """
+    keys, roi = list(keys), tuple(int(r) for r in roi_size)
+    pad = SpatialPadd(keys, spatial_size=roi)
+    if sampling == "whole":  # pad (or trim a resampling's extra voxel) to exactly roi_size
+        fit = ResizeWithPadOrCropd(keys, spatial_size=roi)
+        if num_samples == 1:
+            return [fit]
+        return [fit, RandSpatialCropSamplesd(keys, roi_size=roi, num_samples=num_samples, random_size=False)]
+    if sampling == "posneg":
+        return [pad, RandCropByPosNegLabeld(keys, label_key="label", spatial_size=roi, pos=1.0, neg=1.0,
+                                            num_samples=num_samples)]
+    if sampling == "classes":
+        if num_classes is None:
+            raise ValueError("sampling='classes' needs num_classes")
+        return [pad, RandCropByLabelClassesd(keys, label_key="label", spatial_size=roi,
+                                             ratios=class_ratios(num_classes, ratios), num_classes=num_classes,
+                                             num_samples=num_samples, warn=False)]
+    raise ValueError(f"sampling must be one of {(*SAMPLINGS, 'whole')}, got {sampling!r}")

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from medssl.config import ConfigBase
-from medssl.engines.finetune_augment import resolve_augment
+from medssl.engines.finetune_augment import SAMPLINGS, class_ratios, resolve_augment
 from medssl.errors import ConfigMismatchError, MedsslError
 
-__all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "build_model", "rebuild_model"]
+__all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "AUTO", "AUTO_FIELDS", "is_auto", "build_model", "rebuild_model"]
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,9 +29,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASKS = ("segmentation", "classification")
-NETWORKS = ("SwinUNETR", "UNETR", "SegResNet", "BasicUNet", "ResNet")
+NETWORKS = ("SwinUNETR", "UNETR", "SegResNet", "BasicUNet", "UNet", "ResNet")
+#: networks built here, not by :func:`medssl.networks.downstream.build_downstream`: scratch only (no SSL transfer)
+SCRATCH_ONLY = ("UNet",)
+#: the value of a field the planner (:mod:`medssl.engines.finetune_plan`) resolves at run start
+AUTO = "auto"
+#: fields that may be ``"auto"`` (``network_kwargs`` also per key: ``{init_filters: auto}``)
+AUTO_FIELDS = ("roi_size", "target_spacing", "batch_size", "num_samples", "out_channels", "network_kwargs")
 _AMP = (None, "bf16", "fp16")
 _NORM = (None, "robust", "ct", "none")
+
+
+def is_auto(value: Any) -> bool:
+    """``value`` is the planner marker ``"auto"`` (any case)."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
 
 
 @dataclass
@@ -47,23 +58,39 @@ class FinetuneConfig(ConfigBase):
         init: ``"scratch"`` or ``"ssl:<path | folder | runs:/… | models:/… URI>"`` of an SSL checkpoint.
         task: ``"segmentation"`` or ``"classification"``.
         network: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"`` (segmentation; BasicUNet
-            takes a Models Genesis checkpoint, encoder and decoder) or ``"ResNet"`` (classification).
+            takes a Models Genesis checkpoint, encoder and decoder), ``"UNet"`` (MONAI ``UNet`` with residual
+            units, from scratch only: no SSL transfer) or ``"ResNet"`` (classification).
         network_kwargs: from scratch, the encoder family's build arguments (``feature_size``,
-            ``init_filters``, ``depth``, BasicUNet ``features`` …) plus decoder/head arguments; with SSL init,
-            only arguments not shaping the encoder (one equal to the recipe's is accepted, another refused).
-        out_channels: segmentation classes including background (hippocampus: 3).
+            ``init_filters``, ``depth``, BasicUNet ``features`` …; UNet ``channels``, ``strides``,
+            ``num_res_units``) plus decoder/head arguments; with SSL init, only arguments not shaping the
+            encoder (one equal to the recipe's is accepted, another refused). ``"auto"`` (or a key set to
+            ``"auto"``): the planner's widths / depth for UNet or SegResNet (from scratch; with SSL init the
+            recipe fixes the encoder and planned keys are dropped).
+        out_channels: segmentation classes including background (hippocampus: 3); ``"auto"`` = the planner's
+            (datalist ``labels`` table, else the values of a few label maps).
         num_classes: classifier classes (AdrenalMNIST3D: 2).
         class_key: datalist item key holding the class (classification).
         roi_size: training crop / sliding-window size ``(D, H, W)`` in voxels; classification volumes are
-            padded or cropped to it.
+            padded or cropped to it. ``"auto"`` (segmentation): the planner's patch, the whole median volume
+            rounded up to a multiple of the network's total stride when it fits the voxel budget.
         target_spacing: resample to this voxel size in mm ``(x, y, z)``; ``None`` keeps the native grid.
-            With SSL init and ``None``, the checkpoint's spacing is used.
+            With SSL init and ``None``, the checkpoint's spacing is used. ``"auto"``: the median spacing of the
+            study's labelled cases (nnU-Net's rule for anisotropic data).
         normalisation: ``"robust"``, ``"ct"`` or ``"none"`` (as in pretraining); ``None`` = the SSL recipe's
             (``"robust"`` from scratch). An explicit value contradicting the recipe is refused.
         ct_window: HU window ``(min, max)`` for ``normalisation="ct"``; ``None`` = the recipe's / (-1000, 1000).
         override_preprocessing: accept preprocessing that contradicts the SSL recipe (warned).
-        batch_size: volumes per step (segmentation: each contributes ``num_samples`` crops).
-        num_samples: crops per volume per step (``RandCropByPosNegLabeld``), segmentation.
+        batch_size: volumes per step (segmentation: each contributes ``num_samples`` crops); ``"auto"`` = the
+            planner's (voxel-per-step budget), at most the fraction's training cases.
+        num_samples: crops per volume per step, segmentation; ``"auto"``: 1 when the planned patch covers the
+            median volume, else 2.
+        sampling: crop centres, segmentation: ``"posneg"`` (foreground / background 1:1) or ``"classes"``
+            (per class with ``class_ratios``: a small class is a centre as often as a large one). When
+            ``roi_size`` covers every training volume the volume is only padded (recorded as ``"whole"`` in
+            the recipe).
+        class_ratios: crop-centre ratio per class incl. background for ``"classes"``; ``None`` = equal.
+        planner: options of :func:`medssl.engines.planner.plan_segmentation` (``patch_voxel_budget``,
+            ``step_voxel_budget``, ``base_width`` …); the plan is recorded in the recipe and ``plan.json``.
         augment: random training transforms (:mod:`medssl.engines.finetune_augment`): ``flip_prob``,
             ``flip_axes`` (default all three), ``intensity_scale``, ``intensity_shift``, ``intensity_prob``;
             missing keys take the defaults (flip each axis with p = 0.5). Stored resolved (every key).
@@ -74,6 +101,8 @@ class FinetuneConfig(ConfigBase):
         max_epochs: passes over the training fraction; ``max_steps`` > 0 caps optimizer steps instead
             (the run then ends at the epoch in which it is reached).
         val_every: validate every N epochs (and always after the last epoch).
+        val_every_steps: > 0: validate every N optimizer steps instead (``val_every`` ignored), so small and
+            large fractions validate equally often; 0 = per ``val_every`` epochs.
         early_stopping_patience: stop after this many validations without improvement; 0 disables.
         sw_batch_size: sliding-window batch size; ``sw_overlap``: window overlap in [0, 1).
         freeze_encoder: linear probe (encoder parameters not trained).
@@ -104,17 +133,20 @@ class FinetuneConfig(ConfigBase):
     init: str = "scratch"
     task: str = "segmentation"
     network: str = "SegResNet"
-    network_kwargs: dict[str, Any] = field(default_factory=dict)
-    out_channels: int = 3
+    network_kwargs: dict[str, Any] | str = field(default_factory=dict)
+    out_channels: int | str = 3
     num_classes: int = 2
     class_key: str = "class"
-    roi_size: list[int] = field(default_factory=lambda: [32, 32, 32])
-    target_spacing: list[float] | None = None
+    roi_size: list[int] | str = field(default_factory=lambda: [32, 32, 32])
+    target_spacing: list[float] | str | None = None
     normalisation: str | None = None
     ct_window: list[float] | None = None
     override_preprocessing: bool = False
-    batch_size: int = 2
-    num_samples: int = 2
+    batch_size: int | str = 2
+    num_samples: int | str = 2
+    sampling: str = "posneg"
+    class_ratios: list[float] | None = None
+    planner: dict[str, Any] = field(default_factory=dict)
     augment: dict[str, Any] = field(default_factory=dict)
     in_channels: int | None = None
     lr: float = 1e-3
@@ -124,6 +156,7 @@ class FinetuneConfig(ConfigBase):
     max_epochs: int = 100
     max_steps: int = 0
     val_every: int = 1
+    val_every_steps: int = 0
     early_stopping_patience: int = 0
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
@@ -149,13 +182,23 @@ class FinetuneConfig(ConfigBase):
     def __post_init__(self) -> None:
         for name in ("roi_size", "target_spacing", "ct_window"):
             v = getattr(self, name)
-            if isinstance(v, (int, float)) and name != "ct_window":
+            if is_auto(v):
+                setattr(self, name, AUTO)
+            elif isinstance(v, (int, float)) and name != "ct_window":
                 setattr(self, name, [v] * 3)
             elif isinstance(v, tuple):
                 setattr(self, name, list(v))
         self.fraction = float(self.fraction)
         self.augment = resolve_augment(self.augment)
         self.validate()
+
+    @property
+    def auto_fields(self) -> list[str]:
+        """Fields still ``"auto"`` (``network_kwargs`` also when one of its values is)."""
+        out = [f for f in AUTO_FIELDS if is_auto(getattr(self, f))]
+        if isinstance(self.network_kwargs, dict) and any(is_auto(v) for v in self.network_kwargs.values()):
+            out.append("network_kwargs")
+        return out
 
     @property
     def init_kind(self) -> str:
@@ -186,9 +229,14 @@ class FinetuneConfig(ConfigBase):
             raise ValueError(f"amp must be one of {_AMP}, got {self.amp!r}")
         if self.normalisation not in _NORM:
             raise ValueError(f"normalisation must be one of {_NORM}, got {self.normalisation!r}")
-        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
-            raise ValueError(f"roi_size must be 3 positive ints (D, H, W), got {self.roi_size!r}")
-        if self.target_spacing is not None and (
+        for name in AUTO_FIELDS:
+            if isinstance(getattr(self, name), str) and not is_auto(getattr(self, name)):
+                raise ValueError(f"{name} must be a value or 'auto', got {getattr(self, name)!r}")
+        if self.auto_fields and self.task != "segmentation":
+            raise ValueError(f"'auto' {self.auto_fields} is planned for segmentation only; set explicit values")
+        if not is_auto(self.roi_size) and (len(self.roi_size) != 3 or min(self.roi_size) < 1):
+            raise ValueError(f"roi_size must be 3 positive ints (D, H, W) or 'auto', got {self.roi_size!r}")
+        if self.target_spacing is not None and not is_auto(self.target_spacing) and (
             len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
         ):
             raise ValueError(f"target_spacing must be 3 positive mm values, got {self.target_spacing!r}")
@@ -208,7 +256,7 @@ class FinetuneConfig(ConfigBase):
             "out_channels",
             "num_classes",
         ):
-            if int(getattr(self, name)) < 1:
+            if not is_auto(getattr(self, name)) and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in (
             "max_epochs",
@@ -217,6 +265,7 @@ class FinetuneConfig(ConfigBase):
             "early_stopping_patience",
             "encoder_warmup_steps",
             "num_workers",
+            "val_every_steps",
         ):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -230,6 +279,17 @@ class FinetuneConfig(ConfigBase):
             raise ValueError(f"llrd must be in (0, 1] or None, got {self.llrd!r}")
         if not 0.0 < self.min_transfer_match <= 1.0:
             raise ValueError(f"min_transfer_match must be in (0, 1], got {self.min_transfer_match!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.class_ratios is not None and not is_auto(self.out_channels):
+            class_ratios(int(self.out_channels), self.class_ratios)
+        if self.network in SCRATCH_ONLY and (
+            self.init != "scratch" or self.freeze_encoder or self.llrd is not None or self.encoder_warmup_steps
+        ):
+            raise ValueError(
+                f"network {self.network!r} trains from scratch only (no SSL transfer, so no init=ssl:…, "
+                "freeze_encoder, llrd or encoder_warmup_steps); use SegResNet or BasicUNet for SSL inits"
+            )
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, {self.weight_decay}"
@@ -278,8 +338,13 @@ def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any,
     from medssl.networks.downstream import build_downstream
     from medssl.networks.transfer import check_preprocessing, load_ssl_checkpoint, transfer_weights
 
+    if config.auto_fields:
+        raise MedsslError(
+            f"fields {config.auto_fields} are still 'auto': resolve them first "
+            "(medssl.engines.finetune_plan.resolve_plan, done by the Finetuner at run start)"
+        )
     kind, roi = config.network, list(config.roi_size)
-    out = config.out_channels if config.task == "segmentation" else config.num_classes
+    out = int(config.out_channels) if config.task == "segmentation" else config.num_classes
     explicit = {"roi_size": roi} | {
         k: getattr(config, k)
         for k in ("target_spacing", "normalisation", "ct_window", "in_channels")
@@ -289,8 +354,10 @@ def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any,
     scratch_kw = {"in_channels": int(config.in_channels or 1), "img_size": roi, **config.network_kwargs}
     if src is None:
         build = {"kind": kind, "recipe": None, "out_channels": out, "kwargs": scratch_kw}
+        if kind in SCRATCH_ONLY:
+            build["kwargs"] = scratch_kw = {"in_channels": int(config.in_channels or 1), **config.network_kwargs}
         try:
-            model = build_downstream(kind, recipe=None, out_channels=out, **scratch_kw)
+            model = _build(kind, out, scratch_kw)
         except (TypeError, ValueError) as e:
             raise MedsslError(f"cannot build {kind} with network_kwargs {config.network_kwargs}: {e}") from e
         pre = {"normalisation": "robust", "target_spacing": None, "ct_window": [-1000.0, 1000.0]} | explicit
@@ -337,4 +404,19 @@ def rebuild_model(recipe: dict[str, Any]) -> nn.Module:
     from medssl.networks.downstream import build_downstream
 
     b = recipe["build"]
+    if b["recipe"] is None:
+        return _build(b["kind"], b["out_channels"], b["kwargs"])
     return build_downstream(b["kind"], recipe=b["recipe"], out_channels=b["out_channels"], **b["kwargs"])
+
+
+def _build(kind: str, out_channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    """A from-scratch network: MONAI ``UNet`` (3D, residual units; ``channels``, ``strides``,
+    ``num_res_units`` … from ``kwargs``) here, the other kinds by ``build_downstream``."""
+    if kind == "UNet":
+        from monai.networks.nets import UNet
+
+        kw = {"num_res_units": 2} | dict(kwargs)
+        return UNet(spatial_dims=3, out_channels=out_channels, **kw)
+    from medssl.networks.downstream import build_downstream
+
+    return build_downstream(kind, recipe=None, out_channels=out_channels, **kwargs)

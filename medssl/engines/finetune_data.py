@@ -3,7 +3,7 @@
 Preprocessing is the pretraining chain (:func:`medssl.engines.data.preprocessing`) extended to the label:
 load → channel first → RAS → optional resampling (image bilinear, label nearest, mm) → the same intensity
 normalisation (``NormalizeIntensityRobustd`` / HU window) → float32. Training adds random crops
-(``RandCropByPosNegLabeld``, segmentation) or pad/crop to ``roi_size`` (classification) and the configured
+(``RandCropByPosNegLabeld`` or per-class ``RandCropByLabelClassesd``, segmentation) or pad/crop to ``roi_size`` (classification) and the configured
 augmentation (:mod:`medssl.engines.finetune_augment`). A multi-channel item (``"image": [path, ...]``, fixed
 channel order) is loaded as one ``(C, X, Y, Z)`` volume. With ``target_spacing``, evaluation items also carry
 ``native_label``: the label on its original grid (RAS-oriented, never resampled) for native-grid metrics.
@@ -32,20 +32,19 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     Orientationd,
-    RandCropByPosNegLabeld,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     Spacingd,
-    SpatialPadd,
 )
 
 from medssl.data.splits import fraction_key, load_splits
 from medssl.engines.data import pool_channels, pool_fingerprint
-from medssl.engines.finetune_augment import augment_transforms
+from medssl.engines.finetune_augment import augment_transforms, crop_transforms
 from medssl.errors import MedsslError
 
 __all__ = [
     "finetune_items",
+    "planning_items",
     "class_weights",
     "eval_transforms",
     "train_transforms",
@@ -138,6 +137,38 @@ def finetune_items(
         _check_classes(out, fkey, num_classes)
     log.info("fraction %s %%, seed %d: %s cases", fkey, seed, {r: len(v) for r, v in out.items()})
     return out
+
+
+def planning_items(datalist: str | Path, splits: str | Path) -> list[dict[str, Any]]:
+    """The labelled cases a recipe is planned from (:mod:`medssl.engines.planner`): every seed's validation
+    set and largest fraction, never the fixed test set, so every fraction and seed of a study gets one plan.
+
+    Returns:
+        Segmentation items ``{"image", "label", "case_id"}`` (absolute paths), sorted by case id.
+
+    Raises:
+        MedsslError: an unreadable datalist, case ids missing from it, items without ``label``.
+    """
+    datalist = Path(datalist)
+    try:
+        data = json.loads(datalist.read_text())
+    except (OSError, ValueError) as e:
+        raise MedsslError(f"cannot read datalist {datalist}: {e}") from e
+    sp = load_splits(splits)
+    ids: set[str] = set()
+    for s in sp["seeds"].values():
+        largest = max(s["fractions"], key=float) if s["fractions"] else None
+        ids |= set(s["validation"]) | set(s["fractions"].get(largest, []) if largest else [])
+    ids -= set(sp["test"])
+    by_id: dict[str, dict[str, Any]] = {}
+    for entries in data.values():  # first occurrence wins, as in finetune_items
+        for it in entries if isinstance(entries, list) else []:
+            if isinstance(it, dict) and "case_id" in it:
+                by_id.setdefault(it["case_id"], it)
+    missing = sorted(ids - set(by_id))
+    if missing:
+        raise MedsslError(f"{len(missing)} case(s) of {splits} are not in {datalist} (e.g. {missing[:3]})")
+    return [_item(by_id[c], datalist.parent, "segmentation", "class", "planning") for c in sorted(ids)]
 
 
 def _item(it: dict[str, Any], root: Path, task: str, class_key: str, role: str) -> dict[str, Any]:
@@ -272,13 +303,18 @@ def train_transforms(
     target_spacing: Sequence[float] | None = None,
     ct_window: Sequence[float] = (-1000.0, 1000.0),
     augment: dict[str, Any] | None = None,
+    sampling: str = "posneg",
+    num_classes: int | None = None,
+    class_ratios: Sequence[float] | None = None,
 ) -> Compose:
     """:func:`eval_transforms` + random training transforms (arguments as there).
 
-    Segmentation: pad to ``roi_size`` (``SpatialPadd``), ``num_samples`` crops of ``roi_size`` centred on
-    foreground / background voxels 1:1 (``RandCropByPosNegLabeld``), then ``augment``. Classification:
-    ``augment`` of the padded / cropped volume. ``augment``: :func:`~medssl.engines.finetune_augment.resolve_augment`
-    keys; ``None`` = the defaults (random flips of each axis, p = 0.5).
+    Segmentation: pad to ``roi_size``, ``num_samples`` crops of ``roi_size`` per volume
+    (:func:`~medssl.engines.finetune_augment.crop_transforms`: ``sampling`` ``"posneg"`` = foreground /
+    background centres 1:1, ``"classes"`` = per-class centres with ``class_ratios`` over ``num_classes``,
+    ``"whole"`` = the padded volume itself), then ``augment``. Classification: ``augment`` of the padded /
+    cropped volume. ``augment``: :func:`~medssl.engines.finetune_augment.resolve_augment` keys; ``None`` = the
+    defaults (random flips of each axis, p = 0.5).
     """
     roi = tuple(int(r) for r in roi_size)
     det = eval_transforms(
@@ -287,12 +323,8 @@ def train_transforms(
     keys = ["image", "label"] if task == "segmentation" else ["image"]
     rand: list = []
     if task == "segmentation":
-        rand += [
-            SpatialPadd(keys, spatial_size=roi),
-            RandCropByPosNegLabeld(
-                keys, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
-            ),
-        ]
+        rand += crop_transforms(keys, roi, sampling=sampling, num_samples=num_samples, num_classes=num_classes,
+                                ratios=class_ratios)
     rand += augment_transforms(keys, augment)
     return Compose([*det.transforms, *rand])
 

@@ -46,6 +46,9 @@ RUN_KEYS = (
     "splits",
 )
 
+#: fields added after studies ran: at these values they leave ``config_hash`` unchanged (older sweeps resume)
+NEUTRAL_DEFAULTS = {"sampling": "posneg", "class_ratios": None, "planner": {}, "val_every_steps": 0}
+
 
 def file_sha256(path: str | Path) -> str:
     """sha256 hex digest of a file's bytes (read in 1 MiB blocks)."""
@@ -74,7 +77,8 @@ def config_identity(config: Any, *, encoder_sha256: str | None = None) -> dict[s
     from medssl.engines.finetune_config import FinetuneConfig
 
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(dict(config))
-    out = {k: v for k, v in cfg.to_dict().items() if k not in RUN_KEYS}
+    out = {k: v for k, v in cfg.to_dict().items()
+           if k not in RUN_KEYS and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
     out["init"] = cfg.init_kind
     if cfg.init_kind == "ssl":
         out["encoder_sha256"] = encoder_sha256
