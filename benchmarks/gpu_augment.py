@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n-volumes", type=int, default=40)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=2.0, help="per timed round")
+    ap.add_argument("--seconds", type=float, default=1.0, help="per timed round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", default="simclr:segresnet,genesis:unet,swin:swinvit",
                     help="method:encoder pairs (augmentation preset + the model it feeds)")
