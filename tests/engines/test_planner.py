@@ -267,3 +267,22 @@ def test_recipe_check_pipeline_parses(monkeypatch: pytest.MonkeyPatch) -> None:
         cfg = FinetuneConfig.from_dict({**finetune_dict(pl, f, "scratch"), "fraction": f})
         assert cfg.network == "UNet" and cfg.sampling == "classes" and cfg.val_every_steps > 0
         assert {"roi_size", "batch_size", "network_kwargs"} <= set(cfg.auto_fields)
+
+
+def test_ssl_init_keeps_its_encoder_and_rounds_the_patch_to_its_divisor(gen_study, tmp_path: Path) -> None:
+    from medssl.engines.pretrain import run_pretraining
+    from tests.engines.conftest import toy_config, write_volumes
+
+    enc = {"init_filters": 4, "blocks_down": [1, 1, 1], "blocks_up": [1, 1],  # size_divisor 2**2
+           "norm": ["GROUP", {"num_groups": 2}]}
+    pre = run_pretraining(toy_config(
+        write_volumes(tmp_path / "vols", n=2), tmp_path / "pre", method="simclr", encoder="segresnet",
+        augment=None, encoder_kwargs=enc, method_kwargs={"hidden_dim": 8, "out_dim": 4}, total_steps=1,
+        warmup_steps=0, source_size=[20, 20, 20], target_spacing=[1.0, 1.0, 1.0]), progress=False)
+    cfg = _cfg(gen_study, tmp_path / "ft", network="SegResNet", init=f"ssl:{pre.encoder_path}",
+               planner={"max_levels": 1, "step_voxel_budget": 1})  # patch: multiples of 2 only
+    ft = Finetuner(cfg)
+    assert ft.cfg.network_kwargs == {} and ft.cfg.target_spacing == [1.0, 1.0, 1.0]  # the recipe's
+    patch = ft.plan["patch_size"]
+    assert any(p % 4 for p in patch) and ft.cfg.roi_size == [math.ceil(p / 4) * 4 for p in patch]
+    assert ft.transfer is not None and ft.transfer["share"] == 1.0
