@@ -3,10 +3,10 @@
 # writing <part>.json + <part>.md into the output folder; suite.json / suite.md summarise them (paste
 # suite.md into benchmarks/RESULTS.md). A failing or timed-out part gets a failure record and the next
 # part still runs.
-#   1. augment_gpu  (cap 75 s)  batched SSL augmentation on the GPU vs the MONAI tutorial chain on the CPU
+#   1. augment_gpu  (cap 70 s)  batched SSL augmentation on the GPU vs the MONAI tutorial chain on the CPU
 #                               (goal ≥ 50×) and vs the model step it feeds (benchmarks/gpu_augment.py)
-#   2. pretrain_gpu (cap 85 s)  pretraining steps/s of the engine, bf16 vs fp32 (benchmarks/gpu_pretrain.py)
-#   3. study_gpu    (cap 300 s) pipelines/label_efficiency_gpu.yaml: medssl sweep (225 s) + medssl compare
+#   2. pretrain_gpu (cap 70 s)  pretraining steps/s of the engine, bf16 vs fp32 (benchmarks/gpu_pretrain.py)
+#   3. study_gpu    (cap 335 s) pipelines/label_efficiency_gpu.yaml: medssl sweep (260 s) + medssl compare
 #                               (20 s) + benchmarks/label_efficiency.py --report-only (25 s) + summary (30 s)
 #
 # Usage:
@@ -99,7 +99,7 @@ if [ "$DRY" = 1 ]; then  # tiny sizes: every part end to end on the CPU in about
         --set "finetune.roi_size=[16, 16, 16]" --set finetune.batch_size=1 --set finetune.max_steps=2
         --set finetune.warmup_steps=0 --set finetune.sw_overlap=0.0 --set finetune.sw_batch_size=16)
 else
-  CAP1=75; CAP2=85; CAP_SWEEP=225; CAP_CMP=20; CAP_REP=25; CAP_SUM=30; DEV=cuda
+  CAP1=70; CAP2=70; CAP_SWEEP=260; CAP_CMP=20; CAP_REP=25; CAP_SUM=30; DEV=cuda
   A1=(); A2=(); SETS=()
 fi
 
