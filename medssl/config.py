@@ -139,6 +139,13 @@ class PretrainConfig(ConfigBase):
         max_nan_steps: K; this many non-finite losses in a row abort the run.
         log_every: metrics are logged every N steps.
         preview: log an augmentation preview PNG at the start.
+        monitor_every: representation monitor (:mod:`medssl.engines.monitor`): every N optimizer steps (and
+            at step 0 of a fresh run) score a leave-one-case-out kNN probe of the encoder's embeddings of a
+            few labelled cases of the pretraining pool (never validation/test cases), logged as
+            ``monitor/knn_acc``, ``monitor/knn_balanced_acc``, ``monitor/seconds``; 0 (default) = off.
+        monitor_cases: at most this many probe cases (classification: one embedding per volume;
+            segmentation: crops centred on each class of each case).
+        monitor_k: kNN neighbours (capped by the number of samples of other cases).
         experiment: MLflow experiment name; ``None`` disables MLflow tracking.
         run_name: MLflow run name (default: the out dir name).
         tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns.db``).
@@ -189,6 +196,9 @@ class PretrainConfig(ConfigBase):
     max_nan_steps: int = 5
     log_every: int = 1
     preview: bool = True
+    monitor_every: int = 0
+    monitor_cases: int = 32
+    monitor_k: int = 20
     experiment: str | None = "medssl-pretrain"
     run_name: str | None = None
     tracking_uri: str | None = None
@@ -226,10 +236,15 @@ class PretrainConfig(ConfigBase):
         for name in ("batch_size", "grad_accum", "max_nan_steps", "log_every", "in_channels"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        nonneg = ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers", "num_threads")
+        nonneg = ("total_steps", "epochs", "warmup_steps", "checkpoint_every", "num_workers", "num_threads",
+                  "monitor_every")
         for name in nonneg:
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if int(self.monitor_cases) < 2 or int(self.monitor_k) < 1:
+            raise ValueError(
+                f"monitor_cases must be >= 2 and monitor_k >= 1, got {self.monitor_cases!r}, {self.monitor_k!r}"
+            )
         if self.total_steps == 0 and self.epochs == 0:
             raise ValueError("set total_steps or epochs (both are 0)")
         if not 0.0 <= self.cache_rate <= 1.0:

@@ -48,6 +48,7 @@ from medssl.engines.data import (
     preprocessing,
     resolve_in_channels,
 )
+from medssl.engines.monitor import RepresentationMonitor, build_monitor
 from medssl.engines.pretrain_state import _PretrainerState
 from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
@@ -61,7 +62,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PretrainResult:
     """What a pretraining run produced. ``loss_history`` holds ``(step, loss)`` of the steps run here
-    (1-based optimizer steps; skipped non-finite steps are absent)."""
+    (1-based optimizer steps; skipped non-finite steps are absent); ``monitor_history`` holds ``(step,
+    {"monitor/knn_acc", ...})`` of the representation monitor's evaluations here (step 0 = before training)."""
 
     out_dir: Path
     last_checkpoint: Path | None = None
@@ -73,6 +75,7 @@ class PretrainResult:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     skipped_volumes: dict[str, str] = field(default_factory=dict)
+    monitor_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 class Pretrainer(_PretrainerState):
@@ -149,6 +152,7 @@ class Pretrainer(_PretrainerState):
         self.recipe = make_recipe(config, encoder) | {"pool": pool_record(pool, config.splits, config.split_seed)}
         self.step, self.nan_run, self.tracker, self.checkpoints = 0, 0, None, []
         self.compile_s: float | None = None  # torch.compile: seconds of the first (compiling) step
+        self.monitor: RepresentationMonitor | None = None  # built in fit() on rank 0 when monitor_every > 0
         self.result = PretrainResult(out_dir=self.out)
 
     # -- one optimizer step (schedule → forward → guard → backward/accum/clip → step → EMA) ------------
@@ -189,6 +193,22 @@ class Pretrainer(_PretrainerState):
             self.method.on_step_end(self.step, self.total_steps)
         values = dd.mean_across_ranks(torch.stack([v.to(self.device) for v in logs.values()])).tolist()
         return {**dict(zip(logs, values, strict=True)), "lr": lr}
+
+    def _monitor(self, mf: Any) -> dict[str, float]:
+        """The representation monitor's scores at ``self.step`` (``{}`` when off or on ranks > 0), kept in
+        ``result.monitor_history``; with ``mf`` (step 0) also written to ``metrics.jsonl`` and MLflow here."""
+        if self.monitor is None:
+            return {}
+        scores = self.monitor.evaluate(self.encoder)
+        self.result.monitor_history.append((self.step, scores))
+        log.info("step %d: monitor kNN accuracy %.3f, balanced %.3f (%.1f s)", self.step,
+                 scores["monitor/knn_acc"], scores["monitor/knn_balanced_acc"], scores["monitor/seconds"])
+        if mf is not None:
+            mf.write(json.dumps({"step": self.step, **scores}) + "\n")
+            mf.flush()
+            if self.tracker:
+                self.tracker.log_metrics(scores, self.step)
+        return scores
 
     def _skip(self, value: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -232,10 +252,16 @@ class Pretrainer(_PretrainerState):
         try:
             if main:  # other ranks never track (one MLflow run per training, not per process)
                 self._start_tracking(run_id, fresh=resume is None)
+            if main and self.cfg.monitor_every:  # rank 0 alone probes (plain encoder, no collectives)
+                self.monitor = build_monitor(self.cfg, self.pool, self.device)
+                if self.monitor and self.tracker and resume is None:
+                    self.tracker.log_params({f"monitor.{k}": v for k, v in self.monitor.describe().items()})
             with (
                 ProgressBar(progress and main, self.total_steps, self.step) as bar,
                 open(self.out / "metrics.jsonl", "a") if main else nullcontext() as mf,
             ):
+                if resume is None:
+                    self._monitor(mf)  # step 0: the untrained encoder's baseline
                 while self.step < self.total_steps:
                     t0 = time.perf_counter()
                     logs = self.train_step()
@@ -246,11 +272,14 @@ class Pretrainer(_PretrainerState):
                             self.tracker.log_metrics({"compile_first_step_s": self.compile_s}, self.step)
                     if logs is not None:
                         self.result.loss_history.append((self.step, logs["loss"]))
+                        probe = self._monitor(None) if self.step % max(1, self.cfg.monitor_every) == 0 else {}
                         if mf is not None:
-                            mf.write(json.dumps({"step": self.step, **logs}) + "\n")
+                            mf.write(json.dumps({"step": self.step, **logs, **probe}) + "\n")
                             mf.flush()
                         if self.tracker and self.step % self.cfg.log_every == 0:
                             self.tracker.log_metrics(logs, self.step)
+                        if self.tracker and probe:
+                            self.tracker.log_metrics(probe, self.step)
                         bar(self.step, logs["loss"])
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                         self.save_checkpoint()

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 #: FinetuneConfig fields resolved from the SSL recipe for both arms of a sweep
 PREPROCESSING_KEYS = ("target_spacing", "normalisation", "ct_window", "in_channels")
+# the representation monitor (monitor_*) only observes: the encoder is the same with it on or off
 _PRETRAIN_RUN_KEYS = ("out_dir", "run_name", "tags", "parent_run_id", "tracking_uri", "experiment", "datalist",
-                      "splits")
+                      "splits", "monitor_every", "monitor_cases", "monitor_k")
 
 
 def resolve_preprocessing(encoder: str | Path, finetune: dict[str, Any]) -> dict[str, Any]:
