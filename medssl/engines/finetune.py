@@ -2,8 +2,8 @@
 classification, selected on validation only, evaluated once on the fixed test set.
 
 Same shape as the pretraining engine (:mod:`medssl.engines.pretrain`): a plain loop whose step reads top
-to bottom (schedule → encoder warm-up → forward under autocast → non-finite guard → backward / clip /
-step), one checkpoint dict with every state, MLflow through :class:`~medssl.tracking.mlflow_tracker.MlflowTracker`.
+to bottom (SSL freeze switch → schedule → encoder warm-up → forward under autocast → non-finite guard →
+backward / clip / step), one checkpoint dict with every state, MLflow through :class:`~medssl.tracking.mlflow_tracker.MlflowTracker`.
 Checkpoints are written at epoch ends (``checkpoints/last.pt``) and the epoch's random transforms and
 order are functions of ``(seed, epoch)`` (:mod:`medssl.engines.finetune_data`), so a resumed run
 reproduces the uninterrupted one exactly (CPU, ``deterministic=True``, ``num_workers=0``).
@@ -25,6 +25,7 @@ import os
 import random
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker
 from medssl.engines.leakage import check_pretrain_leakage
 from medssl.engines.metrics import as_tensor
 from medssl.engines.progress import ProgressBar
-from medssl.engines.schedules import WarmupCosineSchedule
+from medssl.engines.schedules import WarmupCosineSchedule, pretrained_lr_factor, resolve_ssl_schedule
 from medssl.errors import MedsslError
 
 __all__ = ["FinetuneResult", "Finetuner", "build_model", "rebuild_model", "run_finetune"]
@@ -76,7 +77,7 @@ class Finetuner(_FinetunerState):
     """
 
     def __init__(self, config: FinetuneConfig, *, tracker: Any = None) -> None:
-        from medssl.networks.downstream import freeze_encoder, layerwise_lr_groups
+        from medssl.networks.downstream import freeze_encoder, layerwise_lr_groups, transfer_key_prefixes
         from medssl.networks.transfer import EncoderWarmup
 
         self.tracker, self.device = tracker, resolve_device(config.device)
@@ -134,16 +135,32 @@ class Finetuner(_FinetunerState):
             self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         if cfg.freeze_encoder:
             freeze_encoder(self.model, cfg.network)
-        if cfg.network in SCRATCH_ONLY:  # no encoder/head split: one group
-            groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
-        else:
-            groups = layerwise_lr_groups(self.model, cfg.network, cfg.lr, cfg.llrd or 1.0)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.items["training"]) / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.max_epochs * self.steps_per_epoch
         self.max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        # the pretrained part's schedule (SSL init): frozen phase, warm-up, scaled lr; None from scratch
+        self.ssl_plan = resolve_ssl_schedule(cfg.ssl_schedule, total_steps=self.total_steps, init_kind=cfg.init_kind)
+        self.cfg = cfg = cfg.replace(ssl_schedule=self.ssl_plan or "none")
+        self.recipe["ssl_schedule"] = self.ssl_plan
+        self.family = (self.recipe["build"]["recipe"] or {}).get("name")  # SSL encoder family: pretrained decoder?
+        factor = None
+        if cfg.network in SCRATCH_ONLY:  # no encoder/head split: one group
+            groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        elif self.ssl_plan is not None:
+            plan = self.ssl_plan
+            groups = layerwise_lr_groups(
+                self.model, cfg.network, cfg.lr, plan["llrd"] or cfg.llrd or 1.0,
+                pretrained=transfer_key_prefixes(cfg.network, self.family), pretrained_scale=plan["encoder_lr_scale"],
+            )
+            factor = partial(pretrained_lr_factor, freeze_steps=plan["freeze_steps"], warmup_steps=plan["warmup_steps"])
+            log.info("SSL schedule: pretrained part frozen for %d steps, then warmed up over %d steps to %.3g x lr "
+                     "(llrd %s)", plan["freeze_steps"], plan["warmup_steps"], plan["encoder_lr_scale"],
+                     plan["llrd"] or cfg.llrd)
+        else:
+            groups = layerwise_lr_groups(self.model, cfg.network, cfg.lr, cfg.llrd or 1.0)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.schedule = WarmupCosineSchedule(
-            self.optimizer, cfg.lr, cfg.min_lr, self.total_steps, cfg.warmup_steps
+            self.optimizer, cfg.lr, cfg.min_lr, self.total_steps, cfg.warmup_steps, pretrained_factor=factor
         )
         self.warm = EncoderWarmup(cfg.encoder_warmup_steps) if cfg.encoder_warmup_steps else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -155,6 +172,8 @@ class Finetuner(_FinetunerState):
         self.val_step = -1  # optimizer step of the last validation
         self.best: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
+        self.pretrained_frozen = False
+        self._sync_pretrained_freeze()  # an SSL schedule's frozen phase starts now
 
     @property
     def config_hash(self) -> str:
@@ -170,8 +189,20 @@ class Finetuner(_FinetunerState):
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
+    def _sync_pretrained_freeze(self) -> None:
+        """Hold the pretrained part frozen (no gradients, modules in eval) exactly while ``step < freeze_steps``
+        of the SSL schedule; released at the switch step (also after a resume, which restores ``step``)."""
+        frozen = self.ssl_plan is not None and self.step < self.ssl_plan["freeze_steps"]
+        if frozen != self.pretrained_frozen:
+            from medssl.networks.finetune_opts import freeze_pretrained
+
+            freeze_pretrained(self.model, self.cfg.network, self.family, freeze=frozen)
+            self.pretrained_frozen = frozen
+            log.info("step %d: pretrained part %s", self.step, "frozen" if frozen else "released")
+
     def train_step(self, batch: dict[str, Any]) -> float | None:
         """One optimizer step on ``batch`` (``image (B, C, D, H, W)``, ``label``); ``None`` if skipped."""
+        self._sync_pretrained_freeze()
         self.schedule.apply()
         if self.warm is not None:
             self.warm.apply(self.optimizer, self.step)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from medssl.config import ConfigBase
 from medssl.engines.finetune_augment import SAMPLINGS, class_ratios, resolve_augment
+from medssl.engines.schedules import check_ssl_schedule_options, normalise_ssl_schedule
 from medssl.errors import ConfigMismatchError, MedsslError
 
 __all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "AUTO", "AUTO_FIELDS", "is_auto", "build_model", "rebuild_model"]
@@ -106,8 +107,16 @@ class FinetuneConfig(ConfigBase):
         early_stopping_patience: stop after this many validations without improvement; 0 disables.
         sw_batch_size: sliding-window batch size; ``sw_overlap``: window overlap in [0, 1).
         freeze_encoder: linear probe (encoder parameters not trained).
-        llrd: layer-wise lr decay factor in (0, 1] (``None`` = off).
-        encoder_warmup_steps: encoder lr held at 0 for this many optimizer steps.
+        llrd: layer-wise lr decay factor in (0, 1] (``None`` = off), every init.
+        encoder_warmup_steps: encoder lr held at 0 for this many optimizer steps (encoder only, norms train).
+        ssl_schedule: schedule of the pretrained part (encoder + transferred decoder) of an SSL init; scratch
+            runs ignore it (:mod:`medssl.engines.schedules`). ``"none"``: today's single schedule. ``"auto"``:
+            frozen (no gradients, norm statistics held as in the linear probe) for 10 % of the steps (>= 20, <= a
+            quarter of the run) while the new layers train, then a linear warm-up of the same length to
+            ``encoder_lr_scale`` (0.5) × the cosine lr, no layer-wise decay. A mapping ``{freeze_steps,
+            warmup_steps, encoder_lr_scale, llrd}`` sets them (missing: ``auto``'s). Resolved at run start
+            (``config.yaml``, recipe, MLflow params). Refused with ``freeze_encoder``, ``encoder_warmup_steps``,
+            or ``llrd`` set both here and at the top level.
         grad_clip: max global grad norm (``None``/0 disables).
         max_nan_steps: this many non-finite losses in a row abort the run (each is skipped).
         amp: ``"bf16"``, ``"fp16"`` or ``None`` (CUDA only).
@@ -163,6 +172,7 @@ class FinetuneConfig(ConfigBase):
     freeze_encoder: bool = False
     llrd: float | None = None
     encoder_warmup_steps: int = 0
+    ssl_schedule: str | dict[str, Any] = "none"
     grad_clip: float | None = None
     max_nan_steps: int = 5
     amp: str | None = None
@@ -190,6 +200,7 @@ class FinetuneConfig(ConfigBase):
                 setattr(self, name, list(v))
         self.fraction = float(self.fraction)
         self.augment = resolve_augment(self.augment)
+        self.ssl_schedule = normalise_ssl_schedule(self.ssl_schedule)
         self.validate()
 
     @property
@@ -283,6 +294,10 @@ class FinetuneConfig(ConfigBase):
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if self.class_ratios is not None and not is_auto(self.out_channels):
             class_ratios(int(self.out_channels), self.class_ratios)
+        check_ssl_schedule_options(
+            self.ssl_schedule, freeze_encoder=self.freeze_encoder, encoder_warmup_steps=self.encoder_warmup_steps,
+            llrd=self.llrd,
+        )
         if self.network in SCRATCH_ONLY and (
             self.init != "scratch" or self.freeze_encoder or self.llrd is not None or self.encoder_warmup_steps
         ):

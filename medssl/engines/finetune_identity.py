@@ -47,7 +47,8 @@ RUN_KEYS = (
 )
 
 #: fields added after studies ran: at these values they leave ``config_hash`` unchanged (older sweeps resume)
-NEUTRAL_DEFAULTS = {"sampling": "posneg", "class_ratios": None, "planner": {}, "val_every_steps": 0}
+NEUTRAL_DEFAULTS = {"sampling": "posneg", "class_ratios": None, "planner": {}, "val_every_steps": 0,
+                    "ssl_schedule": "none"}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,13 +69,16 @@ def config_identity(config: Any, *, encoder_sha256: str | None = None) -> dict[s
         encoder_sha256: sha256 of the SSL encoder file (SSL init); ``None`` from scratch or when unknown.
 
     Returns:
-        ``{field: value}`` without :data:`RUN_KEYS`, plus ``init`` (``"scratch"`` / ``"ssl"``) and, for SSL,
-        ``encoder_sha256``.
+        ``{field: value}`` without :data:`RUN_KEYS` (and the :data:`NEUTRAL_DEFAULTS` at their values), plus
+        ``init`` (``"scratch"`` / ``"ssl"``) and, for SSL, ``encoder_sha256``. ``ssl_schedule`` counts for SSL
+        inits only, ``"auto"`` expanded to the schedule and rule it stands for
+        (:func:`medssl.engines.schedules.ssl_schedule_identity`).
 
     Raises:
         MedsslError: ``config`` is not a valid FinetuneConfig dict.
     """
     from medssl.engines.finetune_config import FinetuneConfig
+    from medssl.engines.schedules import ssl_schedule_identity
 
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(dict(config))
     out = {k: v for k, v in cfg.to_dict().items()
@@ -82,6 +86,10 @@ def config_identity(config: Any, *, encoder_sha256: str | None = None) -> dict[s
     out["init"] = cfg.init_kind
     if cfg.init_kind == "ssl":
         out["encoder_sha256"] = encoder_sha256
+        if "ssl_schedule" in out:  # "auto" = the schedule it stands for, with its rule (schedules.py)
+            out["ssl_schedule"] = ssl_schedule_identity(out["ssl_schedule"])
+    else:
+        out.pop("ssl_schedule", None)  # acts on pretrained weights only: a scratch child keeps its hash
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # plain JSON values (tuples → lists)
 
 
