@@ -1,0 +1,79 @@
+"""Ablation of the finetuning schedule for pretrained weights (``FinetuneConfig.ssl_schedule``, issue 12 item 4).
+
+Finetunes the SSL arm of an existing study (its ingested data, splits and pretrained encoder) with
+``ssl_schedule: none`` and with ``auto`` at several ``encoder_lr_scale`` values, on the given fractions and seeds,
+with the pipeline's ``finetune`` section otherwise unchanged; prints a Markdown table of the test metric (mean
+and per seed) per schedule, and writes ``ablation.json``. Scratch arms are not rerun: compare with the study's.
+
+    python benchmarks/ssl_schedule_ablation.py pipelines/label_efficiency.yaml \\
+        --study-dir ../studies/runs/sweeps/hippocampus-label-efficiency --out ../studies/ssl_schedule_ablation
+
+Cost: one SSL finetuning run per (schedule, fraction, seed): with the defaults 4 × 2 × 3 = 24 runs of the
+pipeline's 400 steps, about 2–4 min each on 2 CPU cores, so 1–1.5 h. Runs resume (``resume="auto"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medssl.engines.finetune import run_finetune
+from medssl.engines.finetune_config import FinetuneConfig
+
+log = logging.getLogger("ssl_schedule_ablation")
+
+
+def _schedules(scales: list[float]) -> dict[str, Any]:
+    return {"none": "none"} | {f"auto@{s:g}": {"encoder_lr_scale": s} for s in scales}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pipeline", type=Path, help="the study's pipeline YAML (its finetune section is used)")
+    ap.add_argument("--study-dir", type=Path, required=True,
+                    help="the sweep's study folder: data/datalist.json, data/splits.json, sweep/pretrain/encoder.pt")
+    ap.add_argument("--encoder", type=Path, help="SSL encoder.pt (default: <study-dir>/sweep/pretrain/encoder.pt)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--fractions", default="5,10")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--scales", default="0.25,0.5,1.0", help="encoder_lr_scale values of the auto schedule")
+    ap.add_argument("--metric", default="dice_mean")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    spec = yaml.safe_load(args.pipeline.read_text())
+    base = dict(spec["finetune"])
+    data = args.study_dir / "data"
+    encoder = args.encoder or args.study_dir / "sweep" / "pretrain" / "encoder.pt"
+    fractions = [float(f) for f in args.fractions.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results: dict[str, dict[str, float]] = {}
+    for name, sched in _schedules([float(s) for s in args.scales.split(",")]).items():
+        for frac in fractions:
+            for seed in seeds:
+                key = f"f{frac:g}-s{seed}"
+                extra = (spec.get("finetune_by_fraction") or {}).get(int(frac) if frac.is_integer() else frac, {})
+                cfg = FinetuneConfig.from_dict(base | extra | {
+                    "datalist": str(data / "datalist.json"), "splits": str(data / "splits.json"),
+                    "fraction": frac, "seed": seed, "init": f"ssl:{encoder}", "ssl_schedule": sched,
+                    "out_dir": str(args.out / name.replace("@", "_") / key), "experiment": None})
+                res = run_finetune(cfg, resume="auto", progress=False)
+                results.setdefault(name, {})[key] = float(res.test_metrics[args.metric])
+                (args.out / "ablation.json").write_text(json.dumps(results, indent=1))
+    print(f"| schedule | {' | '.join(f'{f:g} %' for f in fractions)} | per seed |")
+    print("|---|" + "---|" * len(fractions) + "---|")
+    for name, vals in results.items():
+        means = [np.mean([vals[f"f{f:g}-s{s}"] for s in seeds]) for f in fractions]
+        print(f"| {name} | {' | '.join(f'{m:.4f}' for m in means)} | "
+              f"{', '.join(f'{k} {v:.3f}' for k, v in vals.items())} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
