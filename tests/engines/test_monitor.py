@@ -75,7 +75,7 @@ def test_leave_one_case_out_never_matches_the_same_case() -> None:
         knn_scores(z, y, torch.zeros(8))
 
 
-def _write_seg_datalist(folder: Path, n: int = 8) -> Path:
+def _write_seg_datalist(folder: Path, n: int = 9) -> Path:
     """``n`` 14–18³ volumes whose label map has classes 1 and 2 in two blocks; image = label + noise."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,18 +109,18 @@ def test_probe_set_never_holds_test_or_validation_cases(seg_datalist: Path, tmp_
     kind, items = probe_items(seg_datalist, pool, path, max_cases=32)
     ids = {it["case_id"] for it in items}
     assert kind == "segmentation" and ids and not ids & held and ids <= set(sp["pretrain_pool"])
-    assert "c7" not in ids  # the datalist's own test section
+    assert "c8" not in ids  # the datalist's own test section
     # a pool that wrongly holds a held-out case (here: everything) still never yields it
-    everything = [{"case_id": f"c{i}"} for i in range(8)]
+    everything = [{"case_id": f"c{i}"} for i in range(9)]
     _, items = probe_items(seg_datalist, everything, path, max_cases=32)
-    assert not {it["case_id"] for it in items} & (held | {"c7"})
+    assert not {it["case_id"] for it in items} & (held | {"c8"})
     # only cases of the pool, at most max_cases, in a fixed order
     _, two = probe_items(seg_datalist, pool[:3], path, max_cases=2)
     assert len(two) == 2 and {it["case_id"] for it in two} <= {it["case_id"] for it in pool[:3]}
 
 
 def test_segmentation_probe_is_deterministic_and_centred_on_its_class(seg_datalist: Path) -> None:
-    pool = load_pool(seg_datalist)  # training + unlabeled sections: c0..c6
+    pool = load_pool(seg_datalist)  # training + unlabeled sections: c0..c7
     kind, items = probe_items(seg_datalist, pool, max_cases=4)
     kw = dict(roi_size=[9, 9, 9], normalisation="none", crops_per_class=3)
     a, b = build_probe_set(kind, items, **kw), build_probe_set(kind, items, **kw)
@@ -154,6 +154,14 @@ def test_classification_probe_one_volume_each_balanced_order(tiny_datalist: Path
     assert set(s) == {"monitor/knn_acc", "monitor/knn_balanced_acc", "monitor/seconds"}
     assert all(m.training for m in enc.modules()) and torch.equal(torch.get_rng_state(), rng)
     assert mon.evaluate(enc)["monitor/knn_acc"] == s["monitor/knn_acc"]  # eval mode: dropout off
+
+    class Noisy(torch.nn.Module):  # draws from the global RNG even in eval mode (as random masking does)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3, 4)) + torch.rand(len(x), 1)
+
+    rng = torch.get_rng_state()
+    mon.evaluate(Noisy())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -226,3 +234,23 @@ def test_probe_on_real_hippocampus(hippocampus_dir: Path, tmp_path: Path) -> Non
     t0 = time.perf_counter()
     s = mon.evaluate(enc)
     assert 0.0 <= s["monitor/knn_acc"] <= 1.0 and time.perf_counter() - t0 < 60
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with Gloo")
+def test_monitor_under_ddp_rank0_only_no_hang(seg_datalist: Path, tmp_path: Path) -> None:
+    from tests.engines.test_ddp import _torchrun, _wait
+
+    det = dict(augment_kwargs={"noise": 0.0}, method_kwargs={"dropout": 0.0})
+    cfg = toy_config(seg_datalist, tmp_path / "ddp", total_steps=4, monitor_every=2, batch_size=2, **det)
+    cfg.to_yaml(tmp_path / "ddp.yaml")
+    _wait(_torchrun(tmp_path / "ddp.yaml", tmp_path / "ddp.log"), tmp_path / "ddp.log")
+    lines = _metrics(tmp_path / "ddp")
+    assert [x["step"] for x in lines if "monitor/knn_acc" in x] == [0, 2, 4]  # one writer: rank 0
+    single = run_pretraining(toy_config(seg_datalist, tmp_path / "one", total_steps=4, monitor_every=2,
+                                        batch_size=4, **det),
+                             progress=False)
+    probes = [x for x in lines if "monitor/knn_acc" in x]
+    assert probes[0]["monitor/knn_acc"] == single.monitor_history[0][1]["monitor/knn_acc"]  # same init
+    for x, (_, y) in zip(probes[1:], single.monitor_history[1:], strict=True):  # 2 × B/2 = 1 × B up to
+        assert x["monitor/knn_acc"] == pytest.approx(y["monitor/knn_acc"], abs=0.05)  # float order: near-ties
