@@ -359,7 +359,7 @@ def test_pipeline_files_parse() -> None:
     root = Path(__file__).resolve().parents[1] / "pipelines"
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert names == ["classification_adrenal.yaml", "label_efficiency.yaml", "label_efficiency_genesis.yaml",
-                     "label_efficiency_gpu.yaml", "recipe_check.yaml"]
+                     "label_efficiency_gpu.yaml", "label_efficiency_spark.yaml", "recipe_check.yaml"]
     for name in names:
         if name == "recipe_check.yaml":  # scratch only, no pretraining: tests/engines/test_planner.py
             continue
@@ -379,6 +379,12 @@ def test_pipeline_files_parse() -> None:
     # reuses label_efficiency.yaml's data, so both studies share one fixed test set and fraction subsets
     simclr = load_pipeline_env(root / "label_efficiency.yaml")
     assert Path(genesis.data["datalist"]).parent == Path(simclr.out_dir) / simclr.study / "data"
+    # issue 12's study: SparK U-Net → SegResNet on the same data, the pretrained-weights schedule on
+    spark = load_pipeline_env(root / "label_efficiency_spark.yaml")
+    assert spark.data == genesis.data and spark.seeds == [0, 1, 2] and {5, 10, 100} <= set(spark.fractions)
+    assert spark.pretrain["method"] == "spark" and spark.pretrain["encoder"] == "segresnet_unet"
+    assert spark.finetune["ssl_schedule"] == "auto" and spark.finetune["augment"]["flip_axes"] == [0]
+    assert spark.finetune["network_kwargs"] == spark.pretrain["encoder_kwargs"]
 
 
 def load_pipeline_env(path: Path) -> Any:
