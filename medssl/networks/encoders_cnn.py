@@ -46,6 +46,23 @@ def basicunet_features(net: BasicUNet, x: torch.Tensor) -> list[torch.Tensor]:
 _RESNET_LAYERS = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 
 
+def _segresnet_kwargs(
+    in_channels: int,
+    out_channels: int,
+    init_filters: int,
+    blocks_down: tuple[int, ...],
+    blocks_up: tuple[int, ...],
+    norm: str | tuple,
+    act: str | tuple,
+    dropout_prob: float | None,
+) -> dict:
+    """MONAI ``SegResNet`` constructor arguments shared by ``segresnet`` and ``segresnet_unet``."""
+    return dict(
+        spatial_dims=3, init_filters=init_filters, in_channels=in_channels, out_channels=out_channels,
+        dropout_prob=dropout_prob, act=act, norm=norm, blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up),
+    )
+
+
 class SegResNetEncoder(Encoder):
     """The encoder half of MONAI ``SegResNet`` (``convInit`` + ``down_layers``, keys as in SegResNet).
 
@@ -87,9 +104,7 @@ class SegResNetEncoder(Encoder):
         act: str | tuple = ("RELU", {"inplace": True}),
         dropout_prob: float | None = None,
     ) -> SegResNetEncoder:
-        kwargs = dict(spatial_dims=3, init_filters=init_filters, in_channels=in_channels)
-        kwargs |= dict(out_channels=2, dropout_prob=dropout_prob, act=act, norm=norm)
-        kwargs |= dict(blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up))
+        kwargs = _segresnet_kwargs(in_channels, 2, init_filters, blocks_down, blocks_up, norm, act, dropout_prob)
         return cls(kwargs, img_size)
 
 
@@ -154,9 +169,9 @@ class SegResNetUNetEncoder(Encoder):
                 f"segresnet_unet needs len(blocks_up) == len(blocks_down) - 1 (a full U-Net), got "
                 f"blocks_down={tuple(blocks_down)}, blocks_up={tuple(blocks_up)}"
             )
-        kwargs = dict(spatial_dims=3, init_filters=init_filters, in_channels=in_channels)
-        kwargs |= dict(out_channels=in_channels, dropout_prob=dropout_prob, act=act, norm=norm)
-        kwargs |= dict(blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up))
+        kwargs = _segresnet_kwargs(
+            in_channels, in_channels, init_filters, blocks_down, blocks_up, norm, act, dropout_prob
+        )
         return cls(kwargs, img_size)
 
 
