@@ -12,6 +12,19 @@ Keys (all optional; missing ones take the defaults)::
     intensity_scale: 0.0     # image *= 1 + U(-s, s)   (RandScaleIntensityd; 0 = off)
     intensity_shift: 0.0     # image += U(-o, o)       (RandShiftIntensityd, normalised units; 0 = off)
     intensity_prob: 0.5      # probability of each intensity transform
+    rotate: 0.0              # degrees: rotation about each axis drawn from U(-r, r) (RandAffined; 0 = off)
+    scale: 0.0               # zoom 1 + U(-s, s) per axis (RandAffined; 0 = off)
+    spatial_prob: 0.2        # probability of the affine (rotation + zoom) of a crop
+    gamma: [1.0, 1.0]        # gamma range of RandAdjustContrastd (e.g. [0.7, 1.5]; [1, 1] = off)
+    gamma_prob: 0.3          # probability of the gamma change
+    noise_std: 0.0           # std of additive Gaussian noise, normalised units (RandGaussianNoised; 0 = off)
+    noise_prob: 0.1          # probability of the noise
+
+The spatial and gamma / noise keys follow nnU-Net's default augmentation (Isensee et al., Nature Methods 2021:
+rotation, scaling p = 0.2, gamma p = 0.3, noise p = 0.1); with few labelled cases (hippocampus at 10 % = 14
+volumes) they are what keeps a U-Net from overfitting. They act on the crop (after sampling), image bilinear and
+label nearest, padding 0 (background). Keys left at their "off" value are not recorded in the resolved dict, so
+configurations that do not use them keep their ``medssl.config_hash``.
 
 Segmentation crops (:func:`crop_transforms`, ``FinetuneConfig.sampling``): ``"posneg"`` centres crops on
 foreground / background voxels 1:1 (``RandCropByPosNegLabeld``; a small class is drawn in proportion to its
@@ -23,13 +36,17 @@ is padded to the crop (``"whole"``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from monai.transforms import (
+    RandAdjustContrastd,
+    RandAffined,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
@@ -37,8 +54,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-__all__ = ["AUGMENT_DEFAULTS", "SAMPLINGS", "resolve_augment", "augment_transforms", "class_ratios",
-           "crop_transforms"]
+__all__ = ["AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL", "SAMPLINGS", "resolve_augment", "augment_transforms",
+           "class_ratios", "crop_transforms"]
 
 #: crop samplers of ``FinetuneConfig.sampling`` (``"whole"`` is chosen by the engine, never configured)
 SAMPLINGS = ("posneg", "classes")
@@ -53,6 +70,19 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: optional keys (nnU-Net-style spatial / gamma / noise augmentation), each "off" at this value; a key at its
+#: "off" value is left out of the resolved dict (hash-neutral for configurations that predate them)
+AUGMENT_OPTIONAL: dict[str, Any] = {
+    "rotate": 0.0,
+    "scale": 0.0,
+    "spatial_prob": 0.2,
+    "gamma": [1.0, 1.0],
+    "gamma_prob": 0.3,
+    "noise_std": 0.0,
+    "noise_prob": 0.1,
+}
+
+
 def resolve_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
     """The full augmentation dict: ``augment`` merged over :data:`AUGMENT_DEFAULTS`, validated.
 
@@ -63,10 +93,11 @@ def resolve_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
             0..2 or a negative intensity range.
     """
     given = dict(augment or {})
-    unknown = sorted(set(given) - set(AUGMENT_DEFAULTS))
+    valid = {**AUGMENT_DEFAULTS, **AUGMENT_OPTIONAL}
+    unknown = sorted(set(given) - set(valid))
     if unknown:
-        raise ValueError(f"unknown augment key(s) {unknown}; valid keys: {sorted(AUGMENT_DEFAULTS)}")
-    out = {**AUGMENT_DEFAULTS, **given}
+        raise ValueError(f"unknown augment key(s) {unknown}; valid keys: {sorted(valid)}")
+    out = {**AUGMENT_DEFAULTS, **{k: v for k, v in given.items() if k in AUGMENT_DEFAULTS}}
     axes = out["flip_axes"]
     if isinstance(axes, int):
         axes = [axes]
@@ -81,6 +112,38 @@ def resolve_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
         out[name] = float(out[name])
         if out[name] < 0:
             raise ValueError(f"augment.{name} must be >= 0, got {out[name]!r}")
+    out.update(_resolve_optional(given))
+    return out
+
+
+def _resolve_optional(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`AUGMENT_OPTIONAL` keys of ``given``, validated; keys of a transform that is off are dropped."""
+    opt = {**AUGMENT_OPTIONAL, **{k: v for k, v in given.items() if k in AUGMENT_OPTIONAL}}
+    for name in ("spatial_prob", "gamma_prob", "noise_prob"):
+        opt[name] = float(opt[name])
+        if not 0.0 <= opt[name] <= 1.0:
+            raise ValueError(f"augment.{name} must be in [0, 1], got {opt[name]!r}")
+    for name in ("rotate", "scale", "noise_std"):
+        opt[name] = float(opt[name])
+        if opt[name] < 0:
+            raise ValueError(f"augment.{name} must be >= 0, got {opt[name]!r}")
+    if opt["rotate"] > 180:
+        raise ValueError(f"augment.rotate is in degrees and must be <= 180, got {opt['rotate']!r}")
+    if opt["scale"] >= 1:
+        raise ValueError(f"augment.scale must be < 1 (zoom 1 ± scale), got {opt['scale']!r}")
+    g = opt["gamma"]
+    if isinstance(g, (int, float)):
+        g = [1.0 / float(g), float(g)] if g >= 1 else [float(g), 1.0 / float(g)]
+    if not isinstance(g, Sequence) or len(g) != 2 or not 0 < float(g[0]) <= float(g[1]):
+        raise ValueError(f"augment.gamma must be [low, high] with 0 < low <= high, got {opt['gamma']!r}")
+    opt["gamma"] = [float(g[0]), float(g[1])]
+    out: dict[str, Any] = {}
+    if opt["rotate"] > 0 or opt["scale"] > 0:
+        out |= {"rotate": opt["rotate"], "scale": opt["scale"], "spatial_prob": opt["spatial_prob"]}
+    if opt["gamma"] != [1.0, 1.0]:
+        out |= {"gamma": opt["gamma"], "gamma_prob": opt["gamma_prob"]}
+    if opt["noise_std"] > 0:
+        out |= {"noise_std": opt["noise_std"], "noise_prob": opt["noise_prob"]}
     return out
 
 
@@ -92,10 +155,19 @@ def augment_transforms(keys: Sequence[str], augment: Mapping[str, Any] | None) -
     out: list[Any] = []
     if aug["flip_prob"] > 0:
         out += [RandFlipd(keys, prob=aug["flip_prob"], spatial_axis=a) for a in aug["flip_axes"]]
+    if aug.get("rotate", 0) > 0 or aug.get("scale", 0) > 0:
+        r, z = math.radians(aug.get("rotate", 0.0)), aug.get("scale", 0.0)
+        modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)  # image, then label(s)
+        out.append(RandAffined(keys, prob=aug["spatial_prob"], rotate_range=(r, r, r), scale_range=(z, z, z),
+                               mode=modes, padding_mode="zeros"))
+    if "gamma" in aug:
+        out.append(RandAdjustContrastd(keys[:1], prob=aug["gamma_prob"], gamma=tuple(aug["gamma"])))
     if aug["intensity_scale"] > 0:
         out.append(RandScaleIntensityd(keys[:1], factors=aug["intensity_scale"], prob=aug["intensity_prob"]))
     if aug["intensity_shift"] > 0:
         out.append(RandShiftIntensityd(keys[:1], offsets=aug["intensity_shift"], prob=aug["intensity_prob"]))
+    if aug.get("noise_std", 0) > 0:
+        out.append(RandGaussianNoised(keys[:1], prob=aug["noise_prob"], std=aug["noise_std"]))
     return out
 
 
