@@ -20,15 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    Orientationd,
-    ScaleIntensityRanged,
-    Spacingd,
-)
+from monai.transforms import Compose
 
 from medssl.errors import MedsslError
 
@@ -38,7 +30,6 @@ __all__ = ["load_pool", "pool_channels", "pool_record", "resolve_in_channels", "
 log = logging.getLogger(__name__)
 
 _ERROR_KEY = "_medssl_load_error"
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def load_pool(
@@ -200,7 +191,8 @@ def preprocessing(
     target_spacing: Sequence[float] | None = None,
     ct_window: Sequence[float] = (-1000.0, 1000.0),
 ) -> Compose:
-    """Deterministic chain: load → channel first → RAS → optional resampling (mm) → normalise → float32.
+    """Deterministic chain: load → channel first → RAS → optional resampling (mm) → normalise → float32; the
+    one preprocessing chain (:func:`medssl.transforms.preprocess.preprocess_transforms`) without metadata.
 
     Args:
         normalisation: ``"robust"`` (per-volume 0.5–99.5 percentile scaling to [0, 1], robust to the
@@ -209,41 +201,23 @@ def preprocessing(
         ct_window: HU range mapped to [0, 1], e.g. ``(-1000, 1000)``.
 
     Returns:
-        A MONAI ``Compose`` mapping ``{"image": path}`` to ``{"image": MetaTensor (C, X, Y, Z)}``.
+        A MONAI ``Compose`` mapping ``{"image": path}`` to ``{"image": Tensor (C, X, Y, Z)}``.
+
+    Raises:
+        ValueError: an unknown ``normalisation`` (a ``MedsslError``, which is a ``ValueError`` here too).
     """
-    keys = ["image"]
-    chain: list = [
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS),
-    ]
-    if target_spacing is not None:
-        chain.append(Spacingd(keys, pixdim=tuple(float(s) for s in target_spacing), mode="bilinear"))
-    if normalisation == "robust":
-        chain.append(_robust_normaliser(keys))
-    elif normalisation == "ct":
-        chain.append(
-            ScaleIntensityRanged(
-                keys, a_min=float(ct_window[0]), a_max=float(ct_window[1]), b_min=0.0, b_max=1.0, clip=True
-            )
-        )
-    elif normalisation != "none":
+    from medssl.transforms.preprocess import NORMALISATIONS, preprocess_transforms
+
+    if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be robust|ct|none, got {normalisation!r}")
-    chain.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
-    return Compose(chain)
-
-
-def _robust_normaliser(keys: list[str]):
-    """medssl's robust normaliser when present (same as finetuning uses), else MONAI percentile scaling."""
-    try:
-        from medssl.transforms.intensity import NormalizeIntensityRobustd
-
-        return NormalizeIntensityRobustd(keys)
-    except Exception as e:  # noqa: BLE001 - optional sibling module; fall back to the MONAI equivalent
-        from monai.transforms import ScaleIntensityRangePercentilesd
-
-        log.debug("NormalizeIntensityRobustd unavailable (%s); using ScaleIntensityRangePercentilesd", e)
-        return ScaleIntensityRangePercentilesd(keys, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+    prep = {
+        "task": "segmentation",
+        "axcodes": "RAS",
+        "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
+        "normalisation": normalisation,
+        "ct_window": [float(v) for v in ct_window],
+    }
+    return preprocess_transforms(prep, track_meta=False)
 
 
 class SafeCacheDataset(CacheDataset):

@@ -1,8 +1,8 @@
 """Finetuning data: the cases of one (fraction, seed) from ``splits.json``, MONAI transforms, datasets.
 
-Preprocessing is the pretraining chain (:func:`medssl.engines.data.preprocessing`) extended to the label:
-load → channel first → RAS → optional resampling (image bilinear, label nearest, mm) → the same intensity
-normalisation (``NormalizeIntensityRobustd`` / HU window) → float32. Training adds random crops
+Preprocessing is the one chain of :mod:`medssl.transforms.preprocess` (also pretraining's and inference's)
+extended to the label: load → channel first → RAS → optional resampling (image bilinear, label nearest, mm) →
+intensity normalisation (``NormalizeIntensityRobustd`` / HU window) → float32. Training adds random crops
 (``RandCropByPosNegLabeld`` or per-class ``RandCropByLabelClassesd``, segmentation) or pad/crop to ``roi_size`` (classification) and the configured
 augmentation (:mod:`medssl.engines.finetune_augment`). A multi-channel item (``"image": [path, ...]``, fixed
 channel order) is loaded as one ``(C, X, Y, Z)`` volume. With ``target_spacing``, evaluation items also carry
@@ -25,22 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.transforms import (
-    Compose,
-    CopyItemsd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    Orientationd,
-    ResizeWithPadOrCropd,
-    ScaleIntensityRanged,
-    Spacingd,
-)
+from monai.transforms import Compose
 
 from medssl.data.splits import fraction_key, load_splits
 from medssl.engines.data import pool_channels, pool_fingerprint
 from medssl.engines.finetune_augment import augment_transforms, crop_transforms
 from medssl.errors import MedsslError
+from medssl.transforms.preprocess import preprocess_transforms
 
 __all__ = [
     "finetune_items",
@@ -57,7 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as medssl.engines.data (pretraining)
 _ROLES = ("training", "validation", "test")
 
 
@@ -224,28 +214,6 @@ def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Te
     )
 
 
-def _normaliser(normalisation: str, ct_window: Sequence[float]) -> Any | None:
-    """The pretraining intensity normalisation of the ``image`` key (see ``engines.data.preprocessing``)."""
-    if normalisation == "robust":
-        try:  # imported lazily: the same class (and defaults) pretraining uses
-            from medssl.transforms.intensity import NormalizeIntensityRobustd
-
-            return NormalizeIntensityRobustd(["image"])
-        except ImportError as e:  # pragma: no cover - same fallback as pretraining
-            from monai.transforms import ScaleIntensityRangePercentilesd
-
-            log.debug("NormalizeIntensityRobustd unavailable (%s); using ScaleIntensityRangePercentilesd", e)
-            return ScaleIntensityRangePercentilesd(
-                ["image"], lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True
-            )
-    if normalisation == "ct":
-        lo, hi = float(ct_window[0]), float(ct_window[1])
-        return ScaleIntensityRanged(["image"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
-    if normalisation != "none":
-        raise ValueError(f"normalisation must be robust|ct|none, got {normalisation!r}")
-    return None
-
-
 def eval_transforms(
     task: str,
     *,
@@ -255,7 +223,8 @@ def eval_transforms(
     roi_size: Sequence[int] = (32, 32, 32),
     native_label: bool = False,
 ) -> Compose:
-    """Deterministic chain for validation / test (and the cached head of the training chain).
+    """Deterministic chain for validation / test (and the cached head of the training chain): the one
+    preprocessing chain, :func:`medssl.transforms.preprocess.preprocess_transforms`, of these settings.
 
     Segmentation maps ``{"image", "label"}`` paths to ``MetaTensor (C, X, Y, Z)`` / ``(1, X, Y, Z)`` (image
     float32 in the normalised range, label float32 class indices; meta kept for the voxel spacing of HD95).
@@ -271,27 +240,16 @@ def eval_transforms(
         native_label: segmentation with ``target_spacing``: also keep ``native_label``, the label before
             resampling ``(1, X0, Y0, Z0)`` with its own affine (evaluation in the label's native grid).
     """
-    keys = ["image", "label"] if task == "segmentation" else ["image"]
-    chain: list = [
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS),
-    ]
-    if native_label and task == "segmentation" and target_spacing is not None:
-        chain.append(CopyItemsd(["label"], names=["native_label"]))
-        keys_typed = [*keys, "native_label"]
-    else:
-        keys_typed = keys
-    if target_spacing is not None:
-        mode = ("bilinear", "nearest") if task == "segmentation" else "bilinear"
-        chain.append(Spacingd(keys, pixdim=tuple(float(s) for s in target_spacing), mode=mode))
-    norm = _normaliser(normalisation, ct_window)
-    if norm is not None:
-        chain.append(norm)
-    chain.append(EnsureTyped(keys_typed, dtype=torch.float32))
-    if task == "classification":
-        chain.append(ResizeWithPadOrCropd(["image"], spatial_size=tuple(int(r) for r in roi_size)))
-    return Compose(chain)
+    prep = {
+        "task": task,
+        "axcodes": "RAS",
+        "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
+        "normalisation": normalisation,
+        "ct_window": [float(v) for v in ct_window],
+        "roi_size": [int(r) for r in roi_size],
+    }
+    label = "label" if task == "segmentation" else None
+    return preprocess_transforms(prep, label_key=label, native_label=native_label)
 
 
 def train_transforms(

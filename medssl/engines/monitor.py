@@ -59,6 +59,7 @@ from monai.transforms import (
 from medssl.engines import checkpoint as ck
 from medssl.engines.data import preprocessing
 from medssl.errors import MedsslError
+from medssl.transforms.preprocess import ORIENTATION_LABELS
 
 __all__ = [
     "ProbeSet",
@@ -72,7 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as medssl.engines.data's image chain
 #: temperature of the kNN vote weights exp(sim / T) (InstDisc / DINO)
 KNN_TEMPERATURE = 0.07
 
@@ -172,7 +172,7 @@ def probe_items(
 def _label_chain(target_spacing: Sequence[float] | None) -> Compose:
     """Label map → ``(1, X, Y, Z)`` on the grid of :func:`~medssl.engines.data.preprocessing`'s image."""
     chain: list = [LoadImaged("label", image_only=True), EnsureChannelFirstd("label"),
-                   Orientationd("label", axcodes="RAS", labels=_RAS_LABELS)]
+                   Orientationd("label", axcodes="RAS", labels=ORIENTATION_LABELS)]
     if target_spacing is not None:
         chain.append(Spacingd("label", pixdim=tuple(float(s) for s in target_spacing), mode="nearest"))
     chain.append(EnsureTyped("label", dtype=torch.int64, track_meta=False))
