@@ -305,6 +305,47 @@ def demo(
         raise _fail(e, verbose) from None
 
 
+# ----------------------------------------------------------------------------------------- predict (issue 10)
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="Finetune checkpoint (best.pt), run folder, runs:/… or models:/… URI; an exported file for --backend torchscript|onnx.")],
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, DICOM series folders, or folders of either.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (<case>_seg.nii.gz, predict_report.json).")],
+    backend: Annotated[str, typer.Option(help="torch | torchscript | onnx.")] = "torch",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    batch: Annotated[int | None, typer.Option(help="Sliding windows per forward pass (default: the recipe's).", min=1)] = None,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average over test-time flips (only axes the training flipped).")] = False,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write <case>_prob.nii.gz (softmax) and <case>_uncertainty.nii.gz (normalised entropy).")] = False,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg", help="DICOM inputs: also write <case>_seg.dcm (DICOM SEG referencing the series).")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store for runs:/ and models:/ URIs.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Segment NIfTI files / DICOM series with a finetuned model; label maps on each input's own grid.
+
+    Exit code 1 when any input failed (reported with its reason and skipped; the others are written).
+    """
+    from medssl.deploy.predict import predict as run_predict
+
+    _setup(verbose)
+    try:
+        res = run_predict(model, inputs, out, backend=backend, device=device, batch=batch, tta=tta,
+                          probabilities=probabilities, dicom_seg=dicom_seg, progress=sys.stderr.isatty(),
+                          tracking_uri=tracking_uri)
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    table = Table(title=f"medssl predict → {res.out_dir} ({len(res.ok)} written, {len(res.failed)} failed)")
+    for col in ("case", "status", "output / reason"):
+        table.add_column(col, overflow="fold")
+    for row in res.cases:
+        ok = row["status"] == "ok"
+        what = row.get("outputs", {}).get("seg", "") if ok else f"{row['reason']}: {row['detail']}"
+        color = "green" if ok else "yellow" if row["status"] == "skipped" else "red"
+        table.add_row(row.get("case", row["input"]), f"[{color}]{row['status']}[/]", what)
+    console.print(table)
+    console.print(f"report: {res.report_path}")
+    raise typer.Exit(res.exit_code)
+
+
 @app.command()
 def version() -> None:
     """Print medssl, MONAI and torch versions."""
