@@ -22,8 +22,13 @@ __all__ = ["RESUME_FIELDS"]
 
 log = logging.getLogger(__name__)
 
-#: config fields a resumed run must share with its checkpoint
-RESUME_FIELDS = ("task", "network", "network_kwargs", "init", "fraction", "seed", "roi_size")
+#: config fields a resumed run must share with its checkpoint: what the model is, which cases it sees and how
+#: they are preprocessed, sampled and augmented (``max_steps`` / ``lr`` may change: the schedule is rebuilt)
+RESUME_FIELDS = ("task", "network", "network_kwargs", "init", "fraction", "seed", "roi_size", "in_channels",
+                 "out_channels", "target_spacing", "normalisation", "batch_size", "num_samples", "sampling",
+                 "augment", "ssl_schedule")
+#: fields checked only when the checkpoint's config holds them (added after the first checkpoints were written)
+_LATER_FIELDS = frozenset({"sampling", "augment", "ssl_schedule", "in_channels"})
 
 
 class _FinetunerState:
@@ -121,9 +126,9 @@ class _FinetunerState:
         Raises:
             ConfigMismatchError: the checkpoint is of another task/network/init/fraction/seed/roi.
         """
-        ck.check_recipe(
-            state["config"], self.cfg.to_dict(), RESUME_FIELDS, what="finetune checkpoint vs config"
-        )
+        saved = state["config"]
+        fields = tuple(f for f in RESUME_FIELDS if f not in _LATER_FIELDS or f in saved)
+        ck.check_recipe(saved, self.cfg.to_dict(), fields, what="finetune checkpoint vs config")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])

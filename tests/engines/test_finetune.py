@@ -350,6 +350,11 @@ def test_resume_after_interruption_matches_straight_run(
     # a checkpoint of another fraction is refused
     with pytest.raises(ConfigMismatchError, match="fraction"):
         run_finetune(cfg.replace(fraction=100), resume=last, progress=False)
+    # so is one whose augmentation or sampling of the cases differs (it would not continue the same run)
+    with pytest.raises(ConfigMismatchError, match="augment"):
+        run_finetune(cfg.replace(augment={"flip_axes": [0]}), resume=last, progress=False)
+    with pytest.raises(ConfigMismatchError, match="batch_size"):
+        run_finetune(cfg.replace(batch_size=cfg.batch_size + 1), resume=last, progress=False)
 
 
 def test_fraction_without_a_class_is_named(adrenal, tmp_path: Path) -> None:
