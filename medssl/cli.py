@@ -346,6 +346,37 @@ def predict(
     raise typer.Exit(res.exit_code)
 
 
+# ------------------------------------------------------------------------------------------ export (issue 10)
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Finetuned model: checkpoints/best.pt, run folder, runs:/<id> or models:/<name>@<alias>.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (model.ts, model.onnx, recipe.json, export_check.json).")],
+    format: Annotated[str, typer.Option("--format", help="Comma-separated: torchscript, onnx.")] = "torchscript,onnx",
+    opset: Annotated[int, typer.Option(help="ONNX opset.", min=7)] = 18,
+    volume: Annotated[Path | None, typer.Option(help="Real NIfTI volume of the numerical check (default: the first image of the model's datalist).")] = None,
+    method: Annotated[str, typer.Option(help="TorchScript: script | trace.")] = "script",
+    tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store for runs:/ and models:/ URIs.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Export a finetuned model to TorchScript / ONNX, each checked against the eager model on a real volume."""
+    from medssl.deploy.export import MAX_ABS_DIFF, MIN_ARGMAX_AGREEMENT, export_model
+
+    _setup(verbose)
+    try:
+        res = export_model(model, out, formats=_csv_list(format, str), opset=opset, volume=volume, method=method,
+                           tracking_uri=tracking_uri)
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    table = Table(title=f"medssl export → {out} (max |diff| <= {MAX_ABS_DIFF:g}, argmax >= {MIN_ARGMAX_AGREEMENT:.2%})")
+    for col in ("format", "file", "max |logit diff|", "argmax agreement", "check"):
+        table.add_column(col)
+    for fmt, c in res.checks.items():
+        table.add_row(fmt, c["file"], f"{c['max_abs_diff']:.2e}", f"{c['argmax_agreement']:.6f}",
+                      "[green]passed[/]" if c["passed"] else "[red]FAILED[/]")
+    console.print(table)
+    console.print(f"recipe: {res.recipe_path}  check: {res.check_path}")
+
+
 @app.command()
 def version() -> None:
     """Print medssl, MONAI and torch versions."""
