@@ -5,6 +5,11 @@ layout, times ``--steps`` optimizer steps including data loading and one validat
 ``max_steps`` for which one run (set-up + steps + validations every ``val_every_steps`` + the test set) takes
 ``--minutes``. Nothing is logged to MLflow; the run folder is a temporary directory.
 
+Measure on a quiet machine: the load average before and after and torch's thread count are printed. On 2 cores a
+step of the planned UNet takes about 0.35 s with 2 threads when nothing else runs, but 3–8 s with 2 threads when
+another process shares the cores (OpenMP threads wait on each other), and about 1.2 s with ``OMP_NUM_THREADS=1``:
+background studies on a shared machine should run with one thread.
+
     python benchmarks/finetune_step_time.py pipelines/recipe_check.yaml \
         --dataset ../shared/datasets/msd_task04_hippocampus --steps 20 --minutes 20
 """
@@ -14,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from medssl.data.splits import split_datalist
@@ -47,6 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     pl = yaml.safe_load(args.pipeline.read_text())
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         dl, sp = _datalist(args.dataset, Path(tmp), pl["data"].get("test_fraction", 0.2),
                            pl["data"].get("val_fraction", 0.1))
@@ -80,7 +88,13 @@ def main() -> None:
                                        ("roi_size", "batch_size", "num_samples", "network_kwargs")},
                           "sampling": ft.sampling, "setup_s": round(setup, 1), "s_per_step": round(step, 3),
                           "validation_s": round(val, 1), "test_s_estimate": round(test, 1),
-                          "max_steps_for_budget": max_steps, "minutes": args.minutes}, indent=1))
+                          "max_steps_for_budget": max_steps, "minutes": args.minutes,
+                          "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                          "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
+                         indent=1))
+    if max(load_before, os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
+        logging.warning("the machine was busy (load average above half the cores): these times are inflated; "
+                        "re-measure on a quiet machine")
 
 
 if __name__ == "__main__":
