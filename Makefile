@@ -9,7 +9,7 @@ DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 STUDIES_DIR ?= studies
 
-.PHONY: install demo test bench studies lint clean
+.PHONY: install demo test bench studies lint clean peer-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ studies: $(STAMP)
 		$(PY) benchmarks/label_efficiency.py pipelines/classification_adrenal.yaml --workdir $(STUDIES_DIR)
 	MEDSSL_DATASETS=$${MEDSSL_DATASETS:-$(CURDIR)/../shared/datasets} \
 		$(PY) benchmarks/label_efficiency.py pipelines/label_efficiency_genesis.yaml --workdir $(STUDIES_DIR)
+
+# nnU-Net v2 for benchmarks/peer_nnunet.py, in its own venv (it would upgrade packages medssl shares). torch is pinned
+# in the nnunetv2 install too: unpinned, timm's torchvision pulls torch 2.14 with ~6 GB of CUDA. nnunetv2 as in
+# pyproject's `peer` extra. The CPU torch cannot load torchvision's ops; peer_nnunet.py avoids importing it.
+NNUNET_VENV ?= .venv-nnunet
+peer-venv:
+	test -x $(NNUNET_VENV)/bin/python || $(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(NNUNET_VENV)/bin/python -m pip install --disable-pip-version-check -q "nnunetv2==2.8.1" torch==2.13.0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medssl tests benchmarks
