@@ -21,6 +21,16 @@ Stages (each resumable: a finished stage is skipped on a re-run; wall times in `
 
 Writes ``<workdir>/<run>/result.json`` and prints a Markdown row for ``benchmarks/RESULTS.md``. nnU-Net runs
 from its own venv (``make peer-venv``: ``.venv-nnunet``), never medssl's.
+
+Peer: nnU-Net v2. nnunetv2 2.8.1 (pyproject extra ``peer``) with the stock ``ExperimentPlanner`` (3d_fullres),
+the stock trainer cut to a fixed number of iterations and fold ``all``: what a user who picks nnU-Net instead of
+medssl would run, on the same training cases, scored on the same test cases by the same metric code. Its
+planner's batch depends on the case count (about 2 at 10 % and 7 at 100 % of hippocampus), so each fraction is
+also worth running with ``--batch max-iter`` (batch 2: the most iterations in the budget); report both.
+Choices recorded in ``result.json``: validation cases unused, ``checkpoint_final`` evaluated, mirroring TTA on,
+per-epoch pseudo-Dice cut to one batch, final validation on the training cases skipped, the
+``nnUNet_n_proc_DA`` the probe chose. One ``--minutes 20`` run costs about 30 min on 2 cores (planning 2–5 min
+at 100 %, probe 1–4 min, training 20 min, prediction of 40 test cases with TTA a few minutes).
 """
 
 from __future__ import annotations
@@ -179,7 +189,8 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     def probe() -> tuple[float, Any]:
         t0 = time.perf_counter()
         n_proc = [args.n_proc_da] if args.n_proc_da is not None else [0, 1, 2]
-        return time.perf_counter() - t0, _probe(nn, ds, plans, run_dir, n_proc, args.probe_warmup, 10)
+        res = _probe(nn, ds, plans, run_dir, n_proc, args.probe_warmup, 10)
+        return time.perf_counter() - t0, res
 
     probe_res = _stage(state, "probe", state_path, probe) if args.minutes else None
     total = iterations_for_minutes(args.minutes, probe_res["chosen_s_per_it"]) if args.minutes else args.iterations
