@@ -37,7 +37,7 @@ from torch import nn
 
 from medssl.engines import checkpoint as ck
 from medssl.engines.components import resolve_device
-from medssl.engines.finetune_config import SCRATCH_ONLY, FinetuneConfig, build_model, rebuild_model
+from medssl.engines.finetune_config import FinetuneConfig, build_model, rebuild_model, single_param_group
 from medssl.engines.finetune_data import (
     class_weights,
     data_channels,
@@ -144,7 +144,7 @@ class Finetuner(_FinetunerState):
         self.recipe["ssl_schedule"] = self.ssl_plan
         self.family = (self.recipe["build"]["recipe"] or {}).get("name")  # SSL encoder family: pretrained decoder?
         factor = None
-        if cfg.network in SCRATCH_ONLY:  # no encoder/head split: one group
+        if single_param_group(cfg):  # no encoder/head split: one group
             groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
         elif self.ssl_plan is not None:
             plan = self.ssl_plan

@@ -22,7 +22,10 @@ from medssl.engines.finetune_augment import SAMPLINGS, class_ratios, resolve_aug
 from medssl.engines.schedules import check_ssl_schedule_options, normalise_ssl_schedule
 from medssl.errors import ConfigMismatchError, MedsslError
 
-__all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "AUTO", "AUTO_FIELDS", "is_auto", "build_model", "rebuild_model"]
+__all__ = [
+    "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS", "is_auto", "single_param_group",
+    "build_model", "rebuild_model",
+]
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,8 +34,8 @@ log = logging.getLogger(__name__)
 
 TASKS = ("segmentation", "classification")
 NETWORKS = ("SwinUNETR", "UNETR", "SegResNet", "BasicUNet", "UNet", "ResNet")
-#: networks built here, not by :func:`medssl.networks.downstream.build_downstream`: scratch only (no SSL transfer)
-SCRATCH_ONLY = ("UNet",)
+#: networks without SSL transfer (scratch only). Empty since the MONAI ``UNet`` takes SparK inits (``monai_unet``)
+SCRATCH_ONLY: tuple[str, ...] = ()
 #: the value of a field the planner (:mod:`medssl.engines.finetune_plan`) resolves at run start
 AUTO = "auto"
 #: fields that may be ``"auto"`` (``network_kwargs`` also per key: ``{init_filters: auto}``)
@@ -60,13 +63,15 @@ class FinetuneConfig(ConfigBase):
         task: ``"segmentation"`` or ``"classification"``.
         network: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"`` (segmentation; BasicUNet
             takes a Models Genesis checkpoint, encoder and decoder), ``"UNet"`` (MONAI ``UNet`` with residual
-            units, from scratch only: no SSL transfer) or ``"ResNet"`` (classification).
+            units; takes a SparK ``monai_unet`` checkpoint, encoder and decoder, only the top up block new) or
+            ``"ResNet"`` (classification).
         network_kwargs: from scratch, the encoder family's build arguments (``feature_size``,
             ``init_filters``, ``depth``, BasicUNet ``features`` …; UNet ``channels``, ``strides``,
             ``num_res_units``) plus decoder/head arguments; with SSL init, only arguments not shaping the
             encoder (one equal to the recipe's is accepted, another refused). ``"auto"`` (or a key set to
             ``"auto"``): the planner's widths / depth for UNet or SegResNet (from scratch; with SSL init the
-            recipe fixes the encoder and planned keys are dropped).
+            recipe fixes the encoder and planned keys are dropped: a UNet from ``monai_unet`` gets the
+            encoder's ``channels``, ``strides``, ``num_res_units``).
         out_channels: segmentation classes including background (hippocampus: 3); ``"auto"`` = the planner's
             (datalist ``labels`` table, else the values of a few label maps).
         num_classes: classifier classes (AdrenalMNIST3D: 2).
@@ -303,12 +308,23 @@ class FinetuneConfig(ConfigBase):
         ):
             raise ValueError(
                 f"network {self.network!r} trains from scratch only (no SSL transfer, so no init=ssl:…, "
-                "freeze_encoder, llrd or encoder_warmup_steps); use SegResNet or BasicUNet for SSL inits"
+                "freeze_encoder, llrd or encoder_warmup_steps); use SegResNet, BasicUNet or UNet for SSL inits"
             )
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, {self.weight_decay}"
             )
+
+
+def single_param_group(config: FinetuneConfig) -> bool:
+    """Whether the finetuning optimizer gets one param group (no encoder / head split): a :data:`SCRATCH_ONLY`
+    network, or a from-scratch ``UNet`` without ``llrd`` / ``encoder_warmup_steps`` — what every UNet run used
+    before the UNet took SSL inits (same updates as the split groups at lr scale 1, and their checkpoints'
+    optimizer state still resumes)."""
+    if config.network in SCRATCH_ONLY:
+        return True
+    return (config.network == "UNet" and config.init_kind == "scratch" and config.llrd is None
+            and not config.encoder_warmup_steps)
 
 
 def _head_kwargs(kind: str, network_kwargs: dict[str, Any], encoder_recipe: dict[str, Any],
@@ -326,7 +342,12 @@ def _head_kwargs(kind: str, network_kwargs: dict[str, Any], encoder_recipe: dict
     build_args = set(inspect.signature(ENCODERS[ENCODER_FAMILY[kind]].build).parameters) - {"cls"}
     enc_kw = {k: v for k, v in network_kwargs.items() if k in build_args}
     if enc_kw and kind in encoder_recipe.get("downstream_kwargs", {}):  # else a family mismatch (see above)
-        ours = scratch_recipe(kind, **({"in_channels": 1, "img_size": roi} | enc_kw))
+        import torch
+
+        # the throw-away encoder built for the comparison must not draw from the RNG: the SSL arm's new layers
+        # then start from exactly the scratch arm's initial values (same seed)
+        with torch.random.fork_rng(devices=[]):
+            ours = scratch_recipe(kind, **({"in_channels": 1, "img_size": roi} | enc_kw))
         a = ours.get("downstream_kwargs", {}).get(kind, {})
         b = encoder_recipe.get("downstream_kwargs", {}).get(kind, {})
         clash = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
@@ -369,7 +390,7 @@ def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any,
     scratch_kw = {"in_channels": int(config.in_channels or 1), "img_size": roi, **config.network_kwargs}
     if src is None:
         build = {"kind": kind, "recipe": None, "out_channels": out, "kwargs": scratch_kw}
-        if kind in SCRATCH_ONLY:
+        if kind in SCRATCH_ONLY or kind == "UNet":  # UNet: the recipe its scratch runs always had
             build["kwargs"] = scratch_kw = {"in_channels": int(config.in_channels or 1), **config.network_kwargs}
         try:
             model = _build(kind, out, scratch_kw)
@@ -426,7 +447,9 @@ def rebuild_model(recipe: dict[str, Any]) -> nn.Module:
 
 def _build(kind: str, out_channels: int, kwargs: dict[str, Any]) -> nn.Module:
     """A from-scratch network: MONAI ``UNet`` (3D, residual units; ``channels``, ``strides``,
-    ``num_res_units`` … from ``kwargs``) here, the other kinds by ``build_downstream``."""
+    ``num_res_units`` … from ``kwargs``) here, as UNet runs always recorded it (``build.kwargs`` without
+    ``img_size``; the same network, key for key and initial value for value, as ``build_downstream("UNet")``
+    from the ``monai_unet`` family's arguments), the other kinds by ``build_downstream``."""
     if kind == "UNet":
         from monai.networks.nets import UNet
 

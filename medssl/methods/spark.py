@@ -2,18 +2,24 @@
 Networks: Sparse and Hierarchical Masked Modeling", ICLR 2023, arXiv:2301.03580), as used for 3D medical
 segmentation by Wald et al. 2025 ("Revisiting MAE pre-training for 3D medical image segmentation", CVPR 2025,
 arXiv:2410.23132; nnssl): random patches of the input are hidden, the encoder sees only the visible ones, the
-*whole* U-Net (encoder and decoder) reconstructs the input, and both transfer to a segmentation ``SegResNet``
-in which only the output conv ``conv_final`` is new.
+*whole* U-Net (encoder and decoder) reconstructs the input, and both transfer to the segmentation network of the
+same architecture, in which only the output layer is new. Two U-Nets: MONAI's ``SegResNet`` (encoder
+``segresnet_unet``; only ``conv_final`` new) and MONAI's residual ``UNet`` (encoder ``monai_unet``; only the top
+up block ``model.2`` new).
 
 Sparse convolutions are approximated, not used: no sparse-convolution library (MinkowskiEngine, spconv,
 TorchSparse) is in our dependencies, and they are not MONAI networks whose weights load into MONAI's
-``SegResNet``. Masked voxels are zeroed at the input and **re-masked after every encoder block** (``convInit``,
-each down layer's strided conv and each of its ``ResBlock``\\ s, i.e. at least after every stage): the visible mask,
-downsampled to that block's grid, multiplies its output, so nothing computed at a masked position ever reaches a
-later block. What stays different from true sparse convolution: a visible voxel next to a masked one still sees
-zeros (not "no input") in its 3×3×3 window, and GroupNorm statistics include the zeroed positions (SparK's
-sparse BatchNorm ignores them). Wald et al. found this dense, zero-masked variant to pretrain as well as the
-sparse one for 3D CNNs.
+networks. Masked voxels are zeroed at the input and **re-masked after every encoder block**, at that block's
+resolution: the visible mask, downsampled to the block's grid, multiplies its output, so nothing computed at a
+masked position ever reaches a later block. SegResNet: after ``convInit``, each down layer's strided conv and
+each of its ``ResBlock``s (an explicit loop, MONAI's ``SegResNet.encode`` with one multiplication per block).
+UNet: after every down block and the bottom block, and inside each of their residual units after every
+convolution sub-unit (``unit0`` strided, ``unit1`` …), through forward hooks registered on those sub-units for
+the duration of the encoder pass (so MONAI's own ``ResidualUnit.forward`` runs; the residual branch is
+re-masked with the block's output). What stays different from true sparse convolution: a visible voxel next to
+a masked one still sees zeros (not "no input") in its 3×3×3 window, and Group/InstanceNorm statistics include
+the zeroed positions (SparK's sparse BatchNorm ignores them). Wald et al. found this dense, zero-masked variant
+to pretrain as well as the sparse one for 3D CNNs.
 
 Before the decoder, masked positions of every skip map are filled with a learned per-stage mask token (SparK's
 "densifying", ``mask_tokens=True``). The loss is the MSE on the masked patches only, against per-patch
@@ -23,16 +29,19 @@ normalised targets (mean 0 / std 1 over each patch's voxels and channels; MAE's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import ResidualUnit
 from torch import nn
 
 from medssl.losses.precision import at_least_fp32
 from medssl.losses.restoration import RestorationLoss
 from medssl.methods.base import SSLMethod
 from medssl.methods.mae import patchify
-from medssl.networks.encoders import SegResNetUNetEncoder
+from medssl.networks.encoders import MonaiUNetEncoder, SegResNetUNetEncoder
+from medssl.networks.encoders_unet import unet_blocks
 
 __all__ = ["SparK", "normalise_patches", "upsample_mask"]
 
@@ -54,8 +63,17 @@ def upsample_mask(grid_mask: torch.Tensor, factor: Sequence[int]) -> torch.Tenso
     return m
 
 
+def _mask_output(visible: torch.Tensor, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the module's output re-masked (``output * visible``, visible ``(B, 1, d, h, w)``)."""
+    return output * visible
+
+
+def _fmt(stride: tuple[int, int, int]) -> str:
+    return str(stride[0]) if len(set(stride)) == 1 else str(tuple(stride))
+
+
 class SparK(SSLMethod):
-    """Masked image modelling on the whole ``SegResNet`` U-Net (``segresnet_unet`` encoder).
+    """Masked image modelling on a whole U-Net: ``SegResNet`` (``segresnet_unet``) or MONAI ``UNet`` (``monai_unet``).
 
     Per sample, exactly ``round(mask_ratio * N)`` of the ``N`` patches of ``view1`` are masked, drawn from
     torch's global CPU generator (so ``torch.manual_seed`` and the engine's checkpointed RNG state make masks
@@ -65,12 +83,14 @@ class SparK(SSLMethod):
     there), else ``view1``.
 
     Args:
-        encoder: a :class:`~medssl.networks.encoders.SegResNetUNetEncoder` (``out_channels == in_channels``).
+        encoder: a :class:`~medssl.networks.encoders.SegResNetUNetEncoder` or
+            :class:`~medssl.networks.encoders.MonaiUNetEncoder` (``out_channels == in_channels``).
         mask_ratio: fraction of patches hidden, in ``(0, 1)`` (SparK: 0.6). E.g. 0.6 of a 32³ view with 8³
             patches masks 38 of 64 patches.
         patch_size: masking patch ``(pd, ph, pw)`` in voxels (an int for a cube), each a multiple of the
-            encoder's total stride ``2 ** (len(blocks_down) - 1)`` so that a patch covers whole voxels of the
-            deepest map; ``None`` = that stride (SparK: the downsampling ratio), 8 for the default SegResNet.
+            encoder's total stride (SegResNet ``2 ** (len(blocks_down) - 1)``, UNet ``prod(strides)`` per axis) so
+            that a patch covers whole voxels of the deepest map; ``None`` = that stride (SparK: the downsampling
+            ratio): 8³ for the default SegResNet and for a UNet with strides ``[2, 2, 2]``.
         mask_tokens: fill masked positions of every encoder map with a learned per-stage token before the
             decoder (SparK's densifying); ``False`` leaves them zero.
         norm_pix_loss: regress per-patch normalised targets (:func:`normalise_patches`); ``False`` = raw
@@ -84,30 +104,35 @@ class SparK(SSLMethod):
 
     def __init__(
         self,
-        encoder: SegResNetUNetEncoder,
+        encoder: SegResNetUNetEncoder | MonaiUNetEncoder,
         mask_ratio: float = 0.6,
         patch_size: int | Sequence[int] | None = None,
         mask_tokens: bool = True,
         norm_pix_loss: bool = True,
     ) -> None:
         super().__init__(encoder)
-        if not isinstance(encoder, SegResNetUNetEncoder):
+        if not isinstance(encoder, (SegResNetUNetEncoder, MonaiUNetEncoder)):
             raise ValueError(
-                f"spark needs the 'segresnet_unet' encoder (the whole U-Net is pretrained), got {encoder.name!r}"
+                "spark needs the 'segresnet_unet' encoder or the 'monai_unet' one (the whole U-Net is pretrained), "
+                f"got {encoder.name!r}"
             )
         if not 0.0 < float(mask_ratio) < 1.0:
             raise ValueError(f"spark: mask_ratio must be in (0, 1), got {mask_ratio}")
-        stride = encoder.total_stride
-        ps = (stride,) * 3 if patch_size is None else patch_size
+        self.unet = isinstance(encoder, MonaiUNetEncoder)
+        # (sd, sh, sw) of each encoder map: SegResNet 1, 2, 4, … (its first map is at full resolution)
+        self.strides: list[tuple[int, int, int]] = (
+            list(encoder.stage_strides) if self.unet else [(2**i,) * 3 for i in range(len(encoder.feature_channels))]
+        )
+        stride = self.strides[-1]
+        ps = stride if patch_size is None else patch_size
         ps = (int(ps),) * 3 if isinstance(ps, (int, float)) else tuple(int(p) for p in ps)
-        if len(ps) != 3 or any(p < 1 or p % stride for p in ps):
+        if len(ps) != 3 or any(p < 1 or p % s for p, s in zip(ps, stride, strict=False)):
             raise ValueError(
                 f"spark: patch_size {patch_size!r} must be 3 positive multiples of the encoder's total stride "
-                f"{stride} (2 ** (len(blocks_down) - 1))"
+                f"{_fmt(stride)} ({encoder.name}: the product of its downsampling strides)"
             )
         self.mask_ratio, self.patch_size = float(mask_ratio), ps
         self.norm_pix_loss = bool(norm_pix_loss)
-        self.strides = [2**i for i in range(len(encoder.feature_channels))]  # of each encoder map
         # (1, C_i, 1, 1, 1) per stage; SparK initialises its mask tokens with trunc_normal(std=.02)
         self.mask_tokens = (
             nn.ParameterList(
@@ -148,23 +173,28 @@ class SparK(SSLMethod):
         return (share >= 0.5).float()
 
     def stage_masks(self, grid_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Visible masks (1 = visible) of the input and of every encoder map: ``[(B, 1, D/s, H/s, W/s)]`` for
-        ``s`` in ``1, 2, 4, …`` (the input and the first map share stride 1)."""
+        """Visible masks (1 = visible) of every encoder map: ``[(B, 1, D/s, H/s, W/s)]`` for each map's stride
+        ``s`` (:attr:`strides`; SegResNet ``1, 2, 4, …``: the input and the first map share stride 1; UNet
+        ``2, 4, 8, 8`` for strides ``[2, 2, 2]``: the bottom block shares the deepest grid)."""
         visible = 1.0 - grid_mask
-        return [upsample_mask(visible, [p // s for p in self.patch_size]) for s in self.strides]
+        return [
+            upsample_mask(visible, [p // s for p, s in zip(self.patch_size, st, strict=True)]) for st in self.strides
+        ]
 
     # -- network ----------------------------------------------------------------------------------------
     def sparse_encode(self, x: torch.Tensor, visible: list[torch.Tensor]) -> list[torch.Tensor]:
         """Encoder maps of the masked input, shallow → deep, zero at every masked position.
 
         ``x`` is masked, then each block's output is multiplied by the visible mask of its grid (the
-        re-masking that stands in for sparse convolution; see the module docstring). The loop is
-        MONAI's ``SegResNet.encode`` with one multiplication per block.
+        re-masking that stands in for sparse convolution; see the module docstring). SegResNet: MONAI's
+        ``SegResNet.encode`` with one multiplication per block; UNet: :meth:`_sparse_encode_unet`.
 
         Args:
             x: ``(B, C, D, H, W)``.
             visible: :meth:`stage_masks` (moved to ``x``'s device and dtype).
         """
+        if self.unet:
+            return self._sparse_encode_unet(x, visible)
         net = self.encoder.net
         h = net.convInit(x * visible[0]) * visible[0]
         if net.dropout_prob is not None:
@@ -173,6 +203,23 @@ class SparK(SSLMethod):
         for stage, vis in zip(net.down_layers, visible, strict=True):
             for block in stage:  # strided conv (stages > 0), then the ResBlocks
                 h = block(h) * vis
+            feats.append(h)
+        return feats
+
+    def _sparse_encode_unet(self, x: torch.Tensor, visible: list[torch.Tensor]) -> list[torch.Tensor]:
+        """MONAI ``UNet``: the input masked, then every down block and the bottom block re-masked at its grid,
+        and inside a residual unit every convolution sub-unit too (forward hooks, removed after the pass)."""
+        downs, bottom, _ = unet_blocks(self.encoder.net)
+        h = x * upsample_mask(visible[0], self.strides[0])  # the input mask, from the first map's
+        feats = []
+        for block, vis in zip([*downs, bottom], visible, strict=True):
+            units = list(block.conv) if isinstance(block, ResidualUnit) else []  # unit0 (strided), unit1, …
+            hooks = [u.register_forward_hook(partial(_mask_output, vis)) for u in units]
+            try:
+                h = block(h) * vis  # residual unit: conv(h) + residual(h), re-masked
+            finally:
+                for hook in hooks:
+                    hook.remove()
             feats.append(h)
         return feats
 

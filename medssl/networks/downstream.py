@@ -1,6 +1,6 @@
 """Downstream (finetuning) networks whose encoder part matches an SSL encoder exactly.
 
-Five MONAI networks are supported, each paired with one encoder family of
+Six MONAI networks are supported, each paired with one encoder family of
 :mod:`medssl.networks.encoders`:
 
 - ``SwinUNETR`` ← ``swinvit``: encoder keys ``swinViT.*``; depth levels 0 ``patch_embed``,
@@ -15,6 +15,10 @@ Five MONAI networks are supported, each paired with one encoder family of
   Genesis transfers its whole U-Net, so the decoder ``upcat_4..1.*`` is pretrained too
   (:func:`transfer_keys`: loaded, reported, counted in the match share) but trains as part of the head
   (not frozen, head lr, no warm-up). Only ``final_conv.*`` is new.
+- ``UNet`` (MONAI, residual units) ← ``monai_unet`` (SparK): the whole U-Net is pretrained; encoder = every down
+  block and the bottom block (level i = ``down_i``, n = the bottom), pretrained decoder = every up block but the
+  top one; only the top up block ``model.2.*`` (the transposed conv to ``out_channels`` and its residual unit) is
+  new. Key layout: :mod:`medssl.networks.encoders_unet`.
 
 Depth levels drive layer-wise LR decay (:func:`layerwise_lr_groups`); the decoder / head is one level
 above the deepest encoder level.
@@ -37,7 +41,7 @@ import logging
 from typing import Any
 
 import torch
-from monai.networks.nets import UNETR, BasicUNet, ResNet, SegResNet, SwinUNETR
+from monai.networks.nets import UNETR, BasicUNet, ResNet, SegResNet, SwinUNETR, UNet
 from torch import nn
 
 from medssl.errors import ConfigMismatchError, MedsslError
@@ -56,6 +60,7 @@ from medssl.networks.downstream_keys import (
 )
 from medssl.networks.encoders import ENCODERS, build_encoder
 from medssl.networks.encoders_cnn import basicunet_features, resnet_features
+from medssl.networks.encoders_unet import unet_features
 from medssl.networks.finetune_opts import EncoderWarmup, freeze_encoder, layerwise_lr_groups
 
 __all__ = [
@@ -85,6 +90,7 @@ _CLASSES: dict[str, type[nn.Module]] = {
     "SegResNet": SegResNet,
     "ResNet": ResNet,
     "BasicUNet": BasicUNet,
+    "UNet": UNet,
 }
 
 
@@ -113,7 +119,7 @@ def build_downstream(
     """Build a downstream network whose encoder part is exactly the SSL encoder's architecture.
 
     Args:
-        kind: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"`` (segmentation, output
+        kind: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"``, ``"UNet"`` (segmentation, output
             ``(B, out_channels, D, H, W)``) or ``"ResNet"`` (classifier, output ``(B, out_channels)``).
         recipe: the encoder recipe (``Encoder.recipe`` or a checkpoint recipe with it under ``"encoder"``)
             for SSL initialisation; ``None`` for training from scratch.
@@ -121,8 +127,8 @@ def build_downstream(
         kwargs: with a recipe, extra constructor arguments of the MONAI class that do not shape the
             encoder (e.g. ``norm_name`` of the SwinUNETR decoder); an encoder argument equal to the
             recipe's is accepted, a different one refused (with a pretrained decoder, BasicUNet from
-            ``unet`` or SegResNet from ``segresnet_unet``: a default the recipe relies on, e.g. ``bias``
-            or ``upsample_mode``, too). Without a recipe, the paired encoder family's ``build`` arguments
+            ``unet``, SegResNet from ``segresnet_unet`` or UNet from ``monai_unet``: a default the recipe
+            relies on, e.g. ``bias`` or ``upsample_mode``, too). Without a recipe, the paired encoder family's ``build`` arguments
             (``in_channels``, ``img_size``, ``feature_size``, ``depth`` …) plus decoder/head arguments.
 
     Raises:
@@ -165,7 +171,7 @@ def build_downstream(
         args |= {"num_classes": out_channels, "feed_forward": True}
     else:
         args["out_channels"] = out_channels
-    if kind == "SegResNet":
+    if kind in ("SegResNet", "UNet"):
         args.setdefault("spatial_dims", 3)
     try:
         model = _CLASSES[kind](**args)
@@ -205,4 +211,6 @@ def downstream_features(model: nn.Module, kind: str, x: torch.Tensor) -> list[to
         return model.encode(x)[1]
     if kind == "BasicUNet":
         return basicunet_features(model, x)
+    if kind == "UNet":
+        return unet_features(model, x)
     return resnet_features(model, x)

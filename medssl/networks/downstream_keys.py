@@ -1,5 +1,6 @@
 """Key layout of the downstream networks: which state-dict keys are encoder / pretrained decoder (per SSL
-encoder family: ``unet`` pretrains the BasicUNet decoder, ``segresnet_unet`` the SegResNet one), and
+encoder family: ``unet`` pretrains the BasicUNet decoder, ``segresnet_unet`` the SegResNet one, ``monai_unet``
+the MONAI UNet one), and
 each encoder parameter's depth level (0 = stem), as tabulated in :mod:`medssl.networks.downstream`.
 
 Used by :mod:`medssl.networks.downstream`, :mod:`medssl.networks.finetune_opts` and the weight
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 
 from torch import nn
+
+from medssl.networks.encoders_unet import unet_key_prefixes
 
 __all__ = [
     "ENCODER_FAMILY",
@@ -32,11 +35,12 @@ ENCODER_FAMILY: dict[str, str] = {
     "SegResNet": "segresnet",
     "ResNet": "resnet3d",
     "BasicUNet": "unet",
+    "UNet": "monai_unet",
 }
 DOWNSTREAM_KINDS: tuple[str, ...] = tuple(ENCODER_FAMILY)
 
 # prefix added to the wrapped MONAI net's keys (``Encoder.downstream[kind]``)
-_KEY_PREFIX = {"SwinUNETR": "swinViT.", "UNETR": "vit.", "SegResNet": "", "ResNet": "", "BasicUNet": ""}
+_KEY_PREFIX = {"SwinUNETR": "swinViT.", "UNETR": "vit.", "SegResNet": "", "ResNet": "", "BasicUNet": "", "UNet": ""}
 # keys of the downstream net that belong to the encoder
 _ENCODER_PREFIXES = {
     "SwinUNETR": ("swinViT.",),
@@ -44,6 +48,7 @@ _ENCODER_PREFIXES = {
     "SegResNet": ("convInit.", "down_layers."),
     "ResNet": ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."),
     "BasicUNet": ("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."),
+    "UNet": unet_key_prefixes("encoder"),  # every down block + the bottom block, at any depth
 }
 # pretrained decoder keys per (kind, SSL encoder family): transferred with the encoder, trained like the head
 # (Models Genesis's BasicUNet; SparK's whole SegResNet U-Net). A kind's default family pretrains no decoder
@@ -51,6 +56,7 @@ _ENCODER_PREFIXES = {
 _DECODER_PREFIXES = {
     ("BasicUNet", "unet"): ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1."),
     ("SegResNet", "segresnet_unet"): ("up_samples.", "up_layers."),
+    ("UNet", "monai_unet"): unet_key_prefixes("decoder"),  # every up block but the top one (model.2., the head)
 }
 
 
@@ -88,7 +94,8 @@ def decoder_key_prefixes(kind: str, family: str | None = None) -> tuple[str, ...
         kind: downstream kind.
         family: the checkpoint's encoder family (``Encoder.name``); ``None`` = ``kind``'s default family
             (:data:`ENCODER_FAMILY`). BasicUNet ← ``unet``: ``upcat_4..1``; SegResNet ← ``segresnet_unet``:
-            ``up_samples``, ``up_layers``; every other pair: ``()``.
+            ``up_samples``, ``up_layers``; UNet ← ``monai_unet``: every up block but the top ``model.2``; every
+            other pair: ``()``.
     """
     _check_kind(kind)
     return _DECODER_PREFIXES.get((kind, family or ENCODER_FAMILY[kind]), ())
@@ -137,5 +144,7 @@ def _depth(key: str, kind: str, n_blocks: int) -> int:
     if kind == "BasicUNet":
         m = re.match(r"down_(\d)\.", key)
         return int(m.group(1)) if m else 0  # conv_0
+    if kind == "UNet":  # down_i at P_i = "model." + "1.submodule." * i, the bottom block at P_n: level = nesting
+        return key.count("1.submodule.")
     m = re.match(r"layer(\d)\.", key)  # ResNet: conv1/bn1 are the stem
     return int(m.group(1)) if m else 0

@@ -16,7 +16,8 @@ to the caller), so ``networks/transfer.py`` can build a matching downstream net.
 
 The base class is in :mod:`medssl.networks.encoder_base`, the families in
 :mod:`medssl.networks.encoders_vit` (``swinvit``, ``vit``) and :mod:`medssl.networks.encoders_cnn`
-(``segresnet``, ``segresnet_unet``, ``resnet3d``, ``unet``); all are re-exported here.
+(``segresnet``, ``segresnet_unet``, ``resnet3d``, ``unet``) and :mod:`medssl.networks.encoders_unet`
+(``monai_unet``, the MONAI residual ``UNet``); all are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from monai.utils import ensure_tuple_rep
 
 from medssl.networks.encoder_base import Encoder
 from medssl.networks.encoders_cnn import ResNetEncoder, SegResNetEncoder, SegResNetUNetEncoder, UNetEncoder
+from medssl.networks.encoders_unet import MonaiUNetEncoder
 from medssl.networks.encoders_vit import SwinViTEncoder, ViTEncoder
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "SegResNetUNetEncoder",
     "ResNetEncoder",
     "UNetEncoder",
+    "MonaiUNetEncoder",
     "ENCODERS",
     "build_encoder",
     "rebuild_encoder",
@@ -45,7 +48,10 @@ __all__ = [
 
 ENCODERS: dict[str, type[Encoder]] = {
     c.name: c
-    for c in (SwinViTEncoder, ViTEncoder, SegResNetEncoder, SegResNetUNetEncoder, ResNetEncoder, UNetEncoder)
+    for c in (
+        SwinViTEncoder, ViTEncoder, SegResNetEncoder, SegResNetUNetEncoder, ResNetEncoder, UNetEncoder,
+        MonaiUNetEncoder,
+    )
 }
 
 
@@ -55,7 +61,8 @@ def build_encoder(
     """Build an encoder by name; ``kwargs`` are the family's ``build`` arguments (e.g. ``feature_size``).
 
     Args:
-        name: one of :data:`ENCODERS` (``swinvit, vit, segresnet, segresnet_unet, resnet3d, unet``).
+        name: one of :data:`ENCODERS` (``swinvit, vit, segresnet, segresnet_unet, resnet3d, unet,
+            monai_unet``).
         in_channels: input channels ``C`` of ``(B, C, D, H, W)``.
         img_size: training crop ``(D, H, W)`` in voxels (the ViT position embedding depends on it).
 

@@ -23,6 +23,7 @@ Finetuning options (defined in :mod:`medssl.networks.finetune_opts`, re-exported
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from medssl.networks.downstream import (
     transfer_keys,
 )
 from medssl.networks.encoders import ENCODERS, Encoder, rebuild_encoder
+from medssl.networks.encoders_unet import unet_stage_strides
 from medssl.networks.transfer_report import TransferError, TransferReport
 
 __all__ = [
@@ -105,6 +107,8 @@ class SSLCheckpoint:
             pre["size_divisor"] = int(kw["patch_size"][0])
         elif name == "unet":
             pre["size_divisor"] = 16
+        elif name == "monai_unet":  # prod(strides) per axis; one int for every axis: their lcm
+            pre["size_divisor"] = math.lcm(*unet_stage_strides(list(kw["strides"]))[-1])
         else:
             pre["size_divisor"] = 1
         return pre
@@ -202,7 +206,8 @@ def transfer_weights(
 
     The pretrained part is the encoder (:func:`~medssl.networks.downstream.transfer_keys`), plus the
     decoder an encoder-decoder family pretrains: ``upcat_*`` of ``BasicUNet`` from ``unet`` (Models
-    Genesis), ``up_samples``/``up_layers`` of ``SegResNet`` from ``segresnet_unet`` (SparK). Checkpoint
+    Genesis), ``up_samples``/``up_layers`` of ``SegResNet`` from ``segresnet_unet`` and every up block but the
+    top one of ``UNet`` from ``monai_unet`` (SparK). Checkpoint
     keys ``net.<k>`` become ``encoder_prefix(target) + <k>``; tensors with a destination of the same shape
     are loaded, everything else is reported. The SSL net's task head (the encoder's ``exclude_prefixes``,
     e.g. the U-Net's ``final_conv``) is skipped with a note; network keys outside the pretrained part are
@@ -211,7 +216,7 @@ def transfer_weights(
     Args:
         model: a ``target`` network (e.g. from :func:`medssl.networks.downstream.build_downstream`).
         ckpt: from :func:`load_ssl_checkpoint`.
-        target: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"`` or ``"ResNet"``.
+        target: ``"SwinUNETR"``, ``"UNETR"``, ``"SegResNet"``, ``"BasicUNet"``, ``"UNet"`` or ``"ResNet"``.
         min_match: least share (by element count) of the network's pretrained-part values to be loaded.
         allow_partial: load whatever matched even below ``min_match`` (a warning; never when nothing did).
 

@@ -3,9 +3,9 @@
 Both are re-exported by :mod:`medssl.networks.transfer` (import them from there). Keys are the downstream
 network's names. The *pretrained part* of a network is what an SSL checkpoint must fill
 (:func:`medssl.networks.downstream.transfer_keys`): the encoder, plus the decoder where the SSL encoder
-pretrained one (BasicUNet from Models Genesis, SegResNet from ``segresnet_unet``/SparK). Everything else
-(decoder / head otherwise, the output conv ``final_conv`` / ``conv_final``) is *new*: trained from scratch
-by design, listed but never a failure.
+pretrained one (BasicUNet from Models Genesis, SegResNet from ``segresnet_unet``/SparK, MONAI UNet from
+``monai_unet``/SparK). Everything else (decoder / head otherwise, the output conv ``final_conv`` / ``conv_final``,
+the UNet's top up block ``model.2``) is *new*: trained from scratch by design, listed but never a failure.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class TransferReport:
 
     @property
     def matched_decoder(self) -> list[str]:
-        """The matched keys that belong to a pretrained decoder (BasicUNet ``upcat_*``, SegResNet ``up_*``)."""
+        """The matched keys that belong to a pretrained decoder (BasicUNet ``upcat_*``, SegResNet ``up_*``, UNet
+        up blocks)."""
         if self.target not in DOWNSTREAM_KINDS:
             return []
         return [k for k in self.matched if not is_encoder_key(k, self.target)]
@@ -101,7 +102,9 @@ class TransferReport:
         split = f" ({len(self.matched) - n_dec} encoder, {n_dec} decoder)" if n_dec else ""
         t.add_row("[green]matched", f"{len(self.matched)} tensors{split}", "", "")
         if self.new:
-            modules = list(dict.fromkeys(k.split(".")[0] for k in self.new))
+            # top-level module names (MONAI UNet nests everything in ``model``: ``model.2`` is its top up block)
+            modules = list(dict.fromkeys(".".join(k.split(".")[: 2 if k.startswith("model.") else 1])
+                                         for k in self.new))
             t.add_row("[blue]new (not pretrained)", ", ".join(f"{m}.*" for m in modules),
                       "-", f"{len(self.new)} tensors")
         return t

@@ -153,8 +153,7 @@ def test_auto_fields_are_validated() -> None:
         FinetuneConfig(roi_size="big")
     with pytest.raises(ValueError, match="segmentation only"):
         FinetuneConfig(task="classification", network="ResNet", roi_size="auto")
-    with pytest.raises(ValueError, match="from scratch only"):
-        FinetuneConfig(network="UNet", init="ssl:enc.pt")
+    assert FinetuneConfig(network="UNet", init="ssl:enc.pt").init_kind == "ssl"  # SparK monai_unet inits
     with pytest.raises(ValueError, match="sampling must be one of"):
         FinetuneConfig(sampling="random")
     with pytest.raises(ValueError, match="class_ratios must be 3"):

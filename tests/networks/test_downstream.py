@@ -31,6 +31,7 @@ TINY = {
     "SegResNet": dict(img_size=(16, 16, 16), init_filters=8, blocks_down=(1, 1, 2), blocks_up=(1, 1)),
     "ResNet": dict(img_size=(16, 16, 16), depth=10, widen_factor=0.125),
     "BasicUNet": dict(img_size=(32, 32, 32), features=(4, 4, 8, 8, 16, 4)),
+    "UNet": dict(img_size=(16, 16, 16), channels=(4, 8, 16), strides=(2, 2), num_res_units=1),
 }
 
 
@@ -76,8 +77,8 @@ def test_recipe_conflicts_and_wrong_family() -> None:
     assert net.out.conv.conv.out_channels == 2
     with pytest.raises(MedsslError, match=r"cannot initialise a UNETR; it transfers to: \['SwinUNETR'\]"):
         build_downstream("UNETR", recipe=enc.recipe, out_channels=2)
-    with pytest.raises(ValueError, match="unknown downstream network 'UNet'"):
-        build_downstream("UNet", recipe=None, out_channels=2)
+    with pytest.raises(ValueError, match="unknown downstream network 'DenseNet'"):
+        build_downstream("DenseNet", recipe=None, out_channels=2)
     with pytest.raises(ValueError, match="feature_size must be divisible by 12"):
         build_downstream("SwinUNETR", recipe=None, out_channels=2, feature_size=13)
 
@@ -108,7 +109,7 @@ def test_layerwise_lr_groups_decay_toward_stem_and_cover_once(kind: str) -> None
     assert groups[-1]["depth"] == 0 and lrs[-1] == pytest.approx(1e-3 * 0.5 ** groups[0]["depth"])
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in net.parameters()}
-    n_levels = {"SwinUNETR": 5, "UNETR": 14, "SegResNet": 4, "ResNet": 5, "BasicUNet": 5}[kind]
+    n_levels = {"SwinUNETR": 5, "UNETR": 14, "SegResNet": 4, "ResNet": 5, "BasicUNet": 5, "UNet": 3}[kind]
     assert sorted(set(encoder_depths(net, kind).values())) == list(range(n_levels))
     torch.optim.AdamW(groups)  # a valid optimizer spec
     with pytest.raises(ValueError, match="decay"):

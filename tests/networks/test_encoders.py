@@ -134,4 +134,4 @@ def test_errors() -> None:
     recipe = build_encoder("resnet3d", img_size=(16, 16, 16), **RESNET).recipe
     with pytest.raises(ValueError, match="recipe class"):
         rebuild_encoder(recipe | {"class": "monai.networks.nets.DenseNet"})
-    assert set(ENCODERS) == {"swinvit", "vit", "segresnet", "segresnet_unet", "resnet3d", "unet"}
+    assert set(ENCODERS) == {"swinvit", "vit", "segresnet", "segresnet_unet", "resnet3d", "unet", "monai_unet"}
