@@ -377,6 +377,28 @@ def export(
     console.print(f"recipe: {res.recipe_path}  check: {res.check_path}")
 
 
+# ---------------------------------------------------------------------------------------- register (issue 10)
+@app.command()
+def register(
+    run: Annotated[str, typer.Argument(help="Finetune run: MLflow run id (or runs:/<id>), run folder or checkpoint file.")],
+    name: Annotated[str, typer.Option("--name", help="Registered model name (created if missing).")],
+    alias: Annotated[str | None, typer.Option(help="Alias set on the new version (serve models:/NAME@ALIAS).")] = "champion",
+    example: Annotated[Path | None, typer.Option(help="NIfTI volume of the input example (default: the run's first datalist image).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking + registry store.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Log a finetuned segmentation run as an MLflow pyfunc model, register a version and set its alias."""
+    from medssl.deploy.registry import register_model
+
+    _setup(verbose)
+    try:
+        res = register_model(run, name, alias=alias or None, example=example, tracking_uri=tracking_uri)
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+    console.print(f"registered [bold]{res.name}[/] version {res.version} (run {res.run_id}) → {res.model_uri}")
+    console.print(f"serve: mlflow models serve -m {res.model_uri} --env-manager local -p 5001", soft_wrap=True)
+
+
 @app.command()
 def version() -> None:
     """Print medssl, MONAI and torch versions."""
