@@ -89,7 +89,7 @@ class PredictResult:
     Attributes:
         out_dir: the output folder; ``report_path``: its ``predict_report.json``.
         cases: one row per case or problem: ``{"input", "case", "status" (ok | failed | skipped), "reason",
-            "detail", "outputs", "shape", "voxels_per_class", "seconds"}``.
+            "detail", "outputs", "shape", "voxels_per_class", "infer_s", "write_s"}``.
         seconds: wall time of the whole call.
     """
 
@@ -148,17 +148,29 @@ def _load_runner(model: Any, backend: str, device: torch.device, tracking_uri: s
     return exported.runner, dict(exported.preprocessing), str(exported.source)
 
 
-def _prepare(case: Any, chain: Any, in_channels: int) -> list[tuple[Any, dict[str, Any]]]:
-    """Background-thread work: read one case (ingest readers) and preprocess each of its volumes."""
+def _prepare(case: Any, chain: Any, in_channels: int) -> tuple[list[tuple[Any, dict[str, Any]]], float]:
+    """Reader-thread work: read one case (ingest readers), preprocess each of its volumes; ``(volumes, s)``."""
     from monai.data import MetaTensor
 
     from medssl.deploy.predict_inputs import read_case
 
-    out = []
+    t0, out = time.perf_counter(), []
     for loaded in read_case(case, in_channels=in_channels):
         img = MetaTensor(torch.from_numpy(loaded.array), affine=torch.as_tensor(loaded.affine, dtype=torch.float64))
         out.append((loaded, chain({"image": img})))
-    return out
+    return out, time.perf_counter() - t0
+
+
+def _infer(d: dict[str, Any], loaded: Any, runner: Callable, inferer: Callable, inverter: Callable,
+           flips: Sequence[tuple[int, ...]], dev: torch.device) -> np.ndarray:
+    """Probabilities ``(K, X, Y, Z)`` float32 on the input's own grid (sliding window, flips, Invertd)."""
+    x = d["image"].unsqueeze(0).to(dev)
+    d["pred"] = predict_probabilities(x, runner, inferer, flips)[0].cpu()
+    probs = inverter(d)["pred"]
+    probs = np.asarray(probs.detach().cpu().numpy() if torch.is_tensor(probs) else probs, np.float32)
+    if tuple(probs.shape[1:]) != loaded.shape:
+        raise MedsslError(f"inverted prediction has shape {tuple(probs.shape[1:])}, the input {loaded.shape}")
+    return probs
 
 
 def _write(loaded: Any, probs: np.ndarray, out: Path, *, probabilities: bool, dicom_seg: bool,
@@ -166,7 +178,7 @@ def _write(loaded: Any, probs: np.ndarray, out: Path, *, probabilities: bool, di
     """Writer-thread work: label map (+ probabilities, uncertainty, DICOM SEG); returns the report fields."""
     from medssl.data.nifti import save_nifti
 
-    k = probs.shape[0]
+    t0, k = time.perf_counter(), probs.shape[0]
     labels = probs.argmax(0).astype(np.uint8 if k <= 256 else np.uint16)
     outputs = {"seg": str(save_nifti(labels, loaded.affine, out / f"{loaded.name}_seg.nii.gz"))}
     if probabilities:
@@ -187,6 +199,7 @@ def _write(loaded: Any, probs: np.ndarray, out: Path, *, probabilities: bool, di
         row["note"] = "no DICOM SEG: the input is not a DICOM series"
     counts = np.bincount(labels.ravel(), minlength=k)
     row["voxels_per_class"] = {class_names.get(str(c), str(c)): int(n) for c, n in enumerate(counts)}
+    row["write_s"] = round(time.perf_counter() - t0, 3)
     return row
 
 
@@ -259,11 +272,18 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
     in_ch = int(prep.get("in_channels") or 1)
     algorithm = ("medssl", str(getattr(medssl, "__version__", "0")))
     # Overlap I/O with compute: one thread reads + preprocesses case i+1 while case i runs, another writes
-    # (gzip) outputs. Measured (benchmarks/predict_overlap.py, 2 shared CPU cores, 20 hippocampus volumes, the
-    # tiny test SegResNet): see the comment block in that script; on a GPU the reading is the whole CPU cost.
+    # (gzip) outputs, so a folder costs about max(read, infer, write) per case instead of their sum; the
+    # report's "stages" gives the three sums and the wall time (benchmarks/predict_overlap.py compares both
+    # modes). Threads suffice: gzip/zlib, numpy and torch release the GIL in their heavy loops. Measured on the
+    # shared 2-core CPU (10 hippocampus volumes, tiny test SegResNet, 3 runs each): OMP_NUM_THREADS=1 ~0.1 s/volume
+    # either way (reading is ~10 % of inference there, so overlap can save little); OMP_NUM_THREADS=2 overlapped
+    # 0.09-0.12 s/volume vs 1.1-1.7 s sequential, where inference alone slowed 10x with preprocessing on the
+    # main thread (thread contention on a loaded machine, cause not isolated). On a GPU reading is the CPU's work.
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medssl-read") if prefetch else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medssl-write") if prefetch else None
     pending: list[tuple[dict[str, Any], Future | dict[str, Any]]] = []
+    stages = {"read_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
+    kw = dict(probabilities=probabilities, dicom_seg=dicom_seg, class_names=class_names, algorithm=algorithm)
 
     def submit(i: int) -> Future | None:
         return reader.submit(_prepare, cases[i], chain, in_ch) if reader and i < len(cases) else None
@@ -272,9 +292,9 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
         with case_progress(progress, len(cases)) as advance:
             nxt = submit(0)
             for i, case in enumerate(cases):
-                t_case = time.perf_counter()
                 try:
-                    prepared = nxt.result() if nxt is not None else _prepare(case, chain, in_ch)
+                    prepared, read_s = nxt.result() if nxt is not None else _prepare(case, chain, in_ch)
+                    stages["read_s"] += read_s
                 except Exception as e:  # noqa: BLE001 - any reading failure skips this case only
                     prepared = e
                 nxt = submit(i + 1)
@@ -285,26 +305,22 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
                     continue
                 for loaded, d in prepared:
                     row = {"input": str(case.path), "case": loaded.name, "status": "ok", "shape": list(loaded.shape)}
+                    t_inf = time.perf_counter()
                     try:
-                        x = d["image"].unsqueeze(0).to(dev)
-                        d["pred"] = predict_probabilities(x, runner, inferer, flips)[0].cpu()
-                        probs = inverter(d)["pred"]
-                        probs = np.asarray(probs.detach().cpu().numpy() if torch.is_tensor(probs) else probs, np.float32)
-                        if tuple(probs.shape[1:]) != loaded.shape:
-                            raise MedsslError(f"inverted prediction has shape {probs.shape[1:]}, input {loaded.shape}")
-                        args = (loaded, probs, out)
-                        kw = dict(probabilities=probabilities, dicom_seg=dicom_seg, class_names=class_names,
-                                  algorithm=algorithm)
-                        pending.append((row, writer.submit(_write, *args, **kw) if writer else _write(*args, **kw)))
+                        probs = _infer(d, loaded, runner, inferer, inverter, flips, dev)
+                        row["infer_s"] = round(time.perf_counter() - t_inf, 3)
+                        pending.append((row, writer.submit(_write, loaded, probs, out, **kw) if writer
+                                        else _write(loaded, probs, out, **kw)))
                     except Exception as e:  # noqa: BLE001 - one bad volume must not stop the batch
                         row.update(_problem_row(case, e) | {"case": loaded.name})
                         log.warning("failed %s: %s", case.path, row["detail"])
-                    row["seconds"] = round(time.perf_counter() - t_case, 3)
+                    stages["infer_s"] += time.perf_counter() - t_inf
                     rows.append(row)
                 advance(case.name)
             for row, fut in pending:
                 try:
                     row.update(fut.result() if isinstance(fut, Future) else fut)
+                    stages["write_s"] += row["write_s"]
                 except Exception as e:  # noqa: BLE001 - a failed write (e.g. DICOM SEG geometry) fails its case
                     row.update({"status": "failed", "reason": getattr(e, "reason", None) or "write_failed",
                                 "detail": str(e) if isinstance(e, MedsslError) else f"{type(e).__name__}: {e}"})
@@ -319,7 +335,8 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
               "tta_flips": [[d - 2 for d in f] for f in flips], "sw_batch_size": sw_batch,
               "sw_overlap": float(prep.get("sw_overlap", 0.25)), "roi_size": list(prep["roi_size"]),
               "preprocessing": prep, "ok": len(result.ok), "failed": len(result.failed),
-              "skipped": sum(r["status"] == "skipped" for r in rows), "seconds": result.seconds, "cases": rows}
+              "skipped": sum(r["status"] == "skipped" for r in rows), "seconds": result.seconds,
+              "prefetch": prefetch, "stages": {k: round(v, 3) for k, v in stages.items()}, "cases": rows}
     result.report_path.write_text(json.dumps(report, indent=2, default=str))
     log.info("predict: %d written, %d failed → %s", len(result.ok), len(result.failed), result.report_path)
     return result

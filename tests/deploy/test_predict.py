@@ -176,3 +176,26 @@ def test_refuses_classification_and_bad_backend(model: DeployModel, volumes, tmp
         predict(cls, [volumes[0]], tmp_path)
     with pytest.raises(MedsslError, match="backend"):
         predict(model, [volumes[0]], tmp_path, backend="tensorrt")
+
+
+def test_exported_backends_give_the_same_labels(model: DeployModel, volumes, tmp_path: Path) -> None:
+    """TorchScript and ONNX Runtime files of the same network (D1's `export_network`, recipe embedded) predict
+    the torch labels: identical wherever torch's top-2 probability margin exceeds float noise (1e-4)."""
+    from medssl.deploy.export import export_network
+
+    ras, pil = volumes
+    example = torch.rand(1, 1, *model.preprocessing["roi_size"])
+    for fmt, name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
+        export_network(model.network, example, fmt, tmp_path / "export" / name, {"preprocessing": model.preprocessing})
+    ref = predict(model, [ras, pil], tmp_path / "torch", probabilities=True)
+    for backend in ("torchscript", "onnx"):
+        res = predict(tmp_path / "export", [ras, pil], tmp_path / backend, backend=backend, probabilities=True)
+        assert res.exit_code == 0 and json.loads(res.report_path.read_text())["backend"] == backend
+        for got, want in zip(res.ok, ref.ok, strict=True):
+            p_want = _load(want["outputs"]["prob"])[0]
+            assert np.allclose(_load(got["outputs"]["prob"])[0], p_want, atol=1e-4), backend
+            top2 = np.sort(p_want, axis=-1)[..., -2:]
+            clear = top2[..., 1] - top2[..., 0] > 1e-4
+            assert clear.mean() > 0.99
+            seg_got, seg_want = _load(got["outputs"]["seg"])[0], _load(want["outputs"]["seg"])[0]
+            assert np.array_equal(seg_got[clear], seg_want[clear]), backend
