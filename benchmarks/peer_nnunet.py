@@ -162,6 +162,10 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     """All stages for one (fraction, seed, batch, budget); returns the result dict (also ``result.json``)."""
     work = args.workdir.resolve()
     nn = NnUNet(args.nnunet_venv.resolve(), work)
+    load_start = os.getloadavg()[0]
+    if load_start > (os.cpu_count() or 1) - 0.5:  # timings on a shared machine are several times slower
+        log.warning("load average %.1f on %d cores: the probe and the budget measure a busy machine",
+                    load_start, os.cpu_count())
     nn.install_trainer()
     fkey = fraction_key(args.fraction)
     cases = run_cases(args.study_data, args.fraction, args.seed)
@@ -231,7 +235,8 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
         "n_proc_da": n_proc_da, "tta_mirroring": bool(args.tta), "fold": "all (validation set unused)",
         "cases": {r: len(v) for r, v in cases.items()}, "dataset": ds, "class_names": labels,
         "metrics": ev["metrics"], "per_case": ev["per_case"], "versions": nn.versions(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "command": shlex.join(sys.argv),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_start": round(load_start, 2),
+                    "load_average_end": round(os.getloadavg()[0], 2)}, "command": shlex.join(sys.argv),
         "stages": {k: v["seconds"] for k, v in state["stages"].items()},
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
