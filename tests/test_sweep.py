@@ -359,7 +359,8 @@ def test_pipeline_files_parse() -> None:
     root = Path(__file__).resolve().parents[1] / "pipelines"
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert names == ["classification_adrenal.yaml", "label_efficiency.yaml", "label_efficiency_genesis.yaml",
-                     "label_efficiency_gpu.yaml", "label_efficiency_spark.yaml", "recipe_check.yaml"]
+                     "label_efficiency_gpu.yaml", "label_efficiency_spark.yaml", "label_efficiency_spark_unet.yaml",
+                     "recipe_check.yaml"]
     for name in names:
         if name == "recipe_check.yaml":  # scratch only, no pretraining: tests/engines/test_planner.py
             continue
