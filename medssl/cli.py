@@ -350,7 +350,8 @@ def predict(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Finetuned model: checkpoints/best.pt, run folder, runs:/<id> or models:/<name>@<alias>.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (model.ts, model.onnx, recipe.json, export_check.json).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (model.ts, model.onnx, recipe.json, export_check.json).")] = None,
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Also (or only) write a MONAI bundle zip (bundles/finetune_seg configs + models/model.pt + recipe).")] = None,
     format: Annotated[str, typer.Option("--format", help="Comma-separated: torchscript, onnx.")] = "torchscript,onnx",
     opset: Annotated[int, typer.Option(help="ONNX opset.", min=7)] = 18,
     volume: Annotated[Path | None, typer.Option(help="Real NIfTI volume of the numerical check (default: the first image of the model's datalist).")] = None,
@@ -362,7 +363,15 @@ def export(
     from medssl.deploy.export import MAX_ABS_DIFF, MIN_ARGMAX_AGREEMENT, export_model
 
     _setup(verbose)
+    if out is None and bundle is None:
+        raise typer.BadParameter("give --out (TorchScript/ONNX) and/or --bundle (MONAI bundle zip)")
     try:
+        if bundle is not None:
+            from medssl.deploy.bundle import write_bundle_zip
+
+            console.print(f"bundle: {write_bundle_zip(model, bundle, tracking_uri=tracking_uri)}")
+            if out is None:
+                return
         res = export_model(model, out, formats=_csv_list(format, str), opset=opset, volume=volume, method=method,
                            tracking_uri=tracking_uri)
     except MedsslError as e:
