@@ -142,7 +142,7 @@ def split(
 def pretrain(
     datalist: Annotated[Path | None, typer.Option(help="datalist.json of the unlabeled pool (from `medssl ingest`).")] = None,
     method: Annotated[str | None, typer.Option(help="SSL method: simclr, triplet, rotation, mae, genesis, swin, vicreg, byol, spark.")] = None,
-    encoder: Annotated[str | None, typer.Option(help="Encoder: swinvit, vit, segresnet, segresnet_unet, resnet3d, unet.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder: swinvit, vit, segresnet, segresnet_unet, resnet3d, unet, monai_unet.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (checkpoints, encoder.pt/.json).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (PretrainConfig fields); options given here win.")] = None,
     splits: Annotated[Path | None, typer.Option(help="splits.json: its validation/test cases are kept out of pretraining.")] = None,
