@@ -185,7 +185,7 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     batch = resolve_batch(args.batch, planner_batch)
     plans = plans_with_batch(pre, batch)
     budget = f"{args.minutes:g}min" if args.minutes else f"{args.iterations}it"
-    run_dir = work / f"f{fkey}_s{args.seed}_bs{batch}_{budget}"
+    run_dir = work / f"f{fkey}_s{args.seed}_bs{batch}_{budget}{'' if args.tta else '_notta'}"
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
