@@ -54,3 +54,17 @@ def ge_head_dir(datasets_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def medmnist_dir(datasets_dir: Path) -> Path:
     return _dataset(datasets_dir, "medmnist3d")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_mlflow_store_in_the_checkout(tmp_path_factory: pytest.TempPathFactory):
+    """A test that reaches MLflow without naming a store writes into a session temp store, never into the
+    checkout (MLflow's own default is ``./mlflow.db``); tests of the default delete the variable themselves."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow_default')}/mlflow.db"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
