@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from medssl.config import PretrainConfig
-from medssl.engines.finetune_config import FinetuneConfig, build_model
+from medssl.engines.finetune_build import build_model
+from medssl.engines.finetune_config import FinetuneConfig
 from medssl.engines.planner import plan_segmentation
 from medssl.methods import build_method
 from medssl.networks.downstream import build_downstream

@@ -580,7 +580,8 @@ def test_both_arms_get_the_ssl_recipes_preprocessing(tmp_path: Path) -> None:
     import nibabel as nib
     import numpy as np
 
-    from medssl.engines.finetune_config import FinetuneConfig, build_model
+    from medssl.engines.finetune_build import build_model
+    from medssl.engines.finetune_config import FinetuneConfig
     from medssl.engines.finetune_data import eval_transforms
 
     uri = fresh_sqlite_uri(tmp_path)

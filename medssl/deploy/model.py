@@ -200,7 +200,7 @@ def load_model(
         MedsslError: a bad source (missing, unreadable, not a finetune checkpoint, failed download) or weights
             that do not fit the network rebuilt from the recipe — naming ``source``.
     """
-    from medssl.engines.finetune_config import rebuild_model
+    from medssl.engines.finetune_build import rebuild_model
 
     src = str(source)
     with tempfile.TemporaryDirectory(prefix="medssl_model_") as tmp:

@@ -37,7 +37,8 @@ from torch import nn
 
 from medssl.engines import checkpoint as ck
 from medssl.engines.components import resolve_device
-from medssl.engines.finetune_config import FinetuneConfig, build_model, rebuild_model, single_param_group
+from medssl.engines.finetune_build import build_model, rebuild_model, single_param_group
+from medssl.engines.finetune_config import FinetuneConfig
 from medssl.engines.finetune_data import (
     class_weights,
     data_channels,

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from medssl.cli import app
 from medssl.data.splits import split_datalist
 from medssl.engines.finetune import run_finetune
-from medssl.engines.finetune_config import FinetuneConfig, build_model
+from medssl.engines.finetune_build import build_model
+from medssl.engines.finetune_config import FinetuneConfig
 from medssl.errors import ConfigMismatchError, MedsslError
 from tests.networks.test_basicunet_transfer import FEATURES, ROI, genesis_pretraining
 

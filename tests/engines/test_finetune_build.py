@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from medssl.engines.checkpoint import save_encoder
-from medssl.engines.finetune_config import FinetuneConfig, build_model
+from medssl.engines.finetune_build import build_model
+from medssl.engines.finetune_config import FinetuneConfig
 from medssl.errors import ConfigMismatchError
 from medssl.networks.encoders import build_encoder
 
