@@ -408,6 +408,30 @@ def register(
     console.print(f"serve: mlflow models serve -m {res.model_uri} --env-manager local -p 5001", soft_wrap=True)
 
 
+# ---------------------------------------------------------------------------------------- runs sync (issue 11)
+runs_app = typer.Typer(help="MLflow runs: replay what dead jobs left in their outage spools.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("sync")
+def runs_sync(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Run / sweep / study folders or spool files (default: the working directory).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="Send everything to this store (default: the store each run was logged to).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Replay the MLflow outage spools (mlflow_spool.jsonl) whose job is gone; exit 1 if some stay unsent."""
+    from medssl.tracking.spool import replay_spools
+
+    _setup(verbose)
+    res = replay_spools(paths or [Path.cwd()], tracking_uri=tracking_uri)
+    console.print(f"sent {res.n_records} record(s) from {len(res.sent)} spool(s); "
+                  f"{len(res.busy)} in use by running jobs, {len(res.failed)} not sent", soft_wrap=True)
+    for spool, err in res.failed.items():
+        err_console.print(f"[bold red]error:[/] {spool}: {err}", highlight=False, soft_wrap=True)
+    if res.failed:
+        raise typer.Exit(EXIT_ERROR)
+
+
 @app.command()
 def version() -> None:
     """Print medssl, MONAI and torch versions."""

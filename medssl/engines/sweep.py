@@ -5,7 +5,8 @@ per (fraction, init, seed) with the standard tags (``medssl.study``, ``medssl.fr
 
 The pipeline file format, data preparation and checks live in :mod:`medssl.sweep`. Re-running finds the
 parent by its ``medssl.study`` tag, skips FINISHED children (MLflow status, or the local
-``sweep_child.json`` marker when the end status is still spooled during an outage), resumes the others
+``sweep_child.json`` marker when the end status is still spooled during an outage; the spools that killed
+jobs left under the study folder are replayed first, ``medssl.tracking.spool``), resumes the others
 from their deterministic folders (``resume="auto"``), and records a failing child as FAILED with
 ``medssl.error`` (tag and param) while the sweep goes on.
 
@@ -41,6 +42,18 @@ def _default_pretrain(config: Any, *, resume: str | Path | None, progress: bool)
     from medssl.engines.pretrain import run_pretraining
 
     return run_pretraining(config, resume=resume, progress=progress)
+
+
+def _replay_dead_spools(sweep: _Sweep) -> None:
+    """Send what killed jobs of this study left in their outage spools (a finished child's end status, a
+    dead parent's counters) before anything runs: a skipped child's spool would otherwise wait forever."""
+    from medssl.tracking.spool import replay_spools
+
+    roots = {sweep.pl.study_root, sweep.sweep_dir}
+    res = replay_spools(sorted(roots), tracking_uri=sweep.uri, client=sweep.client)
+    if res.sent or res.failed:
+        log.info("study %s: %d spooled record(s) of earlier jobs replayed, %d spool(s) not yet",
+                 sweep.pl.study, res.n_records, len(res.failed))
 
 
 def run_sweep(
@@ -93,6 +106,7 @@ def run_sweep(
         raise
     except Exception as e:  # noqa: BLE001 - transport/store errors at the start become one clear line
         raise MedsslError(f"MLflow at {pl.tracking_uri or default_tracking_uri()} is unreachable: {e}") from e
+    _replay_dead_spools(sweep)
     try:
         sweep.run(pretrain_fn or _default_pretrain)
     except BaseException:

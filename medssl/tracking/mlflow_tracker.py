@@ -6,7 +6,9 @@ queue is sent with ``MlflowClient.log_batch`` when it is large or old enough. If
 unsent records are appended to a local JSONL *spool* at once (so even a killed process loses nothing)
 and retried later with exponential backoff, never blocking the training step. :meth:`MlflowTracker.close`
 retries until ``close_timeout_s``; whatever is still unsent stays in the spool with a warning, and
-:func:`flush_spool` replays it later (e.g. ``medssl`` at the next start, or by hand).
+:func:`~medssl.tracking.spool.replay_spools` replays it later: ``medssl runs sync``, the next ``medssl sweep``
+of the study, or the run's own resume. While open, the tracker holds a lock on its spool (``<spool>.lock``), so
+those replay only spools whose writer is gone (:mod:`medssl.tracking.spool`).
 
 Only the ``MlflowClient`` API is used (no fluent global state), so trackers can be nested (parent/child)
 and a fake client can stand in for tests.
@@ -19,11 +21,11 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from medssl.errors import MedsslError
+from medssl.tracking.spool import SpoolLock, flush_spool, send_records
 
 __all__ = [
     "MlflowTracker",
@@ -37,7 +39,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_PARAM_LEN = 1000, 100, 100, 6000
+_MAX_PARAM_LEN = 6000
 
 
 def default_tracking_uri() -> str:
@@ -154,6 +156,7 @@ class MlflowTracker:
         self.flush_every_s, self.max_buffer = float(flush_every_s), int(max_buffer)
         self.backoff_s, self.max_backoff_s, self.close_timeout_s = backoff_s, max_backoff_s, close_timeout_s
         self._queue: list[dict[str, Any]] = []
+        self._lock: SpoolLock | None = None
         self._failures, self._next_try, self._last_flush = 0, 0.0, time.monotonic()
         self.closed = False
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -249,6 +252,7 @@ class MlflowTracker:
         self._last_flush = time.monotonic()
         ok = True
         if self.spool_path.exists():
+            self._own_spool()
             try:
                 flush_spool(self.spool_path, client=self.client)
             except Exception as e:  # noqa: BLE001
@@ -278,13 +282,25 @@ class MlflowTracker:
             self._failures, self._next_try = 0, 0.0
         return ok
 
+    def _own_spool(self) -> None:
+        """Hold the lock of the current :attr:`spool_path` (it may be re-pointed after start), so that
+        ``medssl runs sync`` / ``medssl sweep`` leave this live run's spool alone."""
+        if self._lock is not None and self._lock.spool_path == self.spool_path:
+            return
+        if self._lock is not None:
+            self._lock.release()
+        self._lock = SpoolLock(self.spool_path)
+        if not self._lock.acquire():  # another live tracker shares the file: appends are still safe
+            log.debug("spool %s is locked by another live tracker", self.spool_path)
+
     def _spool_queue(self) -> None:
         if not self._queue:
             return
+        self._own_spool()
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spool_path, "a") as f:
             for rec in self._queue:
-                f.write(json.dumps({"run_id": self.run_id, **rec}) + "\n")
+                f.write(json.dumps({"run_id": self.run_id, "uri": self.tracking_uri, **rec}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self._queue.clear()
@@ -300,6 +316,13 @@ class MlflowTracker:
         self.closed = True
         self._queue.append({"type": "status", "status": status, "end": int(time.time() * 1000)})
         deadline = time.monotonic() + self.close_timeout_s
+        try:
+            return self._close_flush(deadline)
+        finally:
+            if self._lock is not None:  # from now on the spool (if any) is an orphan any command may replay
+                self._lock.release()
+
+    def _close_flush(self, deadline: float) -> bool:
         while True:
             if self.flush():
                 return True
@@ -307,7 +330,7 @@ class MlflowTracker:
             if time.monotonic() + max(wait, 0) > deadline:
                 log.warning(
                     "MLflow unreachable at close; %s unsent record(s) kept in %s "
-                    "(replay with medssl.tracking.mlflow_tracker.flush_spool)",
+                    "(replay with `medssl runs sync`)",
                     _count_lines(self.spool_path),
                     self.spool_path,
                 )
@@ -323,77 +346,3 @@ class MlflowTracker:
 
 def _count_lines(path: Path) -> int:
     return sum(1 for _ in open(path)) if path.exists() else 0
-
-
-def send_records(client: Any, run_id: str, records: Iterable[dict[str, Any]]) -> None:
-    """Send records in order: consecutive metrics/params/tags as ``log_batch`` calls within MLflow's limits,
-    artifacts with ``log_artifact``, the end status with ``set_terminated``. Raises on the first failure."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    batch: dict[str, list] = {"metric": [], "param": [], "tag": []}
-
-    def send_batch() -> None:
-        if any(batch.values()):
-            client.log_batch(run_id, metrics=batch["metric"], params=batch["param"], tags=batch["tag"])
-            for v in batch.values():
-                v.clear()
-
-    for rec in records:
-        kind = rec["type"]
-        if kind == "metric":
-            batch["metric"].append(Metric(rec["key"], rec["value"], rec["ts"], rec["step"]))
-        elif kind == "param":
-            batch["param"].append(Param(rec["key"], rec["value"]))
-        elif kind == "tag":
-            batch["tag"].append(RunTag(rec["key"], rec["value"]))
-        else:
-            send_batch()
-            if kind == "artifact":
-                if Path(rec["path"]).exists():
-                    client.log_artifact(run_id, rec["path"], rec.get("artifact_path"))
-                else:
-                    log.warning("artifact %s vanished before upload; skipped", rec["path"])
-            elif kind == "status":
-                client.set_terminated(run_id, status=rec["status"], end_time=rec.get("end"))
-        if (
-            len(batch["metric"]) >= _MAX_METRICS
-            or len(batch["param"]) >= _MAX_PARAMS
-            or len(batch["tag"]) >= _MAX_TAGS
-        ):
-            send_batch()
-    send_batch()
-
-
-def flush_spool(spool_path: str | Path, *, tracking_uri: str | None = None, client: Any = None) -> int:
-    """Replay a JSONL spool written by :class:`MlflowTracker`; removes the file when all is sent.
-
-    Records are sent in file order, grouped per run. On failure the unsent tail is written back (nothing
-    sent is sent twice) and the exception propagates.
-
-    Returns:
-        Number of records sent.
-    """
-    spool_path = Path(spool_path)
-    if not spool_path.exists():
-        return 0
-    client = client if client is not None else make_client(tracking_uri)
-    records = [json.loads(line) for line in spool_path.read_text().splitlines() if line.strip()]
-    sent = 0
-    try:
-        i = 0
-        while i < len(records):  # one run's consecutive records at a time
-            run_id = records[i]["run_id"]
-            j = i
-            while j < len(records) and records[j]["run_id"] == run_id:
-                j += 1
-            send_records(
-                client, run_id, [{k: v for k, v in r.items() if k != "run_id"} for r in records[i:j]]
-            )
-            sent, i = j, j
-    except Exception:
-        tmp = spool_path.with_name(spool_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records[sent:]))
-        os.replace(tmp, spool_path)
-        raise
-    spool_path.unlink()
-    return sent
