@@ -9,7 +9,7 @@ DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 STUDIES_DIR ?= studies
 
-.PHONY: install demo test bench studies lint clean peer-venv
+.PHONY: install demo test test-cluster bench studies lint clean peer-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The `slurm` tests (tests/cluster; `make test` deselects them): a one-node SLURM cluster on localhost started by
+# the tests as root (Debian's slurm-wlm + munge, installed here when missing); a few minutes on 2 cores.
+test-cluster: $(STAMP)
+	@if ! { test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged; }; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge \
+		|| echo "make test-cluster: could not install slurm-wlm/munge (not root?); the slurm tests will skip" >&2; \
+	fi
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slurm tests/cluster $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest_dicom.py

@@ -42,7 +42,7 @@ def _fail(e: Exception, verbose: bool) -> typer.Exit:
     if verbose:
         err_console.print_exception()
     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    return typer.Exit(EXIT_ERROR)
+    return typer.Exit(getattr(e, "exit_code", EXIT_ERROR))  # medssl.engines.preemption.Preempted: 75
 
 
 def _csv_list(value: str, cast: type) -> list:

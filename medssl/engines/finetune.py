@@ -56,6 +56,7 @@ from medssl.engines.finetune_plan import resolve_plan, training_sampling
 from medssl.engines.finetune_support import FinetuneResult, _fmt, _open_tracker
 from medssl.engines.leakage import check_pretrain_leakage
 from medssl.engines.metrics import as_tensor
+from medssl.engines.preemption import Preempted, PreemptionHandler
 from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule, pretrained_lr_factor, resolve_ssl_schedule
 from medssl.errors import MedsslError
@@ -76,6 +77,8 @@ class Finetuner(_FinetunerState):
         config: the run config (preprocessing fields may be ``None``: resolved from the SSL recipe).
         tracker: an open :class:`~medssl.tracking.mlflow_tracker.MlflowTracker` or ``None``.
     """
+
+    preemption: PreemptionHandler | None = None  # set by run_finetune: a signal stops before the next step
 
     def __init__(self, config: FinetuneConfig, *, tracker: Any = None) -> None:
         from medssl.networks.downstream import freeze_encoder, layerwise_lr_groups, transfer_key_prefixes
@@ -247,6 +250,8 @@ class Finetuner(_FinetunerState):
         ):
             if self.step >= self.total_steps or self.stopped:
                 break
+            if self.preemption is not None and self.preemption.requested:  # resumes at this epoch's start
+                raise Preempted(self.preemption.signum, self.epoch, self.out / "checkpoints/last.pt", "epoch")
             value = self.train_step(batch)
             if value is not None:
                 losses.append(value)
@@ -352,7 +357,11 @@ class Finetuner(_FinetunerState):
 
 
 def run_finetune(
-    config: FinetuneConfig, *, resume: str | Path | None = None, progress: bool = True
+    config: FinetuneConfig,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    preemption: PreemptionHandler | bool = True,
 ) -> FinetuneResult:
     """Finetune one (fraction, init, seed); the library entry point behind ``medssl finetune``.
 
@@ -361,6 +370,10 @@ def run_finetune(
         resume: ``"auto"`` (continue from ``out_dir/checkpoints/last.pt`` when it exists, else start), a
             ``last.pt`` path, or ``None`` (start fresh).
         progress: show a rich progress bar.
+        preemption: trap SIGUSR1/SIGTERM (``True``: a fresh handler, or the caller's, or ``False``). A signal
+            stops training before the next step and raises ``Preempted`` (CLI exit 75) without a new
+            checkpoint: finetuning resumes at epoch granularity, from the last epoch-end ``last.pt``, so the
+            steps since then are redone and the result equals an uninterrupted run's.
 
     Raises:
         MedsslError: bad splits / fraction (e.g. a class without training cases), an SSL checkpoint that does
@@ -383,7 +396,9 @@ def run_finetune(
         ft = Finetuner(config, tracker=tracker)
         if state is not None:
             ft.load_state_dict(state)
-        result = ft.fit(fresh=state is None, progress=progress)
+        ft.preemption = PreemptionHandler() if preemption is True else (preemption or None)
+        with ft.preemption or nullcontext():
+            result = ft.fit(fresh=state is None, progress=progress)
     except BaseException as e:
         if isinstance(e, TransferError):
             report = Path(config.out_dir) / "transfer_report.json"
@@ -392,8 +407,9 @@ def run_finetune(
             if tracker:
                 tracker.log_artifact(report)
         if tracker:
-            tracker.set_tags({"medssl.error": f"{type(e).__name__}: {e}"[:1000]})
-            tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracker.set_tags({"medssl.preempted" if isinstance(e, Preempted) else "medssl.error":
+                              f"{type(e).__name__}: {e}"[:1000]})
+            tracker.close("KILLED" if isinstance(e, (KeyboardInterrupt, Preempted)) else "FAILED")
         raise
     if tracker:
         tracker.close("FINISHED")

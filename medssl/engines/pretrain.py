@@ -49,6 +49,7 @@ from medssl.engines.data import (
     resolve_in_channels,
 )
 from medssl.engines.monitor import RepresentationMonitor, build_monitor
+from medssl.engines.preemption import Preempted, PreemptionHandler
 from medssl.engines.pretrain_state import _PretrainerState
 from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
@@ -234,8 +235,17 @@ class Pretrainer(_PretrainerState):
         return None
 
     # -- the run --------------------------------------------------------------------------------------
-    def fit(self, resume: str | Path | None = None, progress: bool = True) -> PretrainResult:
-        """Train to ``total_steps`` (from checkpoint ``resume`` if given); see :func:`run_pretraining`."""
+    def fit(
+        self,
+        resume: str | Path | None = None,
+        progress: bool = True,
+        preemption: PreemptionHandler | None = None,
+    ) -> PretrainResult:
+        """Train to ``total_steps`` (from checkpoint ``resume`` if given); see :func:`run_pretraining`.
+
+        With ``preemption`` (installed by the caller), a trapped signal makes the run checkpoint after the
+        current optimizer step and raise :class:`~medssl.engines.preemption.Preempted` (every DDP rank stops
+        after the same step)."""
         main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         run_id = self.resume(resume).get("mlflow_run_id") if resume else None
@@ -283,7 +293,16 @@ class Pretrainer(_PretrainerState):
                         bar(self.step, logs["loss"])
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                         self.save_checkpoint()
+                    if preemption is not None and self.step < self.total_steps and preemption.should_stop(
+                        lambda flag: dd.any_across_ranks(flag, self.device)
+                    ):
+                        self._preempted(preemption)
             self._finish()
+        except Preempted as e:
+            if self.tracker:  # KILLED until the requeued job reattaches (RUNNING) and finishes it
+                self.tracker.set_tags({"medssl.preempted": f"step {e.step}"})
+                self.tracker.close("KILLED")
+            raise
         except BaseException as e:
             if self.tracker:
                 self.tracker.set_tags({"medssl.error": f"{type(e).__name__}: {e}"[:1000]})
@@ -293,9 +312,21 @@ class Pretrainer(_PretrainerState):
             torch.use_deterministic_algorithms(prev_det)
         return self.result
 
+    def _preempted(self, preemption: PreemptionHandler) -> None:
+        """Checkpoint at this step boundary (unless just written) and raise ``Preempted``."""
+        if not self.checkpoints or self.checkpoints[-1].name != f"step_{self.step:07d}.pt":
+            self.save_checkpoint()
+        if self.dist.is_main:
+            log.warning("preemption signal: checkpoint at step %d written; stopping", self.step)
+        raise Preempted(preemption.signum, self.step, self._last_path())
+
 
 def run_pretraining(
-    config: PretrainConfig, *, resume: str | Path | None = None, progress: bool = True
+    config: PretrainConfig,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    preemption: PreemptionHandler | bool = True,
 ) -> PretrainResult:
     """Pretrain an encoder with an SSL method; the library entry point behind ``medssl pretrain``.
 
@@ -309,13 +340,21 @@ def run_pretraining(
 
     Args:
         config: the run config.
-        resume: a checkpoint (``.../checkpoints/last.pt``) to continue from exactly.
+        resume: a checkpoint (``.../checkpoints/last.pt``) to continue from exactly, or ``"auto"``
+            (``out_dir/checkpoints/last.pt`` when it exists, else a fresh start: what a requeued job passes).
         progress: show a rich progress bar.
+        preemption: trap SIGUSR1/SIGTERM during training (``True``: a fresh
+            :class:`~medssl.engines.preemption.PreemptionHandler`), a handler of the caller's, or ``False``.
+            A trapped signal → checkpoint at the next step, then ``Preempted`` (CLI exit code 75).
 
     Raises:
         MedsslError: unusable data, K consecutive non-finite losses, unreadable checkpoint.
         ConfigMismatchError: ``resume`` is a checkpoint of another method/encoder.
     """
+    if resume is not None and str(resume) == "auto":
+        last = Path(config.out_dir) / "checkpoints" / "last.pt"
+        resume = last if last.exists() else None
+    handler = PreemptionHandler() if preemption is True else (preemption or None)
     info, created = dd.init_distributed(config.device)
     try:
         pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
@@ -324,7 +363,11 @@ def run_pretraining(
         encoder, method, augment = build_components(config, rank=info.rank, world_size=info.world_size)
         if info.enabled:
             _seed_all(config.seed + info.rank)  # ranks draw different dropout/augmentation randomness
-        return Pretrainer(config, encoder, method, augment, pool).fit(resume=resume, progress=progress)
+        trainer = Pretrainer(config, encoder, method, augment, pool)
+        if handler is None:
+            return trainer.fit(resume=resume, progress=progress)
+        with handler:
+            return trainer.fit(resume=resume, progress=progress, preemption=handler)
     finally:
         if created:
             dd.cleanup_distributed()

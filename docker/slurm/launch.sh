@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Sourced by docker/slurm/*.sbatch: torchrun from SLURM variables, preemption signal forwarding and requeue.
+#
+#   medssl_torchrun SUBCOMMAND [ARGS...]   one torchrun per node (srun), NPROC processes per node
+#   medssl_preemptible SIGNAL CMD [ARGS...] run CMD in the background; on SIGUSR1/SIGTERM to this batch shell
+#                                           (SLURM's --signal=B:USR1@T, scancel --signal=USR1 --batch) send
+#                                           SIGNAL to CMD (SIGNAL "steps": SIGTERM to every job step via
+#                                           scancel), wait for it, then requeue the job
+#
+# medssl traps SIGUSR1 and SIGTERM, checkpoints at the next step and exits 75 (medssl/engines/preemption.py);
+# srun steps (torchrun and its workers) get SIGTERM from slurmstepd (scancel --signal=TERM JOBID). The requeued job runs
+# the script again with --resume auto. Where requeue is not allowed (JobRequeue=0 and no --requeue), the
+# script resubmits itself (MEDSSL_SBATCH_SCRIPT + MEDSSL_SBATCH_ARGS, set by the template).
+#
+# Environment: MEDSSL_PYTHON (python with medssl; default python3), MEDSSL_IMAGE (an Apptainer image: each
+# command runs inside it with --nv), MEDSSL_NPROC_PER_NODE (default: GPUs on the node, else 1),
+# MASTER_PORT (default 29500 + job id % 1000), MEDSSL_DEVICE_ARGS (extra torchrun args).
+
+MEDSSL_PREEMPTED=0
+
+medssl_exec() {  # replace this (sub)shell by the command, inside the image when MEDSSL_IMAGE is set
+  if [ -n "${MEDSSL_IMAGE:-}" ]; then exec apptainer exec --nv "$MEDSSL_IMAGE" "$@"; else exec "$@"; fi
+}
+
+medssl_preemptible() {
+  local fwd=$1 rc=0 pid
+  shift
+  "$@" &
+  pid=$!
+  local send="kill -$fwd $pid"
+  # srun ends a step at once on SIGTERM: job steps get the signal through slurmstepd instead (every process
+  # of each step: torchrun and its workers; torchrun then waits up to 30 s for the workers' checkpoint)
+  [ "$fwd" = "steps" ] && send="scancel --signal=TERM ${SLURM_JOB_ID:-0}"
+  # shellcheck disable=SC2064  # expand $send now
+  trap "MEDSSL_PREEMPTED=1; echo \"medssl: preemption signal at \$(date +%FT%T): $send\"; $send 2>/dev/null" USR1 TERM
+  while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupts wait: the child still runs
+  done
+  trap - USR1 TERM
+  if [ "$rc" -eq 75 ] || { [ "$MEDSSL_PREEMPTED" = 1 ] && [ "$rc" -ne 0 ]; }; then
+    echo "medssl: stopped for preemption (exit $rc, restart ${SLURM_RESTART_COUNT:-0}); requeueing ${SLURM_JOB_ID:-?}"
+    if [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"; then
+      sleep 60  # slurmctld ends this job now; the requeued one starts from the top with --resume auto
+    elif [ -n "${MEDSSL_SBATCH_SCRIPT:-}" ]; then
+      sbatch "$MEDSSL_SBATCH_SCRIPT" "${MEDSSL_SBATCH_ARGS[@]}"  # requeue not allowed: resubmit
+    fi
+  fi
+  return "$rc"
+}
+
+medssl_torchrun() {
+  local nproc=${MEDSSL_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
+  export MASTER_ADDR MASTER_PORT
+  # one torchrun per node (srun, 1 task per node); c10d rendezvous on the first node of the allocation
+  # shellcheck disable=SC2086  # MEDSSL_DEVICE_ARGS is a list of words
+  medssl_preemptible steps srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="${SLURM_NNODES:-1}" \
+    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c 'source "$0"; medssl_exec "$@"' "${BASH_SOURCE[0]}" \
+    "${MEDSSL_PYTHON:-python3}" -m torch.distributed.run --nnodes="${SLURM_NNODES:-1}" --nproc-per-node="$nproc" \
+    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="${SLURM_JOB_ID:-0}" \
+    ${MEDSSL_DEVICE_ARGS:-} -m medssl.cli "$@"
+}
