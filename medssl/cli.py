@@ -247,17 +247,37 @@ def sweep(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML, e.g. pipelines/label_efficiency.yaml.")],
     new: Annotated[bool, typer.Option("--new", help="New parent run even if the study exists (default: resume it; a changed config or data is refused there, naming the keys).")] = False,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override key.sub=value (repeatable), e.g. --set 'seeds=[0]'.")] = None,
+    slurm: Annotated[bool, typer.Option("--slurm", help="Submit to SLURM: pretraining, then one array task per child (afterok); see medssl.cluster.sweep_jobs.")] = False,
+    emit_jobs: Annotated[Path | None, typer.Option("--emit-jobs", help="Only write the SLURM scripts (+ submit.sh) into this folder.")] = None,
+    child: Annotated[str | None, typer.Option("--child", help="Run only 'pretrain' or child N (0-based): what a SLURM array task runs.")] = None,
+    parent_run: Annotated[str | None, typer.Option("--parent-run", help="MLflow parent run id to log into (with --child).")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Pretrain once, then finetune each (fraction, init, seed) as an MLflow child run of one study.
 
     Exit code 4: the sweep finished but some children FAILED (their errors are in MLflow tag medssl.error).
+    With jobs of an earlier --slurm submission still pending or running, it only shows their status.
     """
     from medssl.engines.sweep import run_sweep
 
     _setup(verbose)
+    sets = list(overrides or [])
     try:
-        res = run_sweep(pipeline, overrides=list(overrides or []), new=new, progress=sys.stderr.isatty())
+        if slurm or emit_jobs is not None:
+            from medssl.cluster.sweep_jobs import emit_sweep_jobs
+
+            jobs = emit_sweep_jobs(pipeline, overrides=sets, new=new, out=emit_jobs, submit=slurm)
+            console.print(jobs.table())
+            console.print(f"scripts: {jobs.folder}" + ("" if slurm else f"  (submit with {jobs.submit_script})"))
+            return
+        if child is None:
+            from medssl.cluster.sweep_jobs import active_jobs, status_table
+
+            if active_jobs(pipeline, sets):
+                console.print(status_table(pipeline, sets))
+                return
+        res = run_sweep(pipeline, overrides=sets, new=new, progress=sys.stderr.isatty(), child=child,
+                        parent_run_id=parent_run)
     except MedsslError as e:
         raise _fail(e, verbose) from None
     console.print(res.table())

@@ -64,6 +64,8 @@ def run_sweep(
     finetune_fn: Callable[..., Any] | None = None,
     pretrain_fn: Callable[..., Any] | None = None,
     progress: bool = False,
+    child: str | int | None = None,
+    parent_run_id: str | None = None,
 ) -> SweepResult:
     """Run (or resume) a label-efficiency study; the library entry point behind ``medssl sweep``.
 
@@ -77,6 +79,10 @@ def run_sweep(
         pretrain_fn: ``fn(PretrainConfig, *, resume, progress) -> result`` with ``.encoder_path`` and
             ``.run_id``; default :func:`medssl.engines.pretrain.run_pretraining`.
         progress: show the engines' progress bars.
+        child: run only ``"pretrain"`` or the child with this 0-based index (order: fractions × seeds × inits,
+            as in ``sweep.json``), leaving the parent run open: one SLURM array task
+            (:mod:`medssl.cluster.sweep_jobs`). A child needs the pretraining finished.
+        parent_run_id: attach to this parent run (the one the SLURM submission made) instead of the newest.
 
     Returns:
         The :class:`SweepResult`; failed children are listed in ``result.failed`` (the sweep goes on).
@@ -101,7 +107,8 @@ def run_sweep(
     if reuse and not Path(reuse).exists():
         raise MedsslError(f"pretrain.checkpoint {reuse} does not exist")
     try:
-        sweep = _Sweep(pl, datalist, splits, finetune_fn or _default_finetune, progress, new)
+        only = None if child is None else str(child)
+        sweep = _Sweep(pl, datalist, splits, finetune_fn or _default_finetune, progress, new, parent_run_id, only)
     except MedsslError:
         raise
     except Exception as e:  # noqa: BLE001 - transport/store errors at the start become one clear line
@@ -110,7 +117,11 @@ def run_sweep(
     try:
         sweep.run(pretrain_fn or _default_pretrain)
     except BaseException:
-        sweep.parent.close("KILLED")
+        if child is None:  # an array task leaves the parent to the sweep (other tasks still log into it)
+            sweep.parent.close("KILLED")
         raise
-    sweep.parent.close("FINISHED")
+    if child is None:
+        sweep.parent.close("FINISHED")
+    else:
+        sweep.parent.flush()
     return sweep.result

@@ -14,6 +14,7 @@ from typing import Any
 
 from medssl.data.splits import fraction_key
 from medssl.engines.finetune_identity import config_hash, config_identity, file_sha256, split_data_hash
+from medssl.engines.preemption import Preempted
 from medssl.engines.sweep_identity import Conflict, pretrain_identity, refuse_conflicts, resolve_preprocessing
 from medssl.engines.sweep_results import (
     _MARKER,
@@ -46,6 +47,8 @@ class _Sweep:
         finetune_fn: Callable[..., Any],
         progress: bool,
         new: bool,
+        parent_run_id: str | None = None,
+        only: str | None = None,
     ) -> None:
         self.pl, self.datalist, self.splits, self.finetune_fn, self.progress = (
             pl,
@@ -56,6 +59,9 @@ class _Sweep:
         )
         self.data_hash, self.sha, self.uri = _data_hash(datalist, splits), git_sha(), pl.tracking_uri or None
         self.client = make_client(self.uri)
+        # a SLURM array task (medssl.cluster.sweep_jobs): run only "pretrain" or child index `only`, attached
+        # to the parent run the submitter made
+        self.parent_run_id, self.only = parent_run_id, only
         self.parent, self.sweep_dir = self._open_parent(new)
         self.result = SweepResult(pl.study, self.parent.run_id, self.sweep_dir, self.data_hash)
         self.preprocessing: dict[str, Any] = {}
@@ -72,6 +78,8 @@ class _Sweep:
         pl = self.pl
         exp = self.client.get_experiment_by_name(pl.experiment)
         previous = find_study_runs(self.client, pl.study, [exp.experiment_id]) if exp is not None else []
+        if self.parent_run_id:
+            previous, new = [self.client.get_run(self.parent_run_id)], False
         tags = {
             **standard_tags("sweep", study=pl.study, data_hash=self.data_hash, sha=self.sha),
             "medssl.metric": pl.metric,
@@ -113,10 +121,15 @@ class _Sweep:
         pretrain_error = None
         self._check_pretrain()  # a changed pretraining config is refused, never silently reused
         if "ssl" in pl.inits:
+            if self.only not in (None, "pretrain") and not self._pretrain_finished():
+                raise MedsslError(f"study {pl.study}: child {self.only} needs the finished pretraining "
+                                  f"({self.sweep_dir / 'pretrain'}); submit it first (medssl sweep --slurm)")
             try:
                 r.encoder_path, r.pretrain_run_id = self._pretrain(pretrain_fn)
+            except Preempted:
+                raise
             except Exception as e:  # noqa: BLE001 - scratch children can still run
-                if (pl.pretrain or {}).get("checkpoint"):
+                if (pl.pretrain or {}).get("checkpoint") or self.only == "pretrain":
                     raise
                 pretrain_error = f"pretraining failed: {type(e).__name__}: {e}"
                 log.error("%s; ssl children are marked FAILED, scratch children go on", pretrain_error)
@@ -128,12 +141,18 @@ class _Sweep:
                     raise
                 pretrain_error, r.encoder_path = f"pretraining wrote an unusable encoder: {e}", None
                 log.error("%s; ssl children are marked FAILED, scratch children go on", pretrain_error)
+        if self.only == "pretrain":
+            return
         self.encoder_sha = file_sha256(r.encoder_path) if r.encoder_path is not None else None
         self.parent.set_tags({"medssl.ssl_checkpoint": str(r.encoder_path or "")})
         todo = [(f, s, i) for f in pl.fractions for s in pl.seeds for i in pl.inits]
         plans = [self._plan(f, i, s) for f, s, i in todo]
         self._check_reuse(plans, existing)  # refuses before any child runs
+        if self.only is not None and not 0 <= int(self.only) < len(plans):
+            raise MedsslError(f"study {pl.study} has children 0..{len(plans) - 1}, not {self.only}")
         for n, (c, cfg, identity) in enumerate(plans, start=1):
+            if self.only is not None and n - 1 != int(self.only):
+                continue
             marker = _read_marker(c.out_dir)
             if existing.get(c.key, ("",))[0] == "FINISHED" or marker.get("status") == "FINISHED":
                 log.info("[%d/%d] %s finished earlier; skipped", n, len(todo), c.key)
@@ -144,6 +163,8 @@ class _Sweep:
                 continue
             log.info("[%d/%d] %s", n, len(todo), c.key)
             r.children.append(self._child(c, cfg, identity, pretrain_error))
+            if self.only is not None:  # array task: the parent's counters and sweep.json are the sweep's
+                return
             self.parent.log_metrics(
                 {
                     "children_done": float(sum(c.status != "FAILED" for c in r.children)),
@@ -269,6 +290,8 @@ class _Sweep:
                 raise MedsslError(f"finetuning ended with status {status}")
             c.status = "FINISHED"
             _write_marker(c, identity)
+        except Preempted:  # checkpointed: the requeued job resumes it (neither FAILED nor a marker change)
+            raise
         except Exception as e:  # noqa: BLE001 - one failing child never stops the sweep
             c.status = "FAILED"
             c.error = f"{type(e).__name__}: {e}"[:1000]
@@ -313,6 +336,12 @@ class _Sweep:
         except Exception as e:  # noqa: BLE001 - recording the failure must not stop the sweep either
             log.warning("could not record the failure of %s in MLflow: %s", c.key, e)
             return None
+
+    def _pretrain_finished(self) -> bool:
+        """A reused ``pretrain.checkpoint``, or this sweep's pretraining marked FINISHED with its encoder."""
+        out = self.sweep_dir / "pretrain"
+        reuse = bool((self.pl.pretrain or {}).get("checkpoint"))
+        return reuse or ((out / "encoder.pt").exists() and _read_marker(out).get("status") == "FINISHED")
 
     def _pretrain(self, pretrain_fn: Callable[..., Any]) -> tuple[Path, str | None]:
         """Reuse ``pretrain.checkpoint``, or pretrain once into ``<sweep>/pretrain`` (skipped if finished)."""

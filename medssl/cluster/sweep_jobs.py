@@ -1,0 +1,269 @@
+"""A label-fraction sweep as SLURM jobs: pretraining once, then ONE job array with a task per
+(fraction, init, seed) child, ``--dependency=afterok:<pretraining>``, all logging into one MLflow parent run.
+
+The submitter (``medssl sweep FILE --slurm`` / ``--emit-jobs DIR``) prepares the data, creates (or reattaches)
+the parent run, writes the resolved pipeline (overrides applied) and the batch scripts, and submits them::
+
+    <study>/slurm/pipeline.yaml      the pipeline every task runs (same config → same child hashes)
+    <study>/slurm/pretrain.sbatch    medssl sweep pipeline.yaml --child pretrain --parent-run ID
+    <study>/slurm/children.sbatch    #SBATCH --array=0-(N-1): medssl sweep ... --child $SLURM_ARRAY_TASK_ID
+    <study>/slurm/submit.sh          the two sbatch calls (what --slurm runs; --emit-jobs only writes)
+    <study>/slurm/jobs.json          job ids, parent run, child keys (written on submission)
+
+Array task ``i`` runs child ``i`` of :func:`medssl.engines.sweep.run_sweep` (order: fractions × seeds × inits,
+as in ``sweep.json``) through the same runner, so tags, markers, resume and failure recording are the local
+sweep's. The scripts carry ``docker/slurm/launch.sh``'s preemption trap: ``--signal=B:USR1@T`` → checkpoint →
+exit 75 → ``scontrol requeue`` → the task resumes its child (``resume="auto"``).
+
+``medssl sweep FILE`` afterwards: while any submitted job is pending or running it only shows the status
+(:func:`status_table`); once none is, it resumes as usual (finished children are skipped) and closes the
+parent, and ``medssl compare`` reads the study as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medssl.errors import MedsslError
+
+__all__ = ["SweepJobs", "LAUNCH_SH", "emit_sweep_jobs", "active_jobs", "status_table"]
+
+log = logging.getLogger(__name__)
+
+#: the batch-script helpers (preemption trap + requeue); inlined into every emitted script
+LAUNCH_SH = Path(__file__).resolve().parents[2] / "docker" / "slurm" / "launch.sh"
+
+_SCRIPT = """#!/usr/bin/env bash
+# medssl sweep {study}: {what} (written by medssl sweep --slurm/--emit-jobs; parent run {parent})
+#SBATCH --job-name={job_name}
+#SBATCH --ntasks=1
+#SBATCH --signal=B:USR1@{signal_s}
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={log_dir}/%x-%A_%a.out
+{extra}set -uo pipefail
+cd {workdir}
+{env}
+# ---- docker/slurm/launch.sh (inlined) ----
+{launch}
+# ----
+MEDSSL_SBATCH_SCRIPT={self_path} MEDSSL_SBATCH_ARGS=()
+medssl_preemptible USR1 medssl_exec {python} -m medssl.cli sweep {pipeline} --child {child} --parent-run {parent}
+"""
+
+
+@dataclass
+class SweepJobs:
+    """What :func:`emit_sweep_jobs` wrote (and submitted): scripts, child keys, job ids."""
+
+    study: str
+    parent_run_id: str
+    folder: Path
+    keys: list[str]
+    pretrain_script: Path | None
+    children_script: Path
+    submit_script: Path
+    pretrain_job: str | None = None
+    children_job: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def table(self) -> Any:
+        """Rich ``Table``: array index, child key, and the jobs."""
+        from rich.table import Table
+
+        t = Table(title=f"medssl sweep {self.study} on SLURM (parent run {self.parent_run_id})")
+        for col in ("task", "child", "job"):
+            t.add_column(col)
+        if self.pretrain_script is not None:
+            t.add_row("-", "pretrain", self.pretrain_job or f"not submitted: {self.pretrain_script}")
+        for i, key in enumerate(self.keys):
+            job = f"{self.children_job}_{i}" if self.children_job else "not submitted"
+            t.add_row(str(i), key, job + (" (finished earlier)" if key in self.skipped else ""))
+        return t
+
+
+def _sbatch_directives(options: list[str]) -> str:
+    return "".join(f"#SBATCH {o}\n" for o in options)
+
+
+def emit_sweep_jobs(
+    pipeline: str | Path | dict[str, Any],
+    *,
+    overrides: list[str] | None = None,
+    new: bool = False,
+    out: str | Path | None = None,
+    submit: bool = False,
+    python: str | None = None,
+    sbatch_options: list[str] | None = None,
+    max_parallel: int | None = None,
+    signal_s: int = 120,
+) -> SweepJobs:
+    """Write (and with ``submit`` submit) a sweep as one pretraining job + one job array.
+
+    Args:
+        pipeline: pipeline YAML path or mapping (as :func:`medssl.engines.sweep.run_sweep`).
+        overrides: dotted ``key=value`` changes, applied once here and frozen into ``pipeline.yaml``.
+        new: a new parent run even if the study exists.
+        out: folder for the scripts (default ``<out_dir>/<study>/slurm``).
+        submit: run ``sbatch`` (pretraining first, the array with ``--dependency=afterok:<id>``).
+        python: the interpreter with medssl on the compute nodes (default: this one).
+        sbatch_options: extra ``#SBATCH`` lines for both scripts, e.g. ``["--partition=gpu", "--gpus=1"]``.
+        max_parallel: at most this many array tasks at once (``--array=0-N%K``).
+        signal_s: seconds before the time limit at which SLURM sends SIGUSR1 (``--signal=B:USR1@T``).
+
+    Returns:
+        The :class:`SweepJobs` (job ids filled when submitted).
+
+    Raises:
+        MedsslError: an invalid pipeline or data (as ``run_sweep``), ``docker/slurm/launch.sh`` missing, no
+            ``sbatch`` on PATH, or a failed submission (sbatch's message).
+    """
+    from medssl.engines.sweep_runner import _Sweep
+    from medssl.sweep import check_fractions_available, load_pipeline, prepare_data
+
+    pl = load_pipeline(pipeline, overrides)
+    datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
+    check_fractions_available(splits, pl.fractions, pl.seeds)
+    if not LAUNCH_SH.is_file():
+        raise MedsslError(f"{LAUNCH_SH} not found: the batch scripts inline it (a medssl source checkout)")
+    if submit and shutil.which("sbatch") is None:
+        raise MedsslError("sbatch not found on PATH: --slurm submits with sbatch (use --emit-jobs DIR to only write)")
+    sweep = _Sweep(pl, datalist, splits, finetune_fn=lambda *a, **k: None, progress=False, new=new)
+    parent = sweep.parent.run_id
+    folder = Path(out) if out is not None else pl.study_root / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "logs").mkdir(exist_ok=True)
+    frozen = dataclasses.asdict(pl) | {"data": {**pl.data, "datalist": str(datalist), "splits": str(splits)}}
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
+    keys = [f"f{_fk(f)}-{i}-s{s}" for f in pl.fractions for s in pl.seeds for i in pl.inits]
+    from medssl.engines.sweep_results import _read_marker
+
+    skipped = [k for k in keys if _read_marker(sweep.sweep_dir / k).get("status") == "FINISHED"]
+    needs_pretrain = "ssl" in pl.inits and not sweep._pretrain_finished()
+    common = dict(
+        study=pl.study, parent=parent, signal_s=signal_s, log_dir=folder.resolve() / "logs",
+        workdir=shlex.quote(str(Path.cwd())), launch=LAUNCH_SH.read_text(),
+        python=shlex.quote(python or sys.executable), pipeline=shlex.quote(str((folder / "pipeline.yaml").resolve())),
+        env="export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
+    )
+    extra = _sbatch_directives(list(sbatch_options or []))
+    pre_path = folder / "pretrain.sbatch" if needs_pretrain else None
+    if pre_path is not None:
+        pre_path.write_text(_SCRIPT.format(**common, what="pretraining", job_name=f"{pl.study}-pretrain",
+                                           extra=extra, self_path=shlex.quote(str(pre_path.resolve())),
+                                           child="pretrain"))
+    array = f"--array=0-{len(keys) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    kids = folder / "children.sbatch"
+    kids.write_text(_SCRIPT.format(**common, what=f"{len(keys)} children as one array", job_name=pl.study,
+                                   extra=_sbatch_directives([array]) + extra,
+                                   self_path=shlex.quote(str(kids.resolve())),
+                                   child='"$SLURM_ARRAY_TASK_ID"'))
+    lines = ["#!/usr/bin/env bash", "set -euo pipefail", f"cd {shlex.quote(str(folder.resolve()))}"]
+    if pre_path is not None:
+        lines += ["PRE=$(sbatch --parsable pretrain.sbatch)", "echo \"pretraining: job ${PRE%%;*}\"",
+                  "KIDS=$(sbatch --parsable --dependency=afterok:${PRE%%;*} children.sbatch)"]
+    else:
+        lines += ["KIDS=$(sbatch --parsable children.sbatch)"]
+    lines.append("echo \"children: array job ${KIDS%%;*}\"")
+    sub = folder / "submit.sh"
+    sub.write_text("\n".join(lines) + "\n")
+    sub.chmod(0o755)
+    for p in (pre_path, kids):
+        if p is not None:
+            p.chmod(0o755)
+    jobs = SweepJobs(pl.study, parent, folder, keys, pre_path, kids, sub, skipped=skipped)
+    if submit:
+        _submit(jobs)
+    log.info("study %s: %d children, scripts in %s", pl.study, len(keys), folder)
+    return jobs
+
+
+def _fk(fraction: float) -> str:
+    from medssl.data.splits import fraction_key
+
+    return fraction_key(fraction)
+
+
+def _sbatch(*args: str) -> str:
+    p = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise MedsslError(f"sbatch {' '.join(args)} failed: {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout.strip().split(";")[0]
+
+
+def _submit(jobs: SweepJobs) -> None:
+    """sbatch the pretraining, then the array depending on it; record ``jobs.json``."""
+    dep: list[str] = []
+    if jobs.pretrain_script is not None:
+        jobs.pretrain_job = _sbatch(str(jobs.pretrain_script))
+        dep = [f"--dependency=afterok:{jobs.pretrain_job}"]
+    jobs.children_job = _sbatch(*dep, str(jobs.children_script))
+    record = {"study": jobs.study, "parent_run_id": jobs.parent_run_id, "pretrain_job": jobs.pretrain_job,
+              "children_job": jobs.children_job, "keys": jobs.keys}
+    (jobs.folder / "jobs.json").write_text(json.dumps(record, indent=1))
+    log.info("submitted: pretraining %s, array %s", jobs.pretrain_job or "-", jobs.children_job)
+
+
+def _record(pl_study_root: Path) -> dict[str, Any]:
+    try:
+        return json.loads((pl_study_root / "slurm" / "jobs.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def active_jobs(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, str]:
+    """Submitted jobs of the study still pending or running: ``{"<job>[_<task>]": state}`` (empty when
+    nothing was submitted, all are done, or ``squeue`` is unavailable)."""
+    from medssl.sweep import load_pipeline
+
+    rec = _record(load_pipeline(pipeline, overrides).study_root)
+    ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job")) if j]
+    if not ids or shutil.which("squeue") is None:
+        return {}
+    p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i %T"], capture_output=True,
+                       text=True, timeout=60)
+    if p.returncode != 0:  # finished jobs age out of squeue: "Invalid job id" means none is active
+        return {}
+    return dict(line.split(maxsplit=1) for line in p.stdout.splitlines() if line.strip())
+
+
+def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Any:
+    """Rich ``Table`` of the submitted sweep: each child's SLURM state and its ``sweep_child.json`` status."""
+    from rich.table import Table
+
+    from medssl.sweep import load_pipeline
+
+    pl = load_pipeline(pipeline, overrides)
+    rec, active = _record(pl.study_root), active_jobs(pipeline, overrides)
+    t = Table(title=f"medssl sweep {pl.study}: SLURM jobs still active (parent run {rec.get('parent_run_id')})")
+    for col in ("task", "child", "SLURM", "status"):
+        t.add_column(col)
+    pre = rec.get("pretrain_job")
+    if pre:
+        t.add_row("-", "pretrain", active.get(pre, "done"), _status(pl, rec, "pretrain"))
+    for i, key in enumerate(rec.get("keys", [])):
+        task = f"{rec.get('children_job')}_{i}"
+        state = active.get(task) or active.get(str(rec.get("children_job")), "done")
+        t.add_row(str(i), key, state, _status(pl, rec, key))
+    return t
+
+
+def _status(pl: Any, rec: dict[str, Any], key: str) -> str:
+    from medssl.engines.sweep_results import _read_marker
+
+    for folder in sorted(pl.study_root.glob("sweep*")):
+        marker = _read_marker(folder / key)
+        if marker:
+            return str(marker.get("status", "?"))
+    return "not started"
