@@ -65,15 +65,17 @@ def make_client(tracking_uri: str | None = None):
 
 
 def git_sha(path: str | Path | None = None) -> str | None:
-    """Commit of the git checkout holding ``path`` (default: the medssl sources), ``None`` outside git."""
+    """Commit of the git checkout holding ``path`` (default: the medssl sources); outside git (a Docker image
+    built by ``docker/Dockerfile``) ``$MEDSSL_GIT_SHA``, the commit the image was built from; else ``None``."""
     where = Path(path) if path else Path(__file__).resolve().parent
+    baked = os.environ.get("MEDSSL_GIT_SHA") or None
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        return baked
+    return (out.stdout.strip() or None if out.returncode == 0 else None) or baked
 
 
 def standard_tags(
