@@ -19,6 +19,7 @@ from medssl.engines.checkpoint import load_checkpoint
 from medssl.engines.preemption import EXIT_PREEMPTED, Preempted, PreemptionHandler
 from medssl.engines.pretrain import run_pretraining
 from tests.engines.conftest import toy_config
+from tests.engines.test_finetune import adrenal  # noqa: F401, F811 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -100,3 +101,38 @@ def test_cli_exits_75_on_sigusr1(tiny_datalist: Path, tmp_path: Path) -> None:
     assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
     assert "preempted by SIGUSR1" in out
     assert load_checkpoint(tmp_path / "cli" / "checkpoints" / "last.pt")["step"] >= 2
+
+
+def test_finetune_signal_mid_epoch_resumes_from_epoch_start_exactly(
+    adrenal, tmp_path: Path, monkeypatch  # noqa: F811
+) -> None:
+    """Finetuning's granularity is the epoch: a signal inside epoch 1 stops before the next step, keeps the
+    epoch-0 ``last.pt`` (no new checkpoint), and the resumed run equals a straight one."""
+    import torch
+
+    from medssl.engines.finetune import Finetuner, run_finetune
+    from tests.engines.test_finetune import cls_config
+
+    straight = run_finetune(cls_config(adrenal, tmp_path / "straight", fraction=25, max_epochs=3), progress=False,
+                            preemption=False)
+    cfg = cls_config(adrenal, tmp_path / "pre", fraction=25, max_epochs=3)
+    real = Finetuner.train_step
+
+    def step_then_signal(self: Finetuner, batch):
+        out = real(self, batch)
+        if self.step == 3:  # the first step of epoch 1 (2 steps per epoch) just finished
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    monkeypatch.setattr(Finetuner, "train_step", step_then_signal)
+    with pytest.raises(Preempted, match="epoch 1"):
+        run_finetune(cfg, progress=False)
+    last = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and last["step"] == 2  # epoch 0's end: steps 3.. are redone on resume
+    monkeypatch.setattr(Finetuner, "train_step", real)
+    resumed = run_finetune(cfg, resume="auto", progress=False)
+    a = load_checkpoint(straight.out_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 6 and resumed.epochs_run == 3
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert resumed.test_metrics == pytest.approx(straight.test_metrics, nan_ok=True)
