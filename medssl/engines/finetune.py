@@ -59,6 +59,7 @@ from medssl.engines.metrics import as_tensor
 from medssl.engines.preemption import Preempted, PreemptionHandler
 from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule, pretrained_lr_factor, resolve_ssl_schedule
+from medssl.engines.tta import FlipTTAInferer
 from medssl.errors import MedsslError
 
 __all__ = ["FinetuneResult", "Finetuner", "build_model", "rebuild_model", "run_finetune"]
@@ -171,6 +172,9 @@ class Finetuner(_FinetunerState):
         self.inferer = SlidingWindowInferer(
             cfg.roi_size, sw_batch_size=cfg.sw_batch_size, overlap=cfg.sw_overlap
         )
+        if cfg.tta and cfg.task == "segmentation":
+            flips = cfg.augment["flip_axes"] if cfg.augment["flip_prob"] > 0 else []  # only flips it trained on
+            self.inferer = FlipTTAInferer(self.inferer, flips)
         self.out = Path(cfg.out_dir)
         self.epoch, self.step, self.nan_run, self.bad_validations, self.stopped = 0, 0, 0, 0, False
         self.val_step = -1  # optimizer step of the last validation

@@ -104,6 +104,8 @@ class FinetuneConfig(ConfigBase):
             large fractions validate equally often; 0 = per ``val_every`` epochs.
         early_stopping_patience: stop after this many validations without improvement; 0 disables.
         sw_batch_size: sliding-window batch size; ``sw_overlap``: window overlap in [0, 1).
+        tta: segmentation validation / test with test-time flips along ``augment.flip_axes`` (softmax averaged,
+            :mod:`medssl.engines.tta`), as nnU-Net mirrors at inference; selection and test use the same scoring.
         freeze_encoder: linear probe (encoder parameters not trained).
         llrd: layer-wise lr decay factor in (0, 1] (``None`` = off), every init.
         encoder_warmup_steps: encoder lr held at 0 for this many optimizer steps (encoder only, norms train).
@@ -167,6 +169,7 @@ class FinetuneConfig(ConfigBase):
     early_stopping_patience: int = 0
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
+    tta: bool = False
     freeze_encoder: bool = False
     llrd: float | None = None
     encoder_warmup_steps: int = 0
