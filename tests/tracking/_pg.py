@@ -189,6 +189,13 @@ class PgMlflow:
         self.start_pg()
         self.start_mlflow()
 
+    def ensure_up(self) -> None:
+        """Start whatever a failed outage test left down."""
+        if self._pg_ctl("status").returncode != 0:
+            self.start_pg()
+        if self.mlflow_proc is None or self.mlflow_proc.poll() is not None:
+            self.start_mlflow()
+
     def close(self) -> None:
         self.stop()
         _kill_group(self.s3_proc)

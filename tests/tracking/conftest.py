@@ -10,7 +10,7 @@ from tests.tracking._pg import PgMlflow, find_pg_bin, start_pg_mlflow
 
 
 @pytest.fixture(scope="session")
-def pg_mlflow() -> Iterator[PgMlflow]:
+def _pg_mlflow_session() -> Iterator[PgMlflow]:
     """PostgreSQL 15 + ``mlflow server`` (+ moto S3 artifacts where ``moto[server]`` is installed).
 
     Skips only where the PostgreSQL binaries or psycopg2 are missing; a server that is there but fails to
@@ -24,3 +24,10 @@ def pg_mlflow() -> Iterator[PgMlflow]:
         yield srv
     finally:
         srv.close()
+
+
+@pytest.fixture
+def pg_mlflow(_pg_mlflow_session: PgMlflow) -> PgMlflow:
+    """The session's server, up (an outage test that failed midway may have left it stopped)."""
+    _pg_mlflow_session.ensure_up()
+    return _pg_mlflow_session
