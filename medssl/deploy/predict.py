@@ -131,7 +131,8 @@ def case_progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
 
 def _load_runner(model: Any, backend: str, device: torch.device, tracking_uri: str | None
                  ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any], str]:
-    """``(runner, preprocessing recipe, source)`` for a backend; ``model`` may be a loaded `DeployModel`."""
+    """``(runner, preprocessing recipe, source)`` for a backend; ``model`` may be a loaded `DeployModel` (torch)
+    or `Exported` (torchscript / onnx)."""
     from medssl.deploy.model import DeployModel, load_model
 
     if backend not in BACKENDS:
@@ -140,10 +141,14 @@ def _load_runner(model: Any, backend: str, device: torch.device, tracking_uri: s
         m = model if isinstance(model, DeployModel) else load_model(model, device=device, tracking_uri=tracking_uri)
         return m.network.to(device), dict(m.preprocessing), m.source
     try:
-        from medssl.deploy.export import load_exported
+        from medssl.deploy.export import Exported, load_exported
     except ImportError as e:
         raise MedsslError(f"backend {backend!r} needs medssl.deploy.export (TorchScript/ONNX export), which this "
                           "installation lacks; use --backend torch") from e
+    if isinstance(model, Exported):  # loaded once by the caller (a service, benchmarks/predict.py)
+        if model.format != backend:
+            raise MedsslError(f"model {model.source} is loaded as {model.format}, not {backend}")
+        return model.runner, dict(model.preprocessing), str(model.source)
     exported = load_exported(model, backend=backend, device=str(device))
     return exported.runner, dict(exported.preprocessing), str(exported.source)
 
@@ -218,7 +223,8 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
     Args:
         model: a finetune checkpoint / run folder / ``runs:/`` / ``models:/`` URI (torch backend; see
             :func:`medssl.deploy.model.load_model`), an exported file for ``torchscript`` / ``onnx``, or an
-            already loaded :class:`~medssl.deploy.model.DeployModel`.
+            already loaded :class:`~medssl.deploy.model.DeployModel` (torch) or
+            :class:`~medssl.deploy.export.Exported` (its backend).
         inputs: NIfTI files, DICOM series folders, or folders of either (walked recursively).
         out: output folder (created).
         backend: ``torch`` | ``torchscript`` | ``onnx``.
@@ -273,12 +279,11 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
     algorithm = ("medssl", str(getattr(medssl, "__version__", "0")))
     # Overlap I/O with compute: one thread reads + preprocesses case i+1 while case i runs, another writes
     # (gzip) outputs, so a folder costs about max(read, infer, write) per case instead of their sum; the
-    # report's "stages" gives the three sums and the wall time (benchmarks/predict_overlap.py compares both
-    # modes). Threads suffice: gzip/zlib, numpy and torch release the GIL in their heavy loops. Measured on the
-    # shared 2-core CPU (10 hippocampus volumes, tiny test SegResNet, 3 runs each): OMP_NUM_THREADS=1 ~0.1 s/volume
-    # either way (reading is ~10 % of inference there, so overlap can save little); OMP_NUM_THREADS=2 overlapped
-    # 0.09-0.12 s/volume vs 1.1-1.7 s sequential, where inference alone slowed 10x with preprocessing on the
-    # main thread (thread contention on a loaded machine, cause not isolated). On a GPU reading is the CPU's work.
+    # report's "stages" gives the three sums and the wall time. Threads suffice: gzip/zlib, numpy and torch
+    # release the GIL in their heavy loops. benchmarks/predict.py measures it ("predict[torch] sequential" =
+    # prefetch off) beside a hand-written MONAI loop: on the shared 2-core CPU with OMP_NUM_THREADS=1 and the
+    # demo's SegResNet-8 (hippocampus, 8 windows of 32^3 per volume) sliding-window inference is ~90 % of a
+    # volume's time, so the overlap saves only the I/O share (a few %); it pays where inference is fast (GPU).
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medssl-read") if prefetch else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medssl-write") if prefetch else None
     pending: list[tuple[dict[str, Any], Future | dict[str, Any]]] = []
