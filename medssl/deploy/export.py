@@ -230,7 +230,11 @@ def load_exported(path: str | Path, *, backend: str | None = None, device: str |
             import onnxruntime as ort
 
             providers = (["CUDAExecutionProvider"] if dev.type == "cuda" else []) + ["CPUExecutionProvider"]
-            sess = ort.InferenceSession(str(path), providers=providers)
+            # ORT ignores OMP_NUM_THREADS and takes every core by default; use torch's count like the other
+            # backends (benchmarks/predict.py: 2 ORT threads on a busy 2-core machine ran 1.5-2x slower than 1)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            sess = ort.InferenceSession(str(path), opts, providers=providers)
             meta = sess.get_modelmeta().custom_metadata_map
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise MedsslError(f"cannot load ONNX model {path}: {e}") from e
