@@ -292,8 +292,10 @@ class MlflowTracker:
         if self._lock is not None:
             self._lock.release()
         self._lock = SpoolLock(self.spool_path)
-        if not self._lock.acquire():  # another live tracker shares the file: appends are still safe
-            log.debug("spool %s is locked by another live tracker", self.spool_path)
+        # a replay by another command holds it for seconds: wait, else records appended now could be lost
+        # when that replay removes the file; after 10 s another live tracker shares it: append anyway
+        if not self._lock.acquire(timeout_s=10.0):
+            log.warning("spool %s is locked by another live process; appending without the lock", self.spool_path)
 
     def _spool_queue(self) -> None:
         if not self._queue:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,18 +56,23 @@ class SpoolLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> bool:
-        """Take the lock without waiting; False when another open file (a live process) holds it."""
+    def acquire(self, timeout_s: float = 0.0) -> bool:
+        """Take the lock, waiting up to ``timeout_s`` seconds; False when another open file (a live process,
+        or a replay in progress) still holds it then."""
         if self._fd is not None:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout_s
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                return False
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+                continue
             try:  # the holder before us may have unlinked the file: lock the one at the path
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
