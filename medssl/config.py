@@ -122,6 +122,15 @@ class PretrainConfig(ConfigBase):
         cache_rate: share of volumes kept in the in-memory ``CacheDataset`` (filled lazily).
         num_workers: threads for loading; 0 (default) loads in the training process, which was
             faster than workers for small volumes on 2 CPU cores.
+        cache: where the preprocessed pool lives (:mod:`medssl.engines.pool_cache`): ``"ram"`` (default,
+            in-memory cache), ``"disk"`` (a MONAI ``PersistentDataset`` in ``cache_dir``, built once and shared
+            by ranks and runs, keyed by preprocessing recipe and file; memory flat in the pool size) or
+            ``"none"`` (preprocess at every draw).
+        cache_dir: the disk cache's folder (``cache="disk"`` only), e.g. a shared ``/scratch/medssl-cache``.
+        data_shard: how DDP ranks split the pool (:class:`~medssl.engines.data.CropBatcher`): ``"order"``
+            (default: each epoch's global order, 2 ranks × B = 1 process × 2B, but every rank draws every
+            volume) or ``"pool"`` (a fixed seeded partition: each rank draws and caches only its
+            ``N / world_size`` volumes). One process is unaffected.
         sync_batchnorm: under DDP (``torchrun``, ``WORLD_SIZE > 1``), convert BatchNorm layers to
             ``SyncBatchNorm`` (batch statistics over the global batch; CUDA only, ignored with a warning
             on CPU/Gloo).
@@ -187,6 +196,9 @@ class PretrainConfig(ConfigBase):
     out_dir: str = "runs/pretrain"
     cache_rate: float = 1.0
     num_workers: int = 0
+    cache: str = "ram"
+    cache_dir: str | None = None
+    data_shard: str = "order"
     sync_batchnorm: bool = False
     ddp_find_unused_parameters: bool = True
     channels_last: bool | None = None
@@ -249,6 +261,11 @@ class PretrainConfig(ConfigBase):
             raise ValueError("set total_steps or epochs (both are 0)")
         if not 0.0 <= self.cache_rate <= 1.0:
             raise ValueError(f"cache_rate must be in [0, 1], got {self.cache_rate!r}")
+        if self.cache not in ("ram", "disk", "none") or self.data_shard not in ("order", "pool"):
+            raise ValueError(f"cache must be ram|disk|none and data_shard order|pool, got {self.cache!r}, "
+                             f"{self.data_shard!r}")
+        if self.cache == "disk" and not self.cache_dir:
+            raise ValueError("cache='disk' needs cache_dir (a folder shared by the ranks and runs)")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
             raise ValueError(
                 f"lr > 0, min_lr >= 0, weight_decay >= 0 expected, got {self.lr}, {self.min_lr}, "

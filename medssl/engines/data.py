@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
 from monai.transforms import Compose
 
+from medssl.engines.pool_cache import DATA_SHARDS, SafeCacheDataset, shard_indices
 from medssl.errors import MedsslError
 
-__all__ = ["load_pool", "pool_channels", "pool_record", "resolve_in_channels", "preprocessing", "SafeCacheDataset", "CropBatcher",
-           "pool_fingerprint"]
+__all__ = ["load_pool", "pool_channels", "pool_record", "resolve_in_channels", "preprocessing", "preprocessing_recipe",
+           "SafeCacheDataset", "CropBatcher", "DATA_SHARDS", "shard_indices", "pool_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -206,32 +206,33 @@ def preprocessing(
     Raises:
         ValueError: an unknown ``normalisation`` (a ``MedsslError``, which is a ``ValueError`` here too).
     """
-    from medssl.transforms.preprocess import NORMALISATIONS, preprocess_transforms
+    from medssl.transforms.preprocess import preprocess_transforms
+
+    return preprocess_transforms(preprocessing_recipe(normalisation, target_spacing, ct_window), track_meta=False)
+
+
+def preprocessing_recipe(
+    normalisation: str = "robust",
+    target_spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] = (-1000.0, 1000.0),
+) -> dict[str, Any]:
+    """The plain recipe :func:`preprocessing` builds its chain from (also the disk cache's key,
+    :func:`medssl.engines.pool_cache.recipe_key`); arguments as there.
+
+    Raises:
+        ValueError: an unknown ``normalisation``.
+    """
+    from medssl.transforms.preprocess import NORMALISATIONS
 
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be robust|ct|none, got {normalisation!r}")
-    prep = {
+    return {
         "task": "segmentation",
         "axcodes": "RAS",
         "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
         "normalisation": normalisation,
         "ct_window": [float(v) for v in ct_window],
     }
-    return preprocess_transforms(prep, track_meta=False)
-
-
-class SafeCacheDataset(CacheDataset):
-    """``CacheDataset`` whose failing items become error markers instead of exceptions.
-
-    A volume that cannot be loaded or preprocessed yields ``{"image": path, "_medssl_load_error": reason}``
-    (cached, so it is tried once); :class:`CropBatcher` logs and skips it.
-    """
-
-    def _load_cache_item(self, idx: int):
-        try:
-            return super()._load_cache_item(idx)
-        except Exception as e:  # noqa: BLE001 - any reader/transform failure quarantines this one volume
-            return {"image": self.data[idx].get("image"), _ERROR_KEY: f"{type(e).__name__}: {_short(e)}"}
 
 
 def _short(e: Exception, n: int = 300) -> str:
@@ -248,11 +249,24 @@ class CropBatcher:
             are cut at a random position (e.g. ``(96, 96, 96)`` for whole-body CT), smaller axes kept
             whole. ``None``: whole volumes (small MRI such as the hippocampus crops).
         seed: order/window seed.
-        rank, world_size: DDP shard. Every rank draws the same epoch order ``permutation(seed, epoch)``
-            (padded by repeating its head to a multiple of ``world_size``, as ``DistributedSampler``)
-            and takes ``order[rank::world_size]``: disjoint slices, so one step of B per rank sees the
-            same volumes (and windows: they are seeded by the *global* position) as one process with
-            ``world_size * B``. ``(epoch, position)`` stays the whole (per-rank) data state.
+        rank, world_size: DDP rank and number of ranks.
+        shard: how the ranks split the pool (one process, ``world_size == 1``, draws
+            ``permutation(seed, epoch)`` of the whole pool either way, bit-identical to before this option):
+
+            - ``"order"`` (default): every rank draws the same epoch order ``permutation(seed, epoch)``
+              of the whole pool (padded by repeating its head to a multiple of ``world_size``, as
+              ``DistributedSampler``) and takes ``order[rank::world_size]``: disjoint slices, so one step
+              of B per rank sees the same volumes (and windows: they are seeded by the *global* position)
+              as one process with ``world_size * B``. But each epoch reshuffles the whole pool, so every
+              rank eventually draws (and caches) every volume.
+            - ``"pool"``: a fixed partition, :func:`shard_indices`: the pool permuted once by ``seed``,
+              padded as above, and cut ``[rank::world_size]``; each rank permutes only its part every
+              epoch (``part[permutation(seed, epoch)]``). A rank thus draws (and caches) only
+              ``ceil(N / world_size)`` volumes for the whole run: the choice for pools that do not fit in
+              every rank's RAM. The global batch is no longer the one-process batch (each rank's epoch
+              mixes only its part), and resuming needs the same ``world_size``.
+
+            ``(epoch, position)`` is the whole (per-rank) data state in both modes.
     """
 
     def __init__(
@@ -262,6 +276,7 @@ class CropBatcher:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        shard: str = "order",
     ) -> None:
         if len(dataset) == 0:
             raise MedsslError("empty pretraining dataset")
@@ -271,11 +286,15 @@ class CropBatcher:
         self.source_size = tuple(int(r) for r in source_size) if source_size is not None else None
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
+        self.shard = shard
+        self.indices = shard_indices(len(dataset), self.seed, self.rank, self.world_size, shard)
         self.epoch, self.position = 0, 0
         self.skipped: dict[int, str] = {}
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        if self.shard == "pool":  # world_size 1: indices = arange(N), so this is the "order" permutation
+            return self.indices[np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))]
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         if self.world_size == 1:
             return order
@@ -301,17 +320,25 @@ class CropBatcher:
             reason = item.get(_ERROR_KEY) if isinstance(item, dict) else None
             image = None if reason else item["image"]
         except Exception as e:  # noqa: BLE001 - a non-cached item failing at train time is skipped too
-            reason, image = f"{type(e).__name__}: {_short(e)}", None
+            reason, image, item = f"{type(e).__name__}: {_short(e)}", None, None
         if reason:
-            path = getattr(self.dataset, "data", [{}] * (idx + 1))[idx].get("image", f"#{idx}")
+            path = item.get("image", f"#{idx}") if isinstance(item, dict) else self._path(idx)
             self.skipped[idx] = reason
             log.warning("skipping volume %s: %s", path, reason)
-            if len(self.skipped) == len(self.dataset):
+            if len(self.skipped) == len(self.indices):
+                where = f" (rank {self.rank}'s shard)" if self.shard == "pool" and self.world_size > 1 else ""
                 raise MedsslError(
-                    "every volume of the pretraining pool failed to load; see the warnings above"
+                    f"every volume of the pretraining pool{where} failed to load; see the warnings above"
                 )
             return None
         return torch.as_tensor(image)
+
+    def _path(self, idx: int) -> str:
+        data = getattr(self.dataset, "data", None)
+        try:
+            return str(data[idx].get("image", f"#{idx}")) if data is not None else f"#{idx}"
+        except (IndexError, KeyError, AttributeError):
+            return f"#{idx}"
 
     def crop(self, image: torch.Tensor, epoch: int, position: int) -> torch.Tensor:
         """Random window of at most ``source_size`` voxels per axis of ``(C, X, Y, Z)`` (a view, no copy);
@@ -343,6 +370,8 @@ class CropBatcher:
         state: dict[str, Any] = {"epoch": self.epoch, "position": self.position, "order_seed": self.seed}
         if self.world_size > 1:
             state.update(rank=self.rank, world_size=self.world_size)
+            if self.shard != "order":
+                state["shard"] = self.shard
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -355,6 +384,10 @@ class CropBatcher:
                 state.get("world_size", 1),
                 self.world_size,
             )
+        saved_shard = state.get("shard", "order") if int(state.get("world_size", 1)) > 1 else self.shard
+        if self.world_size > 1 and saved_shard != self.shard:
+            log.warning("data position saved with data_shard=%r restored with data_shard=%r: the epoch "
+                        "orders differ, this resume is not exact", saved_shard, self.shard)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
 

@@ -42,13 +42,14 @@ from medssl.engines.components import (
 )
 from medssl.engines.data import (
     CropBatcher,
-    SafeCacheDataset,
     load_pool,
     pool_record,
     preprocessing,
+    preprocessing_recipe,
     resolve_in_channels,
 )
 from medssl.engines.monitor import RepresentationMonitor, build_monitor
+from medssl.engines.pool_cache import make_pool_dataset, shard_indices
 from medssl.engines.preemption import Preempted, PreemptionHandler
 from medssl.engines.pretrain_state import _PretrainerState
 from medssl.engines.progress import ProgressBar
@@ -117,17 +118,16 @@ class Pretrainer(_PretrainerState):
             config, method, self.dist.local_rank if self.dist.enabled else None
         )
         self.out = Path(config.out_dir)
-        self.dataset = SafeCacheDataset(
-            self.pool,
-            preprocessing(config.normalisation, config.target_spacing, config.ct_window),
-            cache_rate=config.cache_rate,
-            num_workers=max(1, config.num_workers),
-            runtime_cache=config.num_workers == 0,
-            copy_cache=False,
-            progress=False,
-        )
+        # each rank builds its dataset over the pool indices it can draw (all of them unless data_shard="pool")
+        shard = shard_indices(len(self.pool), config.seed, self.dist.rank, self.dist.world_size, config.data_shard)
+        prep = preprocessing_recipe(config.normalisation, config.target_spacing, config.ct_window)
+        self.dataset = make_pool_dataset(
+            self.pool, preprocessing(config.normalisation, config.target_spacing, config.ct_window),
+            cache=config.cache, cache_dir=config.cache_dir, prep=prep, cache_rate=config.cache_rate,
+            num_workers=config.num_workers, indices=shard if len(shard) < len(self.pool) else None,
+        )  # fmt: skip
         self.batcher = CropBatcher(
-            self.dataset, config.source_size, config.seed, self.dist.rank, self.dist.world_size
+            self.dataset, config.source_size, config.seed, self.dist.rank, self.dist.world_size, config.data_shard
         )
         per_step = config.batch_size * config.grad_accum * self.dist.world_size
         self.total_steps = config.total_steps or config.epochs * math.ceil(len(self.pool) / per_step)

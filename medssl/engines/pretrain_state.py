@@ -169,7 +169,8 @@ class _PretrainerState:
 
         rng, aug = ck.capture_rng(), ck.component_state(self.augment)
         try:
-            side = CropBatcher(self.dataset, self.cfg.source_size, seed=self.cfg.seed + 1)
+            b = self.batcher  # same shard: under data_shard="pool" this rank's dataset holds only its part
+            side = CropBatcher(self.dataset, self.cfg.source_size, self.cfg.seed + 1, b.rank, b.world_size, b.shard)
             with torch.no_grad():
                 batch = self.augment([v.to(self.device) for v in side.next_batch(4)])
             return save_augment_preview(batch, self.out / "augment_preview.png")

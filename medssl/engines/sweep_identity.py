@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 PREPROCESSING_KEYS = ("target_spacing", "normalisation", "ct_window", "in_channels")
 # the representation monitor (monitor_*) only observes: the encoder is the same with it on or off
 _PRETRAIN_RUN_KEYS = ("out_dir", "run_name", "tags", "parent_run_id", "tracking_uri", "experiment", "datalist",
-                      "splits", "monitor_every", "monitor_cases", "monitor_k")
+                      "splits", "monitor_every", "monitor_cases", "monitor_k", "cache", "cache_dir")
+# the pool's storage never changes the encoder; data_shard="order" (default) is the stream from before the option
+_PRETRAIN_NEUTRAL = {"data_shard": "order"}
 
 
 def resolve_preprocessing(encoder: str | Path, finetune: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +71,8 @@ def pretrain_identity(config: Any) -> dict[str, Any]:
     from medssl.config import PretrainConfig
 
     cfg = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(dict(config))
-    out = {k: v for k, v in cfg.to_dict().items() if k not in _PRETRAIN_RUN_KEYS}
+    out = {k: v for k, v in cfg.to_dict().items()
+           if k not in _PRETRAIN_RUN_KEYS and not (k in _PRETRAIN_NEUTRAL and v == _PRETRAIN_NEUTRAL[k])}
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
