@@ -56,11 +56,11 @@ log = logging.getLogger("medssl.bench.pool_scale")
 
 
 def generate_volumes(folder: Path, n: int, seed: int = 0) -> Path:
-    """``n`` float32 NIfTI volumes (32–48 voxels per side, 1.5 mm, Gaussian blobs + noise) and a datalist
+    """``n`` float32 NIfTI volumes (32–48 voxels per side, 1.5 mm, Gaussian blobs + noise; uncompressed ``.nii``) and a datalist
     of them; existing volumes (a previous, larger or equal run) are kept.
 
     Returns:
-        The ``datalist.json`` listing ``vol00000.nii.gz`` … (section ``unlabeled``).
+        The ``datalist.json`` listing ``vol00000.nii`` … (section ``unlabeled``).
     """
     import nibabel as nib
     import numpy as np
@@ -68,17 +68,18 @@ def generate_volumes(folder: Path, n: int, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     items = []
     for i in range(n):
-        name = f"vol{i:05d}.nii.gz"
+        name = f"vol{i:05d}.nii"  # uncompressed: gzip of noisy floats took most of the generation time
         items.append({"image": name, "case_id": f"case{i:05d}"})
         if (folder / name).exists():
             continue
         rng = np.random.default_rng([seed, i])
         shape = tuple(int(s) for s in rng.integers(32, 49, size=3))
-        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-        img = rng.normal(0, 0.1, shape)
-        for _ in range(3):
-            c, w = rng.uniform(-0.6, 0.6, (3, 1, 1, 1)), rng.uniform(0.1, 0.4)
-            img += rng.uniform(0.5, 2.0) * np.exp(-((grid - c) ** 2).sum(0) / (2 * w * w))
+        axes = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
+        img = rng.normal(0, 0.1, shape).astype(np.float32)
+        for _ in range(3):  # separable Gaussian blobs: outer product of 1-D profiles
+            c, w = rng.uniform(-0.6, 0.6, 3), rng.uniform(0.1, 0.4)
+            g = [np.exp(-((a - ci) ** 2) / (2 * w * w)) for a, ci in zip(axes, c, strict=True)]
+            img += np.float32(rng.uniform(0.5, 2.0)) * g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
         tmp = folder / f".{name}"
         nib.save(nib.Nifti1Image((img * 500).astype(np.float32), np.diag([1.5, 1.5, 1.5, 1.0])), tmp)
         os.replace(tmp, folder / name)
