@@ -73,24 +73,12 @@ def _is_uri(src: str) -> bool:
 
 def _download(src: str, tracking_uri: str | None, dst: str) -> Path:
     """Download an MLflow URI into ``dst``; ``runs:/<id>`` alone means its ``checkpoints/best.pt``."""
-    import mlflow
+    from medssl.tracking.artifacts import download_uri
 
-    from medssl.tracking.mlflow_tracker import default_tracking_uri
-
-    uri = tracking_uri or default_tracking_uri()
     target = src
-    try:
-        if target.startswith("runs:/") and len(target.removeprefix("runs:/").strip("/").split("/")) == 1:
-            target = target.rstrip("/") + "/checkpoints/best.pt"
-        if target.startswith("models:/"):
-            from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-            name, version = get_model_name_and_version(client, target)
-            target = client.get_model_version_download_uri(name, version)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=dst, tracking_uri=uri))
-    except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "cannot get it"
-        raise MedsslError(f"cannot download model {src!r} from MLflow at {uri}: {e}") from e
+    if target.startswith("runs:/") and len(target.removeprefix("runs:/").strip("/").split("/")) == 1:
+        target = target.rstrip("/") + "/checkpoints/best.pt"
+    return download_uri(target, dst, tracking_uri=tracking_uri, what="model", shown=src)
 
 
 def resolve_source(source: str | Path, tmp: str | Path, *, tracking_uri: str | None = None) -> Path:

@@ -29,13 +29,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from medssl.engines.tta import flip_dims
 from medssl.errors import MedsslError
 
 __all__ = ["BACKENDS", "PredictResult", "case_progress", "tta_flips", "predict_probabilities", "predict"]
@@ -48,7 +48,8 @@ REPORT_NAME = "predict_report.json"
 
 def tta_flips(flip_axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Test-time flips: every non-empty combination of the allowed spatial axes (nnU-Net's mirroring), as
-    tensor dims of a ``(B, C, X, Y, Z)`` batch.
+    tensor dims of a ``(B, C, X, Y, Z)`` batch (:func:`medssl.engines.tta.flip_dims`, the same flips finetuning
+    scores with when ``tta`` is on).
 
     Only axes the training augmentation flipped are allowed (a flip the model never saw can swap classes,
     e.g. left/right structures). Example: ``[0]`` → ``[(2,)]``; ``[0, 2]`` → ``[(2,), (4,), (2, 4)]``.
@@ -56,10 +57,10 @@ def tta_flips(flip_axes: Sequence[int]) -> list[tuple[int, ...]]:
     Raises:
         MedsslError: an axis outside 0..2.
     """
-    axes = sorted({int(a) for a in flip_axes})
-    if any(a not in (0, 1, 2) for a in axes):
-        raise MedsslError(f"flip_axes must be spatial axes 0..2, got {list(flip_axes)}")
-    return [tuple(2 + a for a in combo) for r in range(1, len(axes) + 1) for combo in combinations(axes, r)]
+    try:
+        return flip_dims(flip_axes)
+    except ValueError as e:
+        raise MedsslError(f"recipe {e}") from e
 
 
 def predict_probabilities(x: torch.Tensor, runner: Callable[[torch.Tensor], torch.Tensor],

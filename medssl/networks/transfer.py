@@ -130,21 +130,9 @@ def _in_channels(enc: dict[str, Any]) -> int | None:
 
 def _fetch(src: str, tracking_uri: str | None, tmp: str) -> Path:
     """Download an MLflow URI into ``tmp``; returns the local file or folder."""
-    import mlflow
+    from medssl.tracking.artifacts import download_uri
 
-    from medssl.tracking.mlflow_tracker import default_tracking_uri
-
-    uri = tracking_uri or default_tracking_uri()
-    try:
-        if src.startswith("models:/"):
-            from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-            name, version = get_model_name_and_version(client, src)
-            src = client.get_model_version_download_uri(name, version)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=tmp, tracking_uri=uri))
-    except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "cannot get it"
-        raise MedsslError(f"cannot download SSL checkpoint {src!r} from MLflow at {uri}: {e}") from e
+    return download_uri(src, tmp, tracking_uri=tracking_uri, what="SSL checkpoint")
 
 
 def load_ssl_checkpoint(src: str | Path, *, tracking_uri: str | None = None) -> SSLCheckpoint:
