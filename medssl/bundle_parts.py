@@ -328,19 +328,46 @@ def check_overrides(config_file: str | Path | Sequence[str | Path], overrides: M
     parser, owner = _config_ids(files)
     where = ", ".join(str(f) for f in files)
     locator = ComponentLocator()
-    for key, value in overrides.items():
+    for key, value in overrides.items():  # targets first: a swapped component takes the new one's arguments
         parts = str(key).split("#")
-        top = owner.get(parts[0], where)
-        parent = "#".join(parts[:-1])
-        if str(key) not in parser:
-            node = parser.get(parent) if parent and parent in parser else None
-            if not (isinstance(node, dict) and "_target_" in node):
-                raise MedsslError(f"bundle override {key!r}: no such id in {top if parent else where}")
         target = value if parts[-1] == "_target_" else (value.get("_target_") if isinstance(value, dict) else None)
         if isinstance(target, str) and not target.startswith(("$", "@", "%")):
             if locator.get_component_module_name(target) is None and _locate(target) is None:
                 raise MedsslError(f"bundle override {key!r}: _target_ {target!r} is neither a MONAI component nor "
-                                  f"an importable name (config {top})")
+                                  f"an importable name (config {owner.get(parts[0], where)})")
+            if parts[-1] == "_target_" and str(key) in parser:
+                parser[str(key)] = target
+    for key in overrides:
+        parts = str(key).split("#")
+        top = owner.get(parts[0], where)
+        parent = "#".join(parts[:-1])
+        if str(key) in parser:
+            continue
+        node = parser.get(parent) if parent and parent in parser else None
+        if not (isinstance(node, dict) and "_target_" in node):
+            raise MedsslError(f"bundle override {key!r}: no such id in {top if parent else where}")
+        if not _accepts(node["_target_"], parts[-1], locator):
+            raise MedsslError(f"bundle override {key!r}: {node['_target_']} has no argument {parts[-1]!r} "
+                              f"(component {parent!r} of {top})")
+
+
+def _accepts(target: Any, arg: str, locator: Any) -> bool:
+    """Whether the component ``target`` (a MONAI name or dotted path) takes keyword ``arg``; ``True`` when unknown
+    (a ``$`` / ``@`` target, or a signature with ``**kwargs``)."""
+    import inspect
+
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return True
+    modules = locator.get_component_module_name(target)
+    module = modules[0] if isinstance(modules, list) else modules
+    obj = _locate(f"{module}.{target}") if module else _locate(target)
+    if obj is None:
+        return True  # an unknown target is reported by its own check
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or p.name == arg for p in params)
 
 
 def _locate(name: str) -> Any:
