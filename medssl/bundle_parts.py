@@ -264,7 +264,8 @@ class MedsslMLFlowHandler(_mlflow_base()):  # type: ignore[misc]
     Args:
         experiment_name: MLflow experiment (medssl's default ``medssl-finetune``).
         run_name: run name (required: MONAI would otherwise reattach any unfinished run of the experiment).
-        tracking_uri: default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlruns.db`` (medssl's default).
+        tracking_uri: default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlruns.db`` (medssl's default); an
+            explicit value wins over the variable (MONAI's handler has it the other way round).
         task, network, study, fraction, init, seed: tag values.
         parent_run_id: the sweep's parent run, or ``None``.
         tags: extra tags.
@@ -289,6 +290,11 @@ class MedsslMLFlowHandler(_mlflow_base()):  # type: ignore[misc]
         self.medssl_tags = {k: str(v) for k, v in self.medssl_tags.items() if v is not None}
         kwargs.setdefault("artifact_location", _artifact_location(uri, experiment_name))
         super().__init__(tracking_uri=uri, experiment_name=experiment_name, run_name=run_name, **kwargs)
+        from medssl.tracking.mlflow_tracker import make_client
+
+        # MONAI lets $MLFLOW_TRACKING_URI win over the argument; medssl's rule is the reverse (an explicit store
+        # wins, the variable is the default), as for CLI runs
+        self.client = make_client(uri)
 
     def start(self, engine: Any) -> None:
         super().start(engine)
