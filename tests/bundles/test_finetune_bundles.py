@@ -206,3 +206,30 @@ def test_variant_files_override_existing_ids_only() -> None:
         evaluate = yaml.safe_load((configs / "evaluate.yaml").read_text())
         new = {k for k in evaluate if k.split("#")[0] not in base}
         assert new <= {"ckpt_path", "eval_role", "eval_dir"}, new
+
+
+def test_ssl_encoder_network_swap_loads_the_pretrained_weights(tmp_path: Path) -> None:
+    """`network_def` swapped in YAML for medssl's builder with an SSL init: medssl's transfer loads the encoder
+    (a MONAI-UNet SSL encoder: encoder and decoder; only the top up block `model.2` is new)."""
+    from monai.bundle import ConfigParser
+
+    from medssl.networks.encoders import build_encoder
+
+    tiny = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 2}
+    torch.manual_seed(3)
+    enc = build_encoder("monai_unet", in_channels=1, img_size=(16, 16, 16), **tiny)
+    path = tmp_path / "encoder.pt"
+    torch.save({"recipe": {"encoder": enc.recipe, "in_channels": 1}, "state_dict": enc.state_dict()}, path)
+    swap = {"network_def": {"_target_": "medssl.bundle_parts.finetune_network", "network": "UNet",
+                            "init": f"ssl:{path}", "out_channels": "@out_channels", "in_channels": "@in_channels",
+                            "roi_size": "@roi_size", "network_kwargs": tiny},
+            "roi_size": [16, 16, 16], "target_spacing": None}
+    check_overrides(SEG / "train.yaml", swap)
+    parser = ConfigParser()
+    parser.read_config(str(SEG / "train.yaml"))
+    parser.update(swap)
+    net = parser.get_parsed_content("network_def")
+    state, pre = net.state_dict(), enc.net.state_dict()
+    body = [k for k in state if not k.startswith("model.2.")]
+    assert body and all(torch.equal(state[k], pre[k]) for k in body)
+    assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
