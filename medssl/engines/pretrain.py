@@ -16,6 +16,7 @@ Checkpoints, resume and run outputs (encoder, MLflow) are in :mod:`medssl.engine
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -356,6 +357,7 @@ def run_pretraining(
         resume = last if last.exists() else None
     handler = PreemptionHandler() if preemption is True else (preemption or None)
     info, created = dd.init_distributed(config.device)
+    trainer = encoder = method = augment = None
     try:
         pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         config = resolve_in_channels(config, pool)  # in_channels=None → the datalist's channel count
@@ -369,7 +371,12 @@ def run_pretraining(
         with handler:
             return trainer.fit(resume=resume, progress=progress, preemption=handler)
     finally:
+        # the DDP reducer (inside trainer / method) must be freed before its Gloo group is destroyed: freed after
+        # destroy_process_group, a rank hung at exit after a finished run (seen under torchrun on the local SLURM
+        # cluster and in benchmarks/pool_scale.py)
+        del trainer, encoder, method, augment
         if created:
+            gc.collect()
             dd.cleanup_distributed()
 
 
