@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from medssl.engines.finetune_augment import trained_flip_axes
 from medssl.errors import MedsslError
 
 __all__ = ["DeployModel", "load_model", "load_finetune_checkpoint", "preprocessing_recipe", "resolve_source"]
@@ -153,7 +154,7 @@ def preprocessing_recipe(recipe: dict[str, Any], config: dict[str, Any] | None =
     build = recipe["build"]
     out = int(build["out_channels"])
     augment = recipe.get("augment") or config.get("augment") or {}
-    flips = [int(a) for a in augment.get("flip_axes", [])] if float(augment.get("flip_prob", 0.0)) > 0 else []
+    flips = trained_flip_axes(augment)
     spacing = recipe.get("target_spacing", config.get("target_spacing"))
     return {
         "task": str(recipe["task"]),

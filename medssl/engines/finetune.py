@@ -37,6 +37,7 @@ from torch import nn
 
 from medssl.engines import checkpoint as ck
 from medssl.engines.components import resolve_device
+from medssl.engines.finetune_augment import trained_flip_axes
 from medssl.engines.finetune_build import build_model, rebuild_model, single_param_group
 from medssl.engines.finetune_config import FinetuneConfig
 from medssl.engines.finetune_data import (
@@ -173,8 +174,7 @@ class Finetuner(_FinetunerState):
             cfg.roi_size, sw_batch_size=cfg.sw_batch_size, overlap=cfg.sw_overlap
         )
         if cfg.tta and cfg.task == "segmentation":
-            flips = cfg.augment["flip_axes"] if cfg.augment["flip_prob"] > 0 else []  # only flips it trained on
-            self.inferer = FlipTTAInferer(self.inferer, flips)
+            self.inferer = FlipTTAInferer(self.inferer, trained_flip_axes(cfg.augment))
         self.out = Path(cfg.out_dir)
         self.epoch, self.step, self.nan_run, self.bad_validations, self.stopped = 0, 0, 0, 0, False
         self.val_step = -1  # optimizer step of the last validation

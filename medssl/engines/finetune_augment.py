@@ -55,7 +55,7 @@ from monai.transforms import (
 )
 
 __all__ = ["AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL", "SAMPLINGS", "resolve_augment", "augment_transforms",
-           "class_ratios", "crop_transforms"]
+           "class_ratios", "crop_transforms", "trained_flip_axes"]
 
 #: crop samplers of ``FinetuneConfig.sampling`` (``"whole"`` is chosen by the engine, never configured)
 SAMPLINGS = ("posneg", "classes")
@@ -145,6 +145,13 @@ def _resolve_optional(given: Mapping[str, Any]) -> dict[str, Any]:
     if opt["noise_std"] > 0:
         out |= {"noise_std": opt["noise_std"], "noise_prob": opt["noise_prob"]}
     return out
+
+
+def trained_flip_axes(augment: Mapping[str, Any] | None) -> list[int]:
+    """The axes a run's augmentation really flipped (``flip_axes`` when ``flip_prob > 0``, else none): the only axes
+    test-time flips may use (finetuning's ``tta``, ``medssl predict --tta``). Missing keys count as "no flips"."""
+    aug = dict(augment or {})
+    return [int(a) for a in aug.get("flip_axes", [])] if float(aug.get("flip_prob", 0.0)) > 0 else []
 
 
 def augment_transforms(keys: Sequence[str], augment: Mapping[str, Any] | None) -> list[Any]:
