@@ -12,8 +12,9 @@ constructible from plain arguments:
   metric, so a ``SupervisedEvaluator`` scores like ``medssl finetune``'s evaluation.
 - :class:`MedsslMLFlowHandler`: MONAI's ``MLFlowHandler`` with medssl's tracking store and run tags, so a bundle run
   lands where ``medssl compare`` looks.
-- :func:`check_overrides` / :func:`run_bundle`: overrides naming a missing id or an unknown ``_target_`` fail with
-  one error naming the id and the config file (MONAI would silently add the id or fail deep in instantiation).
+- :func:`check_overrides` / :func:`run_bundle` (from :mod:`medssl.bundles.check`): overrides naming a missing id or
+  an unknown ``_target_`` fail with one error naming the id and the config file (MONAI would silently add the id or
+  fail deep in instantiation).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from ignite.metrics import Metric
 
+from medssl.bundles.check import check_overrides, run_bundle
 from medssl.errors import MedsslError
 
 __all__ = [
@@ -300,100 +302,3 @@ class MedsslMLFlowHandler(_mlflow_base()):  # type: ignore[misc]
         super().start(engine)
         for k, v in self.medssl_tags.items():
             self.client.set_tag(self.cur_run.info.run_id, k, v)
-
-
-def _config_ids(files: Sequence[str | Path]) -> tuple[Any, dict[str, str]]:
-    """The merged ``ConfigParser`` of ``files`` and, per top-level id, the file that defines it last."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    owner: dict[str, str] = {}
-    for f in files:
-        try:
-            content = ConfigParser.load_config_file(f)
-        except (OSError, ValueError) as e:
-            raise MedsslError(f"cannot read bundle config {f}: {e}") from e
-        parser.update(content)
-        owner |= {str(k): str(f) for k in content}
-    return parser, owner
-
-
-def check_overrides(config_file: str | Path | Sequence[str | Path], overrides: Mapping[str, Any]) -> None:
-    """Refuse overrides MONAI would accept silently or reject deep inside instantiation.
-
-    Every override id (``a#b#c``, the bundle spelling of the CLI's ``--set a.b.c=…``) must exist in the merged
-    configs, except a new key inside an existing ``_target_`` component (an extra constructor argument); every
-    ``_target_`` given must name an importable class / function (MONAI's ``ComponentLocator``).
-
-    Raises:
-        MedsslError: one line naming the override id and the config file(s).
-    """
-    from monai.bundle.config_item import ComponentLocator
-
-    files = [config_file] if isinstance(config_file, (str, Path)) else list(config_file)
-    parser, owner = _config_ids(files)
-    where = ", ".join(str(f) for f in files)
-    locator = ComponentLocator()
-    for key, value in overrides.items():  # targets first: a swapped component takes the new one's arguments
-        parts = str(key).split("#")
-        target = value if parts[-1] == "_target_" else (value.get("_target_") if isinstance(value, dict) else None)
-        if isinstance(target, str) and not target.startswith(("$", "@", "%")):
-            if locator.get_component_module_name(target) is None and _locate(target) is None:
-                raise MedsslError(f"bundle override {key!r}: _target_ {target!r} is neither a MONAI component nor "
-                                  f"an importable name (config {owner.get(parts[0], where)})")
-            if parts[-1] == "_target_" and str(key) in parser:
-                parser[str(key)] = target
-    for key in overrides:
-        parts = str(key).split("#")
-        top = owner.get(parts[0], where)
-        parent = "#".join(parts[:-1])
-        if str(key) in parser:
-            continue
-        node = parser.get(parent) if parent and parent in parser else None
-        if not (isinstance(node, dict) and "_target_" in node):
-            raise MedsslError(f"bundle override {key!r}: no such id in {top if parent else where}")
-        if not _accepts(node["_target_"], parts[-1], locator):
-            raise MedsslError(f"bundle override {key!r}: {node['_target_']} has no argument {parts[-1]!r} "
-                              f"(component {parent!r} of {top})")
-
-
-def _accepts(target: Any, arg: str, locator: Any) -> bool:
-    """Whether the component ``target`` (a MONAI name or dotted path) takes keyword ``arg``; ``True`` when unknown
-    (a ``$`` / ``@`` target, or a signature with ``**kwargs``)."""
-    import inspect
-
-    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
-        return True
-    modules = locator.get_component_module_name(target)
-    module = modules[0] if isinstance(modules, list) else modules
-    obj = _locate(f"{module}.{target}") if module else _locate(target)
-    if obj is None:
-        return True  # an unknown target is reported by its own check
-    try:
-        params = inspect.signature(obj).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.kind is p.VAR_KEYWORD or p.name == arg for p in params)
-
-
-def _locate(name: str) -> Any:
-    from pydoc import locate
-
-    return locate(name) if "." in name else None
-
-
-def run_bundle(config_file: str | Path | Sequence[str | Path], *, meta_file: str | Path | None = None,
-               logging_file: str | Path | None = None, **overrides: Any) -> None:
-    """``monai.bundle.run`` after :func:`check_overrides` (the Python form of ``python -m monai.bundle run``).
-
-    Raises:
-        MedsslError: a bad override (see :func:`check_overrides`).
-    """
-    from monai.bundle import run
-
-    check_overrides(config_file, overrides)
-    files = [str(config_file)] if isinstance(config_file, (str, Path)) else [str(f) for f in config_file]
-    kw: dict[str, Any] = {"meta_file": str(meta_file)} if meta_file else {}
-    if logging_file:
-        kw["logging_file"] = str(logging_file)
-    run(config_file=files, **kw, **overrides)

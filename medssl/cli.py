@@ -452,6 +452,33 @@ def runs_sync(
         raise typer.Exit(EXIT_ERROR)
 
 
+# ---------------------------------------------------------------------------------------- bundle run (issue 11)
+bundle_app = typer.Typer(help="MONAI bundles (bundles/*): run a config with checked overrides.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bundle_run(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="Bundle config, e.g. bundles/ssl_pretrain/configs/train.yaml.")],
+    meta: Annotated[Path | None, typer.Option("--meta", help="metadata.json (default: the one beside CONFIG).")] = None,
+    variant: Annotated[list[Path] | None, typer.Option("--variant", help="Config merged over CONFIG, in order (multi_gpu_train.yaml, evaluate.yaml).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override an id, dotted: --set optimizer.lr=1e-4 (= MONAI's --optimizer#lr 1e-4, also accepted after --).")] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Workflow id to run (default: run, else training).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run a MONAI bundle config; a missing override id or an unknown _target_ is one error naming the key and
+    file. MONAI-style overrides go after `--`: medssl bundle run CONFIG -- --optimizer#lr 1e-4."""
+    from medssl.bundles.run import bundle_overrides, run_bundle_config
+
+    _setup(verbose)
+    try:
+        values = bundle_overrides(overrides or [], ctx.args)
+        run_bundle_config([config, *(variant or [])], meta_file=meta, overrides=values, run_id=run_id)
+    except MedsslError as e:
+        raise _fail(e, verbose) from None
+
+
 @app.command()
 def version() -> None:
     """Print medssl, MONAI and torch versions."""

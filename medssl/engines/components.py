@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from medssl.errors import MedsslError
 __all__ = [
     "resolve_device",
     "build_components",
+    "build_augment",
     "make_recipe",
     "method_kwargs_for",
     "GATHERING_METHODS",
@@ -31,6 +33,12 @@ __all__ = [
     "to_memory_format",
     "place_model",
     "make_tracker",
+    "PretrainParts",
+    "method_name",
+    "config_for_parts",
+    "as_schedule",
+    "param_groups",
+    "check_optimizer",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,17 +119,18 @@ def _build_components(
         from medssl.methods.base import build_method
 
         method = build_method(config.method, encoder, **method_kwargs_for(config, world_size))
-    if config.augment:
-        augment = _import(config.augment)(
-            config.method, roi, seed=config.seed + rank, **config.augment_kwargs
-        )
-    else:
-        from medssl.transforms.batched import BatchedSSLAugment
+    return encoder, method, build_augment(config, rank)
 
-        augment = BatchedSSLAugment.for_method(
-            config.method, roi, seed=config.seed + rank, **config.augment_kwargs
-        )
-    return encoder, method, augment
+
+def build_augment(config: PretrainConfig, rank: int = 0) -> Callable:
+    """The method's batched augmentation (``config.augment`` target or the method's preset), seeded
+    ``config.seed + rank``."""
+    roi = tuple(config.roi_size)
+    if config.augment:
+        return _import(config.augment)(config.method, roi, seed=config.seed + rank, **config.augment_kwargs)
+    from medssl.transforms.batched import BatchedSSLAugment
+
+    return BatchedSSLAugment.for_method(config.method, roi, seed=config.seed + rank, **config.augment_kwargs)
 
 
 def make_recipe(config: PretrainConfig, encoder: torch.nn.Module) -> dict[str, Any]:
@@ -223,3 +232,116 @@ def make_tracker(config: PretrainConfig, data_hash: str, out_dir: Path, run_id: 
         parent_run_id=config.parent_run_id,
         spool_path=Path(out_dir) / "mlflow_spool.jsonl",
     )
+
+
+@dataclass
+class PretrainParts:
+    """Parts of a pretraining run built elsewhere (e.g. by a MONAI bundle config) and injected into
+    :func:`medssl.engines.pretrain.run_pretraining`; ``None`` parts are built from the config as the CLI does.
+
+    Args:
+        method: the SSL method (``method(batch) -> {"loss", …}``); its ``encoder`` attribute is the encoder whose
+            weights and recipe are saved.
+        augment: ``augment(volumes) -> batch dict`` (as :class:`~medssl.transforms.batched.BatchedSSLAugment`).
+        optimizer: an optimizer over the method's parameters (built before the method is moved to its device:
+            ``Module.to`` keeps the parameter objects).
+        scheduler: an object with ``apply() -> lr`` (before each step), ``step()``, ``state_dict()`` /
+            ``load_state_dict()`` (:class:`~medssl.engines.schedules.WarmupCosineSchedule`), or a torch
+            ``LRScheduler`` stepped once per optimizer step.
+    """
+
+    method: torch.nn.Module
+    augment: Callable | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any | None = None
+
+
+def method_name(method: torch.nn.Module) -> str:
+    """The registry name of a built method (``"simclr"``) when its class is the registered one, else its
+    ``"module:Class"`` target (what ``PretrainConfig.method`` accepts)."""
+    from medssl.methods.base import _REGISTRY
+
+    target = f"{type(method).__module__}:{type(method).__qualname__}"
+    name = getattr(method, "name", "")
+    return name if _REGISTRY.get(name) == target else target
+
+
+def config_for_parts(config: PretrainConfig, parts: PretrainParts) -> PretrainConfig:
+    """``config`` with the fields the checkpoint recipe, ``config.yaml`` and MLflow record set from the built
+    parts (``method``, ``method_kwargs`` when the method records them in ``build_kwargs``, ``encoder``,
+    ``encoder_kwargs``, ``in_channels`` from the encoder's recipe), so a part swapped in a bundle is what the
+    run reports.
+
+    Raises:
+        MedsslError: a method without ``encoder``, or an augmentation whose ``roi_size`` differs from the
+            config's (the recipe would lie about the encoder's input size).
+    """
+    encoder = getattr(parts.method, "encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        raise MedsslError(f"injected method {type(parts.method).__name__} has no `encoder` module to save")
+    changes: dict[str, Any] = {"method": method_name(parts.method)}
+    if isinstance(getattr(parts.method, "build_kwargs", None), dict):
+        changes["method_kwargs"] = dict(parts.method.build_kwargs)
+    recipe = getattr(encoder, "recipe", None)
+    if isinstance(recipe, dict) and recipe.get("name"):
+        kwargs = dict(recipe.get("kwargs", {}))
+        changes |= {"encoder": recipe["name"], "encoder_kwargs": {k: v for k, v in kwargs.items() if k != "in_channels"}}
+        if kwargs.get("in_channels") is not None:
+            changes["in_channels"] = int(kwargs["in_channels"])
+    else:
+        changes["encoder"] = f"{type(encoder).__module__}:{type(encoder).__qualname__}"
+    roi = getattr(parts.augment, "roi_size", None)
+    if roi is not None and [int(r) for r in roi] != list(config.roi_size):
+        raise MedsslError(f"injected augmentation makes {list(roi)} views but the config's roi_size is "
+                          f"{list(config.roi_size)}: set both to the same size")
+    changed = {k: (getattr(config, k), v) for k, v in changes.items() if getattr(config, k) != v}
+    if changed:
+        log.info("config fields set from the injected parts (config, parts): %s", changed)
+    return config.replace(**changes)
+
+
+class _TorchSchedule:
+    """A torch ``LRScheduler`` behind the engine's schedule interface (``apply`` / ``step`` / state)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler, self.total_steps = scheduler, None
+
+    def apply(self) -> float:
+        return float(self.scheduler.optimizer.param_groups[0]["lr"])
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+def as_schedule(scheduler: Any) -> Any:
+    """``scheduler`` if it has the engine's ``apply()``; a torch ``LRScheduler`` wrapped; else ``MedsslError``."""
+    if hasattr(scheduler, "apply") and hasattr(scheduler, "step"):
+        return scheduler
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        return _TorchSchedule(scheduler)
+    raise MedsslError(f"injected scheduler {type(scheduler).__name__} has neither apply()/step() "
+                      "(medssl's WarmupCosineSchedule) nor is a torch LRScheduler")
+
+
+def param_groups(method: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The CLI's AdamW groups: weight decay on trainable ≥ 2-D parameters (weights), none on biases / norms."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": float(weight_decay)},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, method: torch.nn.Module) -> None:
+    """An injected optimizer must update the method's own parameters (not a copy built from other ones)."""
+    own = {id(p) for p in method.parameters()}
+    foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
+    if foreign or not any(g["params"] for g in optimizer.param_groups):
+        raise MedsslError(f"the optimizer {type(optimizer).__name__} holds {foreign} parameter(s) that are not the "
+                          "method's (or none at all): build it from the injected method's parameters")

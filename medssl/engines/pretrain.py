@@ -35,8 +35,14 @@ import torch
 from medssl.config import PretrainConfig
 from medssl.engines import distributed as dd
 from medssl.engines.components import (
+    PretrainParts,
+    as_schedule,
+    build_augment,
     build_components,
+    check_optimizer,
+    config_for_parts,
     make_recipe,
+    param_groups,
     place_model,
     resolve_device,
     to_memory_format,
@@ -57,7 +63,7 @@ from medssl.engines.progress import ProgressBar
 from medssl.engines.schedules import WarmupCosineSchedule
 from medssl.errors import MedsslError
 
-__all__ = ["PretrainResult", "Pretrainer", "run_pretraining", "build_components", "resolve_device"]
+__all__ = ["PretrainResult", "Pretrainer", "PretrainParts", "run_pretraining", "build_components", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,10 @@ class Pretrainer(_PretrainerState):
         pool: the pretraining pool (:func:`~medssl.engines.data.load_pool`); loaded from the config if
             ``None``. ``config.in_channels=None`` resolves to its channel count; the recipe records it
             (``recipe["pool"]``: case ids, fingerprint, splits sha256).
+        optimizer: an optimizer over ``method``'s parameters; ``None``: AdamW with weight decay on the
+            ≥ 2-D parameters only (``config.lr``, ``config.weight_decay``).
+        schedule: the lr schedule (:func:`~medssl.engines.components.as_schedule`); ``None``:
+            :class:`~medssl.engines.schedules.WarmupCosineSchedule` from the config.
     """
 
     def __init__(
@@ -109,6 +119,8 @@ class Pretrainer(_PretrainerState):
         method: torch.nn.Module,
         augment: Callable[[torch.Tensor], dict[str, torch.Tensor]],
         pool: list[dict[str, Any]] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        schedule: Any | None = None,
     ) -> None:
         if pool is None:
             pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
@@ -132,16 +144,11 @@ class Pretrainer(_PretrainerState):
         )
         per_step = config.batch_size * config.grad_accum * self.dist.world_size
         self.total_steps = config.total_steps or config.epochs * math.ceil(len(self.pool) / per_step)
-        decay = [p for p in self.method.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in self.method.parameters() if p.requires_grad and p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=config.lr,
+        self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
+            param_groups(self.method, config.weight_decay), lr=config.lr
         )
-        self.schedule = WarmupCosineSchedule(
+        check_optimizer(self.optimizer, self.method)
+        self.schedule = as_schedule(schedule) if schedule is not None else WarmupCosineSchedule(
             self.optimizer, config.lr, config.min_lr, self.total_steps, config.warmup_steps
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -328,6 +335,7 @@ def run_pretraining(
     resume: str | Path | None = None,
     progress: bool = True,
     preemption: PreemptionHandler | bool = True,
+    parts: PretrainParts | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder with an SSL method; the library entry point behind ``medssl pretrain``.
 
@@ -347,6 +355,9 @@ def run_pretraining(
         preemption: trap SIGUSR1/SIGTERM during training (``True``: a fresh
             :class:`~medssl.engines.preemption.PreemptionHandler`), a handler of the caller's, or ``False``.
             A trapped signal → checkpoint at the next step, then ``Preempted`` (CLI exit code 75).
+        parts: method / augmentation / optimizer / scheduler built by the caller (a bundle config) instead of
+            from the config; the config's method/encoder fields are set from them
+            (:func:`~medssl.engines.components.config_for_parts`). The caller seeds before building them.
 
     Raises:
         MedsslError: unusable data, K consecutive non-finite losses, unreadable checkpoint.
@@ -361,11 +372,17 @@ def run_pretraining(
     try:
         pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         config = resolve_in_channels(config, pool)  # in_channels=None → the datalist's channel count
-        _seed_all(config.seed)  # same model init on every rank (DDP also broadcasts rank 0's)
-        encoder, method, augment = build_components(config, rank=info.rank, world_size=info.world_size)
+        optimizer = schedule = None
+        if parts is None:
+            _seed_all(config.seed)  # same model init on every rank (DDP also broadcasts rank 0's)
+            encoder, method, augment = build_components(config, rank=info.rank, world_size=info.world_size)
+        else:
+            config = resolve_in_channels(config_for_parts(config, parts), pool)
+            method, encoder, optimizer, schedule = parts.method, parts.method.encoder, parts.optimizer, parts.scheduler
+            augment = parts.augment if parts.augment is not None else build_augment(config, rank=info.rank)
         if info.enabled:
             _seed_all(config.seed + info.rank)  # ranks draw different dropout/augmentation randomness
-        trainer = Pretrainer(config, encoder, method, augment, pool)
+        trainer = Pretrainer(config, encoder, method, augment, pool, optimizer=optimizer, schedule=schedule)
         if handler is None:
             return trainer.fit(resume=resume, progress=progress)
         with handler:
@@ -374,7 +391,7 @@ def run_pretraining(
         # the DDP reducer (inside trainer / method) must be freed before its Gloo group is destroyed: freed after
         # destroy_process_group, a rank hung at exit after a finished run (seen under torchrun on the local SLURM
         # cluster and in benchmarks/pool_scale.py)
-        del trainer, encoder, method, augment
+        del trainer, encoder, method, augment, parts
         if created:
             gc.collect()
             dd.cleanup_distributed()
