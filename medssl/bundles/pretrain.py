@@ -11,14 +11,18 @@ parts equals ``medssl pretrain`` step for step:
   for the contrastive / variance methods, its keyword arguments recorded for the checkpoint recipe.
 - :func:`ssl_augment`: the method's batched view preset seeded ``seed + RANK``.
 - :func:`run_tags`: the MLflow tags of a bundle run (``medssl.study``, ``medssl.source = bundle``).
+- :func:`knn_probe`: ``evaluate.yaml``: the representation monitor's kNN probe of a written ``encoder.pt``.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import logging
 import os
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +30,9 @@ import torch
 
 from medssl.errors import MedsslError
 
-__all__ = ["seed_all", "ssl_method", "ssl_augment", "run_tags"]
+__all__ = ["seed_all", "ssl_method", "ssl_augment", "run_tags", "knn_probe"]
+
+log = logging.getLogger(__name__)
 
 
 def _rank() -> int:
@@ -108,3 +114,40 @@ def run_tags(study: str | None = None, **extra: Any) -> dict[str, str]:
     (``None`` values dropped); the engine adds ``medssl.kind``, ``medssl.seed``, data hash and git sha."""
     tags = {"medssl.study": study, "medssl.source": "bundle", **extra}
     return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def knn_probe(config: Any, encoder_path: str | Path, out_file: str | Path | None = None) -> dict[str, float]:
+    """Score an ``encoder.pt`` with the representation monitor (:mod:`medssl.engines.monitor`): leave-one-case-out
+    kNN on the labelled cases of ``config``'s pretraining pool (never validation / test cases), the numbers
+    ``monitor/knn_acc`` / ``monitor/knn_balanced_acc`` a run with ``monitor_every`` logs.
+
+    Args:
+        config: the run's :class:`~medssl.config.PretrainConfig` (datalist, splits, roi, preprocessing,
+            ``monitor_cases``, ``monitor_k``).
+        encoder_path: ``encoder.pt`` (``{"recipe", "state_dict"}``) of a pretraining run.
+        out_file: JSON file the scores are written to (folders created).
+
+    Raises:
+        MedsslError: a missing / unreadable encoder file, or no labelled case in the pool.
+    """
+    from medssl.engines.data import load_pool
+    from medssl.engines.monitor import build_monitor
+    from medssl.networks.encoders import rebuild_encoder
+
+    path = Path(encoder_path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        encoder = rebuild_encoder(saved["recipe"]["encoder"])
+        encoder.load_state_dict(saved["state_dict"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise MedsslError(f"encoder {path} cannot be loaded for the kNN probe: {e}") from e
+    pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
+    monitor = build_monitor(config, pool)
+    if monitor is None:
+        raise MedsslError(f"kNN probe of {path}: no case of the pool of {config.datalist} has a class or a label")
+    scores = {**monitor.evaluate(encoder), **{f"monitor.{k}": v for k, v in monitor.describe().items()}}
+    log.info("kNN probe of %s: %s", path, scores)
+    if out_file is not None:
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_file).write_text(json.dumps(scores, indent=1))
+    return scores

@@ -179,3 +179,22 @@ def test_metadata_valid_offline_and_variant_overrides_only() -> None:
     assert set(multi) <= set(base)  # the variant only overrides existing ids
     targets = {k for k, v in base.items() if isinstance(v, dict) and "_target_" in v}
     assert {"network_def", "ssl_method", "augment", "optimizer", "lr_scheduler", "config", "parts", "trainer"} <= targets
+
+
+def test_evaluate_yaml_knn_probe_equals_the_training_monitor(hippocampus_dir: Path, tmp_path: Path) -> None:
+    from medssl.bundles.check import run_bundle
+
+    images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:4]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [
+        {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
+        for p in images]}))
+    common = {"datalist": str(tmp_path / "datalist.json"), "output_dir": str(tmp_path / "run"), "experiment": None,
+              **TINY, "total_steps": 1, "monitor_every": 1}
+    run_bundle(TRAIN, **common)
+    trained = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    run_bundle([TRAIN, CONFIGS / "evaluate.yaml"], **common)
+    probe = json.loads((tmp_path / "run" / "eval" / "knn.json").read_text())
+    assert trained["step"] == 1 and 0.0 <= probe["monitor/knn_acc"] <= 1.0
+    for k in ("monitor/knn_acc", "monitor/knn_balanced_acc"):
+        assert probe[k] == pytest.approx(trained[k], abs=1e-9)
+    assert probe["monitor.cases"] == 4
