@@ -1,21 +1,28 @@
 """Export of a tiny real finetuned SegResNet (hippocampus) and ResNet classifier: TorchScript and ONNX within
 1e-4 of the eager logits on a real volume (ROI and another whole-volume shape), recipe embedded and read back,
-an unexportable module named, the CLI."""
+an unexportable module named, the CLI; GroupNorm / InstanceNorm statistics in the ONNX graph as accurate as
+torch's fp32 (a trained SegResNet-8 that failed the gate at 4e-4 passes), and predict's ONNX backend agrees."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import onnx
 import pytest
 import torch
+from monai.transforms import ResizeWithPadOrCrop
 from typer.testing import CliRunner
 
 from medssl.cli import app
 from medssl.deploy.export import MAX_ABS_DIFF, export_model, export_network, load_exported
 from medssl.deploy.model import load_model
+from medssl.deploy.onnx_norm import CascadedGroupNorm, cascade_norms
+from medssl.deploy.predict import predict
 from medssl.errors import MedsslError
+from medssl.transforms.preprocess import preprocess_transforms
 from tests.deploy._finetuned import finetune_cls, finetune_seg
 
 
@@ -114,3 +121,77 @@ def test_cli_export(seg, hippocampus_dir: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "unknown export format" in bad.output
     missing = CliRunner().invoke(app, ["export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "y")])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_cascaded_group_norm_is_group_norm() -> None:
+    """The same function as ``nn.GroupNorm`` / ``nn.InstanceNorm3d`` (fp64: to round-off), in a copy of the net."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 6, 7, generator=g, dtype=torch.float64) * 3 + 2
+    gn = torch.nn.GroupNorm(4, 8).double()
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 2.0, generator=g), gn.bias.uniform_(-1.0, 1.0, generator=g)
+    net = torch.nn.Sequential(torch.nn.Conv3d(8, 8, 1), gn, torch.nn.InstanceNorm3d(8)).double().eval()
+    cn, counts = cascade_norms(net)
+    assert counts == {"GroupNorm": 1, "InstanceNorm3d": 1} and isinstance(cn[1], CascadedGroupNorm)
+    assert isinstance(net[1], torch.nn.GroupNorm) and isinstance(cn[2], CascadedGroupNorm)  # original untouched
+    with torch.no_grad():
+        assert (cn(x) - net(x)).abs().max() < 1e-12
+    assert cascade_norms(torch.nn.BatchNorm3d(2))[1] == {}
+    with pytest.raises(ValueError, match="multiple of num_groups"):
+        CascadedGroupNorm(3, 8)
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_norm_of_a_large_real_group_in_onnx_keeps_fp32_accuracy(norm: str, hippocampus_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """One norm layer over a real volume padded to 64³ (a 262,144-voxel group): ONNX Runtime's own
+    InstanceNormalization is ~7e-4 from fp64 here (torch 4e-7); the exported graph must stay within 1e-5."""
+    prep = {"task": "segmentation", "in_channels": 1, "axcodes": "RAS", "target_spacing": None,
+            "normalisation": "robust", "roi_size": [32, 32, 32]}
+    vol = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[0]
+    x = torch.as_tensor(ResizeWithPadOrCrop([64, 64, 64])(preprocess_transforms(prep)({"image": str(vol)})["image"]))
+    x = x.float().as_subclass(torch.Tensor)[None]  # (1, 1, 64, 64, 64)
+    layer = torch.nn.GroupNorm(1, 1) if norm == "group" else torch.nn.InstanceNorm3d(1, affine=True)
+    with torch.no_grad():
+        layer.weight.fill_(1.5), layer.bias.fill_(-0.25)
+        ref = layer.double()(x.double())
+    run, _ = load_exported(export_network(layer.float().eval(), x, "onnx", tmp_path / "norm.onnx",
+                                          {"preprocessing": {}}))
+    assert (run(x).double() - ref).abs().max() <= 1e-5
+    assert run(x[..., :40, :48]).shape == (1, 1, 64, 40, 48)  # dynamic spatial axes kept
+
+
+@pytest.fixture(scope="module")
+def seg8(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A SegResNet with 8 filters and 8-group GroupNorm trained 10 steps on real 32³ crops. Before the norms
+    were cascaded its ONNX export was 7e-5 to 4e-4 from eager (3.96e-4 and argmax 0.999985 failing the gate;
+    four trainings: they are not bit-reproducible); cascaded: 9e-7 to 4e-6."""
+    tmp = tmp_path_factory.mktemp("export8")
+    _, run = finetune_seg(hippocampus_dir, tmp, network_kwargs={"init_filters": 8, "blocks_down": [1, 1],
+                          "blocks_up": [1]}, roi_size=[32, 32, 32], max_steps=10)
+    return run, export_model(run, tmp / "export", formats=["onnx"])
+
+
+def test_trained_group_norm_segresnet_passes_the_gate(seg8) -> None:
+    run, res = seg8
+    c = res.checks["onnx"]
+    assert c["passed"] and c["max_abs_diff"] <= MAX_ABS_DIFF and c["argmax_agreement"] >= 0.9999
+    assert c["max_abs_diff"] <= MAX_ABS_DIFF / 5  # fp32 noise, not just under the gate (docstring's numbers)
+    assert c["inputs"]["other_shape"]["shape"] == [2, 3, 64, 32, 32]
+    n_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in load_model(run).network.modules())
+    assert c["cascaded_norms"] == {"GroupNorm": n_norms} and n_norms > 0
+    assert json.loads(res.check_path.read_text())["checks"]["onnx"]["cascaded_norms"] == c["cascaded_norms"]
+    ops = {n.op_type for n in onnx.load(str(res.files["onnx"])).graph.node}
+    assert not ops & {"InstanceNormalization", "GroupNormalization"}, ops
+
+
+def test_predict_onnx_runs_the_checked_graph(seg8, hippocampus_dir: Path, tmp_path: Path) -> None:
+    """``medssl predict --backend onnx`` loads the very file and session the check ran: its labels on a real
+    volume equal the torch backend's."""
+    run, res = seg8
+    vol = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[-1]
+    got = {b: predict(src, [vol], tmp_path / b, backend=b) for b, src in (("onnx", res.files["onnx"]),
+                                                                            ("torch", run))}
+    assert json.loads(got["onnx"].report_path.read_text())["model"] == str(res.files["onnx"])
+    seg = {b: np.asarray(nib.load(next((tmp_path / b).glob("*_seg.nii.gz"))).dataobj) for b in got}
+    assert seg["onnx"].shape == nib.load(vol).shape and np.array_equal(seg["onnx"], seg["torch"])
