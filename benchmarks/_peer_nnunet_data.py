@@ -18,8 +18,8 @@ import torch
 from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
-from medssl.engines.finetune_data import finetune_items
-from medssl.engines.metrics import SegmentationMetrics
+from medssl.engines.finetune.data import finetune_items
+from medssl.engines.finetune.metrics import SegmentationMetrics
 from medssl.errors import MedsslError
 
 __all__ = [
@@ -44,7 +44,7 @@ _CASES_FILE = "medssl_cases.json"
 
 def run_cases(study_data: str | Path, fraction: float, seed: int) -> dict[str, list[dict[str, Any]]]:
     """The cases of medssl's finetuning run ``(fraction, seed)`` on ``study_data/{datalist,splits}.json``:
-    :func:`medssl.engines.finetune_data.finetune_items` itself (``training`` = the seed's fraction,
+    :func:`medssl.engines.finetune.data.finetune_items` itself (``training`` = the seed's fraction,
     ``validation`` = the seed's validation set, ``test`` = the fixed test set)."""
     study_data = Path(study_data)
     return finetune_items(study_data / "datalist.json", study_data / "splits.json", fraction=fraction, seed=seed)
@@ -220,7 +220,7 @@ def iterations_for_minutes(minutes: float, seconds_per_iteration: float) -> int:
 
 
 def _reader() -> Compose:
-    # the native-grid label chain of medssl's evaluation (finetune_data.eval_transforms up to RAS), for both
+    # the native-grid label chain of medssl's evaluation (finetune.data.eval_transforms up to RAS), for both
     keys = ["pred", "label"]
     ras = (("L", "R"), ("P", "A"), ("I", "S"))
     return Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys),
@@ -229,7 +229,7 @@ def _reader() -> Compose:
 
 def evaluate_predictions(pred_dir: str | Path, test: Sequence[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     """Score ``pred_dir/<case_id>.nii.gz`` against each test case's label on the label's native grid with
-    :class:`medssl.engines.metrics.SegmentationMetrics` (Dice with the empty-mask conventions, HD95 in mm with
+    :class:`medssl.engines.finetune.metrics.SegmentationMetrics` (Dice with the empty-mask conventions, HD95 in mm with
     the image-diagonal penalty, ``missed_<c>``), as medssl's ``evaluate_native`` scores its own runs.
 
     Returns:

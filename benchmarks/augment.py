@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 from _machine import cpu_model  # noqa: E402 - benchmarks/ is sys.path[0] when a script runs
 
 import medssl.transforms.batched as batched_mod  # noqa: E402
-from medssl.engines.data import preprocessing  # noqa: E402
+from medssl.engines.pretrain.data import preprocessing  # noqa: E402
 from medssl.transforms.batched import BatchedSSLAugment  # noqa: E402
 from medssl.transforms.pipelines import ssl_transforms  # noqa: E402
 

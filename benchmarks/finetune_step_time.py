@@ -28,9 +28,9 @@ import torch
 import yaml
 
 from medssl.data.splits import split_datalist
-from medssl.engines.finetune import Finetuner
-from medssl.engines.finetune_config import FinetuneConfig
-from medssl.engines.finetune_data import epoch_loader, seed_epoch
+from medssl.engines.finetune.config import FinetuneConfig
+from medssl.engines.finetune.data import epoch_loader, seed_epoch
+from medssl.engines.finetune.engine import Finetuner
 
 log = logging.getLogger("finetune_step_time")
 

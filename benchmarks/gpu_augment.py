@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _suite import hippocampus_images, machine, md_table, sync_for, write_part  # noqa: E402
 from augment import ROI, _rate, tutorial_chain  # noqa: E402  (the tutorial chain and its timer, reused)
 
-from medssl.engines.data import preprocessing  # noqa: E402
+from medssl.engines.pretrain.data import preprocessing  # noqa: E402
 from medssl.methods.base import build_method  # noqa: E402
 from medssl.networks.encoders import build_encoder  # noqa: E402
 from medssl.transforms.batched import BatchedSSLAugment  # noqa: E402

@@ -1,6 +1,6 @@
 """GPU suite, part 2: pretraining steps/s of the library's engine, bf16 autocast vs fp32.
 
-Each ``method:encoder`` pair runs in :class:`medssl.engines.pretrain.Pretrainer` (exactly the step of
+Each ``method:encoder`` pair runs in :class:`medssl.engines.pretrain.engine.Pretrainer` (exactly the step of
 ``medssl pretrain``: cached volumes, ``BatchedSSLAugment`` on the device, AdamW, grad clipping) twice,
 ``amp=None`` and ``amp="bf16"``. Every trainer first runs one epoch (fills its cache, cuDNN picks its
 kernels; reported as ``cold_steps_s``), then all trainers run in interleaved rounds of ``--steps``

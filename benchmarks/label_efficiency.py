@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where a cell mixes finetune configs: 'latest' or hash(es) (medssl compare --config-hash)")
     args = ap.parse_args(argv)
 
-    from medssl.engines.sweep import run_sweep
-    from medssl.sweep import load_pipeline
+    from medssl.engines.studies.pipeline import load_pipeline
+    from medssl.engines.studies.sweep import run_sweep
     from medssl.tracking.compare import compare_study
 
     pipeline = args.pipeline.resolve()

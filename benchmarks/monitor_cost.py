@@ -54,8 +54,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from benchmarks._machine import cpu_model
     from medssl.config import PretrainConfig
-    from medssl.engines.monitor import build_monitor
     from medssl.engines.pretrain import Pretrainer, build_components
+    from medssl.engines.pretrain.monitor import build_monitor
 
     data = Path(args.data)
     files = sorted((data / "imagesTr").glob("*.nii*"))[: args.n_volumes]

@@ -6,7 +6,7 @@
 Stages (each resumable: a finished stage is skipped on a re-run; wall times in ``<run>/result.json``):
 
 1. ``raw``: the nnU-Net raw dataset of medssl's cases for ``(fraction, seed)``
-   (:func:`medssl.engines.finetune_data.finetune_items`): ``imagesTr``/``labelsTr`` = the seed's training
+   (:func:`medssl.engines.finetune.data.finetune_items`): ``imagesTr``/``labelsTr`` = the seed's training
    fraction, ``imagesTs`` = the fixed test set; the seed's validation set is not used (nnU-Net trains fold
    ``all``, keeps ``checkpoint_final`` and selects nothing). Symlinks to the datalist's files.
 2. ``plan``: ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` (stock planner); ``--batch`` other than the plan's
@@ -17,7 +17,7 @@ Stages (each resumable: a finished stage is skipped on a re-run; wall times in `
 4. ``train``: ``nnUNetv2_train <id> 3d_fullres all -tr nnUNetTrainerMedsslBudget -device cpu`` with N
    iterations (torch threads = the machine's cores, set by nnU-Net for ``-device cpu``).
 5. ``predict``: ``nnUNetv2_predict`` on the test images (mirroring TTA on, as nnU-Net ships; ``--no-tta``).
-6. ``evaluate``: medssl's :class:`~medssl.engines.metrics.SegmentationMetrics` on each label's native grid.
+6. ``evaluate``: medssl's :class:`~medssl.engines.finetune.metrics.SegmentationMetrics` on each label's native grid.
 
 Writes ``<workdir>/<run>/result.json`` and prints a Markdown row for ``benchmarks/RESULTS.md``. nnU-Net runs
 from its own venv (``make peer-venv``: ``.venv-nnunet``), never medssl's.

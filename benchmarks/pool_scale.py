@@ -3,7 +3,7 @@
 Generates N seeded synthetic float32 NIfTI volumes (32³–48³ voxels, blobs + noise, ``--sizes`` pools are
 prefixes of one generated set) and, per pool size, launches ``torchrun --nproc-per-node 2`` (Gloo, CPU, one
 thread per rank) on this file's ``--worker`` mode. Each rank runs the real pretraining engine
-(:class:`medssl.engines.pretrain.Pretrainer`, ``medssl pretrain``'s set-up) with the persistent disk cache
+(:class:`medssl.engines.pretrain.engine.Pretrainer`, ``medssl pretrain``'s set-up) with the persistent disk cache
 (``cache="disk"``, one cache folder shared by every size and rank) and the rank-sharded pool
 (``data_shard="pool"``), and measures:
 
@@ -104,10 +104,11 @@ def worker(config_path: Path, result_dir: Path, warm: int, steps: int) -> None:
     import torch
 
     from medssl.config import PretrainConfig
-    from medssl.engines import distributed as dd
-    from medssl.engines.components import build_components
-    from medssl.engines.data import load_pool, resolve_in_channels
-    from medssl.engines.pretrain import Pretrainer, _seed_all
+    from medssl.engines.pretrain.components import build_components
+    from medssl.engines.pretrain.data import load_pool, resolve_in_channels
+    from medssl.engines.pretrain.engine import Pretrainer
+    from medssl.engines.runtime import distributed as dd
+    from medssl.engines.runtime.checkpoint import seed_all
 
     faulthandler.dump_traceback_later(900, exit=True)  # a hung rank prints where, then exits
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: print the stacks
@@ -117,9 +118,9 @@ def worker(config_path: Path, result_dir: Path, warm: int, steps: int) -> None:
     try:
         pool = load_pool(cfg.datalist, cfg.sections)
         cfg = resolve_in_channels(cfg, pool)
-        _seed_all(cfg.seed)
+        seed_all(cfg.seed)
         encoder, method, augment = build_components(cfg, rank=info.rank, world_size=info.world_size)
-        _seed_all(cfg.seed + info.rank)
+        seed_all(cfg.seed + info.rank)
         trainer = Pretrainer(cfg, encoder, method, augment, pool)
         shard = sorted(set(int(i) for i in trainer.batcher.indices))
         cache = Path(cfg.cache_dir)

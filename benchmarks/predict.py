@@ -85,8 +85,8 @@ def finetune(data: Path, cases: Sequence[Path], out: Path, steps: int, quick: bo
     """A SegResNet finetuned on ``cases`` (the demo's recipe: 8 filters, 32³ ROI; ``quick``: the deploy tests'
     tiny 4-filter net on 16³); returns the run folder."""
     from medssl.data.splits import split_datalist
-    from medssl.engines.finetune import Finetuner
-    from medssl.engines.finetune_config import FinetuneConfig
+    from medssl.engines.finetune.config import FinetuneConfig
+    from medssl.engines.finetune.engine import Finetuner
 
     labels = json.loads((data / "dataset.json").read_text()).get("labels") if (data / "dataset.json").is_file() else None
     items = [{"image": str(p), "label": str(data / "labelsTr" / p.name), "case_id": p.name.split(".")[0]}

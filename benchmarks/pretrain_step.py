@@ -12,7 +12,7 @@ on the same volumes (default: the MSD hippocampus MRI crops beside the checkout)
 - Timing: after warm-up (for medssl: one epoch that fills the cache, reported separately), the loops
   run in interleaved rounds of ``--steps`` steps; the median steps/s per loop is reported, so the
   load of other processes on a shared machine affects every loop alike.
-- **medssl**: :class:`medssl.engines.pretrain.Pretrainer` (cached normalised volumes, restorable crop
+- **medssl**: :class:`medssl.engines.pretrain.engine.Pretrainer` (cached normalised volumes, restorable crop
   stream, ``BatchedSSLAugment`` on the whole batch, the same step as ``medssl pretrain``).
 
 Model-side options (same for both loops unless noted): ``--threads`` (``torch.set_num_threads``),
@@ -160,7 +160,7 @@ class NaiveLoop:
 
 
 class MedsslLoop:
-    """:class:`~medssl.engines.pretrain.Pretrainer` (what ``medssl pretrain`` runs), no tracking."""
+    """:class:`~medssl.engines.pretrain.engine.Pretrainer` (what ``medssl pretrain`` runs), no tracking."""
 
     def __init__(self, args: argparse.Namespace, datalist: Path, out: Path) -> None:
         from medssl.config import PretrainConfig
@@ -308,7 +308,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     data_med = {k: statistics.median(v) for k, v in data_rates.items()}
     best_naive = max(v for k, v in med.items() if k != medssl_name)
-    from medssl.engines.components import cpu_has_native_bf16
+    from medssl.engines.pretrain.components import cpu_has_native_bf16
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from medssl.engines.finetune import run_finetune
-from medssl.engines.finetune_config import FinetuneConfig
+from medssl.engines.finetune.config import FinetuneConfig
+from medssl.engines.finetune.engine import run_finetune
 
 log = logging.getLogger("ssl_schedule_ablation")
 

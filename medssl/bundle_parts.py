@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 def split_items(datalist: str | Path, splits: str | Path, *, fraction: float, seed: int, role: str,
                 task: str = "segmentation", class_key: str = "class",
                 num_classes: int | None = None) -> list[dict[str, Any]]:
-    """The ``role`` items of :func:`medssl.engines.finetune_data.finetune_items` (same cases as the CLI's run).
+    """The ``role`` items of :func:`medssl.engines.finetune.data.finetune_items` (same cases as the CLI's run).
 
     Args:
         datalist: datalist JSON (``medssl ingest``).
@@ -60,7 +60,7 @@ def split_items(datalist: str | Path, splits: str | Path, *, fraction: float, se
     Raises:
         MedsslError: an unknown role, or what ``finetune_items`` refuses (unknown fraction / seed …).
     """
-    from medssl.engines.finetune_data import finetune_items
+    from medssl.engines.finetune.data import finetune_items
 
     if role not in ("training", "validation", "test"):
         raise MedsslError(f"split_items role must be training|validation|test, got {role!r}")
@@ -90,7 +90,7 @@ def chain(parts: Sequence[Any]) -> Any:
 def finetune_network(network: str, *, out_channels: int, task: str = "segmentation", in_channels: int = 1,
                      roi_size: Sequence[int] = (32, 32, 32), network_kwargs: Mapping[str, Any] | None = None,
                      init: str = "scratch", tracking_uri: str | None = None) -> torch.nn.Module:
-    """The network ``medssl finetune`` builds (:func:`medssl.engines.finetune_build.build_model`).
+    """The network ``medssl finetune`` builds (:func:`medssl.engines.finetune.build.build_model`).
 
     Args:
         network: ``UNet`` | ``SwinUNETR`` | ``UNETR`` | ``SegResNet`` | ``BasicUNet`` | ``ResNet`` ….
@@ -106,8 +106,8 @@ def finetune_network(network: str, *, out_channels: int, task: str = "segmentati
         MedsslError: a network that cannot be built with these arguments, or an SSL checkpoint that does not
             fit (``TransferError`` with the transfer table).
     """
-    from medssl.engines.finetune_build import build_model
-    from medssl.engines.finetune_config import FinetuneConfig
+    from medssl.engines.finetune.build import build_model
+    from medssl.engines.finetune.config import FinetuneConfig
 
     counts = {"out_channels": int(out_channels)} if task == "segmentation" else {"num_classes": int(out_channels)}
     cfg = FinetuneConfig(task=task, network=network, network_kwargs=dict(network_kwargs or {}), init=init,
@@ -142,7 +142,7 @@ def checkpoint_network(ckpt_path: str | Path, network: torch.nn.Module | None = 
         MedsslError: a missing / unreadable file, a state dict without ``network`` or not fitting it, or a
             recipe whose preprocessing differs from ``prep`` (the differing keys named).
     """
-    from medssl.engines.finetune_build import rebuild_model
+    from medssl.engines.finetune.build import rebuild_model
 
     path = Path(ckpt_path)
     if not path.is_file():
@@ -189,9 +189,9 @@ def _per_item(output: Any) -> list[tuple[torch.Tensor, Any, list[float] | None]]
 class MedsslMetrics(Metric):
     """medssl's evaluation metrics as an ignite metric for MONAI's ``SupervisedEvaluator``.
 
-    Segmentation accumulates :class:`medssl.engines.metrics.SegmentationMetrics` one case at a time from the
+    Segmentation accumulates :class:`medssl.engines.finetune.metrics.SegmentationMetrics` one case at a time from the
     logits ``(K, D, H, W)`` and label ``(1, D, H, W)`` (HD95 in mm from the image affine), classification
-    gathers logits ``(K,)`` and labels for :func:`medssl.engines.metrics.classification_metrics`: the numbers of
+    gathers logits ``(K,)`` and labels for :func:`medssl.engines.finetune.metrics.classification_metrics`: the numbers of
     ``medssl finetune``'s validation / test. The metric's own name holds ``select`` (the selection metric,
     ``dice_mean`` / ``auc`` by default, used by ``CheckpointSaver`` / ``EarlyStopHandler``); every value is also
     written to ``engine.state.metrics`` as ``<prefix><name>`` (e.g. ``val_dice_1``, ``test_hd95_mean``).
@@ -204,7 +204,7 @@ class MedsslMetrics(Metric):
     """
 
     def __init__(self, task: str, num_classes: int, *, prefix: str = "", select: str | None = None) -> None:
-        from medssl.engines.metrics import SELECTION_METRIC
+        from medssl.engines.finetune.metrics import SELECTION_METRIC
 
         if task not in SELECTION_METRIC:
             raise MedsslError(f"MedsslMetrics task must be one of {sorted(SELECTION_METRIC)}, got {task!r}")
@@ -213,14 +213,14 @@ class MedsslMetrics(Metric):
         super().__init__(output_transform=_per_item, skip_unrolling=True)
 
     def reset(self) -> None:
-        from medssl.engines.metrics import SegmentationMetrics
+        from medssl.engines.finetune.metrics import SegmentationMetrics
 
         self._seg = SegmentationMetrics(self.num_classes) if self.task == "segmentation" else None
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
     def update(self, output: list[tuple[torch.Tensor, Any, list[float] | None]]) -> None:
-        from medssl.engines.metrics import as_tensor
+        from medssl.engines.finetune.metrics import as_tensor
 
         for pred, label, spacing in output:
             logits = as_tensor(pred).float().cpu()
@@ -231,7 +231,7 @@ class MedsslMetrics(Metric):
                 self._labels.append(as_tensor(label).reshape(-1).cpu())
 
     def compute(self) -> dict[str, float]:
-        from medssl.engines.metrics import classification_metrics
+        from medssl.engines.finetune.metrics import classification_metrics
 
         if self._seg is not None:
             return self._seg.compute()

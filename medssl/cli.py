@@ -42,7 +42,7 @@ def _fail(e: Exception, verbose: bool) -> typer.Exit:
     if verbose:
         err_console.print_exception()
     err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    return typer.Exit(getattr(e, "exit_code", EXIT_ERROR))  # medssl.engines.preemption.Preempted: 75
+    return typer.Exit(getattr(e, "exit_code", EXIT_ERROR))  # medssl.engines.runtime.preemption.Preempted: 75
 
 
 def _csv_list(value: str, cast: type) -> list:
@@ -157,7 +157,7 @@ def pretrain(
 ) -> None:
     """Pretrain an encoder on unlabeled volumes (tracked in MLflow; exact resume from checkpoints)."""
     from medssl.config import PretrainConfig
-    from medssl.engines.pretrain import run_pretraining
+    from medssl.engines.pretrain.engine import run_pretraining
 
     _setup(verbose)
     given = {"datalist": datalist, "method": method, "encoder": encoder, "out_dir": out, "splits": splits,
@@ -212,8 +212,8 @@ def finetune(
     verbose: Verbose = False,
 ) -> None:
     """Finetune on one label fraction (scratch or SSL init); best-on-validation weights tested once."""
-    from medssl.engines.finetune import run_finetune
-    from medssl.engines.finetune_config import FinetuneConfig
+    from medssl.engines.finetune.config import FinetuneConfig
+    from medssl.engines.finetune.engine import run_finetune
 
     _setup(verbose)
     given = {"datalist": datalist, "splits": splits, "fraction": fraction, "seed": seed, "init": init,
@@ -258,7 +258,7 @@ def sweep(
     Exit code 4: the sweep finished but some children FAILED (their errors are in MLflow tag medssl.error).
     With jobs of an earlier --slurm submission still pending or running, it only shows their status.
     """
-    from medssl.engines.sweep import run_sweep
+    from medssl.engines.studies.sweep import run_sweep
 
     _setup(verbose)
     sets = list(overrides or [])

@@ -122,12 +122,12 @@ class PretrainConfig(ConfigBase):
         cache_rate: share of volumes kept in the in-memory ``CacheDataset`` (filled lazily).
         num_workers: threads for loading; 0 (default) loads in the training process, which was
             faster than workers for small volumes on 2 CPU cores.
-        cache: where the preprocessed pool lives (:mod:`medssl.engines.pool_cache`): ``"ram"`` (default,
+        cache: where the preprocessed pool lives (:mod:`medssl.engines.pretrain.pool_cache`): ``"ram"`` (default,
             in-memory cache), ``"disk"`` (a MONAI ``PersistentDataset`` in ``cache_dir``, built once and shared
             by ranks and runs, keyed by preprocessing recipe and file; memory flat in the pool size) or
             ``"none"`` (preprocess at every draw).
         cache_dir: the disk cache's folder (``cache="disk"`` only), e.g. a shared ``/scratch/medssl-cache``.
-        data_shard: how DDP ranks split the pool (:class:`~medssl.engines.data.CropBatcher`): ``"order"``
+        data_shard: how DDP ranks split the pool (:class:`~medssl.engines.pretrain.data.CropBatcher`): ``"order"``
             (default: each epoch's global order, 2 ranks × B = 1 process × 2B, but every rank draws every
             volume) or ``"pool"`` (a fixed seeded partition: each rank draws and caches only its
             ``N / world_size`` volumes). One process is unaffected.
@@ -148,7 +148,7 @@ class PretrainConfig(ConfigBase):
         max_nan_steps: K; this many non-finite losses in a row abort the run.
         log_every: metrics are logged every N steps.
         preview: log an augmentation preview PNG at the start.
-        monitor_every: representation monitor (:mod:`medssl.engines.monitor`): every N optimizer steps (and
+        monitor_every: representation monitor (:mod:`medssl.engines.pretrain.monitor`): every N optimizer steps (and
             at step 0 of a fresh run) score a leave-one-case-out kNN probe of the encoder's embeddings of a
             few labelled cases of the pretraining pool (never validation/test cases), logged as
             ``monitor/knn_acc``, ``monitor/knn_balanced_acc``, ``monitor/seconds``; 0 (default) = off.

@@ -112,7 +112,7 @@ def _pretrain(out: Path, datalist: Path, splits: Path, steps: int, tracking_uri:
               console: Console):
     """A short SimCLR pretraining of a small SegResNet encoder on the unlabeled pool (CPU-sized)."""
     from medssl.config import PretrainConfig
-    from medssl.engines.pretrain import run_pretraining
+    from medssl.engines.pretrain.engine import run_pretraining
 
     cfg = PretrainConfig(datalist=str(datalist), splits=str(splits), method="simclr", encoder="segresnet",
                          encoder_kwargs={"init_filters": 8}, roi_size=[32, 32, 32], batch_size=4,
@@ -137,7 +137,7 @@ def _pretrain(out: Path, datalist: Path, splits: Path, steps: int, tracking_uri:
 def _sweep(out: Path, datalist: Path, splits: Path, encoder: Path, steps: int, tracking_uri: str | None,
            console: Console):
     """A tiny label-efficiency study reusing the demo encoder, then its comparison."""
-    from medssl.engines.sweep import run_sweep
+    from medssl.engines.studies.sweep import run_sweep
     from medssl.tracking.compare import compare_study
 
     study = "demo-hippocampus"

@@ -61,7 +61,7 @@ def _check_prediction(pred: dict, out: Path, console: Console) -> None:
 
 
 def test_demo_sample_ships_with_license_and_runs(tmp_path: Path) -> None:
-    """CI-sized: ingest (without the held-back case) + split + pretraining (the sweep: tests/test_sweep.py)."""
+    """CI-sized: ingest (without the held-back case) + split + pretraining (the sweep: tests/engines/studies/test_sweep.py)."""
     readme = (default_sample_dir() / "README.md").read_text()
     assert "CC-BY-SA 4.0" in readme and "Apache" in readme
     console = Console(record=True, width=120)

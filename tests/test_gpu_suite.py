@@ -183,8 +183,8 @@ def test_usage_errors() -> None:
 def test_gpu_pipeline_file() -> None:
     """pipelines/label_efficiency_gpu.yaml: one seed of the CPU study's grid, wider net, more steps, CUDA."""
     from medssl.config import PretrainConfig
-    from medssl.engines.finetune_config import FinetuneConfig
-    from medssl.sweep import finetune_dict, load_pipeline
+    from medssl.engines.finetune.config import FinetuneConfig
+    from medssl.engines.studies.pipeline import finetune_dict, load_pipeline
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDSSL_DATASETS", "/nonexistent")

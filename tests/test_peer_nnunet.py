@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from medssl.data.splits import split_datalist
-from medssl.engines.metrics import image_diagonal_mm
+from medssl.engines.finetune.metrics import image_diagonal_mm
 from medssl.errors import MedsslError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from medssl.engines.sweep import run_sweep
-from medssl.sweep import load_pipeline
+from medssl.engines.studies.pipeline import load_pipeline
+from medssl.engines.studies.sweep import run_sweep
 from medssl.tracking.compare import compare_study
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"

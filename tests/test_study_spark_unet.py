@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from medssl.config import PretrainConfig
-from medssl.engines.finetune_build import build_model
-from medssl.engines.finetune_config import FinetuneConfig
-from medssl.engines.planner import plan_segmentation
+from medssl.engines.finetune.build import build_model
+from medssl.engines.finetune.config import FinetuneConfig
+from medssl.engines.finetune.planner import plan_segmentation
+from medssl.engines.studies.pipeline import finetune_dict, load_pipeline
 from medssl.methods import build_method
 from medssl.networks.downstream import build_downstream
 from medssl.networks.encoders import build_encoder
-from medssl.sweep import finetune_dict, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "pipelines" / "label_efficiency_spark_unet.yaml"

@@ -7,7 +7,7 @@
 #                                           SIGNAL to CMD (SIGNAL "steps": SIGTERM to every job step via
 #                                           scancel), wait for it, then requeue the job
 #
-# medssl traps SIGUSR1 and SIGTERM, checkpoints at the next step and exits 75 (medssl/engines/preemption.py);
+# medssl traps SIGUSR1 and SIGTERM, checkpoints at the next step and exits 75 (medssl/engines/runtime/preemption.py);
 # srun steps (torchrun and its workers) get SIGTERM from slurmstepd (scancel --signal=TERM JOBID). The requeued job runs
 # the script again with --resume auto. Where requeue is not allowed (JobRequeue=0 and no --requeue), the
 # script resubmits itself (MEDSSL_SBATCH_SCRIPT + MEDSSL_SBATCH_ARGS, set by the template).

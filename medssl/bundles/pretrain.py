@@ -1,9 +1,9 @@
 """Parts of ``bundles/ssl_pretrain/configs/train.yaml`` that wrap medssl's registries for a bundle.
 
 The bundle builds every part of a pretraining run as a ``_target_`` (encoder, SSL method, view augmentation,
-optimizer, LR schedule) and hands them to :func:`medssl.engines.pretrain.run_pretraining` as a
-:class:`~medssl.engines.components.PretrainParts`. These helpers do what the CLI's
-:func:`~medssl.engines.components.build_components` does around the registries, so a bundle run with the default
+optimizer, LR schedule) and hands them to :func:`medssl.engines.pretrain.engine.run_pretraining` as a
+:class:`~medssl.engines.pretrain.components.PretrainParts`. These helpers do what the CLI's
+:func:`~medssl.engines.pretrain.components.build_components` does around the registries, so a bundle run with the default
 parts equals ``medssl pretrain`` step for step:
 
 - :func:`seed_all`: the CLI's seeding before the parts are built (same weights on every DDP rank).
@@ -62,7 +62,7 @@ def ssl_method(name: str, encoder: torch.nn.Module, **kwargs: Any) -> torch.nn.M
     Raises:
         MedsslError: an unknown method, or an argument the method does not take (the valid ones named).
     """
-    from medssl.engines.components import GATHERING_METHODS, _import
+    from medssl.engines.pretrain.components import GATHERING_METHODS, _import
     from medssl.methods.base import _REGISTRY, METHODS
 
     target = name if ":" in name else _REGISTRY.get(name)
@@ -117,7 +117,7 @@ def run_tags(study: str | None = None, **extra: Any) -> dict[str, str]:
 
 
 def knn_probe(config: Any, encoder_path: str | Path, out_file: str | Path | None = None) -> dict[str, float]:
-    """Score an ``encoder.pt`` with the representation monitor (:mod:`medssl.engines.monitor`): leave-one-case-out
+    """Score an ``encoder.pt`` with the representation monitor (:mod:`medssl.engines.pretrain.monitor`): leave-one-case-out
     kNN on the labelled cases of ``config``'s pretraining pool (never validation / test cases), the numbers
     ``monitor/knn_acc`` / ``monitor/knn_balanced_acc`` a run with ``monitor_every`` logs.
 
@@ -130,8 +130,8 @@ def knn_probe(config: Any, encoder_path: str | Path, out_file: str | Path | None
     Raises:
         MedsslError: a missing / unreadable encoder file, or no labelled case in the pool.
     """
-    from medssl.engines.data import load_pool
-    from medssl.engines.monitor import build_monitor
+    from medssl.engines.pretrain.data import load_pool
+    from medssl.engines.pretrain.monitor import build_monitor
     from medssl.networks.encoders import rebuild_encoder
 
     path = Path(encoder_path)

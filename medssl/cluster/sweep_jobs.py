@@ -10,7 +10,7 @@ the parent run, writes the resolved pipeline (overrides applied) and the batch s
     <study>/slurm/submit.sh          the two sbatch calls (what --slurm runs; --emit-jobs only writes)
     <study>/slurm/jobs.json          job ids, parent run, child keys (written on submission)
 
-Array task ``i`` runs child ``i`` of :func:`medssl.engines.sweep.run_sweep` (order: fractions × seeds × inits,
+Array task ``i`` runs child ``i`` of :func:`medssl.engines.studies.sweep.run_sweep` (order: fractions × seeds × inits,
 as in ``sweep.json``) through the same runner, so tags, markers, resume and failure recording are the local
 sweep's. The scripts carry ``docker/slurm/launch.sh``'s preemption trap: ``--signal=B:USR1@T`` → checkpoint →
 exit 75 → ``scontrol requeue`` → the task resumes its child (``resume="auto"``).
@@ -112,7 +112,7 @@ def emit_sweep_jobs(
     """Write (and with ``submit`` submit) a sweep as one pretraining job + one job array.
 
     Args:
-        pipeline: pipeline YAML path or mapping (as :func:`medssl.engines.sweep.run_sweep`).
+        pipeline: pipeline YAML path or mapping (as :func:`medssl.engines.studies.sweep.run_sweep`).
         overrides: dotted ``key=value`` changes, applied once here and frozen into ``pipeline.yaml``.
         new: a new parent run even if the study exists.
         out: folder for the scripts (default ``<out_dir>/<study>/slurm``).
@@ -129,8 +129,8 @@ def emit_sweep_jobs(
         MedsslError: an invalid pipeline or data (as ``run_sweep``), ``docker/slurm/launch.sh`` missing, no
             ``sbatch`` on PATH, or a failed submission (sbatch's message).
     """
-    from medssl.engines.sweep_runner import _Sweep
-    from medssl.sweep import check_fractions_available, load_pipeline, prepare_data
+    from medssl.engines.studies.pipeline import check_fractions_available, load_pipeline, prepare_data
+    from medssl.engines.studies.runner import SweepRun
 
     pl = load_pipeline(pipeline, overrides)
     datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
@@ -139,7 +139,7 @@ def emit_sweep_jobs(
         raise MedsslError(f"{LAUNCH_SH} not found: the batch scripts inline it (a medssl source checkout)")
     if submit and shutil.which("sbatch") is None:
         raise MedsslError("sbatch not found on PATH: --slurm submits with sbatch (use --emit-jobs DIR to only write)")
-    sweep = _Sweep(pl, datalist, splits, finetune_fn=lambda *a, **k: None, progress=False, new=new)
+    sweep = SweepRun(pl, datalist, splits, finetune_fn=lambda *a, **k: None, progress=False, new=new)
     parent = sweep.parent.run_id
     folder = Path(out) if out is not None else pl.study_root / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,9 +147,9 @@ def emit_sweep_jobs(
     frozen = dataclasses.asdict(pl) | {"data": {**pl.data, "datalist": str(datalist), "splits": str(splits)}}
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
     keys = [f"f{_fk(f)}-{i}-s{s}" for f in pl.fractions for s in pl.seeds for i in pl.inits]
-    from medssl.engines.sweep_results import _read_marker
+    from medssl.engines.studies.results import read_marker
 
-    skipped = [k for k in keys if _read_marker(sweep.sweep_dir / k).get("status") == "FINISHED"]
+    skipped = [k for k in keys if read_marker(sweep.sweep_dir / k).get("status") == "FINISHED"]
     needs_pretrain = "ssl" in pl.inits and not sweep._pretrain_finished()
     common = dict(
         study=pl.study, parent=parent, signal_s=signal_s, log_dir=folder.resolve() / "logs",
@@ -225,7 +225,7 @@ def _record(pl_study_root: Path) -> dict[str, Any]:
 def active_jobs(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, str]:
     """Submitted jobs of the study still pending or running: ``{"<job>[_<task>]": state}`` (empty when
     nothing was submitted, all are done, or ``squeue`` is unavailable)."""
-    from medssl.sweep import load_pipeline
+    from medssl.engines.studies.pipeline import load_pipeline
 
     rec = _record(load_pipeline(pipeline, overrides).study_root)
     ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job")) if j]
@@ -242,7 +242,7 @@ def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | N
     """Rich ``Table`` of the submitted sweep: each child's SLURM state and its ``sweep_child.json`` status."""
     from rich.table import Table
 
-    from medssl.sweep import load_pipeline
+    from medssl.engines.studies.pipeline import load_pipeline
 
     pl = load_pipeline(pipeline, overrides)
     rec, active = _record(pl.study_root), active_jobs(pipeline, overrides)
@@ -260,10 +260,10 @@ def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | N
 
 
 def _status(pl: Any, rec: dict[str, Any], key: str) -> str:
-    from medssl.engines.sweep_results import _read_marker
+    from medssl.engines.studies.results import read_marker
 
     for folder in sorted(pl.study_root.glob("sweep*")):
-        marker = _read_marker(folder / key)
+        marker = read_marker(folder / key)
         if marker:
             return str(marker.get("status", "?"))
     return "not started"

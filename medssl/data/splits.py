@@ -46,11 +46,11 @@ Rules:
 - Order is ``sha256(f"{seed}:{role}:{group_id}")``, not a random generator: identical on every machine and
   numpy version and independent of the input order. Each fraction is a prefix of the same per-class order,
   hence 1 % ⊂ 5 % ⊂ … ⊂ 100 %. The test order uses seed ``"test"``, so the test set is the same for all seeds.
-- ``pretrain_pool`` is what pretraining uses by default (:func:`medssl.engines.data.load_pool`): an encoder
+- ``pretrain_pool`` is what pretraining uses by default (:func:`medssl.engines.pretrain.data.load_pool`): an encoder
   pretrained on it never saw a validation or test case of any seed. Seeds added later (:func:`extend_splits`)
   keep it: they are *reserve seeds* (``params.reserve_seeds``) whose validation sets are drawn from the cases
   the other seeds already hold out, so an encoder pretrained before stays valid for them. (Otherwise the new
-  validation sets would leave the pool and the finetuning leakage check, :mod:`medssl.engines.leakage`, would
+  validation sets would leave the pool and the finetuning leakage check, :mod:`medssl.engines.finetune.leakage`, would
   refuse the old encoder for the new seeds.)
 - ``fixed_test`` / ``fixed_val`` (e.g. the official MedMNIST splits, taken from the datalist's ``test`` and
   ``validation`` sections by :func:`split_datalist`) replace the drawn sets; labelled cases sharing a group
@@ -339,7 +339,7 @@ def extend_splits(datalist: str | Path, splits_path: str | Path, *, fractions: l
     differs in seed 2's validation set from one split with ``[0, 1, 2]`` at the start (every other set is equal).
     With ``keep_pool=False`` the new validation sets are drawn as at the start and leave the pool, which
     shrinks (warned): an encoder pretrained on the old pool then fails
-    :func:`medssl.engines.leakage.check_pretrain_leakage` for the new seeds and must be re-pretrained. A
+    :func:`medssl.engines.finetune.leakage.check_pretrain_leakage` for the new seeds and must be re-pretrained. A
     version-1 file is rewritten as version 2.
 
     Args:

@@ -61,7 +61,7 @@ def load_bundle_model(ckpt_path: str | Path, recipe_path: str | Path | None = No
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MedsslError(f"bundle ckpt_path {path} is a plain state dict; its recipe_path {recipe_path} must be "
                           f"the bundle's configs/recipe.json ({e})") from e
-    from medssl.engines.finetune_build import rebuild_model
+    from medssl.engines.finetune.build import rebuild_model
 
     network = rebuild_model(recipe)
     try:

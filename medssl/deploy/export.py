@@ -71,7 +71,7 @@ class ExportResult:
 
 
 def _versions() -> dict[str, str]:
-    from medssl.engines.checkpoint import library_versions
+    from medssl.engines.runtime.checkpoint import library_versions
 
     out = library_versions()
     for name in ("onnx", "onnxruntime"):

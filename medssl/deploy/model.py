@@ -3,7 +3,7 @@
 ``source`` may be
 
 - a finetune checkpoint file (``checkpoints/best.pt``: ``{"recipe", "config", "epoch", "model", "val"}``,
-  written by :mod:`medssl.engines.finetune`; ``last.pt`` works too),
+  written by :mod:`medssl.engines.finetune.engine`; ``last.pt`` works too),
 - a finetune run folder (``<run>/checkpoints/best.pt`` inside, or ``best.pt`` directly in it),
 - an MLflow URI: ``runs:/<run_id>`` (the run's ``checkpoints/best.pt`` artifact, logged by the finetune engine),
   ``runs:/<run_id>/<artifact path>``, ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (a registered
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from medssl.engines.finetune_augment import trained_flip_axes
+from medssl.engines.finetune.augment import trained_flip_axes
 from medssl.errors import MedsslError
 
 __all__ = ["DeployModel", "load_model", "load_finetune_checkpoint", "preprocessing_recipe", "resolve_source"]
@@ -113,7 +113,7 @@ def load_finetune_checkpoint(path: str | Path, *, source: str | None = None) -> 
     Raises:
         MedsslError: unreadable file, or not a finetune checkpoint (e.g. a pretraining one), naming it.
     """
-    from medssl.engines.checkpoint import load_checkpoint
+    from medssl.engines.runtime.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     name = source or str(path)
@@ -147,7 +147,7 @@ def preprocessing_recipe(recipe: dict[str, Any], config: dict[str, Any] | None =
 
     Args:
         recipe: ``best.pt["recipe"]``.
-        config: ``best.pt["config"]`` (the resolved :class:`~medssl.engines.finetune_config.FinetuneConfig`
+        config: ``best.pt["config"]`` (the resolved :class:`~medssl.engines.finetune.config.FinetuneConfig`
             dict: sliding-window settings and augmentation).
     """
     config = config or {}
@@ -189,7 +189,7 @@ def load_model(
         MedsslError: a bad source (missing, unreadable, not a finetune checkpoint, failed download) or weights
             that do not fit the network rebuilt from the recipe — naming ``source``.
     """
-    from medssl.engines.finetune_build import rebuild_model
+    from medssl.engines.finetune.build import rebuild_model
 
     src = str(source)
     with tempfile.TemporaryDirectory(prefix="medssl_model_") as tmp:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl.engines.tta import flip_dims
+from medssl.engines.finetune.tta import flip_dims
 from medssl.errors import MedsslError
 
 __all__ = ["BACKENDS", "PredictResult", "case_progress", "tta_flips", "predict_probabilities", "predict"]
@@ -48,7 +48,7 @@ REPORT_NAME = "predict_report.json"
 
 def tta_flips(flip_axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Test-time flips: every non-empty combination of the allowed spatial axes (nnU-Net's mirroring), as
-    tensor dims of a ``(B, C, X, Y, Z)`` batch (:func:`medssl.engines.tta.flip_dims`, the same flips finetuning
+    tensor dims of a ``(B, C, X, Y, Z)`` batch (:func:`medssl.engines.finetune.tta.flip_dims`, the same flips finetuning
     scores with when ``tta`` is on).
 
     Only axes the training augmentation flipped are allowed (a flip the model never saw can swap classes,

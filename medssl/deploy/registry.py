@@ -86,7 +86,7 @@ def resolve_run(run: str | Path, tmp: str | Path, *, tracking_uri: str | None = 
         MedsslError: ``run`` is neither an existing path nor a run id, or holds no finetune checkpoint.
     """
     from medssl.deploy.model import resolve_source
-    from medssl.engines.checkpoint import load_checkpoint
+    from medssl.engines.runtime.checkpoint import load_checkpoint
 
     src = str(run)
     path = Path(src)
@@ -165,7 +165,7 @@ def register_model(run: str | Path, name: str, *, alias: str | None = "champion"
 
     from medssl.deploy.model import load_model
     from medssl.deploy.pyfunc import INPUT_COLUMN, MedsslSegModel, encode_nifti, model_signature
-    from medssl.engines.checkpoint import load_checkpoint
+    from medssl.engines.runtime.checkpoint import load_checkpoint
     from medssl.tracking.mlflow_tracker import default_tracking_uri
 
     if not re.match(r"^[A-Za-z0-9][\w.\- ]*$", name or ""):

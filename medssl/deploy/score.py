@@ -1,7 +1,7 @@
 """Score a written label map against a reference label (the demo's held-back case, ``benchmarks/predict.py``).
 
 Dice per foreground class with MONAI's ``compute_dice(ignore_empty=False)``: the conventions of
-:class:`medssl.engines.metrics.SegmentationMetrics` (a class empty in both maps scores 1, in exactly one 0), on
+:class:`medssl.engines.finetune.metrics.SegmentationMetrics` (a class empty in both maps scores 1, in exactly one 0), on
 the native grid of the files, which must share shape and affine.
 """
 

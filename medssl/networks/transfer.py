@@ -1,7 +1,7 @@
 """Load SSL encoder weights into a downstream network, with a report that never hides a failed load.
 
 Accepted checkpoint formats (``torch.save`` dicts, read with ``weights_only=True``; see
-``medssl/engines/checkpoint.py``), each with a ``"recipe"``:
+``medssl/engines/runtime/checkpoint.py``), each with a ``"recipe"``:
 
 - a full pretraining checkpoint: ``{"recipe": {"encoder": <Encoder.recipe>, "in_channels", "roi_size",
   "target_spacing", "normalisation", "ct_window", ...}, "model": <method state dict>}``; the encoder

@@ -3,7 +3,7 @@
 PNG curve (metric vs label fraction, log x axis, CI bands), logged back to the study's parent run.
 
 Runs are found by tags only: the parent has ``medssl.kind = sweep`` and ``medssl.study``; its children carry
-``medssl.fraction`` / ``medssl.init`` / ``medssl.seed`` / ``medssl.config_hash`` (see :mod:`medssl.sweep`).
+``medssl.fraction`` / ``medssl.init`` / ``medssl.seed`` / ``medssl.config_hash`` (see :mod:`medssl.engines.studies.pipeline`).
 Which children count is :mod:`medssl.tracking.compare_select` (FINISHED only, one per key, one config per
 cell). A child whose metric is missing or non-finite (e.g. AUC of a single-class test set) is counted, not
 averaged: every cell reports ``n`` (finite values) and how many were missing / non-finite; paired

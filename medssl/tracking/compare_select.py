@@ -2,7 +2,7 @@
 (fraction, init, seed), and the configuration check of shared contract 4 (``docs/CONTRACTS.md``).
 
 Every sweep child carries the tag ``medssl.config_hash`` (a short hash of its effective finetune config,
-see :mod:`medssl.sweep`); runs from before config hashes count as hash ``"unknown"``. The values averaged
+see :mod:`medssl.engines.studies.pipeline`); runs from before config hashes count as hash ``"unknown"``. The values averaged
 over seeds in one cell (fraction, init) must come from one configuration, so a cell whose children carry
 several hashes is refused unless the caller picks one (``config_hash``). Different cells may legitimately
 differ (``finetune_by_fraction`` / ``finetune_by_init`` overrides change the effective config).

@@ -12,8 +12,8 @@ The recipe is the ``preprocessing`` dict of :class:`medssl.deploy.model.DeployMo
     {"task": "segmentation", "axcodes": "RAS", "target_spacing": [1.0, 1.0, 1.0],
      "normalisation": "robust", "ct_window": [-1000, 1000], "roi_size": [32, 32, 32]}
 
-:func:`medssl.engines.data.preprocessing` (pretraining) and
-:func:`medssl.engines.finetune_data.eval_transforms` (finetuning evaluation, the cached head of training)
+:func:`medssl.engines.pretrain.data.preprocessing` (pretraining) and
+:func:`medssl.engines.finetune.data.eval_transforms` (finetuning evaluation, the cached head of training)
 delegate here, so every stage sees identical tensors for the same volume.
 """
 

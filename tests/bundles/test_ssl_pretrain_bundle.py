@@ -50,7 +50,7 @@ def test_bundle_equals_cli_mlflow_and_finetunes_through_ssl_init(pool: Path, hip
     from mlflow import MlflowClient
 
     from medssl.config import PretrainConfig
-    from medssl.engines.pretrain import run_pretraining
+    from medssl.engines.pretrain.engine import run_pretraining
     from medssl.tracking.compare import compare_study
     from tests.deploy._finetuned import finetune_seg
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from medssl.cli import app
 from medssl.cluster.sweep_jobs import active_jobs
-from medssl.engines.sweep import run_sweep
+from medssl.engines.studies.sweep import run_sweep
 from medssl.tracking.compare import DIFF, compare_study
 from medssl.tracking.mlflow_tracker import make_client
 from tests.cluster._slurm import LocalSlurm

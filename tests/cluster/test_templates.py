@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medssl.engines.checkpoint import load_checkpoint
+from medssl.engines.runtime.checkpoint import load_checkpoint
 from tests.cluster._slurm import LocalSlurm
 from tests.engines.conftest import toy_config, write_volumes
 

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from medssl.data.splits import split_datalist
-from medssl.engines.finetune import Finetuner
-from medssl.engines.finetune_config import FinetuneConfig
-from medssl.engines.finetune_support import _open_tracker
+from medssl.engines.finetune.config import FinetuneConfig
+from medssl.engines.finetune.engine import Finetuner
+from medssl.engines.finetune.result import open_tracker
 
 SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
 CLS_NET = {"depth": 10, "widen_factor": 0.125, "conv1_t_size": 3, "conv1_t_stride": 2}
@@ -46,7 +46,7 @@ def finetune_seg(hippocampus_dir: Path, tmp: Path, **kw: Any) -> tuple[Finetuner
         "sw_overlap": 0.25, "sw_batch_size": 4, "lr": 1e-2, "device": "cpu", "deterministic": True,
         "out_dir": str(out), "experiment": None, "augment": {"flip_axes": [0]},
     } | kw))
-    tracker = _open_tracker(cfg, None) if cfg.experiment else None
+    tracker = open_tracker(cfg, None) if cfg.experiment else None
     ft = Finetuner(cfg, tracker=tracker)
     ft.fit(progress=False)
     if tracker is not None:

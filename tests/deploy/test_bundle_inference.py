@@ -70,7 +70,7 @@ def test_export_bundle_zip_reads_locally(seg_run: Path, scans: Path, tmp_path: P
     from monai.bundle import ConfigWorkflow
     from monai.bundle import load as bundle_load
 
-    from medssl.engines.finetune_build import rebuild_model
+    from medssl.engines.finetune.build import rebuild_model
 
     res = CliRunner().invoke(app, ["export", str(seg_run), "--bundle", str(tmp_path / "hippo.zip")])
     assert res.exit_code == 0, res.output

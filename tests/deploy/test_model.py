@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medssl.deploy.model import DeployModel, load_model
-from medssl.engines.checkpoint import atomic_save, load_checkpoint
+from medssl.engines.runtime.checkpoint import atomic_save, load_checkpoint
 from medssl.errors import MedsslError
 from tests.deploy._finetuned import HIPPO_CLASSES, finetune_cls, finetune_seg
 

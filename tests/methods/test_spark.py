@@ -172,7 +172,7 @@ def test_bad_arguments_are_named() -> None:
 
 @pytest.fixture(scope="module")
 def spark_run(tmp_path_factory: pytest.TempPathFactory):
-    from medssl.engines.pretrain import run_pretraining
+    from medssl.engines.pretrain.engine import run_pretraining
     from tests.engines.conftest import toy_config, write_volumes
 
     tmp = tmp_path_factory.mktemp("spark")
@@ -209,9 +209,9 @@ def test_pretraining_writes_a_whole_unet_that_transfers(spark_run) -> None:
 
 def test_finetunes_from_the_spark_checkpoint(spark_run, tmp_path: Path) -> None:
     from medssl.data.splits import split_datalist
-    from medssl.engines.finetune import run_finetune
-    from medssl.engines.finetune_config import FinetuneConfig
-    from tests.engines.test_finetune_basicunet import _labelled_volumes
+    from medssl.engines.finetune.config import FinetuneConfig
+    from medssl.engines.finetune.engine import run_finetune
+    from tests.engines.finetune.test_basicunet import _labelled_volumes
 
     datalist = _labelled_volumes(tmp_path / "seg", n=5)
     splits, _ = split_datalist(datalist, fractions=[100], seeds=[0], test_fraction=0.2, val_fraction=0.2)

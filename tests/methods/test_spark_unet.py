@@ -161,7 +161,7 @@ def test_learns_on_a_fixed_volume() -> None:
 
 @pytest.fixture(scope="module")
 def spark_unet_run(tmp_path_factory: pytest.TempPathFactory):
-    from medssl.engines.pretrain import run_pretraining
+    from medssl.engines.pretrain.engine import run_pretraining
     from tests.engines.conftest import toy_config, write_volumes
 
     tmp = tmp_path_factory.mktemp("spark_unet")
@@ -175,7 +175,7 @@ def spark_unet_run(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def seg_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from medssl.data.splits import split_datalist
-    from tests.engines.test_finetune_basicunet import _labelled_volumes
+    from tests.engines.finetune.test_basicunet import _labelled_volumes
 
     datalist = _labelled_volumes(tmp_path_factory.mktemp("seg"), n=5)
     splits, _ = split_datalist(datalist, fractions=[100], seeds=[0], test_fraction=0.2, val_fraction=0.2)
@@ -183,7 +183,7 @@ def seg_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _ft_cfg(seg_data, out: Path, **kw):
-    from medssl.engines.finetune_config import FinetuneConfig
+    from medssl.engines.finetune.config import FinetuneConfig
 
     base = dict(datalist=str(seg_data[0]), splits=str(seg_data[1]), network="UNet", network_kwargs=dict(TINY),
                 out_channels=3, roi_size=list(ROI), batch_size=2, num_samples=1, max_steps=2, sw_overlap=0.0,
@@ -194,7 +194,7 @@ def _ft_cfg(seg_data, out: Path, **kw):
 def test_pretraining_writes_a_whole_unet_that_finetunes(spark_unet_run, seg_data, tmp_path: Path) -> None:
     import json
 
-    from medssl.engines.finetune import run_finetune
+    from medssl.engines.finetune.engine import run_finetune
     from medssl.networks.transfer import load_ssl_checkpoint
 
     rows = [json.loads(line) for line in (spark_unet_run.out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -217,7 +217,7 @@ def test_pretraining_writes_a_whole_unet_that_finetunes(spark_unet_run, seg_data
 
 
 def test_ssl_schedule_freezes_exactly_the_transferred_keys(spark_unet_run, seg_data, tmp_path: Path) -> None:
-    from medssl.engines.finetune import Finetuner
+    from medssl.engines.finetune.engine import Finetuner
 
     torch.manual_seed(0)
     scratch = Finetuner(_ft_cfg(seg_data, tmp_path / "s", max_steps=400))

@@ -30,7 +30,7 @@ DEC = ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.")
 
 def genesis_pretraining(tmp: Path, features: list[int] = FEATURES):
     """A real 2-step Models Genesis pretraining (engine, default genesis augmentation) on 2 tiny volumes."""
-    from medssl.engines.pretrain import run_pretraining
+    from medssl.engines.pretrain.engine import run_pretraining
     from tests.engines.conftest import toy_config, write_volumes
 
     cfg = toy_config(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medssl.engines.checkpoint import atomic_save, save_encoder
+from medssl.engines.runtime.checkpoint import atomic_save, save_encoder
 from medssl.errors import ConfigMismatchError, MedsslError
 from medssl.methods.base import build_method
 from medssl.networks.downstream import build_downstream, downstream_features
@@ -198,7 +198,7 @@ def test_mlflow_uris(tmp_path: Path) -> None:
 
 def test_real_pretraining_run_transfers(tmp_path: Path) -> None:
     """End to end with the pretraining engine's own files: last checkpoint and encoder.pt both load fully."""
-    from medssl.engines.pretrain import run_pretraining
+    from medssl.engines.pretrain.engine import run_pretraining
     from tests.engines.conftest import toy_config, write_volumes
 
     datalist = write_volumes(tmp_path / "vols", n=2)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medssl.engines.finetune_build import build_model, single_param_group
-from medssl.engines.finetune_config import FinetuneConfig
+from medssl.engines.finetune.build import build_model, single_param_group
+from medssl.engines.finetune.config import FinetuneConfig
 from medssl.errors import ConfigMismatchError
 from medssl.networks.downstream import (
     build_downstream,

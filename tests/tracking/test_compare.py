@@ -14,12 +14,18 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from medssl.cli import app
-from medssl.engines.sweep import run_sweep
+from medssl.engines.studies.sweep import run_sweep
 from medssl.errors import MedsslError
 from medssl.tracking.compare import DIFF, Cell, compare_study, summary_metrics
 from medssl.tracking.mlflow_tracker import make_client
 from medssl.tracking.stats import mean_ci
-from tests.test_sweep import FakeFinetune, FakePretrain, fake_value, fresh_sqlite_uri, pipeline
+from tests.engines.studies.test_sweep import (
+    FakeFinetune,
+    FakePretrain,
+    fake_value,
+    fresh_sqlite_uri,
+    pipeline,
+)
 
 
 def test_compare_study_table_csv_png_and_artifacts(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from medssl.engines.sweep import run_sweep
+from medssl.engines.studies.sweep import run_sweep
 from medssl.tracking.compare import compare_study
 from medssl.tracking.mlflow_tracker import make_client
-from tests.test_sweep import FakeFinetune, FakePretrain, children, fresh_sqlite_uri, pipeline
+from tests.engines.studies.test_sweep import FakeFinetune, FakePretrain, children, fresh_sqlite_uri, pipeline
 from tests.tracking.mlflow_server import free_port, start_server, stop_server
 
 

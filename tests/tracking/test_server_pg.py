@@ -19,7 +19,7 @@ import yaml
 
 from medssl.config import flatten_dict
 from medssl.data.splits import split_datalist
-from medssl.engines.finetune_config import FinetuneConfig
+from medssl.engines.finetune.config import FinetuneConfig
 from medssl.tracking.compare import child_runs
 from medssl.tracking.mlflow_tracker import MlflowTracker, make_client, standard_tags
 from medssl.tracking.spool import find_spools

@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from medssl.cli import app
-from medssl.engines.sweep import run_sweep
+from medssl.engines.studies.sweep import run_sweep
 from medssl.tracking.mlflow_tracker import make_client
 from medssl.tracking.spool import find_spools, replay_spools
-from tests.test_sweep import FakeFinetune, children
+from tests.engines.studies.test_sweep import FakeFinetune, children
 from tests.tracking._pg import PgMlflow
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
@@ -58,8 +58,8 @@ time.sleep(600)
 DEAD_SWEEP = """
 import json, sys, time
 from pathlib import Path
-from medssl.engines.sweep import run_sweep
-from tests.test_sweep import FakeFinetune, pipeline
+from medssl.engines.studies.sweep import run_sweep
+from tests.engines.studies.test_sweep import FakeFinetune, pipeline
 tmp, uri = Path(sys.argv[1]), sys.argv[2]
 spec = pipeline(tmp, uri, study="dead", fractions=[100], seeds=[0, 1], inits=["scratch"])
 (tmp / "spec.json").write_text(json.dumps(spec))

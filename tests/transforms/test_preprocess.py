@@ -14,8 +14,8 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from medssl.deploy.model import load_model
-from medssl.engines.data import preprocessing
-from medssl.engines.finetune_data import eval_transforms
+from medssl.engines.finetune.data import eval_transforms
+from medssl.engines.pretrain.data import preprocessing
 from medssl.errors import MedsslError
 from medssl.transforms.preprocess import preprocess_transforms
 from tests.deploy._finetuned import finetune_seg
