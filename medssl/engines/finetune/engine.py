@@ -84,6 +84,9 @@ class Finetuner:
         from medssl.networks.downstream import freeze_encoder
         from medssl.networks.transfer import EncoderWarmup
 
+        # the run's seed, not the caller's RNG state, decides the initial weights: a Finetuner built in a process
+        # that already ran another (a sweep, a bundle, a test) starts from the same weights as a fresh one
+        ck.seed_all(config.seed)
         self.tracker, self.device = tracker, resolve_device(config.device)
         self.seg = config.task == "segmentation"
         self.items, channels = run_items(config)
@@ -373,8 +376,7 @@ def run_finetune(
     tracker = (
         open_tracker(config, state.get("mlflow_run_id") if state else None) if config.experiment else None
     )
-    ck.seed_all(config.seed)  # after MLflow set-up: the weights never depend on tracking
-    try:
+    try:  # Finetuner seeds itself (after the MLflow set-up above: the weights never depend on tracking)
         ft = Finetuner(config, tracker=tracker)
         if state is not None:
             ft.load_state_dict(state)
