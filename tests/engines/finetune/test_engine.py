@@ -449,7 +449,7 @@ def test_weights_and_training_do_not_depend_on_the_callers_rng(hippo, tmp_path: 
         init = {k: v.clone() for k, v in ft.model.state_dict().items()}
         ft.fit(progress=False)
         states.append((init, {k: v.clone() for k, v in ft.model.state_dict().items()}))
-    for before, after in zip(states[0], states[1]):
+    for before, after in zip(states[0], states[1], strict=True):
         assert before.keys() == after.keys()
         for k in before:
             assert torch.equal(before[k], after[k]), k
