@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--scales", default="0.25,0.5,1.0", help="encoder_lr_scale values of the auto schedule")
     ap.add_argument("--metric", default="dice_mean")
+    ap.add_argument("--schedules", default=None,
+                    help="comma-separated subset of the schedule names to run (e.g. 'none,auto@1'); default all")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     spec = yaml.safe_load(args.pipeline.read_text())
@@ -53,8 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     encoder = args.encoder or args.study_dir / "sweep" / "pretrain" / "encoder.pt"
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
-    for name, sched in _schedules([float(s) for s in args.scales.split(",")]).items():
+    val_results: dict[str, dict[str, float]] = {}
+    schedules = _schedules([float(s) for s in args.scales.split(",")])
+    if args.schedules:
+        wanted = args.schedules.split(",")
+        unknown = [w for w in wanted if w not in schedules]
+        if unknown:
+            ap.error(f"unknown schedule(s) {unknown}; valid: {sorted(schedules)}")
+        schedules = {k: v for k, v in schedules.items() if k in wanted}
+    for name, sched in schedules.items():
         for frac in fractions:
             for seed in seeds:
                 key = f"f{frac:g}-s{seed}"
@@ -65,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
                     "out_dir": str(args.out / name.replace("@", "_") / key), "experiment": None})
                 res = run_finetune(cfg, resume="auto", progress=False)
                 results.setdefault(name, {})[key] = float(res.test_metrics[args.metric])
-                (args.out / "ablation.json").write_text(json.dumps(results, indent=1))
-    print(f"| schedule | {' | '.join(f'{f:g} %' for f in fractions)} | per seed |")
-    print("|---|" + "---|" * len(fractions) + "---|")
-    for name, vals in results.items():
-        means = [np.mean([vals[f"f{f:g}-s{s}"] for s in seeds]) for f in fractions]
-        print(f"| {name} | {' | '.join(f'{m:.4f}' for m in means)} | "
-              f"{', '.join(f'{k} {v:.3f}' for k, v in vals.items())} |")
+                val_results.setdefault(name, {})[key] = float(res.best_val.get(args.metric, float("nan")))
+                (args.out / "ablation.json").write_text(
+                    json.dumps({"test": results, "validation": val_results}, indent=1))
+    for title, table in (("best validation", val_results), ("test", results)):
+        print(f"\n{title} {args.metric}\n")
+        print(f"| schedule | {' | '.join(f'{f:g} %' for f in fractions)} | per seed |")
+        print("|---|" + "---|" * len(fractions) + "---|")
+        for name, vals in table.items():
+            means = [np.mean([vals[f"f{f:g}-s{s}"] for s in seeds]) for f in fractions]
+            print(f"| {name} | {' | '.join(f'{m:.4f}' for m in means)} | "
+                  f"{', '.join(f'{k} {v:.3f}' for k, v in vals.items())} |")
     return 0
 
 
