@@ -2,11 +2,17 @@
 
 Finetunes the SSL arm of an existing study (its ingested data, splits and pretrained encoder) with
 ``ssl_schedule: none`` and with ``auto`` at several ``encoder_lr_scale`` values, on the given fractions and seeds,
-with the pipeline's ``finetune`` section otherwise unchanged; prints a Markdown table of the test metric (mean
-and per seed) per schedule, and writes ``ablation.json``. Scratch arms are not rerun: compare with the study's.
+with the pipeline's ``finetune`` section otherwise unchanged; prints Markdown tables per schedule of the best
+VALIDATION metric (what a schedule is chosen on) and of the test metric (reported, never chosen on), mean and per
+seed, and writes ``ablation.json``. Scratch arms are not rerun: compare with the study's.
 
     python benchmarks/ssl_schedule_ablation.py pipelines/label_efficiency.yaml \\
         --study-dir ../studies/runs/sweeps/hippocampus-label-efficiency --out ../studies/ssl_schedule_ablation
+
+    # the SparK-UNet study (its datalist is label_efficiency.yaml's), one fraction and seed, from studies/:
+    OMP_NUM_THREADS=1 python ../benchmarks/ssl_schedule_ablation.py ../pipelines/label_efficiency_spark_unet.yaml \\
+        --study-dir runs/sweeps/hippocampus-label-efficiency-spark-unet --out ssl_schedule_ablation_spark_unet \\
+        --fractions 10 --seeds 0 --scales 1.0 --schedules none,auto@1
 
 Cost: one SSL finetuning run per (schedule, fraction, seed): with the defaults 4 × 2 × 3 = 24 runs of the
 pipeline's 400 steps, about 2–4 min each on 2 CPU cores, so 1–1.5 h. Runs resume (``resume="auto"``).
@@ -38,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pipeline", type=Path, help="the study's pipeline YAML (its finetune section is used)")
     ap.add_argument("--study-dir", type=Path, required=True,
-                    help="the sweep's study folder: data/datalist.json, data/splits.json, sweep/pretrain/encoder.pt")
+                    help="the sweep's study folder: sweep/pretrain/encoder.pt, and data/{datalist,splits}.json unless the "
+                         "pipeline names data.datalist (then its folder holds splits.json)")
     ap.add_argument("--encoder", type=Path, help="SSL encoder.pt (default: <study-dir>/sweep/pretrain/encoder.pt)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--fractions", default="5,10")
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO)
     spec = yaml.safe_load(args.pipeline.read_text())
     base = dict(spec["finetune"])
-    data = args.study_dir / "data"
+    given = (spec.get("data") or {}).get("datalist")  # a study on an existing datalist: its splits.json beside it
+    data = Path(given).parent if given else args.study_dir / "data"
     encoder = args.encoder or args.study_dir / "sweep" / "pretrain" / "encoder.pt"
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
