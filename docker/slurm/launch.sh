@@ -9,8 +9,11 @@
 #
 # medssl traps SIGUSR1 and SIGTERM, checkpoints at the next step and exits 75 (medssl/engines/runtime/preemption.py);
 # srun steps (torchrun and its workers) get SIGTERM from slurmstepd (scancel --signal=TERM JOBID). The requeued job runs
-# the script again with --resume auto. Where requeue is not allowed (JobRequeue=0 and no --requeue), the
-# script resubmits itself (MEDSSL_SBATCH_SCRIPT + MEDSSL_SBATCH_ARGS, set by the template).
+# the script again with --resume auto. Where requeue is not allowed (JobRequeue=0 and no --requeue, or
+# sbatch --no-requeue), the script resubmits itself (MEDSSL_SBATCH_SCRIPT + MEDSSL_SBATCH_ARGS, set by the
+# template; an array task as --array=<its index>): a new job id, options given on the sbatch command line are
+# not carried (put them in the script), and the stopped job ends with exit 75 (state FAILED: an afterok
+# dependency on it never starts).
 #
 # Environment: MEDSSL_PYTHON (python with medssl; default python3), MEDSSL_IMAGE (an Apptainer image: each
 # command runs inside it with --nv), MEDSSL_NPROC_PER_NODE (default: GPUs on the node, else 1),
@@ -23,14 +26,17 @@ medssl_exec() {  # replace this (sub)shell by the command, inside the image when
 }
 
 medssl_preemptible() {
-  local fwd=$1 rc=0 pid
+  local fwd=$1 rc=0 pid job=${SLURM_JOB_ID:-}
   shift
+  # an array task by <array>_<task>: the task that kept the array's record has SLURM_JOB_ID = the array id, and
+  # scancel / scontrol requeue of the array id would reach every task of the array (finished and running ones)
+  [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
   "$@" &
   pid=$!
   local send="kill -$fwd $pid"
   # srun ends a step at once on SIGTERM: job steps get the signal through slurmstepd instead (every process
   # of each step: torchrun and its workers; torchrun then waits up to 30 s for the workers' checkpoint)
-  [ "$fwd" = "steps" ] && send="scancel --signal=TERM ${SLURM_JOB_ID:-0}"
+  [ "$fwd" = "steps" ] && send="scancel --signal=TERM ${job:-0}"
   # shellcheck disable=SC2064  # expand $send now
   trap "MEDSSL_PREEMPTED=1; echo \"medssl: preemption signal at \$(date +%FT%T): $send\"; $send 2>/dev/null" USR1 TERM
   while :; do
@@ -40,11 +46,15 @@ medssl_preemptible() {
   done
   trap - USR1 TERM
   if [ "$rc" -eq 75 ] || { [ "$MEDSSL_PREEMPTED" = 1 ] && [ "$rc" -ne 0 ]; }; then
-    echo "medssl: stopped for preemption (exit $rc, restart ${SLURM_RESTART_COUNT:-0}); requeueing ${SLURM_JOB_ID:-?}"
-    if [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"; then
+    echo "medssl: stopped for preemption (exit $rc, restart ${SLURM_RESTART_COUNT:-0}); requeueing ${job:-?}"
+    if [ -n "$job" ] && scontrol requeue "$job"; then
       sleep 60  # slurmctld ends this job now; the requeued one starts from the top with --resume auto
     elif [ -n "${MEDSSL_SBATCH_SCRIPT:-}" ]; then
-      sbatch "$MEDSSL_SBATCH_SCRIPT" "${MEDSSL_SBATCH_ARGS[@]}"  # requeue not allowed: resubmit
+      # requeue not allowed: resubmit; an array task resubmits only itself (the script's --array would rerun
+      # every task, a running one twice into the same folder)
+      local only=()
+      [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && only=(--array="$SLURM_ARRAY_TASK_ID")
+      sbatch "${only[@]}" "$MEDSSL_SBATCH_SCRIPT" "${MEDSSL_SBATCH_ARGS[@]}"
     fi
   fi
   return "$rc"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -224,18 +225,25 @@ def _record(pl_study_root: Path) -> dict[str, Any]:
 
 def active_jobs(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, str]:
     """Submitted jobs of the study still pending or running: ``{"<job>[_<task>]": state}`` (empty when
-    nothing was submitted, all are done, or ``squeue`` is unavailable)."""
+    nothing was submitted, all are done, or ``squeue`` is unavailable). Jobs of this user named as the
+    emitted scripts name them (``<study>``, ``<study>-pretrain``) count too: an array task resubmitted by
+    ``launch.sh`` where requeue is not allowed runs under a new job id."""
     from medssl.engines.studies.pipeline import load_pipeline
 
-    rec = _record(load_pipeline(pipeline, overrides).study_root)
+    pl = load_pipeline(pipeline, overrides)
+    rec = _record(pl.study_root)
     ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job")) if j]
     if not ids or shutil.which("squeue") is None:
         return {}
-    p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i %T"], capture_output=True,
-                       text=True, timeout=60)
-    if p.returncode != 0:  # finished jobs age out of squeue: "Invalid job id" means none is active
-        return {}
-    return dict(line.split(maxsplit=1) for line in p.stdout.splitlines() if line.strip())
+    # by id, and by the scripts' job names: a task that launch.sh resubmitted (requeue not allowed) has a new id
+    names = f"{pl.study},{pl.study}-pretrain"
+    out: dict[str, str] = {}
+    for select in (["-j", ",".join(ids)], ["-n", names, "-u", str(os.getuid())]):
+        p = subprocess.run(["squeue", "-h", "-r", *select, "-o", "%i %T"], capture_output=True, text=True,
+                           timeout=60)
+        if p.returncode == 0:  # finished jobs age out of squeue: "Invalid job id" means none is active
+            out |= dict(line.split(maxsplit=1) for line in p.stdout.splitlines() if line.strip())
+    return out
 
 
 def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Any:
@@ -254,7 +262,8 @@ def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | N
         t.add_row("-", "pretrain", active.get(pre, "done"), _status(pl, rec, "pretrain"))
     for i, key in enumerate(rec.get("keys", [])):
         task = f"{rec.get('children_job')}_{i}"
-        state = active.get(task) or active.get(str(rec.get("children_job")), "done")
+        again = next((v for k, v in active.items() if k.endswith(f"_{i}")), None)  # resubmitted: a new id
+        state = active.get(task) or active.get(str(rec.get("children_job"))) or again or "done"
         t.add_row(str(i), key, state, _status(pl, rec, key))
     return t
 

@@ -183,6 +183,24 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         out = self.run("scontrol", "-o", "show", "job", str(job_id)).stdout
         return next((f.split("=", 1)[1] for f in out.split() if f.startswith(f"{name}=")), "")
 
+    def start_requeued(self, job_id: str, timeout: float = 180) -> None:
+        """Wait until ``job_id`` was requeued (``Restarts`` > 0) and let it start now instead of after the ~2 min
+        BeginTime a requeue sets (a real preemption waits anyway).
+
+        Raises:
+            RuntimeError: not requeued within ``timeout`` s.
+        """
+        deadline = time.monotonic() + timeout
+        while self.job_field(job_id, "Restarts") in ("", "0"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job_id} not requeued after {timeout:.0f} s\n{self.logs()}")
+            time.sleep(0.5)
+        # slurmd revoked the old run's credential; a new one made within the same second (1 s resolution) counts
+        # as revoked too ("Job credential revoked", the job FAILS): start it a little later
+        time.sleep(2.5)
+        if self.job_state(job_id) == "PENDING":
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+
     def wait_job(self, job_id: str, timeout: float = 240, states: tuple[str, ...] = ("COMPLETED",)) -> str:
         """Wait until every task of ``job_id`` (an array too) is done; returns the last state seen.
 

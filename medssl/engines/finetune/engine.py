@@ -161,6 +161,7 @@ class Finetuner:
         )  # fmt: skip
         self.epoch, self.step, self.nan_run = 0, 0, 0
         self.val_step = -1  # optimizer step of the last validation
+        self.logged_through = -1  # MLflow x a preempted attempt logged through: a resume does not log it again
         self.history: list[dict[str, float]] = []
         self.pretrained_frozen = False
         self._sync_pretrained_freeze()  # an SSL schedule's frozen phase starts now
@@ -233,6 +234,7 @@ class Finetuner:
             if self.step >= self.total_steps or self.selection.stopped:
                 break
             if self.preemption is not None and self.preemption.requested:  # resumes at this epoch's start
+                self.checkpointer.save_preempted(self.step if self.cfg.val_every_steps else self.epoch)
                 raise Preempted(self.preemption.signum, self.epoch, self.out / "checkpoints/last.pt", "epoch")
             value = self.train_step(batch)
             if value is not None:
@@ -270,13 +272,15 @@ class Finetuner:
             ConfigMismatchError: the checkpoint is of another task/network/init/fraction/seed/roi.
         """
         self.epoch, self.step, self.history = self.checkpointer.load(state, total_steps=self.total_steps)
+        self.logged_through = self.checkpointer.logged_through()
 
     def _record(self, logs: dict[str, float]) -> None:
         """History + MLflow (x axis: the optimizer step with ``val_every_steps``, else the epoch)."""
         self.history.append({"epoch": float(self.epoch), "step": float(self.step), **logs})
         log.info("epoch %d, step %d: %s", self.epoch, self.step, fmt_metrics(logs))
-        if self.tracker:
-            self.tracker.log_metrics(logs, self.step if self.cfg.val_every_steps else self.epoch)
+        x = self.step if self.cfg.val_every_steps else self.epoch
+        if self.tracker and x > self.logged_through:  # redone steps of a preempted attempt: already in MLflow
+            self.tracker.log_metrics(logs, x)
 
     # -- the run --------------------------------------------------------------------------------------
     def fit(self, *, fresh: bool = True, progress: bool = True) -> FinetuneResult:
