@@ -9,7 +9,10 @@ iteration (one forward/backward per batch) does not expose. Here the whole step 
 (:meth:`Pretrainer.train_step`), the data stream is a pure function of ``(seed, epoch, position)``
 (:class:`~medssl.engines.pretrain.data.CropBatcher`), and one dict holds every state
 (:mod:`medssl.engines.runtime.checkpoint`). MONAI provides the data side (``CacheDataset``, readers,
-orientation/spacing/intensity transforms).
+orientation/spacing/intensity transforms). ``tests/engines/pretrain/test_monai_resume_gap.py`` shows the gap on
+real volumes: resumed mid-epoch by ``CheckpointLoader``, MONAI's ``SupervisedTrainer`` re-reads the epoch's first
+batches and re-seeds the random transforms (its losses differ), where this loop's resumed losses equal the
+straight run's bit for bit.
 
 The `Pretrainer` holds its checkpoints as a :class:`~medssl.engines.pretrain.state.PretrainCheckpointer` (the one
 state dict, atomic files, exact resume); the result type, MLflow run and end-of-run outputs (encoder, skipped
