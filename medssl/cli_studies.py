@@ -1,0 +1,106 @@
+"""`medssl sweep`, `medssl compare` and `medssl runs sync`: studies in MLflow, thin Typer wrappers over
+:func:`medssl.engines.studies.sweep.run_sweep`, :func:`medssl.cluster.sweep_jobs.emit_sweep_jobs`,
+:func:`medssl.tracking.compare.compare_study` and :func:`medssl.tracking.spool.replay_spools`.
+
+Registered on the one ``app`` by :mod:`medssl.cli` (``runs_app`` as the ``runs`` group).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medssl.cli_common import EXIT_CHILDREN_FAILED, EXIT_ERROR, Verbose, console, err_console, fail, setup
+from medssl.errors import MedsslError
+
+__all__ = ["compare", "runs_app", "runs_sync", "sweep"]
+
+
+def sweep(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML, e.g. pipelines/label_efficiency.yaml.")],
+    new: Annotated[bool, typer.Option("--new", help="New parent run even if the study exists (default: resume it; a changed config or data is refused there, naming the keys).")] = False,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override key.sub=value (repeatable), e.g. --set 'seeds=[0]'.")] = None,
+    slurm: Annotated[bool, typer.Option("--slurm", help="Submit to SLURM: pretraining, then one array task per child (afterok); see medssl.cluster.sweep_jobs.")] = False,
+    emit_jobs: Annotated[Path | None, typer.Option("--emit-jobs", help="Only write the SLURM scripts (+ submit.sh) into this folder.")] = None,
+    child: Annotated[str | None, typer.Option("--child", help="Run only 'pretrain' or child N (0-based): what a SLURM array task runs.")] = None,
+    parent_run: Annotated[str | None, typer.Option("--parent-run", help="MLflow parent run id to log into (with --child).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Pretrain once, then finetune each (fraction, init, seed) as an MLflow child run of one study.
+
+    Exit code 4: the sweep finished but some children FAILED (their errors are in MLflow tag medssl.error).
+    With jobs of an earlier --slurm submission still pending or running, it only shows their status.
+    """
+    from medssl.engines.studies.sweep import run_sweep
+
+    setup(verbose)
+    sets = list(overrides or [])
+    try:
+        if slurm or emit_jobs is not None:
+            from medssl.cluster.sweep_jobs import emit_sweep_jobs
+
+            jobs = emit_sweep_jobs(pipeline, overrides=sets, new=new, out=emit_jobs, submit=slurm)
+            console.print(jobs.table())
+            console.print(f"scripts: {jobs.folder}" + ("" if slurm else f"  (submit with {jobs.submit_script})"))
+            return
+        if child is None:
+            from medssl.cluster.sweep_jobs import active_jobs, status_table
+
+            if active_jobs(pipeline, sets):
+                console.print(status_table(pipeline, sets))
+                return
+        res = run_sweep(pipeline, overrides=sets, new=new, progress=sys.stderr.isatty(), child=child,
+                        parent_run_id=parent_run)
+    except MedsslError as e:
+        raise fail(e, verbose) from None
+    console.print(res.table())
+    raise typer.Exit(EXIT_CHILDREN_FAILED if res.failed else 0)
+
+
+def compare(
+    study: Annotated[str, typer.Option("--study", help="Study name from the pipeline file.")],
+    metric: Annotated[str | None, typer.Option(help="Metric (default: the study's, e.g. test_dice_mean).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <sweep dir>/compare).")] = None,
+    config_hash: Annotated[str | None, typer.Option("--config-hash", help="Where children of one fraction/init differ in config: 'latest' or hash(es), comma-separated.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Table of mean ± 95 % CI over seeds per fraction and init, paired SSL − scratch; CSV, PNG and summary
+    metrics to the study's MLflow parent run."""
+    from medssl.tracking.compare import compare_study
+
+    setup(verbose)
+    try:
+        r = compare_study(study, tracking_uri=tracking_uri, metric=metric, out_dir=out, config_hash=config_hash)
+    except MedsslError as e:
+        raise fail(e, verbose) from None
+    console.print(r.table)
+    console.print(
+        f"CSV {r.csv_path}\nPNG {r.png_path} (also logged to parent run {r.parent_run_id}, "
+        f"with {len(r.parent_metrics)} summary metrics {r.metric}/f<fraction>_<arm>_<stat>)"
+    )
+
+
+runs_app = typer.Typer(help="MLflow runs: replay what dead jobs left in their outage spools.", no_args_is_help=True)
+
+
+@runs_app.command("sync")
+def runs_sync(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Run / sweep / study folders or spool files (default: the working directory).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="Send everything to this store (default: the store each run was logged to).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Replay the MLflow outage spools (mlflow_spool.jsonl) whose job is gone; exit 1 if some stay unsent."""
+    from medssl.tracking.spool import replay_spools
+
+    setup(verbose)
+    res = replay_spools(paths or [Path.cwd()], tracking_uri=tracking_uri)
+    console.print(f"sent {res.n_records} record(s) from {len(res.sent)} spool(s); "
+                  f"{len(res.busy)} in use by running jobs, {len(res.failed)} not sent", soft_wrap=True)
+    for spool, err in res.failed.items():
+        err_console.print(f"[bold red]error:[/] {spool}: {err}", highlight=False, soft_wrap=True)
+    if res.failed:
+        raise typer.Exit(EXIT_ERROR)
