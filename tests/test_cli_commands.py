@@ -17,7 +17,7 @@ from medssl.cli import app
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-# `medssl --help` of 2025-11-30, before the split, in its order (groups last); a lost command fails the test
+# `medssl --help` of 2026-11-30, before the split, in its order (groups last); a lost command fails the test
 COMMANDS = ["ingest", "split", "pretrain", "finetune", "sweep", "compare", "demo", "predict", "export", "register",
             "version", "runs", "bundle"]  # fmt: skip
 # each command's arguments (upper case) and options (first spelling), in order, from the same `--help`
