@@ -34,8 +34,12 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory, hippocampus_dir: Path) -> 
     if BASH is None:
         pytest.skip("bash is not installed")
     out = tmp_path_factory.mktemp("gpu_suite")
+    datasets = hippocampus_dir.parent
+    if hippocampus_dir.name != "msd_task04_hippocampus":  # the shipped sample: the suite reads $MEDSSL_DATASETS/msd_…
+        datasets = tmp_path_factory.mktemp("datasets")
+        (datasets / "msd_task04_hippocampus").symlink_to(hippocampus_dir, target_is_directory=True)
     proc = subprocess.run([BASH, str(SUITE), "--dry-run", str(out)], capture_output=True, text=True,
-                          env=_env(MEDSSL_DATASETS=str(hippocampus_dir.parent)), timeout=600, cwd=REPO)
+                          env=_env(MEDSSL_DATASETS=str(datasets)), timeout=600, cwd=REPO)
     return out, proc
 
 

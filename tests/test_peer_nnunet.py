@@ -28,23 +28,10 @@ from _nnunet_budget_trainer import budget_schedule  # noqa: E402
 LABELS = {"0": "background", "1": "Anterior", "2": "Posterior"}
 
 
-def _hippo_source() -> Path:
-    from tests.conftest import _find_datasets
-
-    d = _find_datasets()
-    real = d / "msd_task04_hippocampus" if d else None
-    if real is not None and (real / "imagesTr").is_dir():
-        return real
-    sample = REPO / "examples" / "data" / "hippocampus"
-    if not (sample / "imagesTr").is_dir():
-        pytest.skip("neither ../shared/datasets/msd_task04_hippocampus nor examples/data/hippocampus exists")
-    return sample
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def study(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small study on real hippocampus files: 10 cases, test 2, validation 2, fractions 50/100, seeds 0/1."""
-    src, data = _hippo_source(), tmp_path_factory.mktemp("peer") / "data"
+    src, data = hippocampus_dir, tmp_path_factory.mktemp("peer") / "data"
     data.mkdir()
     imgs = [p for p in sorted((src / "imagesTr").glob("*.nii.gz")) if (src / "labelsTr" / p.name).exists()][:10]
     items = [{"image": str(p), "label": str(src / "labelsTr" / p.name), "case_id": f"c{i:02d}"}

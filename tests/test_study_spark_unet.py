@@ -4,7 +4,6 @@ background run (hours), never a test."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ def pl():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDSSL_DATASETS", "/nonexistent")
         return load_pipeline(PIPELINE)
-
-
-def _hippocampus() -> Path:
-    """The shared MSD hippocampus where present, else the repo's sample of it."""
-    shared = Path(os.environ.get("MEDSSL_DATASETS", REPO.parent / "shared" / "datasets")) / "msd_task04_hippocampus"
-    sample = REPO / "examples" / "data" / "hippocampus"
-    for d in (shared, sample):
-        if (d / "labelsTr").is_dir():
-            return d
-    pytest.skip("no hippocampus data (shared datasets or examples/data)")
 
 
 def test_grid_data_and_pretraining(pl) -> None:
@@ -71,8 +60,8 @@ def test_finetune_section_is_the_recipe_check_one_with_ssl(pl) -> None:
             assert set(cfg.auto_fields) == {"out_channels", "roi_size", "batch_size", "num_samples"}
 
 
-def test_planner_unet_pretrains_and_both_arms_build_it(pl, tmp_path: Path) -> None:
-    d = _hippocampus()
+def test_planner_unet_pretrains_and_both_arms_build_it(pl, hippocampus_dir: Path, tmp_path: Path) -> None:
+    d = hippocampus_dir
     items = [{"image": str(p), "label": str(d / "labelsTr" / p.name)} for p in sorted((d / "imagesTr").glob("*.nii.gz"))]
     plan = plan_segmentation(items[:40], target_spacing=[1.0, 1.0, 1.0])
     assert plan["network"]["UNet"] == pl.pretrain["encoder_kwargs"] == pl.finetune["network_kwargs"]

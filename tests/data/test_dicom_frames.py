@@ -399,8 +399,8 @@ def test_mosaic_without_count_quarantined(tmp_path: Path) -> None:
 # real data
 
 
-def test_real_jpeg2000_ct_series(totalseg_dir: Path) -> None:
-    files = sorted((totalseg_dir / "example_ct_dicom").iterdir())
+def test_real_jpeg2000_ct_series(ct_dicom_dir: Path) -> None:
+    files = sorted(ct_dicom_dir.iterdir())
     assert len(files) == 20
     frames = [f for p in files for f in frames_from_dataset(_read(p), p)]
     values = np.stack([f.load() for f in frames])

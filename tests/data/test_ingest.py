@@ -153,17 +153,20 @@ def test_no_input_found_is_an_error(tmp_path: Path):
         ingest([tmp_path / "empty"], tmp_path / "out")
 
 
-def test_hippocampus_200_cases_with_labels(hippocampus_dir: Path, tmp_path: Path):
+def test_hippocampus_200_cases_with_labels(hippocampus_dir: Path, hippocampus_cases: int, tmp_path: Path):
+    """Every case of the MSD folder (200 labelled in the shared copy; 40 labelled + 20 image-only in the sample)."""
     from monai.data import load_decathlon_datalist
 
+    unlabeled = json.loads((hippocampus_dir / "dataset.json").read_text())["numTest"]  # imagesTs: no labels
     report = ingest([hippocampus_dir], tmp_path / "out", options=IngestOptions(salt="s"))
     assert report.quarantined == []
-    assert report.counts["training"] == 200
+    assert report.counts["training"] == hippocampus_cases and report.counts["unlabeled"] == unlabeled
     items = load_decathlon_datalist(str(report.datalist), data_list_key="training")
-    assert len({it["case_id"] for it in items}) == 200
+    assert len({it["case_id"] for it in items}) == hippocampus_cases
     manifest = _rows(report.manifest)
     assert {r["modality"] for r in manifest} == {"MRI"}
-    assert all(r["label_classes"] == "0 1 2" for r in manifest)
+    labelled = [r for r in manifest if r["label"]]
+    assert len(labelled) == hippocampus_cases and all(r["label_classes"] == "0 1 2" for r in labelled)
     assert all(r["spacing_mm"] == "1,1,1" for r in manifest)
     maxes = [float(r["max"]) for r in manifest]
     assert max(maxes) / min(maxes) > 1000  # the wildly varying MRI scales are visible in the manifest

@@ -55,28 +55,14 @@ from medssl.engines.pretrain.engine import run_pretraining
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.engines.runtime.preemption import Preempted, PreemptionHandler
 
-REPO = Path(__file__).resolve().parents[3]
 SEED, BATCH, STEPS, STOP, ROI = 0, 2, 6, 4, (16, 16, 16)  # 6 volumes / batch 2 → 3 steps per epoch
 LR, WARMUP = 1e-3, 2
 
 
-def _hippo_source() -> Path:
-    from tests.conftest import _find_datasets
-
-    d = _find_datasets()
-    real = d / "msd_task04_hippocampus" if d else None
-    if real is not None and (real / "imagesTr").is_dir():
-        return real
-    sample = REPO / "examples" / "data" / "hippocampus"
-    if not (sample / "imagesTr").is_dir():
-        pytest.skip("neither ../shared/datasets/msd_task04_hippocampus nor examples/data/hippocampus exists")
-    return sample
-
-
 @pytest.fixture(scope="module")
-def hippo_datalist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hippo_datalist(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six real hippocampus MRI volumes (about 35 x 50 x 35 voxels) as an ``unlabeled`` datalist."""
-    files = sorted((_hippo_source() / "imagesTr").glob("*.nii*"))[:6]
+    files = sorted((hippocampus_dir / "imagesTr").glob("*.nii*"))[:6]
     path = tmp_path_factory.mktemp("hippo") / "datalist.json"
     path.write_text(json.dumps({"unlabeled": [{"image": str(f), "case_id": f.name.split(".")[0]} for f in files]}))
     return path
