@@ -93,20 +93,6 @@ def hippocampus_cases(hippocampus_dir: Path) -> int:
     return int(json.loads((hippocampus_dir / "dataset.json").read_text())["numTraining"])
 
 
-def need_hippocampus_cases(hippocampus_dir: Path, n: int, what: str) -> list[Path]:
-    """The sorted ``imagesTr`` volumes, skipping (naming the need) where fewer than ``n`` exist.
-
-    Args:
-        hippocampus_dir: the folder of the ``hippocampus_dir`` fixture.
-        n: the least number of labelled volumes the test needs.
-        what: what the test needs them for, for the skip message.
-    """
-    images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))
-    if len(images) < n:
-        pytest.skip(f"{what} needs {n} labelled hippocampus cases; {hippocampus_dir} holds {len(images)}")
-    return images
-
-
 @pytest.fixture(scope="session")
 def totalseg_dir() -> Path:
     """The TotalSegmentator example files (NIfTI CT/MR/segmentations, ``class_map.json``, the DICOM series).
