@@ -65,7 +65,12 @@ def test_bundle_equals_cli_mlflow_and_finetunes_through_ssl_init(pool: Path, hip
                           env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     cfg = PretrainConfig(datalist=str(pool), out_dir=str(tmp_path / "cli"), tracking_uri=uri, **CLI_TINY)
-    cli = run_pretraining(cfg, progress=False, preemption=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the bundle's subprocess (OMP_NUM_THREADS=1): 2 threads sum in another order
+    try:
+        cli = run_pretraining(cfg, progress=False, preemption=False)
+    finally:
+        torch.set_num_threads(threads)
     # the same components: equal losses (CLI path unchanged by the injection) and the same checkpoint recipe
     assert len(cli.loss_history) == 3 and _losses(out) == [(s, pytest.approx(v, abs=0)) for s, v in cli.loss_history]
     bundle_enc = torch.load(out / "encoder.pt", map_location="cpu", weights_only=False)
