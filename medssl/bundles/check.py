@@ -8,7 +8,8 @@ is built:
   argument the component's ``_target_`` takes), every ``_target_`` given resolves.
 - :func:`check_targets`: every ``_target_`` of the merged configs resolves (a MONAI component name or an
   importable dotted path).
-- :func:`run_bundle`: both checks, then ``monai.bundle.run``.
+- :func:`checked_parser`: both checks, returning the merged parser with the overrides applied;
+  :func:`run_bundle`: the same, then ``monai.bundle.run``.
 
 Errors read ``"<file>: key 'optimizer#lrr' does not exist (did you mean 'optimizer#lr'?)"`` or
 ``"<file>: unknown _target_ 'Foo' at key 'network_def'"``.
@@ -24,7 +25,7 @@ from typing import Any
 
 from medssl.errors import MedsslError
 
-__all__ = ["check_overrides", "check_targets", "config_ids", "run_bundle"]
+__all__ = ["check_overrides", "check_targets", "checked_parser", "config_ids", "run_bundle"]
 
 
 def config_ids(files: Sequence[str | Path]) -> tuple[Any, dict[str, str]]:
@@ -173,10 +174,25 @@ def _params(target: Any, locator: Any) -> list[str] | None:
     return [p.name for p in params]
 
 
+def checked_parser(config_file: str | Path | Sequence[str | Path], overrides: Mapping[str, Any]) -> Any:
+    """The merged ``ConfigParser`` of the configs with ``overrides`` applied, after :func:`check_overrides` and
+    :func:`check_targets` (nothing built yet).
+
+    Raises:
+        MedsslError: a bad override or ``_target_`` (one line naming the key and the config file).
+    """
+    files = _files(config_file)
+    check_overrides(files, overrides)
+    parser, owner = config_ids(files)
+    parser.update(dict(overrides))
+    check_targets(files, parser, owner)
+    return parser
+
+
 def run_bundle(config_file: str | Path | Sequence[str | Path], *, meta_file: str | Path | None = None,
                logging_file: str | Path | None = None, **overrides: Any) -> None:
-    """``monai.bundle.run`` after :func:`check_overrides` and :func:`check_targets` (the Python form of
-    ``python -m monai.bundle run``).
+    """``monai.bundle.run`` after :func:`checked_parser`'s checks (the Python form of ``python -m monai.bundle
+    run``).
 
     Raises:
         MedsslError: a bad override or ``_target_``.
@@ -184,10 +200,7 @@ def run_bundle(config_file: str | Path | Sequence[str | Path], *, meta_file: str
     from monai.bundle import run
 
     files = _files(config_file)
-    check_overrides(files, overrides)
-    parser, owner = config_ids(files)
-    parser.update(dict(overrides))
-    check_targets(files, parser, owner)
+    checked_parser(files, overrides)
     kw: dict[str, Any] = {"meta_file": str(meta_file)} if meta_file else {}
     if logging_file:
         kw["logging_file"] = str(logging_file)

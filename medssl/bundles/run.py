@@ -61,18 +61,13 @@ def resolve_bundle(config_files: Sequence[str | Path], overrides: Mapping[str, A
         MedsslError: a missing file, an override id that does not exist, an unknown ``_target_`` (one line
             naming the key and the config file).
     """
-    from medssl.bundles.check import check_overrides, check_targets, config_ids
+    from medssl.bundles.check import checked_parser
 
     files = [str(f) for f in config_files]
     for f in files:
         if not Path(f).is_file():
             raise MedsslError(f"bundle config {f} not found")
-    overrides = dict(overrides or {})
-    check_overrides(files, overrides)
-    parser, owner = config_ids(files)
-    parser.update(overrides)
-    check_targets(files, parser, owner)
-    return parser
+    return checked_parser(files, dict(overrides or {}))
 
 
 def run_bundle_config(config_files: Sequence[str | Path], *, meta_file: str | Path | None = None,
