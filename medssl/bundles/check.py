@@ -119,13 +119,14 @@ def check_overrides(config_file: str | Path | Sequence[str | Path], overrides: M
     """Refuse overrides MONAI would accept silently or reject deep inside instantiation.
 
     Every override id (``a#b#c``, the bundle spelling of the CLI's ``--set a.b.c=…``) must exist in the merged
-    configs, except a new key inside a ``_target_`` component that its callable takes as an argument; every
-    ``_target_`` given must resolve.
+    configs, except a new key inside a ``_target_`` component that its callable takes as an argument or that is
+    one of MONAI's component keys (``_disabled_``, ``_requires_``, ``_desc_``, ``_mode_``); every ``_target_``
+    given must resolve.
 
     Raises:
         MedsslError: one line naming the override id and the config file, with the closest existing id.
     """
-    from monai.bundle.config_item import ComponentLocator
+    from monai.bundle.config_item import ComponentLocator, ConfigComponent
 
     files = _files(config_file)
     parser, owner = config_ids(files)
@@ -150,6 +151,8 @@ def check_overrides(config_file: str | Path | Sequence[str | Path], overrides: M
         node = parser.get(parent) if parent and parent in parser else None
         if not (isinstance(node, dict) and "_target_" in node):
             raise MedsslError(f"{top}: key {key!r} does not exist{_hint(str(key), known)}")
+        if parts[-1] in ConfigComponent.non_arg_keys:  # MONAI's own keys, e.g. `handlers#4#_disabled_ true`
+            continue
         params = _params(node["_target_"], locator)
         if params is not None and parts[-1] not in params:
             names = [f"{parent}#{p}" for p in params] + [k for k in known if k.startswith(parent + "#")]

@@ -2,7 +2,8 @@
 
 The bundle builds every part of a pretraining run as a ``_target_`` (encoder, SSL method, view augmentation,
 optimizer, LR schedule) and hands them to :func:`medssl.engines.pretrain.engine.run_pretraining` as a
-:class:`~medssl.engines.pretrain.components.PretrainParts`. These helpers do what the CLI's
+:class:`~medssl.engines.pretrain.components.PretrainParts`, with its ``handlers:`` list (checkpoints, ``metrics.jsonl``,
+MLflow, kNN monitor, preview: :mod:`medssl.engines.pretrain.handlers`, targeted directly). These helpers do what the CLI's
 :func:`~medssl.engines.pretrain.components.build_components` does around the registries, so a bundle run with the default
 parts equals ``medssl pretrain`` step for step:
 

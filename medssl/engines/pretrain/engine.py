@@ -14,20 +14,21 @@ real volumes: resumed mid-epoch by ``CheckpointLoader``, MONAI's ``SupervisedTra
 batches and re-seeds the random transforms (its losses differ), where this loop's resumed losses equal the
 straight run's bit for bit.
 
-The `Pretrainer` holds its checkpoints as a :class:`~medssl.engines.pretrain.state.PretrainCheckpointer` (the one
-state dict, atomic files, exact resume); the result type, MLflow run and end-of-run outputs (encoder, skipped
-volumes) are :mod:`medssl.engines.pretrain.outputs`, the augmentation preview :mod:`medssl.engines.pretrain.preview`.
+The `Pretrainer` holds its checkpoint state as a :class:`~medssl.engines.pretrain.state.PretrainCheckpointer` (the
+one state dict, atomic files, exact resume) and writes the encoder (:mod:`medssl.engines.pretrain.outputs`); what is
+done around the steps (checkpoint timing, ``metrics.jsonl``, MLflow, the kNN monitor, the preview, the progress bar)
+is a list of handlers called on Ignite-named events (:mod:`medssl.engines.pretrain.events`,
+:mod:`medssl.engines.pretrain.handlers`), which a bundle swaps in YAML.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,14 @@ from medssl.engines.pretrain.data import (
     preprocessing_recipe,
     resolve_in_channels,
 )
-from medssl.engines.pretrain.monitor import RepresentationMonitor, build_monitor
-from medssl.engines.pretrain.outputs import PretrainResult, start_tracking, write_outputs
+from medssl.engines.pretrain.events import Events, PretrainState, check_handlers, fire, fire_exception
+from medssl.engines.pretrain.handlers import default_handlers
+from medssl.engines.pretrain.outputs import PretrainResult, run_artifacts, write_outputs
 from medssl.engines.pretrain.pool_cache import make_pool_dataset, shard_indices
-from medssl.engines.pretrain.preview import augment_preview
-from medssl.engines.pretrain.state import PretrainCheckpointer, truncate_metrics_log
+from medssl.engines.pretrain.state import PretrainCheckpointer
 from medssl.engines.runtime import checkpoint as ck
 from medssl.engines.runtime import distributed as dd
 from medssl.engines.runtime.preemption import Preempted, PreemptionHandler
-from medssl.engines.runtime.progress import ProgressBar
 from medssl.engines.runtime.schedules import WarmupCosineSchedule
 from medssl.errors import MedsslError
 
@@ -73,14 +73,17 @@ log = logging.getLogger(__name__)
 
 
 class Pretrainer:
-    """Owns the optimizer, schedule, scaler, data stream and tracker of one pretraining run, and holds its
-    checkpointer (``self.checkpointer``: :class:`~medssl.engines.pretrain.state.PretrainCheckpointer`).
+    """Owns the optimizer, schedule, scaler and data stream of one pretraining run, holds its checkpointer
+    (``self.checkpointer``: :class:`~medssl.engines.pretrain.state.PretrainCheckpointer`) and calls its handlers.
 
     Under ``torchrun`` (an initialised process group, see :func:`run_pretraining`) the method runs in
     ``DistributedDataParallel`` (``self.model``; ``self.method`` stays the plain module), each rank
     reads its own shard of every epoch, logs are averaged over ranks, and only rank 0 writes
     checkpoints, ``metrics.jsonl``, the encoder and MLflow. A checkpoint holds every rank's RNG,
     augmentation and data states (``"ranks"``), so a resume on the same number of ranks is exact.
+
+    ``self.state`` (:class:`~medssl.engines.pretrain.events.PretrainState`) is what the handlers read;
+    ``self.step`` is its ``iteration``.
 
     Args:
         config: the run config.
@@ -96,6 +99,8 @@ class Pretrainer:
             ≥ 2-D parameters only (``config.lr``, ``config.weight_decay``).
         schedule: the lr schedule (:func:`~medssl.engines.pretrain.components.as_schedule`); ``None``:
             :class:`~medssl.engines.runtime.schedules.WarmupCosineSchedule` from the config.
+        handlers: called in order on every event (:mod:`medssl.engines.pretrain.events`); ``None``:
+            :func:`~medssl.engines.pretrain.handlers.default_handlers` (what ``medssl pretrain`` runs).
     """
 
     def __init__(
@@ -107,7 +112,10 @@ class Pretrainer:
         pool: list[dict[str, Any]] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         schedule: Any | None = None,
+        handlers: Sequence[Any] | None = None,
     ) -> None:
+        self.handlers = None if handlers is None else check_handlers(handlers)  # refused before any data is read
+        self._active: list[Any] = self.handlers or []  # fit() puts the defaults here when none were given
         if pool is None:
             pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         self.pool, config = pool, resolve_in_channels(config, pool)
@@ -128,8 +136,8 @@ class Pretrainer:
         self.batcher = CropBatcher(
             self.dataset, config.source_size, config.seed, self.dist.rank, self.dist.world_size, config.data_shard
         )
-        per_step = config.batch_size * config.grad_accum * self.dist.world_size
-        self.total_steps = config.total_steps or config.epochs * math.ceil(len(self.pool) / per_step)
+        epoch_length = math.ceil(len(self.pool) / (config.batch_size * config.grad_accum * self.dist.world_size))
+        self.total_steps = config.total_steps or config.epochs * epoch_length
         self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
             param_groups(self.method, config.weight_decay), lr=config.lr
         )
@@ -150,24 +158,40 @@ class Pretrainer:
             schedule=self.schedule, scaler=self.scaler, augment=augment, batcher=self.batcher, dist=self.dist,
             keep=config.keep_checkpoints,
         )  # fmt: skip
-        self.step, self.nan_run, self.tracker = 0, 0, None
-        self.compile_s: float | None = None  # torch.compile: seconds of the first (compiling) step
-        self.monitor: RepresentationMonitor | None = None  # built in fit() on rank 0 when monitor_every > 0
+        self.state = PretrainState(max_iterations=self.total_steps, epoch_length=epoch_length)
+        self.nan_run, self.compile_s = 0, None  # compile_s: torch.compile's first (compiling) step, seconds
         self.result = PretrainResult(out_dir=self.out)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (``state.iteration``)."""
+        return self.state.iteration
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.iteration = int(value)
+
+    def fire(self, event: Events) -> None:
+        """Call ``handler.<event>(self)`` on every handler that has it, in list order (:func:`fire`)."""
+        fire(self._active, event, self)
 
     # -- checkpoints (the held PretrainCheckpointer) ----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint dict at this step (:meth:`PretrainCheckpointer.state_dict`; DDP: every rank calls it)."""
-        return self.checkpointer.state_dict(self.step, self.tracker.run_id if self.tracker else None)
+        return self.checkpointer.state_dict(self.step, self.state.run_id)
 
     def save_checkpoint(self) -> Path:
-        """Write ``step_XXXXXXX.pt`` + ``last.pt`` of this step (:meth:`PretrainCheckpointer.save`)."""
-        return self.checkpointer.save(self.step, self.tracker.run_id if self.tracker else None)
+        """Write ``step_XXXXXXX.pt`` + ``last.pt`` of this step (:meth:`PretrainCheckpointer.save`; DDP: every rank
+        calls it), then fire ``CHECKPOINT_SAVED``."""
+        self.state.checkpoint = path = self.checkpointer.save(self.step, self.state.run_id)
+        self.fire(Events.CHECKPOINT_SAVED)
+        return path
 
     def resume(self, path: str | Path) -> dict[str, Any]:
         """Continue exactly from checkpoint ``path`` (:meth:`PretrainCheckpointer.resume`); returns its dict."""
         state = self.checkpointer.resume(path, total_steps=self.total_steps)
         self.step = int(state["step"])
+        self.state.resumed, self.state.resumed_run_id = True, state.get("mlflow_run_id")
         return state
 
     # -- one optimizer step (schedule → forward → guard → backward/accum/clip → step → EMA) ------------
@@ -209,22 +233,6 @@ class Pretrainer:
         values = dd.mean_across_ranks(torch.stack([v.to(self.device) for v in logs.values()])).tolist()
         return {**dict(zip(logs, values, strict=True)), "lr": lr}
 
-    def _monitor(self, mf: Any) -> dict[str, float]:
-        """The representation monitor's scores at ``self.step`` (``{}`` when off or on ranks > 0), kept in
-        ``result.monitor_history``; with ``mf`` (step 0) also written to ``metrics.jsonl`` and MLflow here."""
-        if self.monitor is None:
-            return {}
-        scores = self.monitor.evaluate(self.encoder)
-        self.result.monitor_history.append((self.step, scores))
-        log.info("step %d: monitor kNN accuracy %.3f, balanced %.3f (%.1f s)", self.step,
-                 scores["monitor/knn_acc"], scores["monitor/knn_balanced_acc"], scores["monitor/seconds"])
-        if mf is not None:
-            mf.write(json.dumps({"step": self.step, **scores}) + "\n")
-            mf.flush()
-            if self.tracker:
-                self.tracker.log_metrics(scores, self.step)
-        return scores
-
     def _skip(self, value: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
@@ -232,8 +240,8 @@ class Pretrainer:
         self.result.skipped_steps.append(self.step)
         where = " on at least one rank; here" if self.dist.enabled else ""
         log.warning("step %d: non-finite loss%s (%s); step skipped (%d in a row)", self.step, where, value, self.nan_run)
-        if self.tracker:
-            self.tracker.log_metrics({"skipped_nonfinite": 1.0}, self.step)
+        self.state.output = None
+        self.fire(Events.ITERATION_SKIPPED)
         if self.nan_run >= self.cfg.max_nan_steps:
             raise MedsslError(
                 f"{self.nan_run} consecutive steps had a non-finite loss (last at step {self.step}, "
@@ -249,17 +257,18 @@ class Pretrainer:
         progress: bool = True,
         preemption: PreemptionHandler | None = None,
     ) -> PretrainResult:
-        """Train to ``total_steps`` (from checkpoint ``resume`` if given); see :func:`run_pretraining`.
+        """Train to ``total_steps`` (from checkpoint ``resume`` if given), firing the handlers' events; see
+        :func:`run_pretraining`. ``progress`` shows the progress bar of the default handlers (ignored when the
+        handlers were given).
 
         With ``preemption`` (installed by the caller), a trapped signal makes the run checkpoint after the
         current optimizer step and raise :class:`~medssl.engines.runtime.preemption.Preempted` (every DDP rank stops
         after the same step)."""
-        main = self.dist.is_main
+        self._active = self.handlers if self.handlers is not None else default_handlers(progress)
         self.out.mkdir(parents=True, exist_ok=True)
-        run_id = self.resume(resume).get("mlflow_run_id") if resume else None
-        if resume and main:
-            truncate_metrics_log(self.out / "metrics.jsonl", self.step)
-        if main:
+        if resume:
+            self.resume(resume)
+        if self.dist.is_main:
             self.cfg.to_yaml(self.out / "config.yaml")
         prev_det = torch.are_deterministic_algorithms_enabled()
         if self.cfg.deterministic:
@@ -268,59 +277,26 @@ class Pretrainer:
             torch.use_deterministic_algorithms(True)
         self.method.train()
         try:
-            if main:  # other ranks never track (one MLflow run per training, not per process)
-                preview = self.out / "augment_preview.png" if resume is None and self.cfg.preview else None
-                if preview is not None:
-                    preview = augment_preview(self.dataset, self.batcher, self.augment, self.cfg.source_size,
-                                              self.cfg.seed, self.device, preview)
-                self.tracker = start_tracking(self.cfg, self.pool, self.out, run_id=run_id, fresh=resume is None,
-                                              preview=preview)
-                self.result.run_id = self.tracker.run_id if self.tracker else None
-            if main and self.cfg.monitor_every:  # rank 0 alone probes (plain encoder, no collectives)
-                self.monitor = build_monitor(self.cfg, self.pool, self.device)
-                if self.monitor and self.tracker and resume is None:
-                    self.tracker.log_params({f"monitor.{k}": v for k, v in self.monitor.describe().items()})
-            with (
-                ProgressBar(progress and main, self.total_steps, self.step) as bar,
-                open(self.out / "metrics.jsonl", "a") if main else nullcontext() as mf,
-            ):
-                if resume is None:
-                    self._monitor(mf)  # step 0: the untrained encoder's baseline
-                while self.step < self.total_steps:
-                    t0 = time.perf_counter()
-                    logs = self.train_step()
-                    if self.cfg.compile and self.compile_s is None and logs is not None:
-                        self.compile_s = time.perf_counter() - t0  # first step = compile + one step
-                        log.info("torch.compile: first step took %.1f s", self.compile_s)
-                        if self.tracker:
-                            self.tracker.log_metrics({"compile_first_step_s": self.compile_s}, self.step)
-                    if logs is not None:
-                        self.result.loss_history.append((self.step, logs["loss"]))
-                        probe = self._monitor(None) if self.step % max(1, self.cfg.monitor_every) == 0 else {}
-                        if mf is not None:
-                            mf.write(json.dumps({"step": self.step, **logs, **probe}) + "\n")
-                            mf.flush()
-                        if self.tracker and self.step % self.cfg.log_every == 0:
-                            self.tracker.log_metrics(logs, self.step)
-                        if self.tracker and probe:
-                            self.tracker.log_metrics(probe, self.step)
-                        bar(self.step, logs["loss"])
-                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                        self.save_checkpoint()
-                    if preemption is not None and self.step < self.total_steps and preemption.should_stop(
-                        lambda flag: dd.any_across_ranks(flag, self.device)
-                    ):
-                        self._preempted(preemption)
+            self.state.clear_outputs()
+            self.fire(Events.STARTED)
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                logs = self.train_step()
+                if self.cfg.compile and self.compile_s is None and logs is not None:
+                    self.compile_s = time.perf_counter() - t0  # first step = compile + one step
+                    log.info("torch.compile: first step took %.1f s", self.compile_s)
+                if logs is not None:
+                    self.result.loss_history.append((self.step, logs["loss"]))
+                self.state.clear_outputs()
+                self.state.output = logs
+                self.fire(Events.ITERATION_COMPLETED)
+                if preemption is not None and self.step < self.total_steps and preemption.should_stop(
+                    lambda flag: dd.any_across_ranks(flag, self.device)
+                ):
+                    self._preempted(preemption)
             self._finish()
-        except Preempted as e:
-            if self.tracker:  # KILLED until the requeued job reattaches (RUNNING) and finishes it
-                self.tracker.set_tags({"medssl.preempted": f"step {e.step}"})
-                self.tracker.close("KILLED")
-            raise
         except BaseException as e:
-            if self.tracker:
-                self.tracker.set_tags({"medssl.error": f"{type(e).__name__}: {e}"[:1000]})
-                self.tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            fire_exception(self._active, self, e)
             raise
         finally:
             torch.use_deterministic_algorithms(prev_det)
@@ -335,13 +311,19 @@ class Pretrainer:
         raise Preempted(preemption.signum, self.step, self.checkpointer.last_path())
 
     def _finish(self) -> None:
-        """The last checkpoint (unless just written), then the encoder and run outputs (:func:`write_outputs`)."""
-        if not self.checkpointer.is_written(self.step):
-            self.save_checkpoint()
+        """The encoder and run outputs (:func:`write_outputs`), then ``COMPLETED`` (their files in
+        ``state.artifacts``, ``skipped_volumes`` in ``state.metrics``); all ranks leave together."""
+        write_outputs(self.result, out_dir=self.out, encoder=self.encoder, recipe=self.recipe, pool=self.pool,
+                      skipped=self.batcher.skipped, dist=self.dist)
+        self.state.clear_outputs()
+        self.state.output = None
+        if self.dist.is_main:
+            self.state.artifacts = run_artifacts(self.result, self.out)
+            self.state.metrics = {"skipped_volumes": float(len(self.result.skipped_volumes))}
+        self.fire(Events.COMPLETED)
         self.result.last_checkpoint = self.checkpointer.last_path()
         self.result.checkpoints = list(self.checkpointer.written)
-        write_outputs(self.result, out_dir=self.out, encoder=self.encoder, recipe=self.recipe, pool=self.pool,
-                      skipped=self.batcher.skipped, step=self.step, dist=self.dist, tracker=self.tracker)
+        dd.barrier()
 
 
 def run_pretraining(
@@ -351,6 +333,7 @@ def run_pretraining(
     progress: bool = True,
     preemption: PreemptionHandler | bool = True,
     parts: PretrainParts | None = None,
+    handlers: Sequence[Any] | None = None,
 ) -> PretrainResult:
     """Pretrain an encoder with an SSL method; the library entry point behind ``medssl pretrain``.
 
@@ -373,6 +356,9 @@ def run_pretraining(
         parts: method / augmentation / optimizer / scheduler built by the caller (a bundle config) instead of
             from the config; the config's method/encoder fields are set from them
             (:func:`~medssl.engines.pretrain.components.config_for_parts`). The caller seeds before building them.
+        handlers: what runs on the loop's events (:mod:`medssl.engines.pretrain.events`), in order; ``None``: the
+            CLI's :func:`~medssl.engines.pretrain.handlers.default_handlers` (preview, kNN monitor, ``metrics.jsonl``,
+            MLflow, progress bar, checkpoints). A list drops what it omits (e.g. no MLflow logger: nothing tracked).
 
     Raises:
         MedsslError: unusable data, K consecutive non-finite losses, unreadable checkpoint.
@@ -397,7 +383,8 @@ def run_pretraining(
             augment = parts.augment if parts.augment is not None else build_augment(config, rank=info.rank)
         if info.enabled:
             ck.seed_all(config.seed + info.rank)  # ranks draw different dropout/augmentation randomness
-        trainer = Pretrainer(config, encoder, method, augment, pool, optimizer=optimizer, schedule=schedule)
+        trainer = Pretrainer(config, encoder, method, augment, pool, optimizer=optimizer, schedule=schedule,
+                             handlers=handlers)
         if handler is None:
             return trainer.fit(resume=resume, progress=progress)
         with handler:
@@ -406,7 +393,7 @@ def run_pretraining(
         # the DDP reducer (inside trainer / method) must be freed before its Gloo group is destroyed: freed after
         # destroy_process_group, a rank hung at exit after a finished run (seen under torchrun on the local SLURM
         # cluster and in benchmarks/pool_scale.py)
-        del trainer, encoder, method, augment, parts
+        del trainer, encoder, method, augment, parts, handlers
         if created:
             gc.collect()
             dd.cleanup_distributed()

@@ -1,6 +1,7 @@
-"""What a pretraining run leaves behind: the :class:`PretrainResult`, its MLflow run (:func:`start_tracking`) and
-the end-of-run outputs (:func:`write_outputs`: ``encoder.pt`` + ``encoder.json``, ``skipped_volumes.json``,
-MLflow artifacts and the FINISHED status). Rank 0 writes; other ranks only fill their result's paths.
+"""What a pretraining run leaves behind: the :class:`PretrainResult`, its MLflow run (:func:`start_tracking`, used by
+:class:`~medssl.engines.pretrain.handlers.MlflowLogger`) and the end-of-run outputs (:func:`write_outputs`:
+``encoder.pt`` + ``encoder.json``, ``skipped_volumes.json``; :func:`run_artifacts`: the files a tracker logs).
+Rank 0 writes; other ranks only fill their result's paths.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from medssl.engines.pretrain.data import pool_fingerprint
 from medssl.engines.runtime import checkpoint as ck
 from medssl.engines.runtime import distributed as dd
 
-__all__ = ["PretrainResult", "start_tracking", "write_outputs"]
+__all__ = ["PretrainResult", "start_tracking", "write_outputs", "run_artifacts"]
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,11 @@ def write_outputs(
     recipe: dict[str, Any],
     pool: list[dict[str, Any]],
     skipped: dict[int, str],
-    step: int,
     dist: dd.DistInfo,
-    tracker: Any = None,
 ) -> PretrainResult:
     """Fill ``result`` (final loss, skipped volumes of every rank, encoder paths) and, on rank 0, write the
-    encoder (:func:`~medssl.engines.runtime.checkpoint.save_encoder`) and ``skipped_volumes.json``, log them and
-    ``config.yaml`` to MLflow and close the run FINISHED. Under DDP every rank calls it (one all-gather, a barrier).
+    encoder (:func:`~medssl.engines.runtime.checkpoint.save_encoder`) and ``skipped_volumes.json``. Under DDP
+    every rank calls it (one all-gather, a barrier). Tracking them is the handlers' (:func:`run_artifacts`).
 
     Args:
         result: the run's result so far (``loss_history``, checkpoints).
@@ -92,9 +91,7 @@ def write_outputs(
         recipe: its recipe (written to ``encoder.json``).
         pool: the pretraining pool (names of skipped volumes).
         skipped: this rank's unreadable volumes, pool index → reason (``CropBatcher.skipped``).
-        step: the last optimizer step (x of the final metric).
         dist: this process's rank information.
-        tracker: the open tracker (rank 0) or ``None``.
     """
     r = result
     r.final_loss = r.loss_history[-1][1] if r.loss_history else None
@@ -102,20 +99,19 @@ def write_outputs(
     r.skipped_volumes = {_image_name(pool[i]["image"]): why for s in every for i, why in s.items()}
     if not dist.is_main:
         r.encoder_path, r.encoder_json = out_dir / "encoder.pt", out_dir / "encoder.json"
-        dd.barrier()  # rank 0 writes the encoder and closes MLflow
+        dd.barrier()  # rank 0 writes the encoder
         return r
     r.encoder_path, r.encoder_json = ck.save_encoder(out_dir, encoder, recipe)
-    skipped_file = out_dir / "skipped_volumes.json"
     if r.skipped_volumes:
-        skipped_file.write_text(json.dumps(r.skipped_volumes, indent=1))
-    if tracker:
-        if r.skipped_volumes:
-            tracker.log_artifact(skipped_file)
-        for p in (r.encoder_path, r.encoder_json):
-            tracker.log_artifact(p, "encoder")
-        tracker.log_artifact(out_dir / "config.yaml")
-        tracker.log_metrics({"skipped_volumes": float(len(r.skipped_volumes))}, step)
-        tracker.close("FINISHED")
-        r.run_id = tracker.run_id
+        (out_dir / "skipped_volumes.json").write_text(json.dumps(r.skipped_volumes, indent=1))
     dd.barrier()
     return r
+
+
+def run_artifacts(result: PretrainResult, out_dir: Path) -> list[tuple[Path, str | None]]:
+    """The end-of-run files a tracker logs, ``(file, folder in the tracker or None)`` in order:
+    ``skipped_volumes.json`` (when volumes were skipped), ``encoder/encoder.pt``, ``encoder/encoder.json``,
+    ``config.yaml``."""
+    files: list[tuple[Path, str | None]] = [(out_dir / "skipped_volumes.json", None)] if result.skipped_volumes else []
+    files += [(p, "encoder") for p in (result.encoder_path, result.encoder_json) if p is not None]
+    return [*files, (out_dir / "config.yaml", None)]
