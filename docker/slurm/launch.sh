@@ -6,14 +6,18 @@
 #                                           (SLURM's --signal=B:USR1@T, scancel --signal=USR1 --batch) send
 #                                           SIGNAL to CMD (SIGNAL "steps": SIGTERM to every job step via
 #                                           scancel), wait for it, then requeue the job
+#   medssl_move_dependents OLD NEW          this user's pending jobs waiting on job OLD wait on NEW instead
 #
 # medssl traps SIGUSR1 and SIGTERM, checkpoints at the next step and exits 75 (medssl/engines/runtime/preemption.py);
 # srun steps (torchrun and its workers) get SIGTERM from slurmstepd (scancel --signal=TERM JOBID). The requeued job runs
-# the script again with --resume auto. Where requeue is not allowed (JobRequeue=0 and no --requeue, or
-# sbatch --no-requeue), the script resubmits itself (MEDSSL_SBATCH_SCRIPT + MEDSSL_SBATCH_ARGS, set by the
-# template; an array task as --array=<its index>): a new job id, options given on the sbatch command line are
-# not carried (put them in the script), and the stopped job ends with exit 75 (state FAILED: an afterok
-# dependency on it never starts).
+# the script again with --resume auto (same job id: dependencies on it stay valid). Where requeue is not allowed
+# (JobRequeue=0 and no --requeue, or sbatch --no-requeue), the script resubmits itself (MEDSSL_SBATCH_SCRIPT +
+# MEDSSL_SBATCH_ARGS, set by the template; an array task as --array=<its index>): a new job id, options given on
+# the sbatch command line are not carried (put them in the script), and the stopped job ends with exit 75 (state
+# FAILED). Before it ends, every pending job of this user that waits on it (afterok/afterany/... on the job, or on
+# <array>_<task> for an array task; a dependent array as a whole) is moved to the new id (medssl_move_dependents):
+# a sweep's finetuning array waits for the resubmitted pretraining instead of sitting in DependencyNeverSatisfied.
+# The new job does the same when it is preempted in turn, so any number of resubmissions in a row keeps the chain.
 #
 # Environment: MEDSSL_PYTHON (python with medssl; default python3), MEDSSL_IMAGE (an Apptainer image: each
 # command runs inside it with --nv), MEDSSL_NPROC_PER_NODE (default: GPUs on the node, else 1),
@@ -52,12 +56,38 @@ medssl_preemptible() {
     elif [ -n "${MEDSSL_SBATCH_SCRIPT:-}" ]; then
       # requeue not allowed: resubmit; an array task resubmits only itself (the script's --array would rerun
       # every task, a running one twice into the same folder)
-      local only=()
+      local only=() new
       [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && only=(--array="$SLURM_ARRAY_TASK_ID")
-      sbatch "${only[@]}" "$MEDSSL_SBATCH_SCRIPT" "${MEDSSL_SBATCH_ARGS[@]}"
+      if new=$(sbatch --parsable "${only[@]}" "$MEDSSL_SBATCH_SCRIPT" "${MEDSSL_SBATCH_ARGS[@]}"); then
+        new=${new%%;*}  # "<id>[;<cluster>]"
+        echo "Submitted batch job $new"
+        # the new job of an array task is <new>_<task>
+        [ -n "$job" ] && medssl_move_dependents "$job" "$new${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
+      fi
     fi
   fi
   return "$rc"
+}
+
+medssl_move_dependents() {  # OLD NEW: this user's pending jobs that wait on job OLD wait on NEW instead
+  local old=$1 new=$2 id dep moved prev
+  # %F: the array job id (a job's own id otherwise): a pending array is one record, and scontrol update of the
+  # array id reaches every task of it. %E: "afterok:12(unfulfilled),afterany:13_4(unfulfilled)" ("?" = OR)
+  while IFS='|' read -r id dep; do
+    dep=$(sed -E 's/\([^)]*\)//g' <<<"$dep")  # drop the "(unfulfilled)" annotations: the Dependency= syntax
+    moved=$dep
+    while :; do  # a list may name OLD twice in a row (":OLD:OLD"): the delimiter after a match is consumed
+      prev=$moved
+      moved=$(sed -E "s/:${old}([:,?+]|\$)/:${new}\1/g" <<<"$moved")
+      [ "$moved" = "$prev" ] && break
+    done
+    [ "$moved" = "$dep" ] && continue
+    if scontrol update JobId="$id" Dependency="$moved"; then
+      echo "medssl: job $id now waits on $new instead of $old (Dependency=$moved)"
+    else
+      echo "medssl: could not move the dependency of job $id from $old to $new (it waits on $dep)" >&2
+    fi
+  done < <(squeue -h -t PD -u "$(id -un)" -o "%F|%E" 2>/dev/null | sort -u)
 }
 
 medssl_torchrun() {

@@ -13,10 +13,13 @@ the parent run, writes the resolved pipeline (overrides applied) and the batch s
 Array task ``i`` runs child ``i`` of :func:`medssl.engines.studies.sweep.run_sweep` (order: fractions × seeds × inits,
 as in ``sweep.json``) through the same runner, so tags, markers, resume and failure recording are the local
 sweep's. The scripts carry ``docker/slurm/launch.sh``'s preemption trap: ``--signal=B:USR1@T`` → checkpoint →
-exit 75 → ``scontrol requeue`` → the task resumes its child (``resume="auto"``).
+exit 75 → ``scontrol requeue`` → the task resumes its child (``resume="auto"``). Where requeue is refused the job
+resubmits itself (a new id) and moves the jobs waiting on it to the new id first: a resubmitted pretraining job
+keeps the array's ``afterok`` satisfiable, however many times in a row it is resubmitted.
 
-``medssl sweep FILE`` afterwards: while any submitted job is pending or running it only shows the status
-(:func:`status_table`); once none is, it resumes as usual (finished children are skipped) and closes the
+``medssl sweep FILE`` afterwards: while any submitted job (or its resubmission, found by job name) is pending or
+running it only shows the status (:func:`status_table`: each row's current job, a pending one with the jobs it
+waits on); once none is, it resumes as usual (finished children are skipped) and closes the
 parent, and ``medssl compare`` reads the study as before.
 """
 
@@ -223,48 +226,93 @@ def _record(pl_study_root: Path) -> dict[str, Any]:
         return {}
 
 
-def active_jobs(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, str]:
-    """Submitted jobs of the study still pending or running: ``{"<job>[_<task>]": state}`` (empty when
-    nothing was submitted, all are done, or ``squeue`` is unavailable). Jobs of this user named as the
-    emitted scripts name them (``<study>``, ``<study>-pretrain``) count too: an array task resubmitted by
-    ``launch.sh`` where requeue is not allowed runs under a new job id."""
-    from medssl.engines.studies.pipeline import load_pipeline
+@dataclass(frozen=True)
+class _Queued:
+    """One pending/running job (array task) as ``squeue -r`` shows it."""
 
-    pl = load_pipeline(pipeline, overrides)
-    rec = _record(pl.study_root)
+    job: str  # "<id>" or "<array id>_<task>"
+    state: str  # PENDING, RUNNING, ...
+    name: str
+    reason: str  # why pending (Dependency, DependencyNeverSatisfied, Resources, ...), "None" when running
+    dependency: str  # "afterok:12(unfulfilled)" or "(null)"
+
+
+def _queued(pl: Any, rec: dict[str, Any]) -> dict[str, _Queued]:
+    """The study's pending/running jobs: by the ids in ``jobs.json`` and by the emitted scripts' job names
+    (``<study>``, ``<study>-pretrain``): a job that ``launch.sh`` resubmitted (requeue not allowed) has a new id."""
     ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job")) if j]
     if not ids or shutil.which("squeue") is None:
         return {}
-    # by id, and by the scripts' job names: a task that launch.sh resubmitted (requeue not allowed) has a new id
     names = f"{pl.study},{pl.study}-pretrain"
-    out: dict[str, str] = {}
+    out: dict[str, _Queued] = {}
     for select in (["-j", ",".join(ids)], ["-n", names, "-u", str(os.getuid())]):
-        p = subprocess.run(["squeue", "-h", "-r", *select, "-o", "%i %T"], capture_output=True, text=True,
-                           timeout=60)
-        if p.returncode == 0:  # finished jobs age out of squeue: "Invalid job id" means none is active
-            out |= dict(line.split(maxsplit=1) for line in p.stdout.splitlines() if line.strip())
+        p = subprocess.run(["squeue", "-h", "-r", *select, "-o", "%i|%T|%j|%r|%E"], capture_output=True,
+                           text=True, timeout=60)
+        if p.returncode != 0:  # finished jobs age out of squeue: "Invalid job id" means none is active
+            continue
+        for line in p.stdout.splitlines():
+            fields = line.strip().split("|", 4)
+            if len(fields) == 5:
+                out[fields[0]] = _Queued(*fields)
     return out
 
 
+def active_jobs(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, str]:
+    """Submitted jobs of the study still pending or running: ``{"<job>[_<task>]": state}`` (empty when
+    nothing was submitted, all are done, or ``squeue`` is unavailable). Jobs of this user named as the
+    emitted scripts name them (``<study>``, ``<study>-pretrain``) count too: a pretraining job or an array task
+    resubmitted by ``launch.sh`` where requeue is not allowed runs under a new job id."""
+    from medssl.engines.studies.pipeline import load_pipeline
+
+    pl = load_pipeline(pipeline, overrides)
+    return {job: q.state for job, q in _queued(pl, _record(pl.study_root)).items()}
+
+
+def _job_id(job: str) -> tuple[int, int]:
+    """Sort key: newest submission last (``"12_3"`` → ``(12, 3)``)."""
+    head, _, task = job.partition("_")
+    return (int(head) if head.isdigit() else -1, int(task) if task.isdigit() else -1)
+
+
+def _state(q: _Queued) -> str:
+    """``RUNNING``; a pending job with its reason and, while it waits on jobs, on which ones."""
+    if q.state != "PENDING" or q.reason in ("", "None"):  # "None": not yet looked at by the scheduler
+        return q.state
+    dep = q.dependency if q.dependency not in ("", "(null)") else ""
+    return f"PENDING ({q.reason}{': ' + dep if dep and q.reason.startswith('Dependency') else ''})"
+
+
 def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Any:
-    """Rich ``Table`` of the submitted sweep: each child's SLURM state and its ``sweep_child.json`` status."""
+    """Rich ``Table`` of the submitted sweep: each child's current SLURM job and state (a pending task with
+    the jobs it waits on) and its ``sweep_child.json`` status.
+
+    A pretraining job or array task that ``launch.sh`` resubmitted (requeue not allowed) is followed by its job
+    name: the row shows the newest active job of that name (``<new id> (resubmitted from <id>)``); the array's
+    dependency then names that job too (``launch.sh`` moved it).
+    """
     from rich.table import Table
 
     from medssl.engines.studies.pipeline import load_pipeline
 
     pl = load_pipeline(pipeline, overrides)
-    rec, active = _record(pl.study_root), active_jobs(pipeline, overrides)
+    rec = _record(pl.study_root)
+    queued = _queued(pl, rec)
     t = Table(title=f"medssl sweep {pl.study}: SLURM jobs still active (parent run {rec.get('parent_run_id')})")
-    for col in ("task", "child", "SLURM", "status"):
+    for col in ("task", "child", "job", "SLURM", "status"):
         t.add_column(col)
+
+    def row(task: str, key: str, first: str, same: list[_Queued]) -> None:
+        q = queued.get(first) or (max(same, key=lambda x: _job_id(x.job)) if same else None)
+        job = first if q is None or q.job == first else f"{q.job} (resubmitted from {first})"
+        t.add_row(task, key, job, _state(q) if q else "done", _status(pl, rec, key))
+
     pre = rec.get("pretrain_job")
     if pre:
-        t.add_row("-", "pretrain", active.get(pre, "done"), _status(pl, rec, "pretrain"))
+        row("-", "pretrain", pre, [q for q in queued.values() if q.name == f"{pl.study}-pretrain"])
+    array = rec.get("children_job")
     for i, key in enumerate(rec.get("keys", [])):
-        task = f"{rec.get('children_job')}_{i}"
-        again = next((v for k, v in active.items() if k.endswith(f"_{i}")), None)  # resubmitted: a new id
-        state = active.get(task) or active.get(str(rec.get("children_job"))) or again or "done"
-        t.add_row(str(i), key, state, _status(pl, rec, key))
+        mine = [q for q in queued.values() if q.name == pl.study and q.job.partition("_")[2] == str(i)]
+        row(str(i), key, f"{array}_{i}", mine)
     return t
 
 

@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["BINARIES", "LocalSlurm", "missing_binaries"]
+__all__ = ["BINARIES", "LocalSlurm", "log_tails", "missing_binaries", "wait_for"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,26 @@ def _which(name: str) -> str | None:
 def missing_binaries() -> list[str]:
     """The SLURM / munge programs this machine lacks (empty when a local cluster can start)."""
     return [b for b in BINARIES if _which(b) is None]
+
+
+def wait_for(ok: Callable[[], object], timeout: float, what: Callable[[], str]) -> object:
+    """Poll ``ok()`` every 0.2 s until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: ``what()`` (e.g. the jobs' logs) when ``timeout`` s pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = ok()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(what())
+
+
+def log_tails(folder: Path, tail: int = 2500) -> str:
+    """The last ``tail`` characters of every file in ``folder`` (the jobs' logs, for failure messages)."""
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(folder.glob("*")))
 
 
 def _free_port() -> int:

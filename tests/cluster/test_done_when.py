@@ -11,13 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from medssl.cli import app
@@ -29,12 +27,11 @@ from medssl.engines.studies.sweep import run_sweep
 from medssl.tracking.compare import DIFF, compare_study
 from medssl.tracking.compare_select import child_runs
 from medssl.tracking.mlflow_tracker import make_client
-from tests.cluster._slurm import LocalSlurm
+from tests.cluster._slurm import LocalSlurm, log_tails, wait_for
 from tests.tracking._pg import PgMlflow, find_pg_bin, start_pg_mlflow
 
 pytestmark = [pytest.mark.slurm, pytest.mark.server]
-SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
-EPOCHS, VAL_EVERY = 3, 5  # ~20 training cases, batch 1: 20 steps an epoch, 3 validations inside each
+EPOCHS, VAL_EVERY = 3, 5
 _VAL_LINE = re.compile(r"epoch (\d+), step (\d+): val_")
 
 
@@ -51,36 +48,11 @@ def pg_server() -> Iterator[PgMlflow]:
         srv.close()
 
 
-def _spec(hippocampus_dir: Path, tmp: Path, study: str, uri: str, inits: list[str], fractions: list[int]) -> Path:
-    images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:26]
-    items = [{"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
-             for p in images]  # fmt: skip
-    (tmp / "data").mkdir(parents=True)
-    (tmp / "data" / "datalist.json").write_text(json.dumps({"training": items}))
-    spec = {
-        "study": study, "experiment": "done-when", "tracking_uri": uri, "out_dir": str(tmp / "runs"),
-        "data": {"datalist": str(tmp / "data" / "datalist.json"), "test_fraction": 0.12, "val_fraction": 0.12},
-        "pretrain": {"method": "simclr", "encoder": "segresnet", "encoder_kwargs": SEG_NET, "roi_size": [16] * 3,
-                     "method_kwargs": {"hidden_dim": 8, "out_dim": 4}, "total_steps": 2, "batch_size": 2,
-                     "target_spacing": [1.0, 1.0, 1.0], "device": "cpu", "preview": False},
-        "finetune": {"network": "SegResNet", "network_kwargs": SEG_NET, "roi_size": [16] * 3, "max_epochs": EPOCHS,
-                     "batch_size": 1, "num_samples": 1, "val_every_steps": VAL_EVERY, "sw_overlap": 0.0,
-                     "sw_batch_size": 8, "device": "cpu"},
-        "fractions": fractions, "inits": inits, "seeds": [0], "metric": "test_dice_mean",
-    }  # fmt: skip
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _wait(ok: Callable[[], object], timeout: float, what: Callable[[], str]) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = ok()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(what())
+def _spec(study_spec: Callable[..., Path], study: str, uri: str, inits: list[str], fractions: list[int]) -> Path:
+    """~20 training cases, batch 1: 20 steps an epoch, 3 validations inside each."""
+    return study_spec(study, uri=uri, experiment="done-when", cases=26, test_fraction=0.12, val_fraction=0.12,
+                      inits=tuple(inits), fractions=tuple(fractions),
+                      finetune={"max_epochs": EPOCHS, "batch_size": 1, "num_samples": 1, "val_every_steps": VAL_EVERY})
 
 
 def _epoch_of(last: Path) -> int:
@@ -94,9 +66,9 @@ def _preempt_mid_epoch(cluster: LocalSlurm, task: str, child_dir: Path, log: Pat
     """Signal ``task`` once its child validated inside epoch 1 (after the epoch-0 ``last.pt``): the resumed job
     redoes those steps, the case that could log a metric step twice. Returns the step seen validated."""
     text = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
-    _wait(lambda: _epoch_of(child_dir / "checkpoints" / "last.pt") >= 1, 300,
+    wait_for(lambda: _epoch_of(child_dir / "checkpoints" / "last.pt") >= 1, 300,
           lambda: f"{child_dir} wrote no epoch-end checkpoint\n{text()[-3000:]}")
-    steps = _wait(lambda: [int(s) for e, s in _VAL_LINE.findall(text()) if e == "1"], 120,
+    steps = wait_for(lambda: [int(s) for e, s in _VAL_LINE.findall(text()) if e == "1"], 120,
                   lambda: f"no validation inside epoch 1\n{text()[-3000:]}")
     cluster.run("scancel", "--signal=USR1", "--batch", task)
     return max(steps)  # type: ignore[arg-type]
@@ -131,33 +103,29 @@ def _check_children(client, parent_id: str, want: list[str], study_root: Path) -
 
 @pytest.mark.timeout(900)
 def test_study_array_preempted_requeued_on_postgres_server(
-    slurm_cluster: LocalSlurm, pg_server: PgMlflow, hippocampus_dir: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    slurm_env: LocalSlurm, pg_server: PgMlflow, study_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(tmp_path)
-    study = _spec(hippocampus_dir, tmp_path, "hippo-done", pg_server.uri, ["scratch", "ssl"], [100])
+    study = _spec(study_spec, "hippo-done", pg_server.uri, ["scratch", "ssl"], [100])
     root = tmp_path / "runs" / "hippo-done"
     sub = CliRunner().invoke(app, ["sweep", str(study), "--slurm"])
     assert sub.exit_code == 0, sub.output
     rec = json.loads((root / "slurm" / "jobs.json").read_text())
     assert rec["keys"] == ["f100-scratch-s0", "f100-ssl-s0"] and rec["pretrain_job"]
     logs = root / "slurm" / "logs"
-    all_logs = lambda: "\n".join(f"== {p.name}\n{p.read_text()[-2500:]}" for p in sorted(logs.glob("*")))  # noqa: E731
+    all_logs = lambda: log_tails(logs)  # noqa: E731
     # task 1 (the SSL child) started last: it holds the array's own job id, so requeueing "$SLURM_JOB_ID" would
     # requeue the whole array; launch.sh requeues <array>_<task>
     task, other = f"{rec['children_job']}_1", f"{rec['children_job']}_0"
     task_log = logs / f"hippo-done-{rec['children_job']}_1.out"
 
-    seen = _preempt_mid_epoch(slurm_cluster, task, root / "sweep" / "f100-ssl-s0", task_log)
-    assert slurm_cluster.job_field(task, "JobId") == rec["children_job"]
-    slurm_cluster.start_requeued(task)  # requeued: same job id, Restarts 1
-    assert slurm_cluster.wait_job(rec["children_job"], timeout=420) == "COMPLETED", all_logs()
-    assert slurm_cluster.wait_job(rec["pretrain_job"], timeout=10) == "COMPLETED", all_logs()
+    seen = _preempt_mid_epoch(slurm_env, task, root / "sweep" / "f100-ssl-s0", task_log)
+    assert slurm_env.job_field(task, "JobId") == rec["children_job"]
+    slurm_env.start_requeued(task)  # requeued: same job id, Restarts 1
+    assert slurm_env.wait_job(rec["children_job"], timeout=420) == "COMPLETED", all_logs()
+    assert slurm_env.wait_job(rec["pretrain_job"], timeout=10) == "COMPLETED", all_logs()
     text = task_log.read_text()
     assert f"restart 0); requeueing {task}" in text and "preempted by SIGUSR1" in text, text[-3000:]
-    assert slurm_cluster.job_field(other, "Restarts") == "0"  # the other task ran once
+    assert slurm_env.job_field(other, "Restarts") == "0"  # the other task ran once
     resumed = re.search(r"resumed at epoch (\d+) \(step (\d+)\)", text)
     assert resumed and int(resumed.group(1)) >= 1, text[-3000:]  # from an epoch-end checkpoint: steps redone
     assert seen > int(resumed.group(2))  # a validation after that checkpoint was logged before the signal
@@ -191,30 +159,26 @@ def test_study_array_preempted_requeued_on_postgres_server(
 
 @pytest.mark.timeout(600)
 def test_no_requeue_resubmits_only_the_preempted_task(
-    slurm_cluster: LocalSlurm, pg_server: PgMlflow, hippocampus_dir: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    slurm_env: LocalSlurm, pg_server: PgMlflow, study_spec: Callable[..., Path], tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(tmp_path)
-    study = _spec(hippocampus_dir, tmp_path, "hippo-resubmit", pg_server.uri, ["scratch"], [50, 100])
+    study = _spec(study_spec, "hippo-resubmit", pg_server.uri, ["scratch"], [50, 100])
     root = tmp_path / "runs" / "hippo-resubmit"
     jobs = emit_sweep_jobs(study, submit=True, sbatch_options=["--no-requeue"])  # scontrol requeue is refused
     assert jobs.pretrain_job is None and jobs.keys == ["f50-scratch-s0", "f100-scratch-s0"]
     array, logs = jobs.children_job, root / "slurm" / "logs"
-    all_logs = lambda: "\n".join(f"== {p.name}\n{p.read_text()[-2500:]}" for p in sorted(logs.glob("*")))  # noqa: E731
+    all_logs = lambda: log_tails(logs)  # noqa: E731
     old_log = logs / f"hippo-resubmit-{array}_1.out"
 
-    _preempt_mid_epoch(slurm_cluster, f"{array}_1", root / "sweep" / "f100-scratch-s0", old_log)
-    found = _wait(lambda: re.search(r"Submitted batch job (\d+)", old_log.read_text()), 120, lambda: all_logs())
+    _preempt_mid_epoch(slurm_env, f"{array}_1", root / "sweep" / "f100-scratch-s0", old_log)
+    found = wait_for(lambda: re.search(r"Submitted batch job (\d+)", old_log.read_text()), 120, lambda: all_logs())
     new = found.group(1)  # type: ignore[union-attr]
-    assert slurm_cluster.job_field(new, "ArrayTaskId") == "1", slurm_cluster.run("scontrol", "show", "job", new).stdout
-    assert slurm_cluster.wait_job(array, timeout=300, states=("COMPLETED", "FAILED")) in ("COMPLETED", "FAILED")
-    assert slurm_cluster.job_field(f"{array}_1", "ExitCode") == "75:0"  # stopped for preemption, continued as `new`
-    assert slurm_cluster.job_field(f"{array}_1", "Restarts") == "0" == slurm_cluster.job_field(f"{array}_1", "Requeue")
-    if slurm_cluster.job_state(new) in ("PENDING", "RUNNING"):
+    assert slurm_env.job_field(new, "ArrayTaskId") == "1", slurm_env.run("scontrol", "show", "job", new).stdout
+    assert slurm_env.wait_job(array, timeout=300, states=("COMPLETED", "FAILED")) in ("COMPLETED", "FAILED")
+    assert slurm_env.job_field(f"{array}_1", "ExitCode") == "75:0"  # stopped for preemption, continued as `new`
+    assert slurm_env.job_field(f"{array}_1", "Restarts") == "0" == slurm_env.job_field(f"{array}_1", "Requeue")
+    if slurm_env.job_state(new) in ("PENDING", "RUNNING"):
         assert any(j.startswith(new) for j in active_jobs(study)), "medssl sweep FILE must see the resubmitted job"
-    assert slurm_cluster.wait_job(new, timeout=300) == "COMPLETED", all_logs()
+    assert slurm_env.wait_job(new, timeout=300) == "COMPLETED", all_logs()
     text = old_log.read_text()
     assert f"requeueing {array}_1" in text and "Requested operation is presently disabled" in text, text[-3000:]
     new_text = (logs / f"hippo-resubmit-{new}_1.out").read_text()
