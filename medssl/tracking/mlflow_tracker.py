@@ -12,6 +12,10 @@ those replay only spools whose writer is gone (:mod:`medssl.tracking.spool`).
 
 Only the ``MlflowClient`` API is used (no fluent global state), so trackers can be nested (parent/child)
 and a fake client can stand in for tests.
+
+``on_durable(records)`` (optional) is called with the records that have just become durable, i.e. were sent or
+appended (fsynced) to the spool; records still in the memory queue when the process dies are not. A resumed
+finetuning run uses it to know what an earlier attempt already logged (:mod:`medssl.engines.finetune.ledger`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +136,8 @@ class MlflowTracker:
         max_buffer: send the queue when it holds this many records.
         backoff_s: first retry delay after a failure; doubles per failure up to ``max_backoff_s``.
         close_timeout_s: how long :meth:`close` keeps retrying before leaving records in the spool.
+        on_durable: called with each list of records once sent or spooled (an error in it is logged, never
+            raised); settable later as the attribute ``on_durable``.
 
     Raises:
         MedsslError: the run cannot be created (tracking server unreachable at start).
@@ -152,6 +159,7 @@ class MlflowTracker:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         close_timeout_s: float = 30.0,
+        on_durable: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = client if client is not None else make_client(self.tracking_uri)
@@ -161,6 +169,7 @@ class MlflowTracker:
         self._lock: SpoolLock | None = None
         self._failures, self._next_try, self._last_flush = 0, 0.0, time.monotonic()
         self.closed = False
+        self.on_durable = on_durable
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -263,7 +272,7 @@ class MlflowTracker:
         if ok and self._queue:
             try:
                 send_records(self.client, self.run_id, self._queue)
-                self._queue.clear()
+                self._durable()
             except Exception as e:  # noqa: BLE001
                 ok = False
                 log.debug("MLflow send failed: %s", e)
@@ -283,6 +292,17 @@ class MlflowTracker:
                 log.info("MLflow reachable again; buffered records sent")
             self._failures, self._next_try = 0, 0.0
         return ok
+
+    def persist(self) -> None:
+        """Make every queued record durable now: sent, or (while an outage's retry is not yet due, so without
+        waiting on the network) appended to the spool. Call it before writing a checkpoint: a process killed after
+        the checkpoint then loses no record that a resume from it would not log again."""
+        if not self._queue:
+            return
+        if self._failures and time.monotonic() < self._next_try:
+            self._spool_queue()
+        else:
+            self.flush()
 
     def _own_spool(self) -> None:
         """Hold the lock of the current :attr:`spool_path` (it may be re-pointed after start), so that
@@ -307,6 +327,15 @@ class MlflowTracker:
                 f.write(json.dumps({"run_id": self.run_id, "uri": self.tracking_uri, **rec}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._durable()
+
+    def _durable(self) -> None:
+        """The queue reached MLflow or the spool: tell :attr:`on_durable`, then empty it."""
+        if self.on_durable is not None:
+            try:
+                self.on_durable(list(self._queue))
+            except Exception as e:  # noqa: BLE001 - bookkeeping never stops logging
+                log.warning("on_durable hook failed: %s", e)
         self._queue.clear()
 
     def close(self, status: str = "FINISHED") -> bool:

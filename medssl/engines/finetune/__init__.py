@@ -4,7 +4,8 @@
 augmentation), ``planner`` + ``plan`` (the data-derived segmentation recipe and its resolution at run start),
 ``evaluation`` (:class:`FinetuneEvaluator`, :class:`Selection`), ``metrics`` (Dice / HD95 / AUC …), ``native``
 (scoring on the label's native grid), ``tta`` (test-time flips), ``state`` (:class:`FinetuneCheckpointer`:
-``best.pt`` / ``last.pt``, exact resume), ``identity`` (``medssl.config_hash``), ``leakage`` (refusing an encoder
+``best.pt`` / ``last.pt``, exact resume), ``ledger`` (the folder's MLflow run and what reached it: a resume logs
+each metric step once), ``identity`` (``medssl.config_hash``), ``leakage`` (refusing an encoder
 pretrained on validation/test cases) and ``result`` (:class:`FinetuneResult` and the MLflow run).
 
 Every public name below is importable from this package (``from medssl.engines.finetune import ...``); it is
@@ -69,6 +70,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "result": (
         "FinetuneResult", "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS",
     ),
+    "ledger": (
+        "LEDGER_FILE", "MetricLedger", "config_key", "recorded_run", "adopt_run", "open_run", "close_run",
+    ),
 }
 
 __all__ = [
@@ -84,7 +88,8 @@ __all__ = [
     "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "RESUME_FIELDS",
     "FinetuneCheckpointer", "RUN_KEYS", "config_identity", "config_hash", "config_changes", "file_sha256",
     "split_data_hash", "run_config_hash", "check_pretrain_leakage", "pretrained_case_ids", "FinetuneResult",
-    "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS",
+    "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS", "LEDGER_FILE", "MetricLedger", "config_key",
+    "recorded_run", "adopt_run", "open_run", "close_run",
 ]
 
 

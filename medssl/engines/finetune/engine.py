@@ -16,7 +16,9 @@ The `Finetuner` holds its parts as objects built from plain arguments: a
 :class:`~medssl.engines.finetune.evaluation.FinetuneEvaluator` (metrics), a
 :class:`~medssl.engines.finetune.evaluation.Selection` (best on validation, early stopping) and a
 :class:`~medssl.engines.finetune.state.FinetuneCheckpointer` (``best.pt`` / ``last.pt``, exact resume); the result
-type and the MLflow run are in :mod:`medssl.engines.finetune.result`.
+type and the MLflow run are in :mod:`medssl.engines.finetune.result`; what the run already logged (a resume sends
+each metric step once) is the :class:`~medssl.engines.finetune.ledger.MetricLedger` of
+:mod:`medssl.engines.finetune.ledger`.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ from medssl.engines.finetune.data import (
 from medssl.engines.finetune.evaluation import FinetuneEvaluator, Selection
 from medssl.engines.finetune.identity import run_config_hash
 from medssl.engines.finetune.leakage import check_pretrain_leakage
+from medssl.engines.finetune.ledger import MetricLedger, close_run, open_run
 from medssl.engines.finetune.metrics import as_tensor
 from medssl.engines.finetune.plan import resolve_plan, training_sampling
-from medssl.engines.finetune.result import FinetuneResult, fmt_metrics, log_run_start, open_tracker
+from medssl.engines.finetune.result import FinetuneResult, fmt_metrics, log_run_start
 from medssl.engines.finetune.state import FinetuneCheckpointer
 from medssl.engines.finetune.tta import FlipTTAInferer
 from medssl.engines.pretrain.components import resolve_device
@@ -76,18 +79,20 @@ class Finetuner:
     Args:
         config: the run config (preprocessing fields may be ``None``: resolved from the SSL recipe).
         tracker: an open :class:`~medssl.tracking.mlflow_tracker.MlflowTracker` or ``None``.
+        ledger: what the tracker's run already holds (:class:`~medssl.engines.finetune.ledger.MetricLedger`);
+            metrics at or below a key's logged step are not sent again. ``None``: everything is sent.
     """
 
     preemption: PreemptionHandler | None = None  # set by run_finetune: a signal stops before the next step
 
-    def __init__(self, config: FinetuneConfig, *, tracker: Any = None) -> None:
+    def __init__(self, config: FinetuneConfig, *, tracker: Any = None, ledger: MetricLedger | None = None) -> None:
         from medssl.networks.downstream import freeze_encoder
         from medssl.networks.transfer import EncoderWarmup
 
         # the run's seed, not the caller's RNG state, decides the initial weights: a Finetuner built in a process
         # that already ran another (a sweep, a bundle, a test) starts from the same weights as a fresh one
         ck.seed_all(config.seed)
-        self.tracker, self.device = tracker, resolve_device(config.device)
+        self.tracker, self.ledger, self.device = tracker, ledger, resolve_device(config.device)
         self.seg = config.task == "segmentation"
         self.items, channels = run_items(config)
         config, self.plan = resolve_plan(config, self.items)  # "auto" fields planned; unfit recipes refused
@@ -161,7 +166,6 @@ class Finetuner:
         )  # fmt: skip
         self.epoch, self.step, self.nan_run = 0, 0, 0
         self.val_step = -1  # optimizer step of the last validation
-        self.logged_through = -1  # MLflow x a preempted attempt logged through: a resume does not log it again
         self.history: list[dict[str, float]] = []
         self.pretrained_frozen = False
         self._sync_pretrained_freeze()  # an SSL schedule's frozen phase starts now
@@ -234,7 +238,6 @@ class Finetuner:
             if self.step >= self.total_steps or self.selection.stopped:
                 break
             if self.preemption is not None and self.preemption.requested:  # resumes at this epoch's start
-                self.checkpointer.save_preempted(self.step if self.cfg.val_every_steps else self.epoch)
                 raise Preempted(self.preemption.signum, self.epoch, self.out / "checkpoints/last.pt", "epoch")
             value = self.train_step(batch)
             if value is not None:
@@ -272,15 +275,18 @@ class Finetuner:
             ConfigMismatchError: the checkpoint is of another task/network/init/fraction/seed/roi.
         """
         self.epoch, self.step, self.history = self.checkpointer.load(state, total_steps=self.total_steps)
-        self.logged_through = self.checkpointer.logged_through()
 
     def _record(self, logs: dict[str, float]) -> None:
         """History + MLflow (x axis: the optimizer step with ``val_every_steps``, else the epoch)."""
         self.history.append({"epoch": float(self.epoch), "step": float(self.step), **logs})
         log.info("epoch %d, step %d: %s", self.epoch, self.step, fmt_metrics(logs))
-        x = self.step if self.cfg.val_every_steps else self.epoch
-        if self.tracker and x > self.logged_through:  # redone steps of a preempted attempt: already in MLflow
-            self.tracker.log_metrics(logs, x)
+        self._log(logs, self.step if self.cfg.val_every_steps else self.epoch)
+
+    def _log(self, metrics: dict[str, float], x: int) -> None:
+        """Send to MLflow what an earlier attempt of the run has not logged at ``x`` (a resume redoes steps)."""
+        metrics = self.ledger.unlogged(metrics, x) if self.ledger is not None else metrics
+        if self.tracker and metrics:
+            self.tracker.log_metrics(metrics, x)
 
     # -- the run --------------------------------------------------------------------------------------
     def fit(self, *, fresh: bool = True, progress: bool = True) -> FinetuneResult:
@@ -311,6 +317,8 @@ class Finetuner:
                     if (due or done) and self.val_step != self.step and not self.selection.stopped:
                         logs |= {f"val_{k}": v for k, v in self._validate().items()}
                     self._record(logs)
+                    if self.tracker:  # what a resume from this checkpoint will not redo must not be lost
+                        self.tracker.persist()
                     self.checkpointer.save_last(epoch=self.epoch, step=self.step, history=self.history)
                     bar(self.epoch, loss)
             if self.selection.best is None:  # resumed a run that never validated
@@ -339,8 +347,7 @@ class Finetuner:
         (self.out / "results.json").write_text(json.dumps(asdict(res), indent=1, default=str))
         log.info("best validation (epoch %d): %s; test: %s", res.best_epoch, fmt_metrics(res.best_val), fmt_metrics(test))
         if self.tracker:
-            self.tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, self.epoch)
-            self.tracker.log_metrics({"best_epoch": float(sel.best["epoch"])}, self.epoch)
+            self._log({f"test_{k}": v for k, v in test.items()} | {"best_epoch": float(sel.best["epoch"])}, self.epoch)
             self.tracker.set_tags({"medssl.status": res.status})
             self.tracker.log_artifact(best_path, "checkpoints")
             self.tracker.log_artifact(self.out / "results.json")
@@ -358,8 +365,9 @@ def run_finetune(
 
     Args:
         config: the run config.
-        resume: ``"auto"`` (continue from ``out_dir/checkpoints/last.pt`` when it exists, else start), a
-            ``last.pt`` path, or ``None`` (start fresh).
+        resume: ``"auto"`` (continue from ``out_dir/checkpoints/last.pt`` when it exists, else start, in the
+            MLflow run the folder records for this config if any: :func:`~medssl.engines.finetune.ledger.open_run`),
+            a ``last.pt`` path, or ``None`` (start fresh). A resumed run sends no metric step already logged.
         progress: show a rich progress bar.
         preemption: trap SIGUSR1/SIGTERM (``True``: a fresh handler, or the caller's, or ``False``). A signal
             stops training before the next step and raises ``Preempted`` (CLI exit 75) without a new
@@ -372,33 +380,19 @@ def run_finetune(
             contradicting preprocessing (``ConfigMismatchError``), repeated non-finite losses. The MLflow run
             is then marked FAILED with the error as tag ``medssl.error``.
     """
-    from medssl.networks.transfer import TransferError
-
     last = Path(config.out_dir) / "checkpoints" / "last.pt"
     path = (last if last.exists() else None) if resume == "auto" else resume
     state = ck.load_checkpoint(path) if path is not None else None
-    tracker = (
-        open_tracker(config, state.get("mlflow_run_id") if state else None) if config.experiment else None
-    )
+    tracker, ledger = open_run(config, state, resume=resume)  # the checkpoint's run, or the folder's (ledger)
     try:  # Finetuner seeds itself (after the MLflow set-up above: the weights never depend on tracking)
-        ft = Finetuner(config, tracker=tracker)
+        ft = Finetuner(config, tracker=tracker, ledger=ledger)
         if state is not None:
             ft.load_state_dict(state)
         ft.preemption = PreemptionHandler() if preemption is True else (preemption or None)
         with ft.preemption or nullcontext():
             result = ft.fit(fresh=state is None, progress=progress)
     except BaseException as e:
-        if isinstance(e, TransferError):
-            report = Path(config.out_dir) / "transfer_report.json"
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps(e.report.to_dict(), indent=1))
-            if tracker:
-                tracker.log_artifact(report)
-        if tracker:
-            tracker.set_tags({"medssl.preempted" if isinstance(e, Preempted) else "medssl.error":
-                              f"{type(e).__name__}: {e}"[:1000]})
-            tracker.close("KILLED" if isinstance(e, (KeyboardInterrupt, Preempted)) else "FAILED")
+        close_run(tracker, e, out_dir=config.out_dir)  # KILLED (preempted, Ctrl-C) or FAILED, the error as a tag
         raise
-    if tracker:
-        tracker.close("FINISHED")
+    close_run(tracker)
     return result

@@ -3,16 +3,15 @@
 
 ``checkpoints/best.pt`` (``{"format", "recipe", "config", "epoch", "model", "val"}``, written on every improvement
 of the validation metric; :func:`~medssl.engines.finetune.build.rebuild_model` rebuilds its network) and
-``checkpoints/last.pt`` (one dict of every state, written at epoch ends) from which a run resumes exactly, and
-``checkpoints/preempted.json`` (the MLflow x a preempted attempt logged through: its resume redoes the steps since
-``last.pt`` and must not log their validations twice).
+``checkpoints/last.pt`` (one dict of every state, written at epoch ends) from which a run resumes exactly. What the
+run already logged to MLflow (a resume redoes the steps since ``last.pt`` and must not log them twice) is
+``checkpoints/mlflow.json``, :mod:`medssl.engines.finetune.ledger`.
 The checkpointer is given the stateful objects once (like Ignite's ``Checkpoint(to_save=...)``); the run's
 counters (epoch, step, history) are passed at each save and returned by :meth:`FinetuneCheckpointer.load`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -110,20 +109,6 @@ class FinetuneCheckpointer:
             "transfer": self.transfer,
             "mlflow_run_id": self.run_id,
         }
-
-    def save_preempted(self, logged_through: int) -> None:
-        """Record, on preemption, the MLflow x (step, or epoch) through which this attempt logged metrics."""
-        path = self.last_path.parent / "preempted.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"logged_through": int(logged_through)}))
-
-    def logged_through(self) -> int:
-        """What :meth:`save_preempted` recorded (-1: nothing): a run resumed from ``last.pt`` logs only beyond it
-        (the steps it redoes were sent, or spooled, by the preempted attempt; a crash leaves no record)."""
-        try:
-            return int(json.loads((self.last_path.parent / "preempted.json").read_text())["logged_through"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return -1
 
     def save_last(self, *, epoch: int, step: int, history: list[dict[str, float]]) -> Path:
         """Write ``last.pt`` (atomically) with :meth:`state_dict`."""

@@ -72,6 +72,7 @@ class SweepRun:
         self.preprocessing: dict[str, Any] = {}
         self.encoder_sha: str | None = None
         self.pretrain_identity: dict[str, Any] | None = None
+        self.existing: dict[str, tuple[str, str, str | None, str | None]] = {}  # sweep key → its run (run())
         self.common = {
             "experiment": pl.experiment,
             "tracking_uri": self.uri,
@@ -123,7 +124,7 @@ class SweepRun:
         except Exception as e:  # noqa: BLE001 - MLflow hiccup: the local markers still tell finished children
             log.warning("cannot list child runs of %s (%s); using local markers only", pl.study, e)
             existing = {}
-        pretrain_error = None
+        self.existing, pretrain_error = existing, None
         self._check_pretrain()  # a changed pretraining config is refused, never silently reused
         if "ssl" in pl.inits:
             if self.only not in (None, "pretrain") and not self._pretrain_finished():
@@ -280,14 +281,18 @@ class SweepRun:
                pretrain_error: str | None) -> ChildOutcome:
         """Run (or resume) one child; a failure is recorded on the outcome and in MLflow, never raised."""
         from medssl.engines.finetune.config import FinetuneConfig
+        from medssl.engines.finetune.ledger import adopt_run
 
         try:
             if c.init == "ssl" and self.result.encoder_path is None:
                 raise MedsslError(pretrain_error or "no SSL checkpoint")
             c.status = "RUNNING"
             _write_marker(c, identity)  # what this child runs with, before anything of it exists
-            c.status = "FAILED"
-            res = self.finetune_fn(FinetuneConfig.from_dict(cfg), resume="auto", progress=self.progress)
+            c.status, config = "FAILED", FinetuneConfig.from_dict(cfg)
+            prev, run_id = (self.existing.get(c.key) or ("", None))[:2]
+            if prev in ("RUNNING", "KILLED"):  # interrupted before its folder named its run: continue that run
+                adopt_run(c.out_dir, run_id, config)
+            res = self.finetune_fn(config, resume="auto", progress=self.progress)
             c.run_id = getattr(res, "run_id", None)
             c.metrics = {k: float(v) for k, v in (getattr(res, "test_metrics", None) or {}).items()}
             status = str(getattr(res, "status", None) or "finished")

@@ -1,6 +1,7 @@
 """A preempted finetuning run resumes from its epoch-start ``last.pt`` and redoes the steps since then; the
-validations it logged inside that epoch before the signal reach MLflow once, not twice (``preempted.json``:
-what the attempt logged through). The SLURM end-to-end version is ``tests/cluster/test_done_when.py``."""
+validations it logged inside that epoch before the signal reach MLflow once, not twice (``checkpoints/mlflow.json``,
+the ledger of what reached MLflow; the same after a crash: ``test_crash_resume_logging.py``). The SLURM end-to-end
+version is ``tests/cluster/test_done_when.py``."""
 
 from __future__ import annotations
 
