@@ -63,6 +63,7 @@ from medssl.engines.pretrain.pool_cache import make_pool_dataset, shard_indices
 from medssl.engines.pretrain.state import PretrainCheckpointer
 from medssl.engines.runtime import checkpoint as ck
 from medssl.engines.runtime import distributed as dd
+from medssl.engines.runtime.ledger import LEDGER_FILE, config_key, recorded_run
 from medssl.engines.runtime.preemption import Preempted, PreemptionHandler
 from medssl.engines.runtime.schedules import WarmupCosineSchedule
 from medssl.errors import MedsslError
@@ -181,8 +182,9 @@ class Pretrainer:
         return self.checkpointer.state_dict(self.step, self.state.run_id)
 
     def save_checkpoint(self) -> Path:
-        """Write ``step_XXXXXXX.pt`` + ``last.pt`` of this step (:meth:`PretrainCheckpointer.save`; DDP: every rank
-        calls it), then fire ``CHECKPOINT_SAVED``."""
+        """Fire ``CHECKPOINT_SAVING``, write ``step_XXXXXXX.pt`` + ``last.pt`` of this step
+        (:meth:`PretrainCheckpointer.save`; DDP: every rank calls it), then fire ``CHECKPOINT_SAVED``."""
+        self.fire(Events.CHECKPOINT_SAVING)  # the loggers make durable what a resume from it will not redo
         self.state.checkpoint = path = self.checkpointer.save(self.step, self.state.run_id)
         self.fire(Events.CHECKPOINT_SAVED)
         return path
@@ -348,7 +350,9 @@ def run_pretraining(
     Args:
         config: the run config.
         resume: a checkpoint (``.../checkpoints/last.pt``) to continue from exactly, or ``"auto"``
-            (``out_dir/checkpoints/last.pt`` when it exists, else a fresh start: what a requeued job passes).
+            (``out_dir/checkpoints/last.pt`` when it exists, else a fresh start in the MLflow run the folder's
+            ``checkpoints/mlflow.json`` names for the same config: what a requeued job passes). A resumed run
+            sends no metric step its MLflow run already holds (:mod:`medssl.engines.runtime.ledger`).
         progress: show a rich progress bar.
         preemption: trap SIGUSR1/SIGTERM during training (``True``: a fresh
             :class:`~medssl.engines.runtime.preemption.PreemptionHandler`), a handler of the caller's, or ``False``.
@@ -364,7 +368,8 @@ def run_pretraining(
         MedsslError: unusable data, K consecutive non-finite losses, unreadable checkpoint.
         ConfigMismatchError: ``resume`` is a checkpoint of another method/encoder.
     """
-    if resume is not None and str(resume) == "auto":
+    auto = resume is not None and str(resume) == "auto"
+    if auto:
         last = Path(config.out_dir) / "checkpoints" / "last.pt"
         resume = last if last.exists() else None
     handler = PreemptionHandler() if preemption is True else (preemption or None)
@@ -385,6 +390,8 @@ def run_pretraining(
             ck.seed_all(config.seed + info.rank)  # ranks draw different dropout/augmentation randomness
         trainer = Pretrainer(config, encoder, method, augment, pool, optimizer=optimizer, schedule=schedule,
                              handlers=handlers)
+        if auto and resume is None:  # stopped before its first checkpoint: its MLflow run, if the folder names one
+            trainer.state.resumed_run_id = recorded_run(trainer.out / LEDGER_FILE, config_key(trainer.cfg))
         if handler is None:
             return trainer.fit(resume=resume, progress=progress)
         with handler:

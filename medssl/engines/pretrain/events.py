@@ -42,6 +42,9 @@ class Events(str, Enum):
       on a non-finite loss; handlers before a logger may add to ``state.metrics``.
     - ``ITERATION_SKIPPED`` (medssl's, like an Ignite custom event): a step skipped on a non-finite loss, fired
       before the run checks whether too many were skipped in a row (the last one is reported too).
+    - ``CHECKPOINT_SAVING`` (medssl's): a checkpoint of ``state.iteration`` is about to be written, by the saver
+      or on preemption: what a resume from it will not redo is made durable now (the MLflow logger sends or spools
+      its queue, ``metrics.jsonl`` is fsynced).
     - ``CHECKPOINT_SAVED`` (medssl's): a checkpoint was written (``state.checkpoint``), by the saver or on
       preemption.
     - ``COMPLETED`` (Ignite's): ``total_steps`` reached and the encoder written; ``state.artifacts`` lists the
@@ -53,6 +56,7 @@ class Events(str, Enum):
     STARTED = "started"
     ITERATION_COMPLETED = "iteration_completed"
     ITERATION_SKIPPED = "iteration_skipped"
+    CHECKPOINT_SAVING = "checkpoint_saving"
     CHECKPOINT_SAVED = "checkpoint_saved"
     COMPLETED = "completed"
     EXCEPTION_RAISED = "exception_raised"
@@ -77,7 +81,9 @@ class PretrainState:
         artifacts: ``(file, folder in the tracker or None)`` produced at this event (preview PNG, encoder);
             cleared alike.
         resumed: the run continues a checkpoint.
-        resumed_run_id: that checkpoint's MLflow run id (a tracker continues it).
+        resumed_run_id: that checkpoint's MLflow run id (a tracker continues it); with ``resume="auto"`` and no
+            checkpoint yet, the run the folder's ledger names for the same config (``checkpoints/mlflow.json``:
+            an attempt interrupted before its first checkpoint), continued from step 0.
         run_id: the MLflow run this process logs into (set by the MLflow handler), stored in checkpoints.
         checkpoint: the last checkpoint written (``CHECKPOINT_SAVED``).
     """
@@ -129,6 +135,9 @@ class PretrainHandler:
 
     def iteration_skipped(self, trainer: Any) -> None:
         """``Events.ITERATION_SKIPPED``."""
+
+    def checkpoint_saving(self, trainer: Any) -> None:
+        """``Events.CHECKPOINT_SAVING``."""
 
     def checkpoint_saved(self, trainer: Any) -> None:
         """``Events.CHECKPOINT_SAVED``."""

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 from medssl.engines.pretrain.events import PretrainHandler
+from medssl.engines.runtime.ledger import LEDGER_FILE, MetricLedger, config_key
 from medssl.engines.runtime.preemption import Preempted
 
 __all__ = [
@@ -112,9 +114,10 @@ class KnnMonitor(PretrainHandler):
 
 class MetricsWriter(PretrainHandler):
     """``metrics.jsonl`` (rank 0): one JSON line per completed step, ``{"step", **output, **metrics}``, and a
-    step-0 line when ``STARTED`` brings metrics; flushed per line. On resume the lines after the checkpoint's
-    step (written before a crash, redone now) are dropped first
-    (:func:`~medssl.engines.pretrain.state.truncate_metrics_log`).
+    step-0 line when ``STARTED`` brings metrics; flushed per line, fsynced before every checkpoint. On resume the
+    lines after the checkpoint's step (written before a crash, redone now) are dropped first
+    (:func:`~medssl.engines.pretrain.state.truncate_metrics_log`); a fresh run starts the file anew (a restart of
+    a run stopped before its first checkpoint redoes its steps from 1).
 
     Args:
         filename: the file's name in the run folder.
@@ -132,7 +135,7 @@ class MetricsWriter(PretrainHandler):
         path, s = trainer.out / self.filename, trainer.state
         if s.resumed:
             truncate_metrics_log(path, s.iteration)
-        self.file = open(path, "a")  # noqa: SIM115 - open for the run, closed at completed / exception_raised
+        self.file = open(path, "a" if s.resumed else "w")  # noqa: SIM115 - closed at completed / exception_raised
         if s.metrics:
             self._write({"step": s.iteration, **s.metrics})
 
@@ -144,6 +147,10 @@ class MetricsWriter(PretrainHandler):
     def _write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+
+    def checkpoint_saving(self, trainer: Any) -> None:
+        if self.file is not None:  # the lines up to the checkpoint's step survive a node failure after it
+            os.fsync(self.file.fileno())
 
     def completed(self, trainer: Any) -> None:
         if self.file is not None:
@@ -188,6 +195,12 @@ class MlflowLogger(PretrainHandler):
     FINISHED at ``COMPLETED``, KILLED on preemption (tag ``medssl.preempted``) or interrupt, FAILED on an error
     (tag ``medssl.error``). Without an experiment (config ``experiment: null``) it logs nothing.
 
+    Each metric step reaches the run once, however the run stopped (preemption, crash, ``kill -9``): the
+    :class:`~medssl.engines.runtime.ledger.MetricLedger` ``checkpoints/mlflow.json`` records per key the last step
+    sent or spooled (the tracker's ``on_durable``), a resumed run does not send the steps it redoes again, and at
+    ``CHECKPOINT_SAVING`` the queue is made durable (``MlflowTracker.persist``), so no record from before the
+    checkpoint dies with the process.
+
     Args:
         experiment: the MLflow experiment; ``None``: the config's ``experiment``.
         tracking_uri: ``None``: the config's (else ``$MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns.db``).
@@ -199,9 +212,10 @@ class MlflowLogger(PretrainHandler):
                  log_every: int | None = None) -> None:
         self.experiment, self.tracking_uri, self.run_name, self.log_every = experiment, tracking_uri, run_name, log_every
         self.tracker: Any = None
+        self.ledger: MetricLedger | None = None
 
     def started(self, trainer: Any) -> None:
-        self.tracker, self._compile_logged = None, False
+        self.tracker, self.ledger, self._compile_logged = None, None, False
         if not trainer.dist.is_main:  # other ranks never track (one MLflow run per training, not per process)
             return
         from medssl.engines.pretrain.outputs import start_tracking
@@ -213,7 +227,15 @@ class MlflowLogger(PretrainHandler):
         if self.tracker is None:
             return
         s.run_id = trainer.result.run_id = self.tracker.run_id
+        self.ledger = MetricLedger(trainer.out / LEDGER_FILE, self.tracker.run_id, config_key=config_key(trainer.cfg))
+        self.tracker.on_durable = self.ledger.mark
         self._log_outputs(s)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        """Send what the run does not hold at ``step`` yet (a resumed run redoes the steps since its checkpoint)."""
+        metrics = self.ledger.unlogged(metrics, step) if self.ledger is not None else metrics
+        if metrics:
+            self.tracker.log_metrics(metrics, step)
 
     def _log_outputs(self, s: Any) -> None:
         if s.params:
@@ -221,23 +243,27 @@ class MlflowLogger(PretrainHandler):
         for path, folder in s.artifacts:
             self.tracker.log_artifact(path, folder)
         if s.metrics:
-            self.tracker.log_metrics(s.metrics, s.iteration)
+            self._log(s.metrics, s.iteration)
 
     def iteration_completed(self, trainer: Any) -> None:
         if self.tracker is None:
             return
         s = trainer.state
         if trainer.compile_s is not None and not self._compile_logged:
-            self.tracker.log_metrics({"compile_first_step_s": trainer.compile_s}, s.iteration)
+            self._log({"compile_first_step_s": trainer.compile_s}, s.iteration)
             self._compile_logged = True
         if s.output is not None and s.iteration % self._every == 0:
-            self.tracker.log_metrics(s.output, s.iteration)
+            self._log(s.output, s.iteration)
         if s.metrics:
-            self.tracker.log_metrics(s.metrics, s.iteration)
+            self._log(s.metrics, s.iteration)
 
     def iteration_skipped(self, trainer: Any) -> None:
         if self.tracker is not None:
-            self.tracker.log_metrics({"skipped_nonfinite": 1.0}, trainer.state.iteration)
+            self._log({"skipped_nonfinite": 1.0}, trainer.state.iteration)
+
+    def checkpoint_saving(self, trainer: Any) -> None:
+        if self.tracker is not None:  # sent, or spooled during an outage: a kill after the checkpoint loses nothing
+            self.tracker.persist()
 
     def completed(self, trainer: Any) -> None:
         if self.tracker is not None:

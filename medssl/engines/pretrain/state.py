@@ -149,11 +149,23 @@ class PretrainCheckpointer:
         return state
 
 
+def _step_of(line: str) -> int | None:
+    """A ``metrics.jsonl`` line's step; ``None`` for a line cut short by a kill while it was written."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def truncate_metrics_log(path: Path, step: int) -> None:
-    """Drop the ``metrics.jsonl`` lines of steps after ``step`` (written before a crash, redone on resume)."""
+    """Drop the ``metrics.jsonl`` lines of steps after ``step`` (written before a crash, redone on resume) and a
+    torn line (a kill in the middle of a write)."""
     if path.exists():
         lines = [x for x in path.read_text().splitlines() if x.strip()]
-        kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+        kept = [x for x in lines if (s := _step_of(x)) is not None and s <= step]
+        if len(kept) < len(lines):
+            log.info("%s: %d line(s) after step %d (or torn) dropped: the resume redoes them", path,
+                     len(lines) - len(kept), step)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(x + "\n" for x in kept))
         os.replace(tmp, path)

@@ -2,7 +2,8 @@
 ``checkpoint`` (atomic checkpoint files, RNG capture/restore and seeding, the encoder file, recipe checks),
 ``distributed`` (torchrun process groups, DDP wrapping, cross-rank reductions), ``schedules`` (warm-up + cosine lr
 and the finetuning schedule of pretrained weights), ``preemption`` (SIGUSR1/SIGTERM trap → checkpoint → exit 75
-for a SLURM requeue) and ``progress`` (the rich progress bar).
+for a SLURM requeue), ``progress`` (the rich progress bar) and ``ledger`` (``checkpoints/mlflow.json``: what a run's
+MLflow run already holds, so a resumed run logs each metric step once).
 
 Every public name below is importable from this package (``from medssl.engines.runtime import ...``); it is
 loaded from its module on first use, so importing the package stays cheap.
@@ -35,6 +36,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "progress": (
         "ProgressBar",
     ),
+    "ledger": (
+        "LEDGER_FILE", "MetricLedger", "config_key", "recorded_run",
+    ),
 }
 
 __all__ = [
@@ -44,7 +48,8 @@ __all__ = [
     "mean_across_ranks", "any_across_ranks", "wrap_ddp", "select_rank_state", "warmup_cosine",
     "WarmupCosineSchedule", "AUTO_SSL_SCHEDULE", "SSL_SCHEDULE_KEYS", "normalise_ssl_schedule",
     "resolve_ssl_schedule", "ssl_schedule_identity", "check_ssl_schedule_options", "pretrained_lr_factor",
-    "EXIT_PREEMPTED", "DEFAULT_SIGNALS", "Preempted", "PreemptionHandler", "ProgressBar",
+    "EXIT_PREEMPTED", "DEFAULT_SIGNALS", "Preempted", "PreemptionHandler", "ProgressBar", "LEDGER_FILE",
+    "MetricLedger", "config_key", "recorded_run",
 ]
 
 
