@@ -141,6 +141,8 @@ def test_ddp_matches_single_process_and_rank0_writes(ddp_run: dict) -> None:
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, not one per rank
     hist = client.get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in hist] == list(range(1, STEPS + 1))
+    ledger = json.loads((out / "checkpoints" / "mlflow.json").read_text())  # rank 0's: the one run, every step
+    assert ledger["run_id"] == runs[0].info.run_id and ledger["logged"]["loss"] == STEPS
     assert {f.path for f in client.list_artifacts(runs[0].info.run_id, "encoder")} == {
         "encoder/encoder.pt",
         "encoder/encoder.json",
