@@ -15,7 +15,8 @@ and a fake client can stand in for tests.
 
 ``on_durable(records)`` (optional) is called with the records that have just become durable, i.e. were sent or
 appended (fsynced) to the spool; records still in the memory queue when the process dies are not. A resumed
-finetuning run uses it to know what an earlier attempt already logged (:mod:`medssl.engines.finetune.ledger`).
+finetuning or pretraining run uses it to know what an earlier attempt already logged
+(:mod:`medssl.engines.runtime.ledger`).
 """
 
 from __future__ import annotations
