@@ -5,7 +5,6 @@ attached the checkpoint / MLflow handlers, and one MLflow run holds the metrics.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -13,12 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from tests.deploy._finetuned import CLS_NET, hippo_data
+from tests.deploy._finetuned import CLS_NET, adrenal_subset, hippo_data
 
 REPO = Path(__file__).resolve().parents[2]
 SEG = REPO / "bundles" / "finetune_seg" / "configs"
@@ -81,22 +79,7 @@ def _check_ranks(out: Path, n_train: int, batch_size: int) -> dict[str, torch.Te
 
 def _adrenal_data(medmnist_dir: Path, tmp: Path) -> tuple[Path, Path]:
     """12 real AdrenalMNIST3D volumes (6 training, 3 validation, 3 test; both classes in each) + splits."""
-    from medssl.data.medmnist import convert_medmnist
-    from medssl.data.splits import split_datalist
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    z = np.load(medmnist_dir / "adrenalmnist3d.npz")
-    arrays = {}
-    for split, (n0, n1) in {"train": (3, 3), "val": (2, 1), "test": (2, 1)}.items():
-        lab = z[f"{split}_labels"][:, 0]
-        idx = np.concatenate([np.flatnonzero(lab == 0)[:n0], np.flatnonzero(lab == 1)[:n1]])
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = z[f"{split}_images"][idx], z[f"{split}_labels"][idx]
-    np.savez(tmp / "adrenalmnist3d.npz", **arrays)
-    items = convert_medmnist(tmp / "adrenalmnist3d.npz", tmp / "nifti", salt="multi-gpu-test")
-    sections = {s: [it for it in items if it["split"] == s] for s in ("training", "validation", "test")}
-    (tmp / "datalist.json").write_text(json.dumps(sections))
-    splits, _ = split_datalist(tmp / "datalist.json", fractions=[100], seeds=[0])
-    return tmp / "datalist.json", Path(splits)
+    return adrenal_subset(medmnist_dir, tmp, {"train": (3, 3), "val": (2, 1), "test": (2, 1)}, "multi-gpu-test")
 
 
 def _one_finished_run(uri: str, metrics: set[str]) -> None:

@@ -54,22 +54,31 @@ def finetune_seg(hippocampus_dir: Path, tmp: Path, **kw: Any) -> tuple[Finetuner
     return ft, out
 
 
-def finetune_cls(medmnist_dir: Path, tmp: Path) -> tuple[Finetuner, Path]:
-    """A 1-epoch ResNet-10 classification of 16 real AdrenalMNIST3D volumes (28³)."""
+
+def adrenal_subset(
+    medmnist_dir: Path, tmp: Path, counts: dict[str, tuple[int, int]], salt: str
+) -> tuple[Path, Path]:
+    """The first ``(n class 0, n class 1)`` real AdrenalMNIST3D volumes of each official split (``train`` /
+    ``val`` / ``test``) as NIfTI in ``tmp``: ``(datalist.json, splits.json)`` with one 100 % fraction, seed 0."""
     from medssl.data.medmnist import convert_medmnist
 
     tmp.mkdir(parents=True, exist_ok=True)
     z = np.load(medmnist_dir / "adrenalmnist3d.npz")
     arrays = {}
-    for split, (n0, n1) in {"train": (4, 4), "val": (2, 2), "test": (2, 2)}.items():
+    for split, (n0, n1) in counts.items():
         lab = z[f"{split}_labels"][:, 0]
         idx = np.concatenate([np.flatnonzero(lab == 0)[:n0], np.flatnonzero(lab == 1)[:n1]])
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = z[f"{split}_images"][idx], z[f"{split}_labels"][idx]
     np.savez(tmp / "adrenalmnist3d.npz", **arrays)
-    items = convert_medmnist(tmp / "adrenalmnist3d.npz", tmp / "nifti", salt="deploy-test")
+    items = convert_medmnist(tmp / "adrenalmnist3d.npz", tmp / "nifti", salt=salt)
     sections = {s: [it for it in items if it["split"] == s] for s in ("training", "validation", "test")}
     (tmp / "datalist.json").write_text(json.dumps(sections))
     splits, _ = split_datalist(tmp / "datalist.json", fractions=[100], seeds=[0])
+    return tmp / "datalist.json", Path(splits)
+
+def finetune_cls(medmnist_dir: Path, tmp: Path) -> tuple[Finetuner, Path]:
+    """A 1-epoch ResNet-10 classification of 16 real AdrenalMNIST3D volumes (28³)."""
+    splits = adrenal_subset(medmnist_dir, tmp, {"train": (4, 4), "val": (2, 2), "test": (2, 2)}, "deploy-test")[1]
     out = tmp / "cls_run"
     cfg = FinetuneConfig(
         datalist=str(tmp / "datalist.json"), splits=str(splits), task="classification", network="ResNet",

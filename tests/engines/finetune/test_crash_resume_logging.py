@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +16,7 @@ from medssl.engines.finetune.ledger import LEDGER_FILE
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.tracking.mlflow_tracker import make_client
 from tests.engines.finetune.test_engine import hippo, seg_config  # noqa: F401 (fixture)
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.tracking._crash_runs import histories, run_killable
 
 #: run_finetune(resume="auto") in a fresh process; argv: config JSON, kill step (0: none), the tracker's
 #: flush_every_s, result file. The kill comes right after the validation of that step reached _record.
@@ -53,22 +49,8 @@ KILL_AT = 4  # 2 steps an epoch: last.pt at step 2; killed after step 4's valida
 def run_script(tmp: Path, cfg: Any, kill_at: int = 0, flush_every_s: float = 5.0) -> dict[str, Any] | None:
     script, out = tmp / "run_ft.py", tmp / f"result-{kill_at}.json"
     script.write_text(SCRIPT)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(cfg.to_dict()), str(kill_at), str(flush_every_s), str(out)],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-    if kill_at:
-        assert proc.returncode == -9, proc.stderr[-3000:]
-        return None
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_killable(script, [json.dumps(cfg.to_dict()), str(kill_at), str(flush_every_s), str(out)], out, kill_at, tmp)
 
-
-def histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    client = make_client(uri)
-    keys = client.get_run(run_id).data.metrics
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
 def same(a: dict[str, list[tuple[int, float]]], b: dict[str, list[tuple[int, float]]]) -> bool:

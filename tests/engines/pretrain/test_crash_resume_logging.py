@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +17,8 @@ import pytest
 from medssl.config import PretrainConfig
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.tracking.mlflow_tracker import make_client
+from tests.tracking._crash_runs import histories, run_killable
 
-REPO = Path(__file__).resolve().parents[3]
 LEDGER = "checkpoints/mlflow.json"  # spelled out: the test also runs against code that predates the ledger
 
 #: run_pretraining(resume="auto") in a fresh process with the CLI's handlers plus a last one that SIGKILLs the
@@ -56,22 +53,8 @@ TIMING = {"monitor/seconds"}  # wall-clock values: their steps must match, not t
 def run_script(tmp: Path, cfg: PretrainConfig, kill_at: int = 0, flush: str = "default") -> dict[str, Any] | None:
     script, out = tmp / "run_pt.py", tmp / f"result-{kill_at}.json"
     script.write_text(SCRIPT)
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(cfg.to_dict()), str(kill_at), flush, str(out)],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-    if kill_at:
-        assert proc.returncode == -9, proc.stderr[-3000:]
-        return None
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_killable(script, [json.dumps(cfg.to_dict()), str(kill_at), flush, str(out)], out, kill_at, tmp)
 
-
-def histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    client = make_client(uri)
-    keys = client.get_run(run_id).data.metrics
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
 def comparable(hist: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, Any]]]:
