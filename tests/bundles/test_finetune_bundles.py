@@ -127,12 +127,13 @@ def test_seg_evaluate_refuses_other_preprocessing(seg_cli: Path, tmp_path: Path)
     assert "target_spacing" in repr(e.value.__cause__)
 
 
-def test_loss_swap_takes_effect(seg_cli: Path) -> None:
+def test_loss_swap_takes_effect(seg_cli: Path, tmp_path: Path) -> None:
     from monai.bundle import ConfigParser
     from monai.losses import DiceFocalLoss
 
     data = seg_cli.parent / "data"
     overrides = {"loss#_target_": "DiceFocalLoss", "loss#lambda_focal": 2.0, "datalist": str(data / "datalist.json"),
+                 "output_dir": str(tmp_path / "out"),  # the trainer's handlers make folders: never in the cwd
                  "splits": str(data / "splits.json"), "roi_size": [16, 16, 16], "device": CPU,
                  "network_def#channels": [8, 16], "network_def#strides": [2]}
     check_overrides(SEG / "train.yaml", overrides)

@@ -99,7 +99,8 @@ class Study:
     def __init__(self, tmp: Path, name: str = "hand") -> None:
         self.uri = fresh_sqlite_uri(tmp)
         self.client = make_client(self.uri)
-        self.exp = self.client.create_experiment(f"{name}-exp")
+        # artifacts beside the store (the default "./mlruns" would write into the cwd)
+        self.exp = self.client.create_experiment(f"{name}-exp", artifact_location=(tmp / "artifacts").as_uri())
         tags = {"medssl.kind": "sweep", "medssl.study": name, "medssl.metric": "test_dice_mean"}
         self.parent = self.client.create_run(self.exp, tags=tags, start_time=1_000).info.run_id
         self.name, self.clock = name, 2_000
