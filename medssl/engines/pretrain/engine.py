@@ -1,24 +1,17 @@
 """SSL pretraining engine: one readable step, exact resume, MLflow tracking.
 
-Why a plain loop and not Ignite's ``Engine`` / MONAI's ``SupervisedTrainer``: exact resume needs the
-data position *inside* an epoch. Ignite's ``Engine`` restarts the epoch's data on resume, and its
-``DeterministicEngine`` reaches a mid-epoch iteration by iterating the data loader again up to it
-(re-loading and re-augmenting every skipped batch); and the step must interleave a non-finite guard,
-grad accumulation, GradScaler and the method's EMA hook in a fixed order that MONAI's trainer
-iteration (one forward/backward per batch) does not expose. Here the whole step fits on one screen
-(:meth:`Pretrainer.train_step`), the data stream is a pure function of ``(seed, epoch, position)``
-(:class:`~medssl.engines.pretrain.data.CropBatcher`), and one dict holds every state
-(:mod:`medssl.engines.runtime.checkpoint`). MONAI provides the data side (``CacheDataset``, readers,
-orientation/spacing/intensity transforms). ``tests/engines/pretrain/test_monai_resume_gap.py`` shows the gap on
-real volumes: resumed mid-epoch by ``CheckpointLoader``, MONAI's ``SupervisedTrainer`` re-reads the epoch's first
-batches and re-seeds the random transforms (its losses differ), where this loop's resumed losses equal the
-straight run's bit for bit.
+Why a plain loop and not Ignite's ``Engine`` / MONAI's ``SupervisedTrainer``: exact resume needs the data position
+*inside* an epoch (Ignite restarts the epoch's data on resume; its ``DeterministicEngine`` re-iterates the loader up
+to the iteration, re-loading and re-augmenting every skipped batch), and the step interleaves a non-finite guard,
+grad accumulation, GradScaler and the method's EMA hook in a fixed order that MONAI's trainer iteration does not
+expose. The step fits on one screen (:meth:`Pretrainer.train_step`), the data stream is a pure function of
+``(seed, epoch, position)`` (:class:`~medssl.engines.pretrain.data.CropBatcher`) and one dict holds every state
+(:mod:`medssl.engines.runtime.checkpoint`); MONAI provides the data side. ``tests/engines/pretrain/
+test_monai_resume_gap.py`` shows the gap on real volumes: MONAI's trainer resumed by ``CheckpointLoader`` re-reads the
+epoch's first batches and re-seeds the random transforms, where this loop's resumed losses equal the straight run's.
 
-The `Pretrainer` holds its checkpoint state as a :class:`~medssl.engines.pretrain.state.PretrainCheckpointer` (the
-one state dict, atomic files, exact resume) and writes the encoder (:mod:`medssl.engines.pretrain.outputs`); what is
-done around the steps (checkpoint timing, ``metrics.jsonl``, MLflow, the kNN monitor, the preview, the progress bar)
-is a list of handlers called on Ignite-named events (:mod:`medssl.engines.pretrain.events`,
-:mod:`medssl.engines.pretrain.handlers`), which a bundle swaps in YAML.
+State: :class:`~medssl.engines.pretrain.state.PretrainCheckpointer`; checkpoint timing, ``metrics.jsonl``, MLflow,
+kNN monitor, preview and progress bar are handlers on Ignite-named events (:mod:`~medssl.engines.pretrain.handlers`).
 """
 
 from __future__ import annotations
