@@ -82,7 +82,7 @@ def finetune(
     seed: Annotated[int | None, typer.Option(help="Split seed (validation set, fraction subset) and training seed.")] = None,
     init: Annotated[str | None, typer.Option(help="scratch | ssl:PATH_OR_MLFLOW_URI (encoder.pt, run folder, runs:/..., models:/...).")] = None,
     task: Annotated[str | None, typer.Option(help="segmentation | classification.")] = None,
-    network: Annotated[str | None, typer.Option(help="SwinUNETR | UNETR | SegResNet | BasicUNet (Models Genesis) | ResNet.")] = None,
+    network: Annotated[str | None, typer.Option(help="SwinUNETR | UNETR | SegResNet | BasicUNet (Models Genesis) | UNet (SparK) | ResNet (classification).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (checkpoints/best.pt, results.json).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (FinetuneConfig fields); options given here win.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Max epochs.")] = None,
