@@ -3,7 +3,6 @@ study keeps one run per child, every metric step once. Real sweep runner, real f
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -17,26 +16,20 @@ from medssl.engines.runtime.preemption import Preempted
 from medssl.engines.studies.sweep import run_sweep
 from medssl.tracking.compare import find_study_runs
 from medssl.tracking.mlflow_tracker import make_client
-from tests.engines.studies.test_sweep import SEG_NET, children, fresh_sqlite_uri
+from tests.engines.studies._helpers import SEG_NET, children, fresh_sqlite_uri, hippocampus_datalist
 
 KEY = "f100-scratch-s0"
 
 
 def spec(hippocampus_dir: Path, tmp: Path, uri: str) -> dict[str, Any]:
     """4 training cases, batch 2: 2 steps an epoch, 2 epochs; a validation after every step."""
-    images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:6]
-    items = [
-        {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
-        for p in images
-    ]
-    (tmp / "data").mkdir()
-    (tmp / "data" / "datalist.json").write_text(json.dumps({"training": items}))
+    datalist = hippocampus_datalist(hippocampus_dir, tmp / "data")
     return {
         "study": "preempted-child",
         "experiment": "sweep-preempt",
         "tracking_uri": uri,
         "out_dir": str(tmp / "runs"),
-        "data": {"datalist": str(tmp / "data" / "datalist.json"), "test_fraction": 0.2, "val_fraction": 0.2},
+        "data": {"datalist": str(datalist), "test_fraction": 0.2, "val_fraction": 0.2},
         "finetune": {
             "network": "SegResNet", "network_kwargs": SEG_NET, "roi_size": [16] * 3, "max_epochs": 2,
             "batch_size": 2, "val_every_steps": 1, "sw_overlap": 0.0, "sw_batch_size": 8, "device": "cpu",

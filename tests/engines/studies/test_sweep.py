@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,21 +18,7 @@ from medssl.engines.studies.sweep import run_sweep
 from medssl.errors import MedsslError
 from medssl.tracking.compare import DIFF, find_study_runs
 from medssl.tracking.mlflow_tracker import MlflowTracker, make_client
-
-
-@functools.lru_cache(maxsize=1)
-def _template_db() -> Path:
-    """One initialised MLflow sqlite DB per test process (creating the schema takes seconds)."""
-    d = Path(tempfile.mkdtemp(prefix="medssl-mlflow-template-"))
-    make_client(f"sqlite:///{d / 'mlruns.db'}").search_experiments()
-    return d / "mlruns.db"
-
-
-def fresh_sqlite_uri(folder: Path, name: str = "mlruns.db") -> str:
-    """A ready MLflow sqlite store at ``folder/name`` (copied from the template)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(_template_db(), folder / name)
-    return f"sqlite:///{folder / name}"
+from tests.engines.studies._helpers import SEG_NET, children, fresh_sqlite_uri, hippocampus_datalist
 
 
 def make_data(folder: Path, n: int = 20, classes: bool = False) -> tuple[Path, Path]:
@@ -170,12 +153,6 @@ def pipeline(tmp: Path, uri: str | None, study: str = "toy", **kw: Any) -> dict[
         "metric": "test_dice_mean",
         **kw,
     }
-
-
-def children(uri: str, parent_id: str) -> list[Any]:
-    c = make_client(uri)
-    exp = c.get_run(parent_id).info.experiment_id
-    return c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
 
 
 def test_sweep_parent_children_tags_failure_and_rerun(tmp_path: Path) -> None:
@@ -394,21 +371,12 @@ def load_pipeline_env(path: Path) -> Any:
         return load_pipeline(path)
 
 
-SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
-
-
 @pytest.mark.timeout(300)
 def test_real_engines_tiny_hippocampus_sweep(hippocampus_dir: Path, tmp_path: Path) -> None:
     """Real pretraining (2 SimCLR steps) + real finetuning (1 epoch), scratch and SSL, 6 hippocampus cases."""
     from medssl.tracking.compare import compare_study
 
-    images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:6]
-    items = [
-        {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
-        for p in images
-    ]
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "datalist.json").write_text(json.dumps({"training": items}))
+    datalist = hippocampus_datalist(hippocampus_dir, tmp_path / "data")
     uri = fresh_sqlite_uri(tmp_path)
     spec = {
         "study": "hippo-tiny",
@@ -416,7 +384,7 @@ def test_real_engines_tiny_hippocampus_sweep(hippocampus_dir: Path, tmp_path: Pa
         "tracking_uri": uri,
         "out_dir": str(tmp_path / "runs"),
         "data": {
-            "datalist": str(tmp_path / "data" / "datalist.json"),
+            "datalist": str(datalist),
             "test_fraction": 0.2,
             "val_fraction": 0.2,
         },
