@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from medssl.data.layouts import stem
 from medssl.errors import MedsslError
 
 __all__ = ["PREDICTIONS_CSV", "ClassPredictionWriter"]
@@ -23,14 +24,6 @@ log = logging.getLogger(__name__)
 
 #: default file name of the table in ``output_dir``
 PREDICTIONS_CSV = "predictions.csv"
-
-
-def _case(path: str) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 class ClassPredictionWriter:
@@ -69,16 +62,15 @@ class ClassPredictionWriter:
         """Append one row per case of ``engine.state.output``."""
         items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         for it in items:
+            meta = getattr(it.get("image"), "meta", {}) or {}
+            path = str(meta.get("filename_or_obj", len(self.rows)))
             probs = torch.as_tensor(it["pred"]).detach().float().cpu().reshape(-1)
             names = self.class_names or {i: f"class_{i}" for i in range(probs.numel())}
             if probs.numel() != len(names):
-                raise MedsslError(f"ClassPredictionWriter: prediction of {probs.numel()} values for "
-                                  f"{len(names)} classes {names}")
-            image = it.get("image")
-            meta = getattr(image, "meta", {}) or {}
-            path = str(meta.get("filename_or_obj", len(self.rows)))
+                raise MedsslError(f"ClassPredictionWriter: {path}: prediction of {probs.numel()} values but "
+                                  f"{len(names)} classes {names} (a network of another head, or class_names)")
             k = int(probs.argmax())
-            row: dict[str, Any] = {"image": path, "case": _case(path), "pred_class": k, "pred_name": names[k]}
+            row: dict[str, Any] = {"image": path, "case": stem(Path(path)), "pred_class": k, "pred_name": names[k]}
             row |= {f"prob_{names[i]}": float(probs[i]) for i in range(probs.numel())}
             self.rows.append(row)
 
