@@ -5,7 +5,6 @@ tiny hippocampus sweep pipelines the tests submit."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from tests.cluster._slurm import LocalSlurm, missing_binaries
+from tests.engines.studies._helpers import SEG_NET, hippocampus_datalist
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,10 +50,6 @@ def slurm_env(slurm_cluster: LocalSlurm, tmp_path: Path, monkeypatch: pytest.Mon
     return slurm_cluster
 
 
-#: a SegResNet small enough for seconds-long CPU jobs
-SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
-
-
 @pytest.fixture
 def study_spec(hippocampus_dir: Path, tmp_path: Path) -> Callable[..., Path]:
     """A factory of tiny real sweep pipelines on the first ``cases`` hippocampus volumes, written to
@@ -68,12 +64,7 @@ def study_spec(hippocampus_dir: Path, tmp_path: Path) -> Callable[..., Path]:
              test_fraction: float = 0.2, val_fraction: float = 0.2, inits: tuple[str, ...] = ("scratch", "ssl"),
              fractions: tuple[int, ...] = (100,), pretrain: dict[str, Any] | None = None,
              finetune: dict[str, Any] | None = None) -> Path:
-        images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:cases]
-        items = [{"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[:-7]}
-                 for p in images]  # fmt: skip
-        datalist = tmp_path / "data" / "datalist.json"
-        datalist.parent.mkdir(parents=True, exist_ok=True)
-        datalist.write_text(json.dumps({"training": items}))
+        datalist = hippocampus_datalist(hippocampus_dir, tmp_path / "data", cases)
         spec = {
             "study": study, "experiment": experiment, "tracking_uri": uri or f"sqlite:///{tmp_path / 'mlruns.db'}",
             "out_dir": str(tmp_path / "runs"),

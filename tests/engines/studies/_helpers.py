@@ -14,7 +14,7 @@ from medssl.tracking.mlflow_tracker import make_client
 
 __all__ = ["SEG_NET", "children", "fresh_sqlite_uri", "hippocampus_datalist"]
 
-#: a SegResNet small enough for 16³ patches on the CPU
+#: a SegResNet small enough for 16³ patches and seconds-long CPU runs
 SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
 
 
@@ -42,13 +42,13 @@ def children(uri: str, parent_id: str) -> list[Any]:
 
 def hippocampus_datalist(hippocampus_dir: Path, folder: Path, n: int = 6) -> Path:
     """``folder/datalist.json``: the first ``n`` labelled cases of ``hippocampus_dir`` (MSD layout) as
-    ``{"training": [{"image", "label", "case_id"}, ...]}``; ``folder`` is created."""
+    ``{"training": [{"image", "label", "case_id"}, ...]}`` (``folder`` is created; an earlier file is replaced)."""
     images = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:n]
     items = [
         {"image": str(p), "label": str(hippocampus_dir / "labelsTr" / p.name), "case_id": p.name[: -len(".nii.gz")]}
         for p in images
     ]
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "datalist.json"
     path.write_text(json.dumps({"training": items}))
     return path
