@@ -66,18 +66,23 @@ def compare(
     tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <sweep dir>/compare).")] = None,
     config_hash: Annotated[str | None, typer.Option("--config-hash", help="Where children of one fraction/init differ in config: 'latest' or hash(es), comma-separated.")] = None,
+    target: Annotated[float | None, typer.Option(help="Metric value the labels-needed line aims at (default: scratch's mean at the largest fraction).")] = None,
+    within: Annotated[float, typer.Option(help="Tolerance below the target, in metric units (e.g. 0.01 Dice).")] = 0.0,
     verbose: Verbose = False,
 ) -> None:
-    """Table of mean ± 95 % CI over seeds per fraction and init, paired SSL − scratch; CSV, PNG and summary
-    metrics to the study's MLflow parent run."""
+    """Table of mean ± 95 % CI over seeds per fraction and init, paired SSL − scratch, and the labels each init
+    needs to reach a Dice / AUC; CSV, PNG and summary metrics to the study's MLflow parent run."""
     from medssl.tracking.compare import compare_study
 
     setup(verbose)
     try:
-        r = compare_study(study, tracking_uri=tracking_uri, metric=metric, out_dir=out, config_hash=config_hash)
-    except MedsslError as e:
+        r = compare_study(study, tracking_uri=tracking_uri, metric=metric, out_dir=out, config_hash=config_hash,
+                          target=target, within=within)
+    except (MedsslError, ValueError) as e:
         raise fail(e, verbose) from None
     console.print(r.table)
+    if r.efficiency is not None:
+        console.print(f"[bold]Labels needed:[/] {r.efficiency.sentence()}", soft_wrap=True)
     console.print(
         f"CSV {r.csv_path}\nPNG {r.png_path} (also logged to parent run {r.parent_run_id}, "
         f"with {len(r.parent_metrics)} summary metrics {r.metric}/f<fraction>_<arm>_<stat>)"

@@ -23,7 +23,8 @@ from typing import Any
 from rich.table import Table
 
 from medssl.errors import MedsslError
-from medssl.tracking.compare_select import child_runs, collect_records, find_study_runs
+from medssl.tracking.compare_select import child_runs, collect_records, find_study_runs, known_studies
+from medssl.tracking.efficiency import LabelEfficiency, efficiency_metrics, label_efficiency
 from medssl.tracking.mlflow_tracker import default_tracking_uri, make_client
 from medssl.tracking.stats import Summary, format_summary, mean_ci, paired_difference
 
@@ -83,7 +84,9 @@ class CompareResult:
             ``config_hash`` — the CSV rows.
         summaries: ``(fraction, init) → Summary`` of the cells with at least one finite value.
         cells: ``(fraction, init) → Cell`` of every cell (also those with n = 0).
-        parent_metrics: the summary metrics logged on the parent run (:func:`summary_metrics`).
+        parent_metrics: the summary metrics logged on the parent run (:func:`summary_metrics` and
+            :func:`~medssl.tracking.efficiency.efficiency_metrics`).
+        efficiency: the labels each init needs to reach the goal (:mod:`medssl.tracking.efficiency`).
     """
 
     study: str
@@ -97,6 +100,7 @@ class CompareResult:
     summaries: dict[tuple[float, str], Summary] = field(default_factory=dict)
     cells: dict[tuple[float, str], Cell] = field(default_factory=dict)
     parent_metrics: dict[str, float] = field(default_factory=dict)
+    efficiency: LabelEfficiency | None = None
 
 
 def _ok(records: list[dict[str, Any]]) -> dict[tuple[float, str], dict[int, float]]:
@@ -303,6 +307,8 @@ def compare_study(
     confidence: float = 0.95,
     config_hash: str | None = None,
     log_to_parent: bool = True,
+    target: float | None = None,
+    within: float = 0.0,
 ) -> CompareResult:
     """Summarise a study from MLflow; the library entry point behind ``medssl compare --study NAME``.
 
@@ -317,6 +323,8 @@ def compare_study(
             ``"latest"`` (per cell the newest child's) or hashes / prefixes, comma-separated; ``None``
             refuses mixed cells.
         log_to_parent: log the CSV/PNG and :func:`summary_metrics` to the parent run.
+        target, within: the goal of the labels-needed headline (:func:`~medssl.tracking.efficiency.label_efficiency`;
+            default: scratch's mean at the largest fraction, tolerance ``within`` in metric units).
 
     Raises:
         MedsslError: unknown study (known ones named), no FINISHED child logged ``metric`` (the metrics that
@@ -331,7 +339,7 @@ def compare_study(
     if parent_run_id:
         parents = [p for p in parents if p.info.run_id == parent_run_id]
     if not parents:
-        raise MedsslError(f"no study {study!r} in MLflow at {uri}; known studies: {_known_studies(client)}")
+        raise MedsslError(f"no study {study!r} in MLflow at {uri}; known studies: {known_studies(client)}")
     parent = parents[0]
     metric = metric or parent.data.tags.get("medssl.metric") or "test_dice_mean"
     records = collect_records(client, parent, metric, config_hash=config_hash, study=study)
@@ -347,7 +355,8 @@ def compare_study(
     out = Path(out_dir) if out_dir else (Path(sweep_dir) / "compare" if sweep_dir else Path("runs/compare"))
     csv_path = write_csv(rows, out / f"{study}_{metric}.csv")
     png_path = plot_curve(summaries, out / f"{study}_{metric}.png", study=study, metric=metric)
-    parent_metrics = summary_metrics(summaries, cells, metric)
+    eff = label_efficiency({k: v for k, v in summaries.items() if k[1] != DIFF}, metric, target=target, within=within)
+    parent_metrics = summary_metrics(summaries, cells, metric) | efficiency_metrics(eff)
     if log_to_parent:
         _log_to_parent(client, parent.info.run_id, parent_metrics, (csv_path, png_path))
     return CompareResult(
@@ -362,6 +371,7 @@ def compare_study(
         summaries,
         cells,
         parent_metrics,
+        eff,
     )
 
 
@@ -380,15 +390,3 @@ def _log_to_parent(client: Any, run_id: str, metrics: dict[str, float], files: t
         except Exception as e:  # noqa: BLE001
             log.warning("could not log %s to the parent run %s: %s", p.name, run_id, e)
 
-
-def _known_studies(client: Any) -> list[str]:
-    try:
-        exps = [e.experiment_id for e in client.search_experiments()]
-        runs = (
-            client.search_runs(exps, filter_string="tags.`medssl.kind` = 'sweep'", max_results=1000)
-            if exps
-            else []
-        )
-    except Exception:  # noqa: BLE001
-        return []
-    return sorted({r.data.tags.get("medssl.study", "?") for r in runs})

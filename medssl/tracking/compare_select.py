@@ -23,6 +23,7 @@ __all__ = [
     "find_study_runs",
     "child_runs",
     "collect_records",
+    "known_studies",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,3 +175,17 @@ def collect_records(
         if r["status"] != "ok":
             log.warning("%s: %s %s (run %s)", r["sweep_key"], metric, r["status"], r["run_id"])
     return out
+
+
+def known_studies(client: Any) -> list[str]:
+    """Names of the studies (``medssl.study`` of sweep parent runs) in the store; ``[]`` if it cannot be read."""
+    try:
+        exps = [e.experiment_id for e in client.search_experiments()]
+        runs = (
+            client.search_runs(exps, filter_string="tags.`medssl.kind` = 'sweep'", max_results=1000)
+            if exps
+            else []
+        )
+    except Exception:  # noqa: BLE001
+        return []
+    return sorted({r.data.tags.get("medssl.study", "?") for r in runs})
