@@ -128,6 +128,8 @@ def report(results: list[Any], *, pipeline: Path, seconds: float | None, minutes
     if excluded:  # counted in the table's n, never averaged
         lines.append(f"Not averaged ({len(excluded)} children, metric missing or non-finite): "
                      + ", ".join(f"{r['fraction']:g} % {r['init']} s{r['seed']}" for r in excluded) + ".")
+    if main.efficiency is not None:
+        lines.append(f"Labels needed: {main.efficiency.sentence()}.")
     lines.append("")
     tg = targets(main.metric, s)
     if tg:

@@ -121,6 +121,7 @@ def test_dry_run_study_ran_sweep_compare_and_report(dry_run: tuple[Path, subproc
     md = (out / "study_gpu.md").read_text()
     assert "| f10-ssl-s0 | FINISHED |" in md and "label_efficiency.py --report-only" in md
     assert "| 100 | 1 |" in md  # label_efficiency.py's table: fraction 100, one seed
+    assert "Labels needed: test_dice_mean ≥" in md and "[measured at 5, 10, 100 %]" in md  # the headline
 
 
 def _sitecustomize() -> Any:
