@@ -71,7 +71,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "FinetuneResult", "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS",
     ),
     "ledger": (
-        "LEDGER_FILE", "MetricLedger", "config_key", "recorded_run", "adopt_run", "open_run", "close_run",
+        "adopt_run", "open_run", "close_run",
     ),
 }
 
@@ -88,8 +88,7 @@ __all__ = [
     "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "RESUME_FIELDS",
     "FinetuneCheckpointer", "RUN_KEYS", "config_identity", "config_hash", "config_changes", "file_sha256",
     "split_data_hash", "run_config_hash", "check_pretrain_leakage", "pretrained_case_ids", "FinetuneResult",
-    "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS", "LEDGER_FILE", "MetricLedger", "config_key",
-    "recorded_run", "adopt_run", "open_run", "close_run",
+    "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS", "adopt_run", "open_run", "close_run",
 ]
 
 

@@ -17,8 +17,8 @@ The `Finetuner` holds its parts as objects built from plain arguments: a
 :class:`~medssl.engines.finetune.evaluation.Selection` (best on validation, early stopping) and a
 :class:`~medssl.engines.finetune.state.FinetuneCheckpointer` (``best.pt`` / ``last.pt``, exact resume); the result
 type and the MLflow run are in :mod:`medssl.engines.finetune.result`; what the run already logged (a resume sends
-each metric step once) is the :class:`~medssl.engines.finetune.ledger.MetricLedger` of
-:mod:`medssl.engines.finetune.ledger`.
+each metric step once) is the :class:`~medssl.engines.runtime.ledger.MetricLedger` that
+:mod:`medssl.engines.finetune.ledger` opens with the run.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from medssl.engines.finetune.data import (
 from medssl.engines.finetune.evaluation import FinetuneEvaluator, Selection
 from medssl.engines.finetune.identity import run_config_hash
 from medssl.engines.finetune.leakage import check_pretrain_leakage
-from medssl.engines.finetune.ledger import MetricLedger, close_run, open_run
+from medssl.engines.finetune.ledger import close_run, open_run
 from medssl.engines.finetune.metrics import as_tensor
 from medssl.engines.finetune.plan import resolve_plan, training_sampling
 from medssl.engines.finetune.result import FinetuneResult, fmt_metrics, log_run_start
@@ -61,6 +61,7 @@ from medssl.engines.finetune.state import FinetuneCheckpointer
 from medssl.engines.finetune.tta import FlipTTAInferer
 from medssl.engines.pretrain.components import resolve_device
 from medssl.engines.runtime import checkpoint as ck
+from medssl.engines.runtime.ledger import MetricLedger
 from medssl.engines.runtime.preemption import Preempted, PreemptionHandler
 from medssl.engines.runtime.progress import ProgressBar
 from medssl.engines.runtime.schedules import WarmupCosineSchedule, resolve_ssl_schedule
@@ -79,7 +80,7 @@ class Finetuner:
     Args:
         config: the run config (preprocessing fields may be ``None``: resolved from the SSL recipe).
         tracker: an open :class:`~medssl.tracking.mlflow_tracker.MlflowTracker` or ``None``.
-        ledger: what the tracker's run already holds (:class:`~medssl.engines.finetune.ledger.MetricLedger`);
+        ledger: what the tracker's run already holds (:class:`~medssl.engines.runtime.ledger.MetricLedger`);
             metrics at or below a key's logged step are not sent again. ``None``: everything is sent.
     """
 

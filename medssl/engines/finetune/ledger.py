@@ -1,9 +1,9 @@
 """The MLflow run of a finetuning run folder and what already reached it: ``checkpoints/mlflow.json``.
 
 A finetuning run resumes from ``checkpoints/last.pt`` (written at epoch ends) and redoes the steps since then; the
-:class:`~medssl.engines.runtime.ledger.MetricLedger` (defined in :mod:`medssl.engines.runtime.ledger`, shared with
-pretraining, re-exported here with :data:`LEDGER_FILE`, :func:`config_key` and :func:`recorded_run`) records per
-metric key the last step that reached MLflow or its outage spool, so the resumed run sends each step once.
+:class:`~medssl.engines.runtime.ledger.MetricLedger` (:mod:`medssl.engines.runtime.ledger`, shared with
+pretraining) records per metric key the last step that reached MLflow or its outage spool, so the resumed run sends
+each step once.
 
 This module opens and closes the finetuning run around it: :func:`open_run` with ``resume="auto"`` and no
 ``last.pt`` continues the run the folder's ledger names for the same config (a run interrupted before its first
@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from medssl.engines.finetune.config import FinetuneConfig
-from medssl.engines.runtime.ledger import LEDGER_FILE, MetricLedger, config_key, recorded_run
+from medssl.engines.runtime.ledger import LEDGER_FILE, MetricLedger, close_tracker, config_key, recorded_run
 
-__all__ = ["LEDGER_FILE", "MetricLedger", "config_key", "recorded_run", "adopt_run", "open_run", "close_run"]
+__all__ = ["adopt_run", "open_run", "close_run"]
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,9 @@ def open_run(
 
 
 def close_run(tracker: Any, error: BaseException | None = None, *, out_dir: str | Path | None = None) -> None:
-    """End the MLflow run: FINISHED; KILLED after a preemption or Ctrl-C (tag ``medssl.preempted``); else FAILED
-    (tag ``medssl.error``). An SSL checkpoint that did not fit (``TransferError``) leaves its report as
+    """End the MLflow run (:func:`~medssl.engines.runtime.ledger.close_tracker`): FINISHED; KILLED after a preemption
+    or Ctrl-C (tag ``medssl.preempted``); else FAILED (tag ``medssl.error``). An SSL checkpoint that did not fit (``TransferError``) leaves its report as
     ``out_dir/transfer_report.json`` (and artifact) whether or not the run is tracked."""
-    from medssl.engines.runtime.preemption import Preempted
     from medssl.networks.transfer import TransferError
 
     if isinstance(error, TransferError) and out_dir is not None:
@@ -77,13 +76,4 @@ def close_run(tracker: Any, error: BaseException | None = None, *, out_dir: str 
         report.write_text(json.dumps(error.report.to_dict(), indent=1))
         if tracker is not None:
             tracker.log_artifact(report)
-    if tracker is None:
-        return
-    if error is None:
-        tracker.close("FINISHED")
-        return
-
-    stopped = isinstance(error, (KeyboardInterrupt, Preempted))
-    tag = "medssl.preempted" if isinstance(error, Preempted) else "medssl.error"
-    tracker.set_tags({tag: f"{type(error).__name__}: {error}"[:1000]})
-    tracker.close("KILLED" if stopped else "FAILED")
+    close_tracker(tracker, error)

@@ -25,8 +25,7 @@ import os
 from typing import Any
 
 from medssl.engines.pretrain.events import PretrainHandler
-from medssl.engines.runtime.ledger import LEDGER_FILE, MetricLedger, config_key
-from medssl.engines.runtime.preemption import Preempted
+from medssl.engines.runtime.ledger import LEDGER_FILE, MetricLedger, close_tracker, config_key
 
 __all__ = [
     "AugmentPreview",
@@ -268,18 +267,12 @@ class MlflowLogger(PretrainHandler):
     def completed(self, trainer: Any) -> None:
         if self.tracker is not None:
             self._log_outputs(trainer.state)
-            self.tracker.close("FINISHED")
+            close_tracker(self.tracker)
             self.tracker = None
 
     def exception_raised(self, trainer: Any, error: BaseException) -> None:
-        if self.tracker is None:
-            return
-        if isinstance(error, Preempted):  # KILLED until the requeued job reattaches (RUNNING) and finishes it
-            self.tracker.set_tags({"medssl.preempted": f"step {error.step}"})
-            self.tracker.close("KILLED")
-        else:
-            self.tracker.set_tags({"medssl.error": f"{type(error).__name__}: {error}"[:1000]})
-            self.tracker.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        # preempted: KILLED until the requeued job reattaches (RUNNING) and finishes it
+        close_tracker(self.tracker, error)
         self.tracker = None
 
 

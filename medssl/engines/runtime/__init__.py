@@ -37,7 +37,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "ProgressBar",
     ),
     "ledger": (
-        "LEDGER_FILE", "MetricLedger", "config_key", "recorded_run",
+        "LEDGER_FILE", "MetricLedger", "config_key", "recorded_run", "close_tracker",
     ),
 }
 
@@ -49,7 +49,7 @@ __all__ = [
     "WarmupCosineSchedule", "AUTO_SSL_SCHEDULE", "SSL_SCHEDULE_KEYS", "normalise_ssl_schedule",
     "resolve_ssl_schedule", "ssl_schedule_identity", "check_ssl_schedule_options", "pretrained_lr_factor",
     "EXIT_PREEMPTED", "DEFAULT_SIGNALS", "Preempted", "PreemptionHandler", "ProgressBar", "LEDGER_FILE",
-    "MetricLedger", "config_key", "recorded_run",
+    "MetricLedger", "config_key", "recorded_run", "close_tracker",
 ]
 
 

@@ -17,7 +17,8 @@ before its first checkpoint and restarted with the same config (:func:`config_ke
 File: ``{"run_id": str, "config_key": str | None, "logged": {metric key: last durable step}}``, replaced
 atomically (temporary file, fsync, rename) whenever a flush makes a new step durable: a few hundred bytes per flush.
 Users: :mod:`medssl.engines.finetune.ledger` (``run_finetune``) and
-:class:`~medssl.engines.pretrain.handlers.MlflowLogger` (``run_pretraining``), rank 0 only.
+:class:`~medssl.engines.pretrain.handlers.MlflowLogger` (``run_pretraining``), rank 0 only; both end their run with
+:func:`close_tracker` (one rule for the status an error leaves).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LEDGER_FILE", "MetricLedger", "config_key", "recorded_run"]
+__all__ = ["LEDGER_FILE", "MetricLedger", "config_key", "recorded_run", "close_tracker"]
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,19 @@ class MetricLedger:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def close_tracker(tracker: Any, error: BaseException | None = None) -> None:
+    """End a training run's MLflow run (``tracker``: an open :class:`~medssl.tracking.mlflow_tracker.MlflowTracker`,
+    or ``None``: nothing to do): FINISHED without ``error``; KILLED after a preemption (tag ``medssl.preempted``) or
+    Ctrl-C, FAILED after any other error (tag ``medssl.error``), the tag holding the error's type and message."""
+    if tracker is None:
+        return
+    if error is None:
+        tracker.close("FINISHED")
+        return
+    from medssl.engines.runtime.preemption import Preempted
+
+    tag = "medssl.preempted" if isinstance(error, Preempted) else "medssl.error"
+    tracker.set_tags({tag: f"{type(error).__name__}: {error}"[:1000]})
+    tracker.close("KILLED" if isinstance(error, (KeyboardInterrupt, Preempted)) else "FAILED")

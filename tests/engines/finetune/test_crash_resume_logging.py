@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from medssl.engines.finetune.ledger import LEDGER_FILE
 from medssl.engines.runtime.checkpoint import load_checkpoint
+from medssl.engines.runtime.ledger import LEDGER_FILE
 from medssl.tracking.mlflow_tracker import make_client
 from tests.engines.finetune.test_engine import hippo, seg_config  # noqa: F401 (fixture)
 from tests.tracking._crash_runs import histories, run_killable

@@ -1,4 +1,4 @@
-"""``checkpoints/mlflow.json`` (:mod:`medssl.engines.finetune.ledger`): what reached MLflow or its spool, per metric
+"""``checkpoints/mlflow.json`` (:mod:`medssl.engines.runtime.ledger`, :mod:`medssl.engines.finetune.ledger`): what reached MLflow or its spool, per metric
 key, fed by the tracker's ``on_durable`` hook; records only queued are not in it; an outage spools without waiting.
 The real-run versions: ``test_crash_resume_logging.py`` (SIGKILL) and ``test_preempt_tracking.py`` (preemption)."""
 
@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from medssl.engines.finetune.config import FinetuneConfig
-from medssl.engines.finetune.ledger import MetricLedger, adopt_run, config_key, recorded_run
+from medssl.engines.finetune.ledger import adopt_run
+from medssl.engines.runtime.ledger import MetricLedger, config_key, recorded_run
 from medssl.tracking.mlflow_tracker import MlflowTracker
 from tests.tracking.test_mlflow_tracker import FakeClient
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from medssl.engines.finetune.engine import Finetuner
-from medssl.engines.finetune.ledger import LEDGER_FILE
+from medssl.engines.runtime.ledger import LEDGER_FILE
 from medssl.engines.runtime.preemption import Preempted
 from medssl.engines.studies.sweep import run_sweep
 from medssl.tracking.compare import find_study_runs
