@@ -105,8 +105,8 @@ def worker(config_path: Path, result_dir: Path, warm: int, steps: int) -> None:
 
     from medssl.config import PretrainConfig
     from medssl.engines.pretrain.components import build_components
-    from medssl.engines.pretrain.data import load_pool, resolve_in_channels
     from medssl.engines.pretrain.engine import Pretrainer
+    from medssl.engines.pretrain.pool import load_pool, resolve_in_channels
     from medssl.engines.runtime import distributed as dd
     from medssl.engines.runtime.checkpoint import seed_all
 

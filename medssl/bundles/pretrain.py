@@ -131,8 +131,8 @@ def knn_probe(config: Any, encoder_path: str | Path, out_file: str | Path | None
     Raises:
         MedsslError: a missing / unreadable encoder file, or no labelled case in the pool.
     """
-    from medssl.engines.pretrain.data import load_pool
     from medssl.engines.pretrain.monitor import build_monitor
+    from medssl.engines.pretrain.pool import load_pool
     from medssl.networks.encoders import rebuild_encoder
 
     path = Path(encoder_path)

@@ -46,7 +46,7 @@ Rules:
 - Order is ``sha256(f"{seed}:{role}:{group_id}")``, not a random generator: identical on every machine and
   numpy version and independent of the input order. Each fraction is a prefix of the same per-class order,
   hence 1 % ⊂ 5 % ⊂ … ⊂ 100 %. The test order uses seed ``"test"``, so the test set is the same for all seeds.
-- ``pretrain_pool`` is what pretraining uses by default (:func:`medssl.engines.pretrain.data.load_pool`): an encoder
+- ``pretrain_pool`` is what pretraining uses by default (:func:`medssl.engines.pretrain.pool.load_pool`): an encoder
   pretrained on it never saw a validation or test case of any seed. Seeds added later (:func:`extend_splits`)
   keep it: they are *reserve seeds* (``params.reserve_seeds``) whose validation sets are drawn from the cases
   the other seeds already hold out, so an encoder pretrained before stays valid for them. (Otherwise the new

@@ -29,7 +29,7 @@ from monai.transforms import Compose
 
 from medssl.data.splits import fraction_key, load_splits
 from medssl.engines.finetune.augment import augment_transforms, crop_transforms
-from medssl.engines.pretrain.data import pool_channels, pool_fingerprint
+from medssl.engines.pretrain.pool import pool_channels, pool_fingerprint
 from medssl.errors import MedsslError
 from medssl.transforms.preprocess import preprocess_transforms
 
@@ -213,7 +213,7 @@ def _check_classes(out: dict[str, list[dict[str, Any]]], fkey: str, num_classes:
 
 
 def data_channels(items: dict[str, list[dict[str, Any]]] | Sequence[dict[str, Any]]) -> int:
-    """Input channels of the items, equal for all (:func:`medssl.engines.pretrain.data.pool_channels`: the
+    """Input channels of the items, equal for all (:func:`medssl.engines.pretrain.pool.pool_channels`: the
     ``channels`` list when present, e.g. an MSD 4D file, else ``len(image)`` of a list of channel files, else 1).
 
     Raises:
@@ -342,5 +342,5 @@ def epoch_loader(
 
 def items_hash(items: Sequence[dict[str, Any]]) -> str:
     """Short sha256 over case ids and image file sizes (identifies the data without reading it); the same
-    fingerprint as the pretraining pool's (:func:`medssl.engines.pretrain.data.pool_fingerprint`)."""
+    fingerprint as the pretraining pool's (:func:`medssl.engines.pretrain.pool.pool_fingerprint`)."""
     return pool_fingerprint(list(items))

@@ -5,7 +5,7 @@ A pretraining checkpoint's recipe records the pool it was trained on (``recipe["
 :class:`medssl.engines.pretrain.engine.Pretrainer`)::
 
     "pool": {"case_ids": ["c0a1...", ...],      # sorted case ids of every pretraining volume
-             "fingerprint": "3f9c0e7d1a2b4c5d",  # medssl.engines.pretrain.data.pool_fingerprint of the pool
+             "fingerprint": "3f9c0e7d1a2b4c5d",  # medssl.engines.pretrain.pool.pool_fingerprint of the pool
              "splits_sha256": "ab12..." | None,  # sha256 of the splits.json the pool came from
              "source": "pretrain_pool" | "unlabeled[1]" | "sections"}
 

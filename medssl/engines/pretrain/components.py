@@ -99,7 +99,7 @@ def _build_components(
 ) -> tuple[torch.nn.Module, torch.nn.Module, Callable]:
     roi = tuple(config.roi_size)
     if config.in_channels is None:  # the pool's channel count (multi-channel datalists)
-        from medssl.engines.pretrain.data import load_pool, resolve_in_channels
+        from medssl.engines.pretrain.pool import load_pool, resolve_in_channels
 
         pool = load_pool(config.datalist, config.sections, config.splits, config.split_seed)
         config = resolve_in_channels(config, pool)

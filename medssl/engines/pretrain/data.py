@@ -7,7 +7,7 @@ which pads them, draws the views and stacks ``(B, C, D, H, W)``. The order is
 ``(seed, epoch, position)``, so the data position ``(epoch, position)`` is all a checkpoint needs.
 
 Which volumes make the pool (``load_pool``, ``pool_channels``, ``pool_record``, ``resolve_in_channels``,
-``pool_fingerprint``) lives in :mod:`medssl.engines.pretrain.pool`; those names stay importable from here.
+``pool_fingerprint``) is :mod:`medssl.engines.pretrain.pool`'s.
 """
 
 from __future__ import annotations
@@ -20,18 +20,10 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from medssl.engines.pretrain.pool import (  # re-exported: this module was their home before the split
-    load_pool,
-    pool_channels,
-    pool_fingerprint,
-    pool_record,
-    resolve_in_channels,
-)
 from medssl.engines.pretrain.pool_cache import shard_indices
 from medssl.errors import MedsslError
 
-__all__ = ["load_pool", "pool_channels", "pool_record", "resolve_in_channels", "preprocessing", "preprocessing_recipe",
-           "CropBatcher", "pool_fingerprint"]
+__all__ = ["preprocessing", "preprocessing_recipe", "CropBatcher"]
 
 log = logging.getLogger(__name__)
 

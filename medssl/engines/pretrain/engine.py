@@ -41,17 +41,11 @@ from medssl.engines.pretrain.components import (
     place_model,
     to_memory_format,
 )
-from medssl.engines.pretrain.data import (
-    CropBatcher,
-    load_pool,
-    pool_record,
-    preprocessing,
-    preprocessing_recipe,
-    resolve_in_channels,
-)
+from medssl.engines.pretrain.data import CropBatcher, preprocessing, preprocessing_recipe
 from medssl.engines.pretrain.events import Events, PretrainState, check_handlers, fire, fire_exception
 from medssl.engines.pretrain.handlers import default_handlers
 from medssl.engines.pretrain.outputs import PretrainResult, run_artifacts, write_outputs
+from medssl.engines.pretrain.pool import load_pool, pool_record, resolve_in_channels
 from medssl.engines.pretrain.pool_cache import make_pool_dataset, shard_indices
 from medssl.engines.pretrain.state import PretrainCheckpointer
 from medssl.engines.runtime import checkpoint as ck
@@ -86,7 +80,7 @@ class Pretrainer:
             ``on_step_end(step, total_steps)``.
         augment: ``augment(volumes) -> batch dict`` on the volumes' device; ``volumes`` is a list of
             ``(C, D_i, H_i, W_i)`` tensors (sizes may differ), as ``BatchedSSLAugment`` takes.
-        pool: the pretraining pool (:func:`~medssl.engines.pretrain.data.load_pool`); loaded from the config if
+        pool: the pretraining pool (:func:`~medssl.engines.pretrain.pool.load_pool`); loaded from the config if
             ``None``. ``config.in_channels=None`` resolves to its channel count; the recipe records it
             (``recipe["pool"]``: case ids, fingerprint, splits sha256).
         optimizer: an optimizer over ``method``'s parameters; ``None``: AdamW with weight decay on the

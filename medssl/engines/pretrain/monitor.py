@@ -129,7 +129,7 @@ def probe_items(
 
     Args:
         datalist: the pretraining datalist (paths relative to it).
-        pool: the pretraining pool (:func:`~medssl.engines.pretrain.data.load_pool`); only its ``case_id`` are used.
+        pool: the pretraining pool (:func:`~medssl.engines.pretrain.pool.load_pool`); only its ``case_id`` are used.
         splits: the pretraining ``splits.json`` (its test and validation cases are excluded again).
         max_cases: at most this many cases.
 

@@ -16,7 +16,7 @@ import torch
 
 from medssl.config import PretrainConfig, flatten_dict
 from medssl.engines.pretrain.components import make_tracker
-from medssl.engines.pretrain.data import pool_fingerprint
+from medssl.engines.pretrain.pool import pool_fingerprint
 from medssl.engines.runtime import checkpoint as ck
 from medssl.engines.runtime import distributed as dd
 

@@ -244,7 +244,7 @@ def make_pool_dataset(
     """The pretraining dataset of a pool (or of one rank's shard of it), indexed by pool position.
 
     Args:
-        pool: :func:`~medssl.engines.pretrain.data.load_pool` items.
+        pool: :func:`~medssl.engines.pretrain.pool.load_pool` items.
         transform: the deterministic preprocessing chain.
         cache: ``"ram"`` (in-memory ``CacheDataset``, filled lazily when ``num_workers == 0``, else up front
             by ``num_workers`` threads), ``"disk"`` (:class:`DiskCacheDataset` in ``cache_dir``) or

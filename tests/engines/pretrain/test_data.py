@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.engines.pretrain.data import (
-    CropBatcher,
-    load_pool,
-    pool_channels,
-    pool_fingerprint,
-    preprocessing,
-)
+from medssl.engines.pretrain.data import CropBatcher, preprocessing
+from medssl.engines.pretrain.pool import load_pool, pool_channels, pool_fingerprint
 from medssl.engines.pretrain.pool_cache import SafeCacheDataset
 from medssl.errors import MedsslError
 

@@ -50,8 +50,9 @@ from torch.utils.data import DistributedSampler
 
 from medssl.config import PretrainConfig
 from medssl.engines.pretrain.components import build_components, param_groups
-from medssl.engines.pretrain.data import load_pool, preprocessing
+from medssl.engines.pretrain.data import preprocessing
 from medssl.engines.pretrain.engine import run_pretraining
+from medssl.engines.pretrain.pool import load_pool
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.engines.runtime.preemption import Preempted, PreemptionHandler
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from medssl.config import PretrainConfig
-from medssl.engines.pretrain.data import load_pool
 from medssl.engines.pretrain.engine import run_pretraining
 from medssl.engines.pretrain.monitor import build_monitor, build_probe_set, knn_scores, probe_items
+from medssl.engines.pretrain.pool import load_pool
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.engines.studies.identity import pretrain_identity
 from tests.engines.conftest import toy_config

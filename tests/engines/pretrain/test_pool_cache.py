@@ -15,7 +15,8 @@ import pytest
 import torch
 from monai.transforms import Compose, Lambdad
 
-from medssl.engines.pretrain.data import CropBatcher, load_pool, preprocessing, preprocessing_recipe
+from medssl.engines.pretrain.data import CropBatcher, preprocessing, preprocessing_recipe
+from medssl.engines.pretrain.pool import load_pool
 from medssl.engines.pretrain.pool_cache import (
     DiskCacheDataset,
     ShardView,
