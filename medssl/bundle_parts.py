@@ -279,7 +279,7 @@ class MedsslMLFlowHandler(_mlflow_base()):  # type: ignore[misc]
                  fraction: float | None = None, init: str = "scratch", seed: int | None = None,
                  parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         from medssl.data.splits import fraction_key
-        from medssl.tracking.mlflow_tracker import _artifact_location, default_tracking_uri, standard_tags
+        from medssl.tracking.mlflow_tracker import artifact_location, default_tracking_uri, standard_tags
 
         uri = tracking_uri or default_tracking_uri()
         kind = "scratch" if init == "scratch" else "ssl"
@@ -290,7 +290,7 @@ class MedsslMLFlowHandler(_mlflow_base()):  # type: ignore[misc]
             "mlflow.parentRunId": parent_run_id, **dict(tags or {}),
         }
         self.medssl_tags = {k: str(v) for k, v in self.medssl_tags.items() if v is not None}
-        kwargs.setdefault("artifact_location", _artifact_location(uri, experiment_name))
+        kwargs.setdefault("artifact_location", artifact_location(uri, experiment_name))
         super().__init__(tracking_uri=uri, experiment_name=experiment_name, run_name=run_name, **kwargs)
         from medssl.tracking.mlflow_tracker import make_client
 

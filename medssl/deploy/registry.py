@@ -259,10 +259,10 @@ def _log_in_store(mlflow: Any, uri: str, run: Any, experiment: str, name: str, c
             mlflow.start_run(run_id=run.info.run_id)
             status = run.info.status
         else:
-            from medssl.tracking.mlflow_tracker import _artifact_location
+            from medssl.tracking.mlflow_tracker import artifact_location
 
             if mlflow.get_experiment_by_name(experiment) is None:  # artifacts beside a local store, not in the cwd
-                mlflow.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
+                mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
             mlflow.set_experiment(experiment)
             mlflow.start_run(run_name=f"register-{name}", tags={"medssl.kind": "register", "medssl.source": str(ckpt)})
             status = "FINISHED"

@@ -41,6 +41,7 @@ __all__ = [
     "standard_tags",
     "git_sha",
     "make_client",
+    "artifact_location",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,9 @@ def standard_tags(
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
-def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """``<db folder>/mlartifacts/<experiment>`` for a local sqlite store; the server decides otherwise."""
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: ``<db folder>/mlartifacts/<experiment>`` (a ``file://`` URI) for a local
+    sqlite store, so that nothing lands in the cwd's ``./mlruns``; ``None`` (the server decides) otherwise."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
     db = Path(tracking_uri[len("sqlite:///") :])
@@ -200,7 +202,7 @@ class MlflowTracker:
         if exp is not None:
             return exp.experiment_id
         return self.client.create_experiment(
-            name, artifact_location=_artifact_location(self.tracking_uri, name)
+            name, artifact_location=artifact_location(self.tracking_uri, name)
         )
 
     def _retry_call(self, fn, what: str, attempts: int = 4):
