@@ -355,7 +355,10 @@ def compare_study(
     out = Path(out_dir) if out_dir else (Path(sweep_dir) / "compare" if sweep_dir else Path("runs/compare"))
     csv_path = write_csv(rows, out / f"{study}_{metric}.csv")
     png_path = plot_curve(summaries, out / f"{study}_{metric}.png", study=study, metric=metric)
-    eff = label_efficiency({k: v for k, v in summaries.items() if k[1] != DIFF}, metric, target=target, within=within)
+    eff = label_efficiency(
+        {k: v for k, v in summaries.items() if k[1] != DIFF}, metric, target=target, within=within,
+        paired={f: v for (f, i), v in summaries.items() if i == DIFF},
+    )
     parent_metrics = summary_metrics(summaries, cells, metric) | efficiency_metrics(eff)
     if log_to_parent:
         _log_to_parent(client, parent.info.run_id, parent_metrics, (csv_path, png_path))

@@ -50,6 +50,9 @@ class LabelEfficiency:
         at_needed: init → the :class:`Summary` at that fraction (``None`` where not reached).
         saving: scratch's fraction / SSL's, or ``None`` unless both reach the goal.
         lower_better: whether smaller values of ``metric`` are better.
+        paired: ``(fraction, Summary)`` of the paired SSL − scratch difference at the smaller of the two
+            fractions needed (where the verdict is decided), if the study has it; the sentence says whether its CI
+            excludes 0, so a saving within seed noise reads as such.
     """
 
     metric: str
@@ -60,6 +63,7 @@ class LabelEfficiency:
     at_needed: dict[str, Summary | None] = field(default_factory=dict)
     saving: float | None = None
     lower_better: bool = False
+    paired: tuple[float, Summary] | None = None
 
     def sentence(self) -> str:
         """One line for the console and reports, e.g. ``"test_dice_mean ≥ 0.865 (scratch at 100 % − 0.005):
@@ -83,6 +87,14 @@ class LabelEfficiency:
             verdict = "only SSL reaches it"
         else:
             verdict = "SSL does not reach it" if "ssl" in self.needed else "no SSL arm"
+        if self.paired is not None:
+            f, d = self.paired
+            ci = (
+                "no CI" if d.low is None or d.high is None
+                else "CI includes 0: within seed noise" if d.low <= 0 <= d.high
+                else f"CI {'above' if d.low > 0 else 'below'} 0"
+            )
+            verdict += f"; paired SSL − scratch at {f:g} %: {format_summary(d)} ({ci})"
         measured = ", ".join(f"{f:g}" for f in self.fractions)
         return (
             f"{self.metric} {op} {self.goal:.4g} ({self.goal_source}): {', '.join(parts)}: {verdict} "
@@ -101,6 +113,7 @@ def label_efficiency(
     target: float | None = None,
     within: float = 0.0,
     reference: str = "scratch",
+    paired: dict[float, Summary] | None = None,
 ) -> LabelEfficiency | None:
     """Labels needed per init to reach a goal (module docstring).
 
@@ -110,6 +123,8 @@ def label_efficiency(
         target: the value to reach; ``None``: ``reference``'s mean at its largest measured fraction.
         within: tolerance in metric units (≥ 0) subtracted from (or, lower-better, added to) the target.
         reference: the init whose largest-fraction mean is the default target.
+        paired: fraction → paired SSL − scratch :class:`Summary` (``compare``'s difference rows), for the
+            sentence's noise check at the deciding fraction.
 
     Returns:
         ``None`` when no target can be set (no ``reference`` cell and no ``target``).
@@ -143,7 +158,10 @@ def label_efficiency(
         needed[init], at[init] = first, summaries.get((first, init)) if first is not None else None
     a, b = needed.get(reference), needed.get("ssl")
     saving = a / b if a is not None and b is not None and reference != "ssl" else None
-    return LabelEfficiency(metric, goal, source, fractions, needed, at, saving, lower)
+    decided = [f for f in (a, b) if f is not None]
+    at_f = min(decided) if decided else None
+    pair = (at_f, paired[at_f]) if paired and at_f is not None and at_f in paired else None
+    return LabelEfficiency(metric, goal, source, fractions, needed, at, saving, lower, pair)
 
 
 def efficiency_metrics(eff: LabelEfficiency | None) -> dict[str, float]:

@@ -34,6 +34,20 @@ def test_docstring_example_ssl_needs_ten_times_fewer_labels() -> None:
     })
 
 
+def test_the_paired_difference_at_the_deciding_fraction_says_whether_it_is_noise() -> None:
+    s = _summaries({"scratch": [0.846, 0.855, 0.862, 0.870], "ssl": [0.858, 0.866, 0.869, 0.871]})
+    noisy = {10.0: mean_ci([0.03, -0.01, 0.013]), 100.0: mean_ci([0.001, 0.0, 0.002])}
+    eff = label_efficiency(s, "test_dice_mean", within=0.005, paired=noisy)
+    assert eff.paired == (10.0, noisy[10.0])
+    assert "; paired SSL − scratch at 10 %: 0.011 ± " in eff.sentence()
+    assert "(CI includes 0: within seed noise)" in eff.sentence()
+    firm = label_efficiency(s, "test_dice_mean", within=0.005, paired={10.0: mean_ci([0.010, 0.011, 0.012])})
+    assert "(CI above 0)" in firm.sentence() and "within seed noise" not in firm.sentence()
+    one = label_efficiency(s, "test_dice_mean", within=0.005, paired={10.0: mean_ci([0.01])})
+    assert "(no CI)" in one.sentence()
+    assert label_efficiency(s, "test_dice_mean", within=0.005, paired={25.0: noisy[10.0]}).paired is None
+
+
 def test_a_lucky_small_fraction_contradicted_by_the_next_does_not_count() -> None:
     s = _summaries({"scratch": [0.80, 0.82, 0.85, 0.87], "ssl": [0.87, 0.84, 0.86, 0.87]})
     eff = label_efficiency(s, "test_dice_mean", within=0.01)  # goal 0.86: SSL meets it at 5 %, not at 10 %
@@ -86,6 +100,8 @@ def test_compare_prints_logs_and_returns_the_headline(tmp_path: Path) -> None:
     assert logged["test_dice_mean/labels_needed_ssl"] == 10.0 and logged["test_dice_mean/label_saving"] == 10.0
     res = _cli(st, tmp_path / "c", "--within", "0.01")
     assert res.exit_code == 0, res.output
-    assert "Labels needed:" in res.output and "10× fewer labels with SSL" in " ".join(res.output.split())
+    text = " ".join(res.output.split())
+    assert "Labels needed:" in text and "10× fewer labels with SSL" in text
+    assert "paired SSL − scratch at 10 %: 0.060 ± 0.000 (CI above 0)" in text
     bad = _cli(st, tmp_path / "c", "--within", "-1")
     assert bad.exit_code == 1 and "within must be a finite tolerance" in bad.output
