@@ -72,6 +72,8 @@ def compare(
 ) -> None:
     """Table of mean ± 95 % CI over seeds per fraction and init, paired SSL − scratch, and the labels each init
     needs to reach a Dice / AUC; CSV, PNG and summary metrics to the study's MLflow parent run."""
+    from rich.markup import escape
+
     from medssl.tracking.compare import compare_study
 
     setup(verbose)
@@ -82,7 +84,7 @@ def compare(
         raise fail(e, verbose) from None
     console.print(r.table)
     if r.efficiency is not None:
-        console.print(f"[bold]Labels needed:[/] {r.efficiency.sentence()}", soft_wrap=True)
+        console.print(f"[bold]Labels needed:[/] {escape(r.efficiency.sentence())}", soft_wrap=True)
     console.print(
         f"CSV {r.csv_path}\nPNG {r.png_path} (also logged to parent run {r.parent_run_id}, "
         f"with {len(r.parent_metrics)} summary metrics {r.metric}/f<fraction>_<arm>_<stat>)"

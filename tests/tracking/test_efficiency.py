@@ -102,6 +102,6 @@ def test_compare_prints_logs_and_returns_the_headline(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "Labels needed:" in text and "10× fewer labels with SSL" in text
-    assert "paired SSL − scratch at 10 %: 0.060 ± 0.000 (CI above 0)" in text
+    assert "paired SSL − scratch at 10 %: 0.060 ± 0.000 (CI above 0) [measured at 10, 50, 100 %]" in text
     bad = _cli(st, tmp_path / "c", "--within", "-1")
     assert bad.exit_code == 1 and "within must be a finite tolerance" in bad.output
