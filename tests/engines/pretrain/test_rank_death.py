@@ -40,7 +40,8 @@ def _torchrun(cfg: Path, log: Path, *extra: str, env: dict[str, str] | None = No
            "--master-port", str(_free_port()), "-m", "medssl.cli", "pretrain", "--config", str(cfg), *extra]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                 **(env or {})}
-    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as f:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int:
@@ -64,8 +65,8 @@ def _alive(pid: int) -> bool:
 
 
 def _losses(out: Path) -> dict[int, float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return {json.loads(x)["step"]: json.loads(x)["loss"] for x in lines}
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    return {json.loads(x)["step"]: json.loads(x)["loss"] for x in lines if x.endswith("}")}
 
 
 def _cfg(datalist: Path, out: Path):
@@ -92,10 +93,11 @@ def test_dead_rank_fails_fast_and_checkpoint_resumes(victim: int, tiny_datalist:
     first = out / "checkpoints" / f"step_{CKPT:07d}.pt"
     try:
         deadline = time.monotonic() + 180
-        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        # past the first checkpoint and inside a later step: step CKPT + 1 logged (every forward sleeps TOY_DELAY_S)
+        while not (first.exists() and max(_losses(out), default=0) > CKPT) and proc.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.exists() and proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        time.sleep(0.4)  # inside the next step (every forward sleeps TOY_DELAY_S)
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
         os.kill(_rank_pid(proc, victim), signal.SIGKILL)
