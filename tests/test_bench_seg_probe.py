@@ -6,16 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from medssl.data.splits import split_datalist
 from medssl.engines.runtime.checkpoint import save_encoder
 from medssl.networks.downstream import transfer_key_prefixes
 from medssl.networks.encoders import build_encoder
+from tests.engines.finetune._cubes import cube_study
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import seg_probe as sp  # noqa: E402
@@ -29,25 +27,13 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A run config.yaml (5 cases of 16³, a bright cube labelled 1; study fields set as a sweep child's) and a
     ``monai_unet`` encoder file as SparK pretraining writes it."""
     folder = tmp_path_factory.mktemp("segprobe")
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(5):
-        lab = np.zeros((16, 16, 16), np.uint8)
-        o = 3 + i % 4
-        lab[o : o + 6, o : o + 6, 4:10] = 1
-        img = (rng.normal(size=lab.shape) + 2 * lab).astype(np.float32)
-        nib.save(nib.Nifti1Image(img, np.eye(4)), folder / f"img{i}.nii.gz")
-        nib.save(nib.Nifti1Image(lab, np.eye(4)), folder / f"lab{i}.nii.gz")
-        items.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz", "case_id": f"case{i}"})
-    (folder / "datalist.json").write_text(json.dumps({"training": items}))
-    splits, _ = split_datalist(folder / "datalist.json", fractions=[100], seeds=[0], test_fraction=0.2,
-                               val_fraction=0.2)
+    datalist, splits = cube_study(folder)
     torch.manual_seed(3)
     enc = build_encoder("monai_unet", in_channels=1, img_size=ROI, **UNET)
     recipe = dict(encoder=enc.recipe, method="spark", in_channels=1, roi_size=ROI, target_spacing=None,
                   normalisation="none", ct_window=[-1000.0, 1000.0])
     pt = save_encoder(folder / "pretrain", enc, recipe)[0]
-    cfg = dict(datalist=str(folder / "datalist.json"), splits=str(splits), fraction=100.0, seed=0,
+    cfg = dict(datalist=str(datalist), splits=str(splits), fraction=100.0, seed=0,
                study="s", parent_run_id="deadbeef", tags={"medssl.sweep_key": "f100-ssl-s0"}, run_name="s/f100",
                experiment="study-exp", tracking_uri="sqlite:////nonexistent/study.db", out_dir="/nonexistent",
                init=f"ssl:{pt}", task="segmentation", network="UNet", network_kwargs=UNET, out_channels=2,

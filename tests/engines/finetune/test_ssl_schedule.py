@@ -4,16 +4,13 @@ the new layers train (pretrained norm statistics held), a linear warm-up of the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from medssl.data.splits import split_datalist
 from medssl.engines.finetune.config import FinetuneConfig
 from medssl.engines.finetune.engine import Finetuner, run_finetune
 from medssl.engines.finetune.identity import config_hash, config_identity
@@ -22,6 +19,7 @@ from medssl.engines.runtime.checkpoint import load_checkpoint, save_encoder
 from medssl.engines.runtime.schedules import pretrained_lr_factor, resolve_ssl_schedule, warmup_cosine
 from medssl.errors import MedsslError
 from medssl.networks.encoders import build_encoder
+from tests.engines.finetune._cubes import cube_study
 
 ROI = [16, 16, 16]
 BN_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": "BATCH"}
@@ -32,21 +30,7 @@ SCHED = {"freeze_steps": 2, "warmup_steps": 2, "encoder_lr_scale": 0.5}
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """5 cases of 16³ voxels (noise + a bright 6³ cube labelled 1): 3 training, 1 validation, 1 test."""
-    folder = tmp_path_factory.mktemp("sched")
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(5):
-        lab = np.zeros((16, 16, 16), np.uint8)
-        o = 3 + i % 4
-        lab[o : o + 6, o : o + 6, 4:10] = 1
-        img = (rng.normal(size=lab.shape) + 2 * lab).astype(np.float32)
-        nib.save(nib.Nifti1Image(img, np.eye(4)), folder / f"img{i}.nii.gz")
-        nib.save(nib.Nifti1Image(lab, np.eye(4)), folder / f"lab{i}.nii.gz")
-        items.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz", "case_id": f"case{i}"})
-    (folder / "datalist.json").write_text(json.dumps({"training": items}))
-    splits, _ = split_datalist(folder / "datalist.json", fractions=[100], seeds=[0], test_fraction=0.2,
-                               val_fraction=0.2)
-    return folder / "datalist.json", splits
+    return cube_study(tmp_path_factory.mktemp("sched"))
 
 
 def _encoder(folder: Path, family: str) -> str:
