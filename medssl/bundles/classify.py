@@ -41,14 +41,21 @@ class ClassPredictionWriter:
         filename: CSV file name.
 
     Raises:
-        MedsslError: a prediction that is not a probability vector ``(K,)`` matching ``class_names``, or an
-            unwritable CSV (naming the path).
+        MedsslError: ``class_names`` keys that are not ``0..K-1``; a prediction that is not a probability vector
+            ``(K,)`` matching ``class_names``, or an unwritable CSV (naming the path).
     """
 
     def __init__(self, output_dir: str | Path, class_names: Mapping[str, str] | None = None,
                  filename: str = PREDICTIONS_CSV) -> None:
         self.path = Path(output_dir) / filename
-        self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
+        try:
+            self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
+        except (TypeError, ValueError) as e:
+            raise MedsslError(f"ClassPredictionWriter: class_names keys must be class indices 0..K-1, got "
+                              f"{sorted(map(str, class_names or {}))}") from e
+        if self.class_names and sorted(self.class_names) != list(range(len(self.class_names))):
+            raise MedsslError(f"ClassPredictionWriter: class_names keys must be the class indices 0..K-1, got "
+                              f"{sorted(self.class_names)}")
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Any) -> None:

@@ -38,3 +38,10 @@ def test_wrong_class_count_and_empty_run_are_refused_naming_the_file(tmp_path: P
     with pytest.raises(MedsslError, match="no case was predicted"):
         w.write()
     assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_class_names_must_be_the_indices_0_to_k_minus_1(tmp_path: Path) -> None:
+    with pytest.raises(MedsslError, match=r"class_names keys must be the class indices 0..K-1, got \[1, 2\]"):
+        ClassPredictionWriter(tmp_path, {"1": "benign", "2": "malignant"})
+    with pytest.raises(MedsslError, match="class_names keys must be class indices 0..K-1, got .*benign"):
+        ClassPredictionWriter(tmp_path, {"benign": "b", "0": "m"})
