@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medssl.errors import MedsslError
@@ -159,6 +160,9 @@ def _sweep(out: Path, datalist: Path, splits: Path, encoder: Path, steps: int, t
     console.print(sweep.table("test_dice_mean"))
     comparison = compare_study(study, tracking_uri=tracking_uri, parent_run_id=sweep.parent_run_id)
     console.print(comparison.table)
+    if comparison.efficiency is not None:  # one seed: the tool's headline, not a result (no CI)
+        console.print(f"[bold]Labels needed[/] (1 seed, demo-sized): {escape(comparison.efficiency.sentence())}",
+                      soft_wrap=True)
     console.print(f"5. compare → {comparison.csv_path} and {comparison.png_path} (logged to the parent run)")
     return sweep, comparison
 

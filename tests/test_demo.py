@@ -101,6 +101,9 @@ def test_demo_whole_story(tmp_path: Path) -> None:
     assert {(r["fraction"], r["init"]) for r in comparison.records} == {(25, "scratch"), (25, "ssl"),
                                                                        (100, "scratch"), (100, "ssl")}
     assert comparison.png_path.is_file() and comparison.csv_path.is_file()
+    assert comparison.efficiency.needed.keys() == {"scratch", "ssl"}  # scratch reaches its own 100 % mean
+    assert comparison.efficiency.needed["scratch"] in (25.0, 100.0)
+    assert "Labels needed (1 seed, demo-sized): test_dice_mean ≥" in console.export_text(clear=False)
     _check_prediction(res["predict"], tmp_path / "demo", console)
     ssl100 = next(c for c in sweep.children if c.init == "ssl" and c.fraction == 100)
     assert json.loads((tmp_path / "demo" / "predict" / "predict_report.json").read_text())["model"] == str(
