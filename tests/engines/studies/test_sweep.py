@@ -335,7 +335,7 @@ def test_fraction_leaving_a_class_empty_is_refused(tmp_path: Path) -> None:
 def test_pipeline_files_parse() -> None:
     root = Path(__file__).resolve().parents[3] / "pipelines"
     names = sorted(p.name for p in root.glob("*.yaml"))
-    assert names == ["classification_adrenal.yaml", "label_efficiency.yaml", "label_efficiency_genesis.yaml",
+    assert names == ["classification_adrenal.yaml", "classification_adrenal_whole.yaml", "label_efficiency.yaml", "label_efficiency_genesis.yaml",
                      "label_efficiency_gpu.yaml", "label_efficiency_spark.yaml", "label_efficiency_spark_unet.yaml",
                      "recipe_check.yaml"]
     for name in names:
@@ -352,6 +352,11 @@ def test_pipeline_files_parse() -> None:
         PretrainConfig.from_dict(pl.pretrain)
     assert load_pipeline_env(root / "label_efficiency.yaml").fractions == [5, 10, 25, 50, 100]
     assert load_pipeline_env(root / "classification_adrenal.yaml").fractions == [1, 10, 100]
+    # recipe 3 differs from recipe 2 in the pretext's views only (finetuning, data, seeds identical)
+    r2, r3 = (load_pipeline_env(root / n) for n in ("classification_adrenal.yaml", "classification_adrenal_whole.yaml"))
+    assert (r3.finetune, r3.data, r3.fractions, r3.seeds) == (r2.finetune, r2.data, r2.fractions, r2.seeds)
+    assert r3.pretrain["roi_size"] == [28, 28, 28] and r3.pretrain["augment_kwargs"]["scale"] == [1.0, 1.0]
+    assert r3.study != r2.study
     genesis = load_pipeline_env(root / "label_efficiency_genesis.yaml")
     assert genesis.pretrain["method"] == "genesis" and genesis.finetune["network"] == "BasicUNet"
     # reuses label_efficiency.yaml's data, so both studies share one fixed test set and fraction subsets
