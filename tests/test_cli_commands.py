@@ -31,7 +31,7 @@ OPTIONS = {
     "finetune": ["--datalist", "--splits", "--fraction", "--seed", "--init", "--task", "--network", "--out",
                  "--config", "--epochs", "--roi", "--device", "--resume", "--set", "--verbose"],
     "sweep": ["PIPELINE", "--new", "--set", "--slurm", "--emit-jobs", "--child", "--parent-run", "--verbose"],
-    "compare": ["--study", "--metric", "--tracking-uri", "--out", "--config-hash", "--verbose"],
+    "compare": ["--study", "--metric", "--tracking-uri", "--out", "--config-hash", "--target", "--within", "--verbose"],
     "demo": ["--out", "--sample", "--verbose"],
     "predict": ["MODEL", "INPUTS", "--out", "--backend", "--device", "--batch", "--tta", "--probabilities",
                 "--dicom-seg", "--tracking-uri", "--verbose"],
