@@ -41,18 +41,18 @@ log = logging.getLogger("probe_encoders")
 
 
 def load_encoder(spec: str, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``PATH`` or ``random:PATH`` → (encoder in eval mode, its recipe)."""
+    """``PATH`` or ``random:PATH`` → (encoder in eval mode, the checkpoint's recipe: ``save_encoder`` writes it back
+    unchanged, e.g. ``seg_probe.py``'s random-weight U-Net)."""
     from medssl.networks.encoders import rebuild_encoder
 
     random_init = spec.startswith("random:")
     path = spec.split(":", 1)[1] if random_init else spec
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    recipe = ckpt["recipe"]["encoder"]
     torch.manual_seed(seed)
-    enc = rebuild_encoder(recipe)
+    enc = rebuild_encoder(ckpt["recipe"]["encoder"])
     if not random_init:
         enc.load_state_dict(ckpt["state_dict"])
-    return enc.eval(), recipe
+    return enc.eval(), ckpt["recipe"]
 
 
 def volumes(items: list[dict[str, Any]], normalisation: str, ct_window: list[float], roi: list[int]) -> torch.Tensor:

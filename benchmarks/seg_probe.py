@@ -27,8 +27,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger("seg_probe")
 
 #: run-config fields that tie a run to its study (parent run, tags, sweep key): dropped, the probe is its own run
@@ -37,12 +35,11 @@ _STUDY_FIELDS = ("study", "parent_run_id", "tags", "run_name", "tracking_uri", "
 
 def random_encoder(path: Path, out: Path, seed: int) -> Path:
     """``out/encoder.pt``: ``path``'s recipe with fresh weights (seeded), the floor a pretext must beat."""
-    from medssl.engines.runtime.checkpoint import save_encoder
-    from medssl.networks.encoders import rebuild_encoder
+    from probe_encoders import load_encoder  # benchmarks/ is on sys.path when this runs as a script
 
-    recipe = torch.load(path, map_location="cpu", weights_only=False)["recipe"]
-    torch.manual_seed(seed)
-    enc = rebuild_encoder(recipe["encoder"] if "encoder" in recipe else recipe)
+    from medssl.engines.runtime.checkpoint import save_encoder
+
+    enc, recipe = load_encoder(f"random:{path}", seed)
     return save_encoder(out, enc, recipe)[0]
 
 
