@@ -118,6 +118,9 @@ class FinetuneConfig(ConfigBase):
             (``config.yaml``, recipe, MLflow params). Refused with ``freeze_encoder``, ``encoder_warmup_steps``,
             or ``llrd`` set both here and at the top level.
         grad_clip: max global grad norm (``None``/0 disables).
+        ema_decay: validate, select and test an exponential moving average of the weights with this decay in
+            (0, 1) (warmed up as ``min(decay, (1 + t) / (10 + t))``; :mod:`medssl.engines.finetune.ema`), which
+            ``best.pt`` then holds; ``None`` (default): the trained weights themselves.
         max_nan_steps: this many non-finite losses in a row abort the run (each is skipped).
         amp: ``"bf16"``, ``"fp16"`` or ``None`` (CUDA only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
@@ -175,6 +178,7 @@ class FinetuneConfig(ConfigBase):
     encoder_warmup_steps: int = 0
     ssl_schedule: str | dict[str, Any] = "none"
     grad_clip: float | None = None
+    ema_decay: float | None = None
     max_nan_steps: int = 5
     amp: str | None = None
     device: str = "auto"
@@ -289,6 +293,8 @@ class FinetuneConfig(ConfigBase):
             raise ValueError(f"cache_rate must be in [0, 1], got {self.cache_rate!r}")
         if self.llrd is not None and not 0.0 < self.llrd <= 1.0:
             raise ValueError(f"llrd must be in (0, 1] or None, got {self.llrd!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None (off), got {self.ema_decay!r}")
         if not 0.0 < self.min_transfer_match <= 1.0:
             raise ValueError(f"min_transfer_match must be in (0, 1], got {self.min_transfer_match!r}")
         if self.sampling not in SAMPLINGS:

@@ -50,6 +50,7 @@ from medssl.engines.finetune.data import (
     seed_epoch,
     train_transforms,
 )
+from medssl.engines.finetune.ema import WeightEMA
 from medssl.engines.finetune.evaluation import FinetuneEvaluator, Selection
 from medssl.engines.finetune.identity import run_config_hash
 from medssl.engines.finetune.leakage import check_pretrain_leakage
@@ -148,6 +149,7 @@ class Finetuner:
             self.optimizer, cfg.lr, cfg.min_lr, self.total_steps, cfg.warmup_steps, pretrained_factor=factor
         )
         self.warm = EncoderWarmup(cfg.encoder_warmup_steps) if cfg.encoder_warmup_steps else None
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None  # validated + tested
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.inferer = SlidingWindowInferer(
             cfg.roi_size, sw_batch_size=cfg.sw_batch_size, overlap=cfg.sw_overlap
@@ -163,7 +165,7 @@ class Finetuner:
         self.checkpointer = FinetuneCheckpointer(
             self.out, config=cfg, recipe=self.recipe, model=self.model, optimizer=self.optimizer,
             schedule=self.schedule, scaler=self.scaler, selection=self.selection, transfer=self.transfer,
-            run_id=tracker.run_id if tracker else None,
+            run_id=tracker.run_id if tracker else None, ema=self.ema,
         )  # fmt: skip
         self.epoch, self.step, self.nan_run = 0, 0, 0
         self.val_step = -1  # optimizer step of the last validation
@@ -225,6 +227,8 @@ class Finetuner:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.step, self.nan_run = self.step + 1, 0
         return value
 
@@ -250,9 +254,15 @@ class Finetuner:
         return float(np.mean(losses)) if losses else math.nan
 
     # -- evaluation, selection and checkpoints (the held objects) -------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that is validated, selected and tested: the weight average with ``ema_decay``, else
+        the trained model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def evaluate(self, dataset: Any) -> dict[str, float]:
-        """Metrics of the current model on ``dataset`` (:class:`FinetuneEvaluator`), unprefixed."""
-        return self.evaluator.evaluate(self.model, dataset)
+        """Metrics of :attr:`eval_model` on ``dataset`` (:class:`FinetuneEvaluator`), unprefixed."""
+        return self.evaluator.evaluate(self.eval_model, dataset)
 
     def validate(self) -> dict[str, float]:
         """Evaluate on validation; ``best.pt`` on improvement of the selection metric; early stopping."""
@@ -331,7 +341,7 @@ class Finetuner:
     def _finish(self) -> FinetuneResult:
         best_path, sel = self.checkpointer.best_path, self.selection
         best = ck.load_checkpoint(best_path, map_location=self.device)
-        self.model.load_state_dict(best["model"])
+        self.eval_model.load_state_dict(best["model"])
         test_ds = make_dataset(self.items["test"], self.eval_tf, self.cfg.cache_rate, self.cfg.num_workers)
         test = self.evaluate(test_ds)
         res = FinetuneResult(

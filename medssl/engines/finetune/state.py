@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from medssl.engines.finetune.config import FinetuneConfig
+from medssl.engines.finetune.ema import WeightEMA
 from medssl.engines.finetune.evaluation import Selection
 from medssl.engines.runtime import checkpoint as ck
 
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 #: they are preprocessed, sampled and augmented (``max_steps`` / ``lr`` may change: the schedule is rebuilt)
 RESUME_FIELDS = ("task", "network", "network_kwargs", "init", "fraction", "seed", "roi_size", "in_channels",
                  "out_channels", "target_spacing", "normalisation", "batch_size", "num_samples", "sampling",
-                 "augment", "ssl_schedule")
+                 "augment", "ssl_schedule", "ema_decay")
 #: fields checked only when the checkpoint's config holds them (added after the first checkpoints were written)
+#: (``ema_decay`` is not one: a checkpoint without it reads as ``None``, so turning EMA on or off is refused)
 _LATER_FIELDS = frozenset({"sampling", "augment", "ssl_schedule", "in_channels"})
 
 
@@ -49,6 +51,8 @@ class FinetuneCheckpointer:
         selection: the best-on-validation record.
         transfer: the SSL transfer report (``None`` from scratch).
         run_id: the MLflow run id (``None`` without tracking).
+        ema: the weight average (:class:`~medssl.engines.finetune.ema.WeightEMA`) when ``ema_decay`` is set:
+            ``best.pt`` then holds the averaged weights (the ones validated), ``last.pt`` both.
     """
 
     def __init__(
@@ -64,11 +68,12 @@ class FinetuneCheckpointer:
         selection: Selection,
         transfer: dict[str, Any] | None = None,
         run_id: str | None = None,
+        ema: WeightEMA | None = None,
     ) -> None:
         self.folder = Path(out_dir) / "checkpoints"
         self.config, self.recipe, self.model, self.optimizer = config, recipe, model, optimizer
         self.schedule, self.scaler, self.selection = schedule, scaler, selection
-        self.transfer, self.run_id = transfer, run_id
+        self.transfer, self.run_id, self.ema = transfer, run_id, ema
 
     @property
     def best_path(self) -> Path:
@@ -79,13 +84,14 @@ class FinetuneCheckpointer:
         return self.folder / "last.pt"
 
     def save_best(self, epoch: int, values: dict[str, float]) -> Path:
-        """Write ``best.pt``: the current weights with the validation ``values`` of ``epoch``."""
+        """Write ``best.pt``: the current weights (averaged ones with EMA) with the validation ``values`` of
+        ``epoch``."""
         state = {
             "format": 1,
             "recipe": self.recipe,
             "config": self.config.to_dict(),
             "epoch": epoch,
-            "model": self.model.state_dict(),
+            "model": (self.ema.module if self.ema is not None else self.model).state_dict(),
             "val": values,
         }
         return ck.atomic_save(state, self.best_path)
@@ -108,7 +114,7 @@ class FinetuneCheckpointer:
             "history": history,
             "transfer": self.transfer,
             "mlflow_run_id": self.run_id,
-        }
+        } | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
     def save_last(self, *, epoch: int, step: int, history: list[dict[str, float]]) -> Path:
         """Write ``last.pt`` (atomically) with :meth:`state_dict`."""
@@ -128,6 +134,8 @@ class FinetuneCheckpointer:
         fields = tuple(f for f in RESUME_FIELDS if f not in _LATER_FIELDS or f in saved)
         ck.check_recipe(saved, self.config.to_dict(), fields, what="finetune checkpoint vs config")
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:  # the config check above guarantees a checkpoint of an EMA run
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.schedule.total_steps = total_steps
