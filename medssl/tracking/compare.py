@@ -81,7 +81,7 @@ class CompareResult:
             ``seed``, ``value`` (NaN unless ``status == "ok"``), ``status``, ``run_id``, ``config_hash``.
         rows: one dict per (fraction, init ∈ inits ∪ {``"ssl-scratch"``}): ``n``, ``missing``,
             ``nonfinite``, ``mean``, ``std``, ``ci_low``, ``ci_high`` (``None`` where undefined), ``seeds``,
-            ``config_hash`` — the CSV rows.
+            ``values`` (per seed, in the order of ``seeds``), ``config_hash`` — the CSV rows.
         summaries: ``(fraction, init) → Summary`` of the cells with at least one finite value.
         cells: ``(fraction, init) → Cell`` of every cell (also those with n = 0).
         parent_metrics: the summary metrics logged on the parent run (:func:`summary_metrics` and
@@ -195,6 +195,7 @@ def _rows(
                 "ci_low": s.low if s else None,
                 "ci_high": s.high if s else None,
                 "seeds": " ".join(str(x) for x in s.seeds) if s else "",
+                "values": " ".join(f"{v:.6g}" for v in s.values) if s else "",
                 "config_hash": c.config_hash,
             }
         )
@@ -208,7 +209,8 @@ def build_table(
     cells: dict[tuple[float, str], Cell] | None = None,
 ) -> Table:
     """Rich table: a row per fraction; per init ``n`` (+ missing / NaN children) and ``mean ± CI``
-    (``n=1, no CI`` for one value, ``–`` for none); the paired SSL − scratch difference and its pairs."""
+    (``n=1, no CI`` for one value, ``–`` for none); the paired SSL − scratch difference and its pairs with the
+    sign count (``6 (4+ 2−)``: SSL higher on 4 seeds, lower on 2)."""
     if cells is None:
         cells = {k: Cell(s.n) for k, s in summaries.items()}
     inits = sorted({i for _, i in cells if i != DIFF})
@@ -229,17 +231,19 @@ def build_table(
         if d is not None and d.low is not None and d.high is not None and (d.low > 0 or d.high < 0):
             diff = f"[bold {'green' if d.mean > 0 else 'red'}]{diff}[/]"
         pairs = cells.get((frac, DIFF))
-        row += [str(pairs.n) if pairs else "0", diff]
+        signs = f" ({d.signs[0]}+ {d.signs[1]}−)" if d is not None and d.n > 1 else ""
+        row += [f"{pairs.n}{signs}" if pairs else "0", diff]
         table.add_row(*row)
     return table
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Long-format CSV: ``fraction,init,n,missing,nonfinite,mean,std,ci_low,ci_high,seeds,config_hash``
-    (empty cells where undefined)."""
+    """Long-format CSV: ``fraction,init,n,missing,nonfinite,mean,std,ci_low,ci_high,seeds,values,config_hash``
+    (empty cells where undefined; ``seeds`` and ``values`` space-separated, ``values`` in the order of ``seeds``,
+    for ``ssl-scratch`` rows the per-seed differences)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["fraction", "init", "n", "missing", "nonfinite", "mean", "std", "ci_low", "ci_high", "seeds"]
+    cols = ["fraction", "init", "n", "missing", "nonfinite", "mean", "std", "ci_low", "ci_high", "seeds", "values"]
     cols.append("config_hash")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)

@@ -28,6 +28,7 @@ class Summary:
         half_width: CI half-width ``t · std / √n``; ``None`` for n = 1 (undefined).
         confidence: the CI level, e.g. 0.95.
         seeds: the seeds the values came from (paired differences: the matched seeds), if known.
+        values: the values themselves, in the order of ``seeds`` (paired: the per-seed differences).
     """
 
     n: int
@@ -36,6 +37,13 @@ class Summary:
     half_width: float | None
     confidence: float = 0.95
     seeds: tuple[int, ...] = ()
+    values: tuple[float, ...] = ()
+
+    @property
+    def signs(self) -> tuple[int, int]:
+        """``(above 0, below 0)``: how many values are positive / negative (for a paired difference: on how
+        many seeds the treated arm is ahead / behind; zeros count in neither)."""
+        return sum(v > 0 for v in self.values), sum(v < 0 for v in self.values)
 
     @property
     def low(self) -> float | None:
@@ -74,10 +82,10 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95, seeds: Sequence[i
     n = len(vals)
     mean = math.fsum(vals) / n
     if n == 1:
-        return Summary(1, mean, None, None, confidence, tuple(int(s) for s in seeds))
+        return Summary(1, mean, None, None, confidence, tuple(int(s) for s in seeds), tuple(vals))
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
     half = float(t.ppf(0.5 + confidence / 2.0, df=n - 1)) * std / math.sqrt(n)
-    return Summary(n, mean, std, half, confidence, tuple(int(s) for s in seeds))
+    return Summary(n, mean, std, half, confidence, tuple(int(s) for s in seeds), tuple(vals))
 
 
 def paired_difference(

@@ -229,3 +229,19 @@ def test_summary_metrics_are_logged_on_the_parent_run(tmp_path: Path) -> None:
     # the pure function: NaN-only cells report n and missing, no mean
     names = summary_metrics({}, {(10.0, "ssl"): Cell(0, missing=1, nonfinite=2)}, "test_auc")
     assert names == {"test_auc/f10_ssl_n": 0.0, "test_auc/f10_ssl_missing": 3.0}
+
+
+def test_per_seed_values_in_the_csv_and_sign_count_in_the_table(tmp_path: Path) -> None:
+    st = Study(tmp_path, "signs")
+    scratch = {0: 0.80, 1: 0.70, 2: 0.75}
+    ssl = {0: 0.85, 1: 0.68, 2: 0.80}  # ahead on seeds 0 and 2, behind on seed 1
+    for s in scratch:
+        st.child(10, "scratch", s, scratch[s])
+        st.child(10, "ssl", s, ssl[s])
+    out = compare_study("signs", tracking_uri=st.uri, out_dir=tmp_path / "o")
+    rows = {r["init"]: r for r in csv.DictReader(open(out.csv_path))}
+    assert [float(v) for v in rows["scratch"]["values"].split()] == pytest.approx([0.80, 0.70, 0.75])
+    assert rows[DIFF]["seeds"] == "0 1 2"
+    assert [float(v) for v in rows[DIFF]["values"].split()] == pytest.approx([0.05, -0.02, 0.05])
+    assert out.summaries[(10.0, DIFF)].signs == (2, 1)
+    assert "3 (2+ 1−)" in _render(out.table)

@@ -16,7 +16,7 @@ FRACS = (5.0, 10.0, 25.0, 100.0)
 
 def _summaries(curves: dict[str, list[float]], spread: float = 0.002) -> dict:
     """Three seeds per cell around each given mean."""
-    return {(f, init): mean_ci([m - spread, m, m + spread]) for init, ms in curves.items() for f, m in zip(FRACS, ms)}
+    return {(f, init): mean_ci([m - spread, m, m + spread]) for init, ms in curves.items() for f, m in zip(FRACS, ms, strict=True)}
 
 
 def test_docstring_example_ssl_needs_ten_times_fewer_labels() -> None:
