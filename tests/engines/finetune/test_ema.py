@@ -16,6 +16,7 @@ from medssl.engines.finetune.ema import WeightEMA, ema_decay_at
 from medssl.engines.finetune.identity import config_identity
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.errors import ConfigMismatchError
+from tests.engines.finetune._crash import crash_at_epoch
 from tests.engines.finetune.test_engine import adrenal, cls_config  # noqa: F401 - the module's real-data fixture
 
 
@@ -91,18 +92,7 @@ def test_resume_restores_the_average_exactly_and_refuses_a_changed_decay(
     straight = run_finetune(cls_config(adrenal, tmp_path / "straight", fraction=25, max_epochs=3, ema_decay=0.9),
                             progress=False)
     cfg = cls_config(adrenal, tmp_path / "resumed", fraction=25, max_epochs=3, ema_decay=0.9)
-    real = Finetuner.train_epoch
-
-    def crash(self: Finetuner, epoch: int) -> float:
-        if epoch == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, epoch)
-
-    monkeypatch.setattr(Finetuner, "train_epoch", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_finetune(cfg, progress=False)
-    last = tmp_path / "resumed" / "checkpoints" / "last.pt"
-    monkeypatch.setattr(Finetuner, "train_epoch", real)
+    last = crash_at_epoch(cfg, 2, monkeypatch)
     with pytest.raises(ConfigMismatchError, match="ema_decay"):  # another average would not continue this one
         run_finetune(cfg.replace(ema_decay=0.5), resume=last, progress=False)
     with pytest.raises(ConfigMismatchError, match="ema_decay"):  # nor would turning it off

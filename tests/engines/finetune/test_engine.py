@@ -17,6 +17,7 @@ from medssl.engines.finetune.config import FinetuneConfig
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.errors import ConfigMismatchError, MedsslError
 from medssl.networks.transfer import TransferError
+from tests.engines.finetune._crash import crash_at_epoch
 
 SEG_NET = {"init_filters": 4, "blocks_down": [1, 1], "blocks_up": [1], "norm": ["GROUP", {"num_groups": 2}]}
 CLS_NET = {"depth": 10, "widen_factor": 0.125, "conv1_t_size": 3, "conv1_t_stride": 2}
@@ -319,20 +320,9 @@ def test_resume_after_interruption_matches_straight_run(
         experiment="ft-resume",
         tracking_uri=mlflow_uri,
     )
-    real = Finetuner.train_epoch
-
-    def crash(self: Finetuner, epoch: int) -> float:
-        if epoch == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, epoch)
-
-    monkeypatch.setattr(Finetuner, "train_epoch", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_finetune(cfg, progress=False)
-    last = tmp_path / "resumed" / "checkpoints" / "last.pt"
+    last = crash_at_epoch(cfg, 2, monkeypatch)
     first_id = load_checkpoint(last)["mlflow_run_id"]
     assert load_checkpoint(last)["epoch"] == 2
-    monkeypatch.setattr(Finetuner, "train_epoch", real)
     resumed = run_finetune(cfg, resume="auto", progress=False)
     assert resumed.epochs_run == 3 and resumed.run_id == first_id
     a = load_checkpoint(straight.out_dir / "checkpoints" / "last.pt")

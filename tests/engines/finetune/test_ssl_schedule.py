@@ -19,6 +19,7 @@ from medssl.engines.runtime.checkpoint import load_checkpoint, save_encoder
 from medssl.engines.runtime.schedules import pretrained_lr_factor, resolve_ssl_schedule, warmup_cosine
 from medssl.errors import MedsslError
 from medssl.networks.encoders import build_encoder
+from tests.engines.finetune._crash import crash_at_epoch
 from tests.engines.finetune._cubes import cube_study
 
 ROI = [16, 16, 16]
@@ -200,19 +201,8 @@ def test_resume_inside_the_frozen_phase_matches_an_uninterrupted_run(
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = _cfg(data, tmp_path / "resumed", init=f"ssl:{spark_pt}", ssl_schedule=sched, experiment="sched",
                tracking_uri=uri)
-    real = Finetuner.train_epoch
-
-    def crash(self: Finetuner, epoch: int) -> float:
-        if epoch == 1:
-            raise RuntimeError("simulated crash")
-        return real(self, epoch)
-
-    monkeypatch.setattr(Finetuner, "train_epoch", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_finetune(cfg, progress=False)
-    last = tmp_path / "resumed" / "checkpoints" / "last.pt"
+    last = crash_at_epoch(cfg, 1, monkeypatch)
     assert load_checkpoint(last)["step"] == 3
-    monkeypatch.setattr(Finetuner, "train_epoch", real)
     run_finetune(cfg, resume="auto", progress=False)
     a = load_checkpoint(straight.out_dir / "checkpoints" / "last.pt")
     b = load_checkpoint(last)
