@@ -11,16 +11,25 @@ Stages (each resumable: a finished stage is skipped on a re-run; wall times in `
    ``all``, keeps ``checkpoint_final`` and selects nothing). Symlinks to the datalist's files.
 2. ``plan``: ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` (stock planner); ``--batch`` other than the plan's
    = a copy of the plans with only ``batch_size`` changed (a new plans identifier, nnU-Net's documented way).
-3. ``probe`` (``--minutes``): the budget trainer (``_nnunet_budget_trainer.py``) runs ``warmup + 10``
-   iterations with 0, 1 and 2 data-augmentation workers (``nnUNet_n_proc_DA``; or only ``--n-proc-da``); the
-   fastest sets ``N = floor(minutes · 60 / s_per_it)``. ``--iterations N`` skips it.
-4. ``train``: ``nnUNetv2_train <id> 3d_fullres all -tr nnUNetTrainerMedsslBudget -device cpu`` with N
-   iterations (torch threads = the machine's cores, set by nnU-Net for ``-device cpu``).
+3. ``probe`` (``--minutes``): the budget trainer (``_nnunet_budget_trainer.py``) runs ``--probe-warmup`` (3)
+   + ``--probe-iterations`` (10) iterations with 0, 1 and 2 data-augmentation workers (``nnUNet_n_proc_DA``; or
+   only ``--n-proc-da``); the fastest sets ``N = floor(minutes · 60 / s_per_it)``. ``--iterations N`` skips it.
+4. ``train``: ``nnUNetv2_train <id> 3d_fullres all -tr nnUNetTrainerMedsslBudget -device <--device>`` with N
+   iterations (``-device cpu``: torch threads = the machine's cores, set by nnU-Net).
 5. ``predict``: ``nnUNetv2_predict`` on the test images (mirroring TTA on, as nnU-Net ships; ``--no-tta``).
 6. ``evaluate``: medssl's :class:`~medssl.engines.finetune.metrics.SegmentationMetrics` on each label's native grid.
 
 Writes ``<workdir>/<run>/result.json`` and prints a Markdown row for ``benchmarks/RESULTS.md``. nnU-Net runs
-from its own venv (``make peer-venv``: ``.venv-nnunet``), never medssl's.
+from its own venv (``make peer-venv``: ``.venv-nnunet``), never medssl's, or from a ``pip install --target DIR``
+folder (``--nnunet-venv DIR``; the GPU machine, where DIR is on ``PYTHONPATH``: see :class:`NnUNet`).
+
+``--device cuda`` (every probe, training and prediction call gets ``-device cuda``; ``_cuda`` ends the run folder's
+name, so CPU and GPU results never share a folder; ``result.json`` records the device and the GPU's name).
+nnU-Net's torch.compile stays off (``nnUNet_compile=f``) on both devices: compiling would eat minutes of a
+minutes-long budget. On the 16-core GPU machine ``--n-proc-da 8`` is the sensible fixed number of augmentation
+workers in place of the CPU probe's 0/1/2 (half the cores, the rest left to the main process and its pin-memory
+thread; nnU-Net's own default there would be 12; not measured yet: no GPU probe has run). ``benchmarks/gpu_peer.sh``
+runs the GPU comparison.
 
 Peer: nnU-Net v2. nnunetv2 2.8.1 (pyproject extra ``peer``) with the stock ``ExperimentPlanner`` (3d_fullres),
 the stock trainer cut to a fixed number of iterations and fold ``all``: what a user who picks nnU-Net instead of
@@ -72,22 +81,42 @@ CONFIG = "3d_fullres"
 
 
 class NnUNet:
-    """nnU-Net's CLIs in their own venv, with ``nnUNet_raw`` / ``_preprocessed`` / ``_results`` under ``workdir``."""
+    """nnU-Net's CLIs with ``nnUNet_raw`` / ``_preprocessed`` / ``_results`` under ``workdir``.
+
+    ``venv`` is either a venv (``make peer-venv``: ``bin/python`` and the console scripts in ``bin``) or a
+    ``pip install --target DIR`` folder (console scripts in ``DIR/bin``, no ``DIR/bin/python``), as on the GPU
+    machine, where nnU-Net's wheels are installed into ``/tmp/site``. In the second case the console scripts and
+    :meth:`python` run with this process's interpreter (``sys.executable``), and the caller must have ``DIR`` on
+    ``PYTHONPATH`` (the child processes inherit it).
+
+    Raises:
+        MedsslError: no ``bin/nnUNetv2_train`` in ``venv``.
+    """
 
     def __init__(self, venv: Path, workdir: Path) -> None:
         self.venv, self.workdir = venv, workdir
         if not (venv / "bin" / "nnUNetv2_train").exists():
             raise MedsslError(f"{venv}/bin/nnUNetv2_train not found: create nnU-Net's venv with `make peer-venv` "
-                              "(or pass --nnunet-venv)")
+                              "(or pass --nnunet-venv: a venv or a `pip install --target` folder)")
+        own = venv / "bin" / "python"
+        #: the interpreter of nnU-Net's processes: the venv's, else (a --target folder) this one
+        self.interpreter = own if own.exists() else Path(sys.executable)
+        self.target_install = not own.exists()
 
     def env(self, results: Path, **extra: str) -> dict[str, str]:
         env = dict(os.environ, nnUNet_raw=str(self.workdir / "nnUNet_raw"), nnUNet_results=str(results),
                    nnUNet_preprocessed=str(self.workdir / "nnUNet_preprocessed"), nnUNet_compile="f")
         return env | extra
 
+    def command(self, tool: str, args: list[str]) -> list[str]:
+        """The argument list running console script ``tool``: the script itself in a venv, ``[interpreter,
+        script]`` in a ``--target`` folder (its shebang names the interpreter pip ran under, maybe another)."""
+        script = str(self.venv / "bin" / tool)
+        return [str(self.interpreter), script, *args] if self.target_install else [script, *args]
+
     def run(self, tool: str, args: list[str], env: dict[str, str], logfile: Path) -> float:
         """Run ``tool`` (a console script of the venv), output to ``logfile``; returns the wall time in s."""
-        cmd = [str(self.venv / "bin" / tool), *args]
+        cmd = self.command(tool, args)
         log.info("$ %s  (log: %s)", shlex.join(cmd), logfile)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -98,7 +127,7 @@ class NnUNet:
         return time.perf_counter() - t0
 
     def python(self, code: str) -> str:
-        return subprocess.run([str(self.venv / "bin" / "python"), "-c", code], check=True, capture_output=True,
+        return subprocess.run([str(self.interpreter), "-c", code], check=True, capture_output=True,
                               text=True).stdout.strip()
 
     def install_trainer(self) -> Path:
@@ -110,10 +139,13 @@ class NnUNet:
             shutil.copyfile(src, dst)
         return dst
 
-    def versions(self) -> dict[str, str]:
-        code = ("import json, platform; from importlib.metadata import version as v; print(json.dumps({p: v(p) for p "
-                "in ('nnunetv2', 'torch', 'dynamic_network_architectures', 'batchgeneratorsv2')} | "
-                "{'python': platform.python_version()}))")
+    def versions(self, device: str = "cpu") -> dict[str, str]:
+        """Versions of nnU-Net's interpreter (nnunetv2, torch, …, python); with ``device="cuda"`` also ``gpu``
+        (torch's name of device 0) and ``cuda`` (torch's CUDA version)."""
+        gpu = "{'gpu': torch.cuda.get_device_name(0), 'cuda': torch.version.cuda}" if device == "cuda" else "{}"
+        code = ("import json, platform, torch; from importlib.metadata import version as v; print(json.dumps({p: v(p) "
+                "for p in ('nnunetv2', 'torch', 'dynamic_network_architectures', 'batchgeneratorsv2')} | "
+                f"{{'python': platform.python_version()}} | {gpu}))")
         return json.loads(self.python(code))
 
 
@@ -139,7 +171,10 @@ def _stage(state: dict[str, Any], name: str, path: Path, fn: Any) -> Any:
     return value
 
 
-def _probe(nn: NnUNet, ds: str, plans: str, run_dir: Path, n_proc: list[int], warmup: int, iters: int) -> dict:
+def _probe(nn: NnUNet, ds: str, plans: str, run_dir: Path, n_proc: list[int], warmup: int, iters: int,
+           device: str = "cpu") -> dict:
+    """Time ``warmup + iters`` training iterations on ``device`` per number of augmentation workers in ``n_proc``
+    (a finished probe's ``timing.json`` is only read); the fastest gives ``n_proc_da`` and ``chosen_s_per_it`` (s)."""
     out: dict[str, Any] = {"warmup": warmup, "iterations": iters, "s_per_it": {}, "seconds": {}}
     for n in n_proc:
         d = run_dir / "probe" / f"da{n}"
@@ -148,7 +183,7 @@ def _probe(nn: NnUNet, ds: str, plans: str, run_dir: Path, n_proc: list[int], wa
             env = nn.env(d / "results", **{ENV_ITERATIONS: str(warmup + iters), ENV_TIMING: str(timing),
                                             "nnUNet_n_proc_DA": str(n)})
             out["seconds"][str(n)] = round(nn.run("nnUNetv2_train", [ds, CONFIG, "all", "-tr", TRAINER_NAME, "-p",
-                                                                     plans, "-device", "cpu"], env, d / "log.txt"), 1)
+                                                                     plans, "-device", device], env, d / "log.txt"), 1)
             shutil.rmtree(d / "results", ignore_errors=True)  # the probe's checkpoints are not needed
         spi = probe_seconds_per_iteration(json.loads(timing.read_text())["step_ends"], warmup)
         out["s_per_it"][str(n)] = round(spi, 4)
@@ -185,7 +220,8 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     batch = resolve_batch(args.batch, planner_batch)
     plans = plans_with_batch(pre, batch)
     budget = f"{args.minutes:g}min" if args.minutes else f"{args.iterations}it"
-    run_dir = work / f"f{fkey}_s{args.seed}_bs{batch}_{budget}{'' if args.tta else '_notta'}"
+    on_gpu = "" if args.device == "cpu" else f"_{args.device}"  # CPU and GPU results never share a folder
+    run_dir = work / f"f{fkey}_s{args.seed}_bs{batch}_{budget}{'' if args.tta else '_notta'}{on_gpu}"
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
@@ -193,7 +229,7 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     def probe() -> tuple[float, Any]:
         t0 = time.perf_counter()
         n_proc = [args.n_proc_da] if args.n_proc_da is not None else [0, 1, 2]
-        res = _probe(nn, ds, plans, run_dir, n_proc, args.probe_warmup, 10)
+        res = _probe(nn, ds, plans, run_dir, n_proc, args.probe_warmup, args.probe_iterations, args.device)
         return time.perf_counter() - t0, res
 
     probe_res = _stage(state, "probe", state_path, probe) if args.minutes else None
@@ -204,8 +240,8 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
 
     def train() -> tuple[float, Any]:
         env = nn.env(results, **{ENV_ITERATIONS: str(total), ENV_TIMING: str(timing), "nnUNet_n_proc_DA": str(n_proc_da)})
-        return nn.run("nnUNetv2_train", [ds, CONFIG, "all", "-tr", TRAINER_NAME, "-p", plans, "-device", "cpu", "--c"],
-                      env, run_dir / "train_log.txt"), None
+        return nn.run("nnUNetv2_train", [ds, CONFIG, "all", "-tr", TRAINER_NAME, "-p", plans, "-device", args.device,
+                                         "--c"], env, run_dir / "train_log.txt"), None
 
     _stage(state, "train", state_path, train)
     pred_dir = run_dir / "predictions"
@@ -213,7 +249,7 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     def predict() -> tuple[float, Any]:
         tta = [] if args.tta else ["--disable_tta"]
         return nn.run("nnUNetv2_predict", ["-i", str(raw / "imagesTs"), "-o", str(pred_dir), "-d", ds, "-c", CONFIG,
-                                           "-f", "all", "-tr", TRAINER_NAME, "-p", plans, "-device", "cpu",
+                                           "-f", "all", "-tr", TRAINER_NAME, "-p", plans, "-device", args.device,
                                            "-npp", "1", "-nps", "1", "--disable_progress_bar", *tta],
                       nn.env(results), run_dir / "predict_log.txt"), None
 
@@ -222,6 +258,7 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     ev = evaluate_predictions(pred_dir, cases["test"], num_classes=len(labels))
     step_ends = json.loads(timing.read_text())["step_ends"] if timing.exists() else []
     epochs, per_epoch = budget_schedule(total)
+    versions = nn.versions(args.device)
     result = {
         "fraction": args.fraction, "seed": args.seed, "batch": batch, "batch_spec": args.batch,
         "planner_batch": planner_batch, "plans": plans, "budget_minutes": args.minutes,
@@ -234,9 +271,10 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
         if (pre / "medssl_plan_seconds.json").exists() else None,
         "n_proc_da": n_proc_da, "tta_mirroring": bool(args.tta), "fold": "all (validation set unused)",
         "cases": {r: len(v) for r, v in cases.items()}, "dataset": ds, "class_names": labels,
-        "metrics": ev["metrics"], "per_case": ev["per_case"], "versions": nn.versions(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_start": round(load_start, 2),
-                    "load_average_end": round(os.getloadavg()[0], 2)}, "command": shlex.join(sys.argv),
+        "metrics": ev["metrics"], "per_case": ev["per_case"], "versions": versions, "device": args.device,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": versions.get("gpu"),
+                    "load_average_start": round(load_start, 2), "load_average_end": round(os.getloadavg()[0], 2)},
+        "command": shlex.join(sys.argv),
         "stages": {k: v["seconds"] for k, v in state["stages"].items()},
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -265,9 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--minutes", type=float, help="training budget; N from a timed probe")
     budget.add_argument("--iterations", type=int, help="training iterations N (no probe)")
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--nnunet-venv", type=Path, default=REPO / ".venv-nnunet")
-    ap.add_argument("--n-proc-da", type=int, help="nnUNet_n_proc_DA (default: the probe's fastest of 0, 1, 2)")
+    ap.add_argument("--nnunet-venv", type=Path, default=REPO / ".venv-nnunet",
+                    help="nnU-Net's venv, or a `pip install --target` folder on PYTHONPATH (bin/nnUNetv2_train)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="-device of every nnUNetv2_train / nnUNetv2_predict call")
+    ap.add_argument("--n-proc-da", type=int, help="nnUNet_n_proc_DA (default: the probe's fastest of 0, 1, 2; "
+                                                  "8 on the 16-core GPU machine)")
     ap.add_argument("--probe-warmup", type=int, default=3, help="untimed probe iterations first")
+    ap.add_argument("--probe-iterations", type=int, default=10, help="timed probe iterations")
     ap.add_argument("--no-tta", dest="tta", action="store_false", help="predict without mirroring TTA")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)

@@ -169,6 +169,75 @@ def test_missing_nnunet_venv_names_make_peer_venv(tmp_path: Path) -> None:
         peer_nnunet.NnUNet(tmp_path / "no-venv", tmp_path)
 
 
+def test_target_install_runs_with_this_interpreter(tmp_path: Path) -> None:
+    """A `pip install --target DIR` folder (console scripts in DIR/bin, no DIR/bin/python, as on the GPU machine):
+    nnU-Net's scripts and snippets run with sys.executable; a venv keeps its own python."""
+    target = tmp_path / "site"
+    (target / "bin").mkdir(parents=True)
+    (target / "bin" / "nnUNetv2_train").touch(mode=0o755)
+    nn = peer_nnunet.NnUNet(target, tmp_path)
+    assert nn.target_install and nn.interpreter == Path(sys.executable)
+    assert nn.command("nnUNetv2_train", ["1", "3d_fullres"]) == [
+        sys.executable, str(target / "bin" / "nnUNetv2_train"), "1", "3d_fullres"]
+    assert nn.python("import sys; print(sys.executable)") == sys.executable
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for tool in ("nnUNetv2_train", "python"):
+        (venv / "bin" / tool).touch(mode=0o755)
+    nn = peer_nnunet.NnUNet(venv, tmp_path)
+    assert not nn.target_install and nn.interpreter == venv / "bin" / "python"
+    assert nn.command("nnUNetv2_train", ["1"]) == [str(venv / "bin" / "nnUNetv2_train"), "1"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_device_reaches_probe_train_and_predict(study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                device: str) -> None:
+    """Every nnUNetv2_train (probe and training) and nnUNetv2_predict call gets ``-device <--device>``; the GPU run
+    lives in its own ``_cuda`` folder and records the device and the GPU's name (nnU-Net itself faked)."""
+    from _nnunet_budget_trainer import ENV_ITERATIONS, ENV_TIMING
+
+    labels = {c["case_id"]: c["label"] for c in peer.run_cases(study, 50, 0)["test"]}
+    calls: list[tuple[str, list[str]]] = []
+
+    def fake_run(self: peer_nnunet.NnUNet, tool: str, args: list[str], env: dict[str, str], logfile: Path) -> float:
+        calls.append((tool, args))
+        logfile.parent.mkdir(parents=True, exist_ok=True)  # as NnUNet.run does
+        if tool == "nnUNetv2_plan_and_preprocess":  # the plans the stages read
+            (raw,) = (self.workdir / "nnUNet_raw").glob(f"Dataset{int(args[1]):03d}_*")
+            pre = self.workdir / "nnUNet_preprocessed" / raw.name
+            (pre / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+            (pre / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"3d_fullres": {"batch_size": 2}}}))
+        elif tool == "nnUNetv2_train":  # the budget trainer's step end times: 0.5 s per iteration
+            Path(env[ENV_TIMING]).write_text(json.dumps({"step_ends": [0.5 * k for k in range(int(env[ENV_ITERATIONS]))]}))
+        elif tool == "nnUNetv2_predict":  # perfect predictions
+            out = Path(args[args.index("-o") + 1])
+            out.mkdir(parents=True)
+            for case, label in labels.items():
+                (out / f"{case}.nii.gz").write_bytes(Path(label).read_bytes())
+        return 1.0
+
+    monkeypatch.setattr(peer_nnunet.NnUNet, "run", fake_run)
+    monkeypatch.setattr(peer_nnunet.NnUNet, "install_trainer", lambda self: tmp_path / "trainer.py")
+    monkeypatch.setattr(peer_nnunet.NnUNet, "versions", lambda self, device="cpu": {
+        "nnunetv2": "2.8.1", **({"gpu": "Fake GPU"} if device == "cuda" else {})})
+    fake_install = tmp_path / "site"
+    (fake_install / "bin").mkdir(parents=True)
+    (fake_install / "bin" / "nnUNetv2_train").touch(mode=0o755)
+    argv = ["--study-data", str(study), "--fraction", "50", "--seed", "0", "--minutes", "0.5", "--n-proc-da", "8",
+            "--workdir", str(tmp_path / "work"), "--nnunet-venv", str(fake_install), "--device", device]
+    assert peer_nnunet.main(argv) == 0
+    trains = [a for t, a in calls if t == "nnUNetv2_train"]
+    predicts = [a for t, a in calls if t == "nnUNetv2_predict"]
+    assert len(trains) == 2 and len(predicts) == 1  # the probe (one worker count) and the training
+    for a in [*trains, *predicts]:
+        assert a[a.index("-device") + 1] == device and a.count("-device") == 1
+    (run,) = (tmp_path / "work").glob("f50_s0_bs2_0.5min*")
+    assert run.name == ("f50_s0_bs2_0.5min_cuda" if device == "cuda" else "f50_s0_bs2_0.5min")
+    res = json.loads((run / "result.json").read_text())
+    assert res["device"] == device and res["machine"]["gpu"] == ("Fake GPU" if device == "cuda" else None)
+    assert res["iterations_budgeted"] == 60 and res["n_proc_da"] == 8 and res["metrics"]["dice_mean"] == 1.0
+
+
 def test_markdown_row() -> None:
     r = {"batch_spec": "max-iter", "fraction": 10.0, "seed": 0, "batch": 2, "iterations": 1122,
          "seconds_train": 1230.0, "metrics": {"dice_mean": 0.85, "dice_1": 0.84, "dice_2": 0.86, "hd95_mean": 2.5,
