@@ -60,6 +60,45 @@ peer-venv:
 	$(NNUNET_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
 	$(NNUNET_VENV)/bin/python -m pip install --disable-pip-version-check -q "nnunetv2==2.8.1" torch==2.13.0
 
+# Wheels for the lent GPU machine (benchmarks/gpu_wheels.txt: what its image lacks, by group) into .gpu/whl/<group>/
+# (git-ignored through .git/info/exclude): cp312 manylinux x86_64, --no-deps; a source-only package is built here as
+# a pure-Python wheel; wheels over 1 MiB are recompressed with LZMA (same files: pip installs them as published; a
+# device call carries 64 MiB). Idempotent: a group's wheel of the listed version is kept.
+GPU_WHL ?= .gpu/whl
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_PIP := --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	$(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+define GPU_REPACK_PY
+import os, sys, zipfile
+for path in sys.argv[1:]:
+    with zipfile.ZipFile(path) as z:
+        if os.path.getsize(path) <= 2**20 or z.infolist()[0].compress_type == zipfile.ZIP_LZMA:
+            continue
+        with zipfile.ZipFile(path + ".tmp", "w") as out:
+            for info in z.infolist():
+                out.writestr(info, z.read(info.filename), compress_type=zipfile.ZIP_LZMA)
+    before = os.path.getsize(path)
+    os.replace(path + ".tmp", path)
+    print(f"gpu-wheels: {os.path.basename(path)}: {before / 2**20:.1f} -> {os.path.getsize(path) / 2**20:.1f} MiB (LZMA)")
+endef
+export GPU_REPACK_PY
+.PHONY: gpu-wheels
+gpu-wheels:
+	@set -e; group=; sed 's/#.*//' benchmarks/gpu_wheels.txt | while read -r spec; do \
+	  case "$$spec" in "") continue ;; "["*"]") group=$${spec#[}; group=$${group%]}; continue ;; esac; \
+	  dir="$(GPU_WHL)/$$group"; mkdir -p "$$dir"; \
+	  norm=$$(echo "$${spec%%==*}" | tr 'A-Z.-' 'a-z__'); ver=$${spec#*==}; \
+	  have() { ls "$$dir" | tr 'A-Z' 'a-z' | grep -q "^$$norm-$$ver-.*$$1"; }; \
+	  have '\.whl$$' && continue; echo "gpu-wheels: $$group: $$spec"; \
+	  if ! $(GPU_PY) -m pip download $(GPU_PIP) -d "$$dir" "$$spec" 2>/dev/null; then \
+	    echo "gpu-wheels: $$spec has no wheel for cp312 manylinux: building a pure-Python one here"; \
+	    $(GPU_PY) -m pip wheel --disable-pip-version-check -q --no-deps --no-binary :all: -w "$$dir" "$$spec" 2>/dev/null; \
+	    have '-none-any\.whl$$' || { echo "gpu-wheels: no pure-Python wheel of $$spec" >&2; exit 1; }; \
+	  fi; \
+	done
+	@$(GPU_PY) -c "$$GPU_REPACK_PY" $(GPU_WHL)/*/*.whl
+	@for d in $(GPU_WHL)/*/; do echo "gpu-wheels: $$d $$(ls $$d | wc -l) wheels, $$(du -sm $$d | cut -f1) MiB"; done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medssl tests benchmarks
 
