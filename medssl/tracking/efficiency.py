@@ -86,15 +86,15 @@ class LabelEfficiency:
         elif self.needed.get("ssl") is not None:
             verdict = "only SSL reaches it"
         else:
-            verdict = "SSL does not reach it" if "ssl" in self.needed else "no SSL arm"
+            verdict = "no label saving with SSL" if "ssl" in self.needed else "no SSL arm"
         if self.paired is not None:
             f, d = self.paired
             ci = (
-                "no CI" if d.low is None or d.high is None
-                else "CI includes 0: within seed noise" if d.low <= 0 <= d.high
-                else f"CI {'above' if d.low > 0 else 'below'} 0"
+                "" if d.low is None or d.high is None  # format_summary says "(n=1, no CI)"
+                else " (CI includes 0: within seed noise)" if d.low <= 0 <= d.high
+                else f" (CI {'above' if d.low > 0 else 'below'} 0)"
             )
-            verdict += f"; paired SSL − scratch at {f:g} %: {format_summary(d)} ({ci})"
+            verdict += f"; paired SSL − scratch at {f:g} %: {format_summary(d)}{ci}"
         measured = ", ".join(f"{f:g}" for f in self.fractions)
         return (
             f"{self.metric} {op} {self.goal:.4g} ({self.goal_source}): {', '.join(parts)}: {verdict} "

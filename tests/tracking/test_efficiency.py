@@ -44,7 +44,7 @@ def test_the_paired_difference_at_the_deciding_fraction_says_whether_it_is_noise
     firm = label_efficiency(s, "test_dice_mean", within=0.005, paired={10.0: mean_ci([0.010, 0.011, 0.012])})
     assert "(CI above 0)" in firm.sentence() and "within seed noise" not in firm.sentence()
     one = label_efficiency(s, "test_dice_mean", within=0.005, paired={10.0: mean_ci([0.01])})
-    assert "(no CI)" in one.sentence()
+    assert "at 10 %: 0.010 (n=1, no CI) [measured" in one.sentence()  # said once
     assert label_efficiency(s, "test_dice_mean", within=0.005, paired={25.0: noisy[10.0]}).paired is None
 
 
@@ -62,7 +62,7 @@ def test_no_gain_and_not_reached_are_said_plainly() -> None:
                              "test_dice_mean", target=0.85)
     assert worse.goal_source == "given 0.85" and worse.needed == {"scratch": 5.0, "ssl": None}
     assert worse.saving is None and "ssl does not reach it at any measured fraction" in worse.sentence()
-    assert "SSL does not reach it" in worse.sentence()
+    assert ": no label saving with SSL" in worse.sentence() and "SSL does not reach it" not in worse.sentence()
     assert efficiency_metrics(worse) == pytest.approx({"test_dice_mean/goal": 0.85,
                                                        "test_dice_mean/labels_needed_scratch": 5.0})
     more = label_efficiency(_summaries({"scratch": [0.86, 0.87, 0.87, 0.87], "ssl": [0.80, 0.87, 0.87, 0.87]}),
