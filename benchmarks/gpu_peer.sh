@@ -66,7 +66,7 @@ case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esa
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 if [ -n "$STAGE" ]; then
-  exec "$PY" "$B/_peer_nnunet_data.py" stage --study-data "$STUDY_SRC" --fraction "$FRACTION" --seed "$SEED" \
+  exec "$PY" "$B/_gpu_peer.py" stage --study-data "$STUDY_SRC" --fraction "$FRACTION" --seed "$SEED" \
     --dst "$STAGE"
 fi
 
@@ -128,7 +128,7 @@ run_step() {
 
 # report: gpu_peer.{json,md} + logs.tgz in the output folder (after each arm: a cut-off call keeps what finished)
 report() {
-  "$PY" "$B/_peer_nnunet_data.py" report --work "$WORK" --out "$OUTDIR" --minutes "$MIN" "${DRYFLAG[@]}" \
+  "$PY" "$B/_gpu_peer.py" report --work "$WORK" --out "$OUTDIR" --minutes "$MIN" "${DRYFLAG[@]}" \
     >>"$WORK/logs/report.log" 2>&1 || echo "[gpu_peer] report failed (see $WORK/logs/report.log)"
   (cd "$WORK" && tar czf "$OUTDIR/logs.tgz" logs steps.tsv env.json medssl_config.* medssl/results.json \
     medssl/config.yaml peer/*/result.json 2>/dev/null)
@@ -140,7 +140,7 @@ echo "[gpu_peer] data: $HIPPO $([ -d "$HIPPO" ] || echo '(MISSING)'), study $STU
 echo "[gpu_peer] machine: $(cat "$WORK/env.json" 2>/dev/null)"
 command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | sed 's/^/[gpu_peer] /'
 STUDY="$WORK/study"
-run_step relocate 60 "$PY" "$B/_peer_nnunet_data.py" relocate --study-data "$STUDY_SRC" --dataset "$HIPPO" --dst "$STUDY"
+run_step relocate 60 "$PY" "$B/_gpu_peer.py" relocate --study-data "$STUDY_SRC" --dataset "$HIPPO" --dst "$STUDY"
 RUN=(--fraction "$FRACTION" --seed "$SEED")
 
 # ---- medssl: time the recipe's step, then train for the steps that fill M minutes --------------------------------
@@ -155,7 +155,7 @@ else
   done
   run_step medssl_time "$CAP_TIME" bash -c '"$@" >"'"$WORK"'/medssl_timing.json"' _ \
     "$PY" "$B/finetune_step_time.py" "$PIPE" --dataset "$TIMED" --steps "$TIME_STEPS" --minutes "$MIN"
-  run_step medssl_config 120 "$PY" "$B/_peer_nnunet_data.py" medssl-config --pipeline "$PIPE" \
+  run_step medssl_config 120 "$PY" "$B/_gpu_peer.py" medssl-config --pipeline "$PIPE" \
     --timing "$WORK/medssl_timing.json" --timing-dataset "$TIMED" --study-data "$STUDY" "${RUN[@]}" \
     --minutes "$MIN" "${MEDSSL_STEPS[@]}" --dst "$WORK/medssl_config.yaml"
   rm -rf "$WORK/medssl"

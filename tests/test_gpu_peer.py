@@ -26,7 +26,7 @@ from medssl.engines.finetune.planner import volume_header
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import _peer_nnunet_data as peer  # noqa: E402
+import _gpu_peer as peer  # noqa: E402
 
 SCRIPT = REPO / "benchmarks" / "gpu_peer.sh"
 WHEELS = REPO / "benchmarks" / "gpu_wheels.txt"
