@@ -3,7 +3,8 @@
 (the run's cases per (fraction, seed), transforms, datasets, epoch loaders), ``augment`` (crops and nnU-Net-style
 augmentation), ``planner`` + ``plan`` (the data-derived segmentation recipe and its resolution at run start),
 ``evaluation`` (:class:`FinetuneEvaluator`, :class:`Selection`), ``metrics`` (Dice / HD95 / AUC …), ``native``
-(scoring on the label's native grid), ``tta`` (test-time flips), ``state`` (:class:`FinetuneCheckpointer`:
+(scoring on the label's native grid), ``tta`` (test-time flips), ``ema`` (the weight average that is validated
+and tested with ``ema_decay``), ``state`` (:class:`FinetuneCheckpointer`:
 ``best.pt`` / ``last.pt``, exact resume), ``ledger`` (the folder's MLflow run and what reached it: a resume logs
 each metric step once), ``identity`` (``medssl.config_hash``), ``leakage`` (refusing an encoder
 pretrained on validation/test cases) and ``result`` (:class:`FinetuneResult` and the MLflow run).
@@ -57,6 +58,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "tta": (
         "flip_dims", "FlipTTAInferer",
     ),
+    "ema": (
+        "WeightEMA", "ema_decay_at",
+    ),
     "state": (
         "RESUME_FIELDS", "FinetuneCheckpointer",
     ),
@@ -85,7 +89,7 @@ __all__ = [
     "shapes_at", "median_target_spacing", "plan_patch", "plan_classes", "resolve_plan", "check_run",
     "training_sampling", "present_classes", "FinetuneEvaluator", "Selection", "SegmentationMetrics",
     "classification_metrics", "evaluate_model", "as_tensor", "image_diagonal_mm", "SELECTION_METRIC",
-    "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "RESUME_FIELDS",
+    "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "WeightEMA", "ema_decay_at", "RESUME_FIELDS",
     "FinetuneCheckpointer", "RUN_KEYS", "config_identity", "config_hash", "config_changes", "file_sha256",
     "split_data_hash", "run_config_hash", "check_pretrain_leakage", "pretrained_case_ids", "FinetuneResult",
     "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS", "adopt_run", "open_run", "close_run",
