@@ -70,16 +70,8 @@ if [ -n "$STAGE" ]; then
     --dst "$STAGE"
 fi
 
-FROM_OUT=0
-if [ -z "$OUTDIR" ]; then OUTDIR="${OUT:-}"; FROM_OUT=1; fi
-if [ -z "$OUTDIR" ]; then
-  echo "gpu_peer: give an output folder (argument) or set \$OUT" >&2; exit 2
-fi
-mkdir -p "$OUTDIR" && OUTDIR="$(cd "$OUTDIR" && pwd)"
-if [ -n "${GPU_PEER_WORK:-}" ]; then WORK="$GPU_PEER_WORK"
-elif [ "$FROM_OUT" = 1 ]; then WORK="${TMPDIR:-/tmp}/medssl_gpu_peer_work"
-else WORK="$OUTDIR/work"; fi
-mkdir -p "$WORK/logs" && WORK="$(cd "$WORK" && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/_gpu_dirs.sh"
+gpu_dirs gpu_peer "${GPU_PEER_WORK:-}"
 DATASETS="${MEDSSL_DATASETS:-$REPO/../shared/datasets}"
 HIPPO="$DATASETS/msd_task04_hippocampus"
 [ -d "$HIPPO" ] && HIPPO="$(cd "$HIPPO" && pwd)"

@@ -37,16 +37,8 @@ for arg in "$@"; do
   esac
 done
 [ "$DRY" = "0" ] || DRY=1
-FROM_OUT=0
-if [ -z "$OUTDIR" ]; then OUTDIR="${OUT:-}"; FROM_OUT=1; fi
-if [ -z "$OUTDIR" ]; then
-  echo "gpu_suite: give an output folder (argument) or set \$OUT" >&2; exit 2
-fi
-mkdir -p "$OUTDIR" && OUTDIR="$(cd "$OUTDIR" && pwd)"
-if [ -n "${GPU_SUITE_WORK:-}" ]; then WORK="$GPU_SUITE_WORK"
-elif [ "$FROM_OUT" = 1 ]; then WORK="${TMPDIR:-/tmp}/medssl_gpu_suite_work"
-else WORK="$OUTDIR/work"; fi
-mkdir -p "$WORK/logs" && WORK="$(cd "$WORK" && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/_gpu_dirs.sh"
+gpu_dirs gpu_suite "${GPU_SUITE_WORK:-}"
 DATASETS="${MEDSSL_DATASETS:-$REPO/../shared/datasets}"
 HIPPO="$DATASETS/msd_task04_hippocampus"
 PY="${PYTHON:-python3}"
