@@ -257,8 +257,8 @@ class Finetuner:
     @property
     def eval_model(self) -> nn.Module:
         """The network that is validated, selected and tested: the weight average with ``ema_decay``, else
-        the trained model."""
-        return self.ema.module if self.ema is not None else self.model
+        the trained model (:attr:`FinetuneCheckpointer.evaluated`, which saves it as ``best.pt``)."""
+        return self.checkpointer.evaluated
 
     def evaluate(self, dataset: Any) -> dict[str, float]:
         """Metrics of :attr:`eval_model` on ``dataset`` (:class:`FinetuneEvaluator`), unprefixed."""

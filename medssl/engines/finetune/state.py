@@ -76,6 +76,11 @@ class FinetuneCheckpointer:
         self.transfer, self.run_id, self.ema = transfer, run_id, ema
 
     @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network that is validated and saved as ``best.pt``: the weight average with EMA, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
     def best_path(self) -> Path:
         return self.folder / "best.pt"
 
@@ -91,7 +96,7 @@ class FinetuneCheckpointer:
             "recipe": self.recipe,
             "config": self.config.to_dict(),
             "epoch": epoch,
-            "model": (self.ema.module if self.ema is not None else self.model).state_dict(),
+            "model": self.evaluated.state_dict(),
             "val": values,
         }
         return ck.atomic_save(state, self.best_path)
