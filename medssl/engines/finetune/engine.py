@@ -257,8 +257,9 @@ class Finetuner:
     @property
     def eval_model(self) -> nn.Module:
         """The network that is validated, selected and tested: the weight average with ``ema_decay``, else
-        the trained model (:attr:`FinetuneCheckpointer.evaluated`, which saves it as ``best.pt``)."""
-        return self.checkpointer.evaluated
+        the trained model. Read from :attr:`model` at each call (not from the checkpointer's reference), so a
+        network assigned to ``model`` after construction is the one evaluated."""
+        return self.ema.module if self.ema is not None else self.model
 
     def evaluate(self, dataset: Any) -> dict[str, float]:
         """Metrics of :attr:`eval_model` on ``dataset`` (:class:`FinetuneEvaluator`), unprefixed."""
