@@ -62,26 +62,12 @@ peer-venv:
 
 # Wheels for the lent GPU machine (benchmarks/gpu_wheels.txt: what its image lacks, by group) into .gpu/whl/<group>/
 # (git-ignored through .git/info/exclude): cp312 manylinux x86_64, --no-deps; a source-only package is built here as
-# a pure-Python wheel; wheels over 1 MiB are recompressed with LZMA (same files: pip installs them as published; a
-# device call carries 64 MiB). Idempotent: a group's wheel of the listed version is kept.
+# a pure-Python wheel; wheels over 1 MiB are recompressed with LZMA by benchmarks/_gpu_repack.py (same files: pip
+# installs them as published; a device call carries 64 MiB). Idempotent: a group's wheel of the listed version is kept.
 GPU_WHL ?= .gpu/whl
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_PIP := --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	$(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
-define GPU_REPACK_PY
-import os, sys, zipfile
-for path in sys.argv[1:]:
-    with zipfile.ZipFile(path) as z:
-        if os.path.getsize(path) <= 2**20 or z.infolist()[0].compress_type == zipfile.ZIP_LZMA:
-            continue
-        with zipfile.ZipFile(path + ".tmp", "w") as out:
-            for info in z.infolist():
-                out.writestr(info, z.read(info.filename), compress_type=zipfile.ZIP_LZMA)
-    before = os.path.getsize(path)
-    os.replace(path + ".tmp", path)
-    print(f"gpu-wheels: {os.path.basename(path)}: {before / 2**20:.1f} -> {os.path.getsize(path) / 2**20:.1f} MiB (LZMA)")
-endef
-export GPU_REPACK_PY
 .PHONY: gpu-wheels
 gpu-wheels:
 	@set -e; group=; sed 's/#.*//' benchmarks/gpu_wheels.txt | while read -r spec; do \
@@ -96,7 +82,7 @@ gpu-wheels:
 	    have '-none-any\.whl$$' || { echo "gpu-wheels: no pure-Python wheel of $$spec" >&2; exit 1; }; \
 	  fi; \
 	done
-	@$(GPU_PY) -c "$$GPU_REPACK_PY" $(GPU_WHL)/*/*.whl
+	@$(GPU_PY) benchmarks/_gpu_repack.py $(GPU_WHL)/*/*.whl
 	@for d in $(GPU_WHL)/*/; do echo "gpu-wheels: $$d $$(ls $$d | wc -l) wheels, $$(du -sm $$d | cut -f1) MiB"; done
 
 lint: $(STAMP)
