@@ -130,13 +130,18 @@ def emit_sweep_jobs(
         The :class:`SweepJobs` (job ids filled when submitted).
 
     Raises:
-        MedsslError: an invalid pipeline or data (as ``run_sweep``), ``docker/slurm/launch.sh`` missing, no
+        MedsslError: an invalid pipeline or data (as ``run_sweep``), a pipeline with ``self_training`` (students
+            wait for their teachers, which one array does not order), ``docker/slurm/launch.sh`` missing, no
             ``sbatch`` on PATH, or a failed submission (sbatch's message).
     """
     from medssl.engines.studies.pipeline import check_fractions_available, load_pipeline, prepare_data
     from medssl.engines.studies.runner import SweepRun
 
     pl = load_pipeline(pipeline, overrides)
+    if pl.self_training:  # one array runs its tasks in any order: a student could start before its teacher ends
+        raise MedsslError(f"study {pl.study}: self_training students need their teachers finished, which one SLURM "
+                          "array does not order; submit the study without self_training, then run the students "
+                          "with `medssl sweep FILE` once the array has finished")
     datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
     check_fractions_available(splits, pl.fractions, pl.seeds)
     if not LAUNCH_SH.is_file():
@@ -150,7 +155,7 @@ def emit_sweep_jobs(
     (folder / "logs").mkdir(exist_ok=True)
     frozen = dataclasses.asdict(pl) | {"data": {**pl.data, "datalist": str(datalist), "splits": str(splits)}}
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
-    keys = [f"f{_fk(f)}-{i}-s{s}" for f in pl.fractions for s in pl.seeds for i in pl.inits]
+    keys = [f"f{_fk(f)}-{i}-s{s}" for f, i, s in pl.children()]
     from medssl.engines.studies.results import read_marker
 
     skipped = [k for k in keys if read_marker(sweep.sweep_dir / k).get("status") == "FINISHED"]

@@ -42,12 +42,33 @@ __all__ = [
     "write_csv",
     "plot_curve",
     "DIFF",
+    "diff_name",
+    "is_diff",
 ]
 
 log = logging.getLogger(__name__)
 
 #: the init name of the paired SSL − scratch difference rows
 DIFF = "ssl-scratch"
+#: the arm every paired difference is taken against
+REFERENCE = "scratch"
+
+
+def diff_name(arm: str) -> str:
+    """The row name of ``arm``'s paired difference to scratch: ``"ssl"`` → ``"ssl-scratch"`` (:data:`DIFF`),
+    ``"ssl+st"`` (SSL init + self-training) → ``"ssl+st-scratch"``."""
+    return f"{arm}-{REFERENCE}"
+
+
+def is_diff(init: str) -> bool:
+    """``init`` names a paired-difference row (:func:`diff_name`), not an arm."""
+    return init.endswith(f"-{REFERENCE}")
+
+
+def _arms(keys: Any) -> list[str]:
+    """The arms other than scratch, in table order: ``ssl`` first, then the rest sorted."""
+    arms = {i for _, i in keys if i != REFERENCE and not is_diff(i)}
+    return sorted(arms, key=lambda a: (a != "ssl", a))
 
 
 @dataclass(frozen=True)
@@ -55,10 +76,10 @@ class Cell:
     """What one (fraction, init) cell is made of.
 
     Attributes:
-        n: finite values averaged (for :data:`DIFF`: seeds finite in both arms).
+        n: finite values averaged (for a paired difference, :func:`diff_name`: seeds finite in both arms).
         missing: children of the cell that did not log the metric.
         nonfinite: children whose value is NaN / ``inf`` (e.g. AUC of a single-class test set).
-        config_hash: the ``medssl.config_hash`` of the cell's children (``""`` for :data:`DIFF`).
+        config_hash: the ``medssl.config_hash`` of the cell's children (``""`` for a paired difference).
     """
 
     n: int
@@ -79,7 +100,7 @@ class CompareResult:
     Attributes:
         records: one dict per used child run (see :func:`collect_records`): ``fraction`` (percent), ``init``,
             ``seed``, ``value`` (NaN unless ``status == "ok"``), ``status``, ``run_id``, ``config_hash``.
-        rows: one dict per (fraction, init ∈ inits ∪ {``"ssl-scratch"``}): ``n``, ``missing``,
+        rows: one dict per (fraction, init ∈ inits ∪ their paired differences to scratch, ``"ssl-scratch"`` …): ``n``, ``missing``,
             ``nonfinite``, ``mean``, ``std``, ``ci_low``, ``ci_high`` (``None`` where undefined), ``seeds``,
             ``values`` (per seed, in the order of ``seeds``), ``config_hash`` — the CSV rows.
         summaries: ``(fraction, init) → Summary`` of the cells with at least one finite value.
@@ -113,8 +134,9 @@ def _ok(records: list[dict[str, Any]]) -> dict[tuple[float, str], dict[int, floa
 
 
 def summarise(records: list[dict[str, Any]], confidence: float = 0.95) -> dict[tuple[float, str], Summary]:
-    """``(fraction, init) → Summary`` over the seeds with a finite value, plus ``(fraction, "ssl-scratch")``
-    paired differences over the seeds finite in both arms. Cells without a finite value are left out."""
+    """``(fraction, init) → Summary`` over the seeds with a finite value, plus ``(fraction, diff_name(arm))``
+    paired differences to scratch (``"ssl-scratch"``, ``"ssl+st-scratch"`` …) over the seeds finite in both arms.
+    Cells without a finite value are left out."""
     by = _ok(records)
     out: dict[tuple[float, str], Summary] = {}
     for (frac, init), vals in sorted(by.items()):
@@ -122,15 +144,17 @@ def summarise(records: list[dict[str, Any]], confidence: float = 0.95) -> dict[t
             seeds = sorted(vals)
             out[(frac, init)] = mean_ci([vals[s] for s in seeds], confidence, seeds=seeds)
     for frac in sorted({f for f, _ in by}):
-        if (frac, "ssl") in by and (frac, "scratch") in by:
-            d = paired_difference(by[(frac, "ssl")], by[(frac, "scratch")], confidence)
-            if d is not None:
-                out[(frac, DIFF)] = d
+        for arm in _arms(by):
+            if (frac, arm) in by and (frac, REFERENCE) in by:
+                d = paired_difference(by[(frac, arm)], by[(frac, REFERENCE)], confidence)
+                if d is not None:
+                    out[(frac, diff_name(arm))] = d
     return out
 
 
 def cell_counts(records: list[dict[str, Any]]) -> dict[tuple[float, str], Cell]:
-    """``(fraction, init) → Cell`` for every cell with a child, plus the paired :data:`DIFF` cells."""
+    """``(fraction, init) → Cell`` for every cell with a child, plus the paired-difference cells
+    (:func:`diff_name`)."""
     out: dict[tuple[float, str], Cell] = {}
     for key in sorted({(r["fraction"], r["init"]) for r in records}):
         rs = [r for r in records if (r["fraction"], r["init"]) == key]
@@ -141,8 +165,9 @@ def cell_counts(records: list[dict[str, Any]]) -> dict[tuple[float, str], Cell]:
         )
     by = _ok(records)
     for frac in sorted({f for f, _ in out}):
-        if (frac, "ssl") in out and (frac, "scratch") in out:
-            out[(frac, DIFF)] = Cell(len(set(by[(frac, "ssl")]) & set(by[(frac, "scratch")])))
+        for arm in _arms(out):
+            if (frac, arm) in out and (frac, REFERENCE) in out:
+                out[(frac, diff_name(arm))] = Cell(len(set(by[(frac, arm)]) & set(by[(frac, REFERENCE)])))
     return out
 
 
@@ -151,23 +176,34 @@ def _name(x: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./" else "_" for c in x)
 
 
+def _arm_name(arm: str) -> str:
+    """An arm in a metric name: ``ssl+st`` → ``ssl_st``."""
+    return _name(arm.replace("+", "_"))
+
+
 def summary_metrics(
     summaries: dict[tuple[float, str], Summary], cells: dict[tuple[float, str], Cell], metric: str
 ) -> dict[str, float]:
     """Per-fraction summary as flat MLflow metrics for the study's parent run.
 
     Names: ``<metric>/f<fraction>_<arm>_<stat>`` with the fraction's ``.`` as ``_`` (12.5 % → ``f12_5``),
-    ``<arm>`` an init (``ssl``, ``scratch``) or ``delta`` (paired SSL − scratch); stats ``mean``, ``ci_low``,
+    ``<arm>`` an init (``ssl``, ``scratch``, ``ssl_st`` for ``ssl+st``), ``delta`` (paired SSL − scratch) or
+    ``delta_<arm>`` (another arm's paired difference to scratch, e.g. ``delta_scratch_st``); stats ``mean``, ``ci_low``,
     ``ci_high`` (only where a CI exists, n ≥ 2), ``n`` (finite values / matched pairs) and, for inits,
     ``missing`` (children without a finite value). E.g. ``test_dice_mean/f10_ssl_mean``,
     ``test_dice_mean/f10_delta_ci_low``.
     """
     out: dict[str, float] = {}
     for (frac, init), cell in sorted(cells.items()):
-        arm = "delta" if init == DIFF else _name(init)
+        if init == DIFF:
+            arm = "delta"
+        elif is_diff(init):
+            arm = "delta_" + _arm_name(init.removesuffix(f"-{REFERENCE}"))
+        else:
+            arm = _arm_name(init)
         prefix = f"{_name(metric)}/f{frac:g}".replace(".", "_") + f"_{arm}_"
         out[prefix + "n"] = float(cell.n)
-        if init != DIFF:
+        if not is_diff(init):
             out[prefix + "missing"] = float(cell.missing + cell.nonfinite)
         s = summaries.get((frac, init))
         if s is not None:
@@ -209,30 +245,33 @@ def build_table(
     cells: dict[tuple[float, str], Cell] | None = None,
 ) -> Table:
     """Rich table: a row per fraction; per init ``n`` (+ missing / NaN children) and ``mean ± CI``
-    (``n=1, no CI`` for one value, ``–`` for none); the paired SSL − scratch difference and its pairs with the
-    sign count (``6 (4+ 2−)``: SSL higher on 4 seeds, lower on 2)."""
+    (``n=1, no CI`` for one value, ``–`` for none); per arm other than scratch its paired difference to scratch
+    and its pairs with the sign count (``6 (4+ 2−)``: the arm higher on 4 seeds, lower on 2)."""
     if cells is None:
         cells = {k: Cell(s.n) for k, s in summaries.items()}
-    inits = sorted({i for _, i in cells if i != DIFF})
+    inits = sorted({i for _, i in cells if not is_diff(i)})
+    arms = _arms(cells) or ["ssl"]
     table = Table(title=f"{study}: {metric} (mean ± 95% CI over seeds)")
     table.add_column("fraction %", justify="right")
     for init in inits:
         table.add_column(f"{init} n", justify="right")
         table.add_column(init, justify="right")
-    table.add_column("pairs", justify="right")
-    table.add_column("SSL − scratch (paired)", justify="right")
+    for arm in arms:
+        table.add_column("pairs" if arm == "ssl" else f"{arm} pairs", justify="right")
+        table.add_column("SSL − scratch (paired)" if arm == "ssl" else f"{arm} − scratch (paired)", justify="right")
     for frac in sorted({f for f, _ in cells}):
         row = [f"{frac:g}"]
         for init in inits:
             c = cells.get((frac, init))
             row += [c.note() if c else "0", format_summary(summaries.get((frac, init)))]
-        d = summaries.get((frac, DIFF))
-        diff = format_summary(d)
-        if d is not None and d.low is not None and d.high is not None and (d.low > 0 or d.high < 0):
-            diff = f"[bold {'green' if d.mean > 0 else 'red'}]{diff}[/]"
-        pairs = cells.get((frac, DIFF))
-        signs = f" ({d.signs[0]}+ {d.signs[1]}−)" if d is not None and d.n > 1 else ""
-        row += [f"{pairs.n}{signs}" if pairs else "0", diff]
+        for arm in arms:
+            d = summaries.get((frac, diff_name(arm)))
+            diff = format_summary(d)
+            if d is not None and d.low is not None and d.high is not None and (d.low > 0 or d.high < 0):
+                diff = f"[bold {'green' if d.mean > 0 else 'red'}]{diff}[/]"
+            pairs = cells.get((frac, diff_name(arm)))
+            signs = f" ({d.signs[0]}+ {d.signs[1]}−)" if d is not None and d.n > 1 else ""
+            row += [f"{pairs.n}{signs}" if pairs else "0", diff]
         table.add_row(*row)
     return table
 
@@ -240,7 +279,7 @@ def build_table(
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Long-format CSV: ``fraction,init,n,missing,nonfinite,mean,std,ci_low,ci_high,seeds,values,config_hash``
     (empty cells where undefined; ``seeds`` and ``values`` space-separated, ``values`` in the order of ``seeds``,
-    for ``ssl-scratch`` rows the per-seed differences)."""
+    for the paired-difference rows ``ssl-scratch``, ``ssl+st-scratch`` … the per-seed differences)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["fraction", "init", "n", "missing", "nonfinite", "mean", "std", "ci_low", "ci_high", "seeds", "values"]
@@ -269,12 +308,12 @@ def plot_curve(
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colors = {"scratch": "tab:gray", "ssl": "tab:blue"}
+    colors = {"scratch": "tab:gray", "ssl": "tab:blue", "scratch+st": "tab:orange", "ssl+st": "tab:green"}
     fracs_all = sorted({f for f, _ in summaries})
     bounded = (
         metric.removeprefix("test_").removeprefix("val_").startswith(("dice", "auc", "accuracy", "balanced"))
     )
-    for init in sorted({i for _, i in summaries if i != DIFF}):
+    for init in sorted({i for _, i in summaries if not is_diff(i)}):
         fr = [f for f in fracs_all if (f, init) in summaries]
         s = [summaries[(f, init)] for f in fr]
         mean = np.array([x.mean for x in s])
@@ -360,7 +399,7 @@ def compare_study(
     csv_path = write_csv(rows, out / f"{study}_{metric}.csv")
     png_path = plot_curve(summaries, out / f"{study}_{metric}.png", study=study, metric=metric)
     eff = label_efficiency(
-        {k: v for k, v in summaries.items() if k[1] != DIFF}, metric, target=target, within=within,
+        {k: v for k, v in summaries.items() if not is_diff(k[1])}, metric, target=target, within=within,
         paired={f: v for (f, i), v in summaries.items() if i == DIFF},
     )
     parent_metrics = summary_metrics(summaries, cells, metric) | efficiency_metrics(eff)

@@ -61,6 +61,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ema": (
         "WeightEMA", "ema_decay_at",
     ),
+    "pseudo": (
+        "POOLS", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels",
+    ),
     "state": (
         "RESUME_FIELDS", "FinetuneCheckpointer",
     ),
@@ -89,7 +92,8 @@ __all__ = [
     "shapes_at", "median_target_spacing", "plan_patch", "plan_classes", "resolve_plan", "check_run",
     "training_sampling", "present_classes", "FinetuneEvaluator", "Selection", "SegmentationMetrics",
     "classification_metrics", "evaluate_model", "as_tensor", "image_diagonal_mm", "SELECTION_METRIC",
-    "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "WeightEMA", "ema_decay_at", "RESUME_FIELDS",
+    "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "WeightEMA", "ema_decay_at", "POOLS",
+    "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels", "RESUME_FIELDS",
     "FinetuneCheckpointer", "RUN_KEYS", "config_identity", "config_hash", "config_changes", "file_sha256",
     "split_data_hash", "run_config_hash", "check_pretrain_leakage", "pretrained_case_ids", "FinetuneResult",
     "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS", "adopt_run", "open_run", "close_run",

@@ -19,6 +19,7 @@ from typing import Any
 
 from medssl.config import ConfigBase
 from medssl.engines.finetune.augment import SAMPLINGS, class_ratios, resolve_augment
+from medssl.engines.finetune.pseudo import normalise_self_training
 from medssl.engines.runtime.schedules import check_ssl_schedule_options, normalise_ssl_schedule
 
 __all__ = ["FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS", "is_auto"]
@@ -121,6 +122,10 @@ class FinetuneConfig(ConfigBase):
         ema_decay: validate, select and test an exponential moving average of the weights with this decay in
             (0, 1) (warmed up as ``min(decay, (1 + t) / (10 + t))``; :mod:`medssl.engines.finetune.ema`), which
             ``best.pt`` then holds; ``None`` (default): the trained weights themselves.
+        self_training: train on the run's labelled cases plus a teacher's pseudo-labels of the seed's unlabeled
+            volumes (segmentation; :mod:`medssl.engines.finetune.pseudo`): ``{teacher: <finetune checkpoint / run
+            folder / URI>, pool: seed | study, labelled_share: 0.5, tta: true}`` or just the teacher; ``None``
+            (default): labelled cases only. Validation, selection and test use true labels only.
         max_nan_steps: this many non-finite losses in a row abort the run (each is skipped).
         amp: ``"bf16"``, ``"fp16"`` or ``None`` (CUDA only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
@@ -179,6 +184,7 @@ class FinetuneConfig(ConfigBase):
     ssl_schedule: str | dict[str, Any] = "none"
     grad_clip: float | None = None
     ema_decay: float | None = None
+    self_training: dict[str, Any] | str | None = None
     max_nan_steps: int = 5
     amp: str | None = None
     device: str = "auto"
@@ -206,6 +212,7 @@ class FinetuneConfig(ConfigBase):
         self.fraction = float(self.fraction)
         self.augment = resolve_augment(self.augment)
         self.ssl_schedule = normalise_ssl_schedule(self.ssl_schedule)
+        self.self_training = normalise_self_training(self.self_training)
         self.validate()
 
     @property
@@ -295,6 +302,8 @@ class FinetuneConfig(ConfigBase):
             raise ValueError(f"llrd must be in (0, 1] or None, got {self.llrd!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None (off), got {self.ema_decay!r}")
+        if self.self_training is not None and self.task != "segmentation":
+            raise ValueError("self_training is for segmentation (pseudo label maps); set it to null")
         if not 0.0 < self.min_transfer_match <= 1.0:
             raise ValueError(f"min_transfer_match must be in (0, 1], got {self.min_transfer_match!r}")
         if self.sampling not in SAMPLINGS:

@@ -37,6 +37,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from torch import nn
+from torch.utils.data import Subset
 
 from medssl.engines.finetune.augment import trained_flip_axes
 from medssl.engines.finetune.build import build_model, param_groups
@@ -57,6 +58,7 @@ from medssl.engines.finetune.leakage import check_pretrain_leakage
 from medssl.engines.finetune.ledger import close_run, open_run
 from medssl.engines.finetune.metrics import as_tensor
 from medssl.engines.finetune.plan import resolve_plan, training_sampling
+from medssl.engines.finetune.pseudo import PseudoLabels, labelled_repeats
 from medssl.engines.finetune.result import FinetuneResult, fmt_metrics, log_run_start
 from medssl.engines.finetune.state import FinetuneCheckpointer
 from medssl.engines.finetune.tta import FlipTTAInferer
@@ -113,8 +115,17 @@ class Finetuner:
             ct_window=pre["ct_window"],
             in_channels=channels,
         )
-        self.sampling = training_sampling(cfg, self.items["training"])
+        # self-training: the teacher's pseudo-labels of the seed's unlabeled volumes join the training items
+        # (validation and test keep true labels only); labelled cases are repeated to their share of the epoch
+        self.pseudo = None if cfg.self_training is None else PseudoLabels(
+            cfg.self_training, datalist=cfg.datalist, splits=cfg.splits, seed=cfg.seed, items=self.items,
+            out_channels=int(cfg.out_channels), out_dir=cfg.out_dir, device=str(self.device),
+        )  # fmt: skip
+        train_items = self.items["training"] + (self.pseudo.items if self.pseudo is not None else [])
+        self.sampling = training_sampling(cfg, train_items)
         self.recipe |= {"augment": cfg.augment, "sampling": self.sampling, "plan": self.plan}
+        if self.pseudo is not None:
+            self.recipe["self_training"] = self.pseudo.report
         self.model = model.to(self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp or "")
         if self.amp_dtype is not None and self.device.type != "cuda":
@@ -126,7 +137,15 @@ class Finetuner:
             cfg.task, roi_size=cfg.roi_size, num_samples=cfg.num_samples, augment=cfg.augment,
             sampling=self.sampling, num_classes=int(cfg.out_channels), class_ratios=cfg.class_ratios, **tf
         )
-        self.train_ds = make_dataset(self.items["training"], train_tf, cfg.cache_rate, cfg.num_workers)
+        self.train_ds = make_dataset(train_items, train_tf, cfg.cache_rate, cfg.num_workers)
+        self.train_view: Any = self.train_ds  # what an epoch iterates (labelled cases repeated with self-training)
+        if self.pseudo is not None:
+            n_lab, n_ps = len(self.items["training"]), len(self.pseudo.items)
+            repeats = labelled_repeats(n_lab, n_ps, cfg.self_training["labelled_share"])
+            self.train_view = Subset(self.train_ds, [i for i in range(n_lab) for _ in range(repeats)]
+                                     + list(range(n_lab, n_lab + n_ps)))
+            self.recipe["self_training"] |= {"labelled": n_lab, "labelled_repeats": repeats}
+            log.info("self_training: %d labelled case(s) × %d + %d pseudo-labelled per epoch", n_lab, repeats, n_ps)
         self.val_ds = make_dataset(self.items["validation"], self.eval_tf, cfg.cache_rate, cfg.num_workers)
         if self.seg:
             self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -135,7 +154,7 @@ class Finetuner:
             self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         if cfg.freeze_encoder:
             freeze_encoder(self.model, cfg.network)
-        self.steps_per_epoch = math.ceil(len(self.items["training"]) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.train_view) / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.max_epochs * self.steps_per_epoch
         self.max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         # the pretrained part's schedule (SSL init): frozen phase, warm-up, scaled lr; None from scratch
@@ -238,7 +257,7 @@ class Finetuner:
         seed_epoch(self.train_ds, self.cfg.seed, epoch)
         losses = []
         for batch in epoch_loader(
-            self.train_ds, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.num_workers
+            self.train_view, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.num_workers
         ):
             if self.step >= self.total_steps or self.selection.stopped:
                 break

@@ -49,7 +49,8 @@ RUN_KEYS = (
 
 #: fields added after studies ran: at these values they leave ``config_hash`` unchanged (older sweeps resume)
 NEUTRAL_DEFAULTS = {"sampling": "posneg", "class_ratios": None, "planner": {}, "val_every_steps": 0,
-                    "ssl_schedule": "none", "tta": False, "ema_decay": None}
+                    "ssl_schedule": "none", "tta": False, "ema_decay": None,
+                    "self_training": None}
 
 
 def file_sha256(path: str | Path) -> str:

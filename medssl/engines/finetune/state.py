@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 #: they are preprocessed, sampled and augmented (``max_steps`` / ``lr`` may change: the schedule is rebuilt)
 RESUME_FIELDS = ("task", "network", "network_kwargs", "init", "fraction", "seed", "roi_size", "in_channels",
                  "out_channels", "target_spacing", "normalisation", "batch_size", "num_samples", "sampling",
-                 "augment", "ssl_schedule", "ema_decay")
+                 "augment", "ssl_schedule", "ema_decay", "self_training")
 #: fields checked only when the checkpoint's config holds them (added after the first checkpoints were written)
-#: (``ema_decay`` is not one: a checkpoint without it reads as ``None``, so turning EMA on or off is refused)
+#: (``ema_decay`` and ``self_training`` are not: a checkpoint without them reads as ``None``, so turning EMA or
+#: self-training on or off is refused)
 _LATER_FIELDS = frozenset({"sampling", "augment", "ssl_schedule", "in_channels"})
 
 

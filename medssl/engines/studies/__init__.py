@@ -21,7 +21,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "run_sweep",
     ),
     "pipeline": (
-        "INITS", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "finetune_dict",
+        "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "finetune_dict",
+        "teacher_init",
     ),
     "runner": (
         "SweepRun",
@@ -35,8 +36,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 __all__ = [
-    "run_sweep", "INITS", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
-    "finetune_dict", "SweepRun", "ChildOutcome", "SweepResult", "read_marker", "PREPROCESSING_KEYS",
+    "run_sweep", "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
+    "finetune_dict", "teacher_init", "SweepRun", "ChildOutcome", "SweepResult", "read_marker", "PREPROCESSING_KEYS",
     "resolve_preprocessing", "pretrain_identity", "Conflict", "refuse_conflicts",
 ]
 

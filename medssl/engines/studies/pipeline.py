@@ -18,6 +18,10 @@ Pipeline file (YAML; paths relative to the working directory, ``${VAR}`` expande
     finetune: {task: segmentation, network: SegResNet, max_steps: 400, ...}   # base FinetuneConfig dict
     finetune_by_fraction: {5: {val_every: 25}, 100: {val_every: 1}}   # optional per-fraction overrides
     finetune_by_init: {ssl: {network_kwargs: {}}}   # optional per-init overrides (SSL: recipe fixes the net)
+    self_training:                     # optional student arms "<init>+st" (medssl.engines.finetune.pseudo)
+      inits: [scratch, ssl]            # teacher = the (fraction, init, seed) child; default: every init
+      fractions: [5, 10]               # default: every fraction below 100
+      pool: seed                       # labelled_share, tta: as FinetuneConfig.self_training
     fractions: [5, 10, 25, 50, 100]
     inits: [scratch, ssl]
     seeds: [0, 1]
@@ -27,6 +31,10 @@ This module holds the file format (:class:`Pipeline`, :func:`load_pipeline`) and
 checks; the runner is :func:`medssl.engines.studies.sweep.run_sweep`. Layout: ``<out_dir>/<study>/data`` (ingested
 data), ``<out_dir>/<study>/sweep/`` (the first parent run; a parent made with ``new=True`` gets
 ``sweep-<run id[:8]>``) holding ``pretrain/`` and one folder per child ``f<fraction>-<init>-s<seed>``.
+
+Children run in the order of :meth:`Pipeline.children`: fractions × seeds × inits, then the self-training
+students (``f5-scratch+st-s0`` …) after every teacher, so adding ``self_training`` to a study leaves the
+existing children (and their SLURM array indices) as they are.
 """
 
 from __future__ import annotations
@@ -44,11 +52,20 @@ import yaml
 from medssl.config import apply_overrides
 from medssl.errors import MedsslError
 
-__all__ = ["INITS", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "finetune_dict"]
+__all__ = ["INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
+           "finetune_dict", "teacher_init"]
 
 log = logging.getLogger(__name__)
 
 INITS = ("scratch", "ssl")
+#: suffix of a self-training student arm: ``"scratch+st"`` learns from the ``"scratch"`` child's pseudo-labels
+STUDENT = "+st"
+_ST_KEYS = ("inits", "fractions", "pool", "labelled_share", "tta")
+
+
+def teacher_init(arm: str) -> str | None:
+    """The init whose child teaches student arm ``arm`` (``"ssl+st"`` → ``"ssl"``); ``None`` for a plain init."""
+    return arm[: -len(STUDENT)] if arm.endswith(STUDENT) else None
 
 
 @dataclass
@@ -73,6 +90,7 @@ class Pipeline:
     out_dir: str = "runs/sweeps"
     finetune_by_fraction: dict[Any, dict[str, Any]] = field(default_factory=dict)
     finetune_by_init: dict[str, dict[str, Any]] = field(default_factory=dict)
+    self_training: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.study or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", str(self.study)):
@@ -88,13 +106,63 @@ class Pipeline:
         self.seeds = [int(s) for s in self.seeds]
         if not all(0 < f <= 100 for f in self.fractions):
             raise MedsslError(f"fractions are percent in (0, 100], got {self.fractions}")
-        if set(self.finetune_by_init) - set(INITS):
+        self._check_self_training()
+        if set(self.finetune_by_init) - set(INITS) - set(self.student_arms):
             raise MedsslError(
-                f"finetune_by_init keys must be in {list(INITS)}, got {list(self.finetune_by_init)}"
+                f"finetune_by_init keys must be in {list(INITS) + self.student_arms}, got {list(self.finetune_by_init)}"
             )
         extra = {float(k) for k in self.finetune_by_fraction} - set(self.fractions)
         if extra:  # e.g. a quick run with --set fractions=[10,100]: fine, but say so (typos show up here)
             log.warning("finetune_by_fraction names fractions %s not swept %s", sorted(extra), self.fractions)
+
+    def _check_self_training(self) -> None:
+        st = self.self_training
+        if not st:
+            self.self_training = None
+            return
+        if not isinstance(st, dict):
+            raise MedsslError(f"self_training must be a mapping ({', '.join(_ST_KEYS)}), got {st!r}")
+        unknown = sorted(set(st) - set(_ST_KEYS))
+        if unknown:
+            raise MedsslError(f"unknown self_training key(s) {unknown}; valid keys: {list(_ST_KEYS)}")
+        inits = list(st.get("inits") or self.inits)
+        bad = [i for i in inits if i not in self.inits]
+        if bad:
+            raise MedsslError(f"self_training.inits {bad} are not swept (inits: {self.inits}): a student needs its teacher")
+        fractions = [float(f) for f in (st.get("fractions") or [f for f in self.fractions if f < 100])]
+        missing = [f for f in fractions if f not in self.fractions]
+        if missing or not fractions:
+            raise MedsslError(f"self_training.fractions {missing or fractions} must be swept fractions "
+                              f"{self.fractions} (its teachers)")
+        from medssl.engines.finetune.pseudo import normalise_self_training
+
+        try:  # pool / labelled_share / tta checked as FinetuneConfig checks them
+            normalise_self_training({k: v for k, v in st.items() if k not in ("inits", "fractions")} | {"teacher": "-"})
+        except ValueError as e:
+            raise MedsslError(str(e)) from e
+        self.self_training = {**st, "inits": inits, "fractions": fractions}
+
+    @property
+    def student_arms(self) -> list[str]:
+        """The self-training arms, ``"<init>+st"`` per ``self_training.inits`` (none without ``self_training``)."""
+        return [f"{i}{STUDENT}" for i in (self.self_training or {}).get("inits", [])]
+
+    @property
+    def arms(self) -> list[str]:
+        """Every arm: the inits, then the student arms."""
+        return list(self.inits) + self.student_arms
+
+    def children(self) -> list[tuple[float, str, int]]:
+        """``(fraction, arm, seed)`` of every child in run order: fractions × seeds × inits, then the students
+        (fractions × seeds × student arms), so that every teacher runs before its students."""
+        out = [(f, i, s) for f in self.fractions for s in self.seeds for i in self.inits]
+        st = self.self_training or {}
+        return out + [(f, a, s) for f in self.fractions if f in st.get("fractions", []) for s in self.seeds
+                      for a in self.student_arms]
+
+    def student_options(self) -> dict[str, Any]:
+        """The per-run ``self_training`` options of a student (without its teacher): pool, labelled_share, tta."""
+        return {k: v for k, v in (self.self_training or {}).items() if k not in ("inits", "fractions")}
 
     @property
     def study_root(self) -> Path:
@@ -249,6 +317,10 @@ def check_fractions_available(splits_path: Path, fractions: list[float], seeds: 
 
 def finetune_dict(pl: Pipeline, fraction: float, init: str) -> dict[str, Any]:
     """The base ``finetune`` mapping updated by ``finetune_by_fraction[fraction]``, then by
-    ``finetune_by_init[init]`` (top-level keys replaced, e.g. ``ssl: {network_kwargs: {}}``)."""
+    ``finetune_by_init[init]`` (top-level keys replaced, e.g. ``ssl: {network_kwargs: {}}``). A student arm
+    (``"ssl+st"``) gets its teacher's mapping, then its own ``finetune_by_init`` entry."""
     by_fraction = next((v for k, v in pl.finetune_by_fraction.items() if float(k) == fraction), {})
-    return {**pl.finetune, **by_fraction, **pl.finetune_by_init.get(init, {})}
+    teacher = teacher_init(init)
+    by_init = {**pl.finetune_by_init.get(teacher, {}), **pl.finetune_by_init.get(init, {})} if teacher else \
+        pl.finetune_by_init.get(init, {})
+    return {**pl.finetune, **by_fraction, **by_init}

@@ -21,7 +21,7 @@ from medssl.engines.studies.identity import (
     refuse_conflicts,
     resolve_preprocessing,
 )
-from medssl.engines.studies.pipeline import Pipeline, finetune_dict
+from medssl.engines.studies.pipeline import Pipeline, finetune_dict, teacher_init
 from medssl.engines.studies.results import (
     _MARKER,
     ChildOutcome,
@@ -151,8 +151,8 @@ class SweepRun:
             return
         self.encoder_sha = file_sha256(r.encoder_path) if r.encoder_path is not None else None
         self.parent.set_tags({"medssl.ssl_checkpoint": str(r.encoder_path or "")})
-        todo = [(f, s, i) for f in pl.fractions for s in pl.seeds for i in pl.inits]
-        plans = [self._plan(f, i, s) for f, s, i in todo]
+        todo = pl.children()  # teachers first, then self-training students
+        plans = [self._plan(f, i, s) for f, i, s in todo]
         self._check_reuse(plans, existing)  # refuses before any child runs
         if self.only is not None and not 0 <= int(self.only) < len(plans):
             raise MedsslError(f"study {pl.study} has children 0..{len(plans) - 1}, not {self.only}")
@@ -212,10 +212,18 @@ class SweepRun:
         return out
 
     def _plan(self, fraction: float, init: str, seed: int) -> tuple[ChildOutcome, dict[str, Any], dict]:
-        """The child's outcome record, its effective finetune config and its config identity (hashed)."""
+        """The child's outcome record, its effective finetune config and its config identity (hashed).
+
+        ``init`` is an arm: ``"scratch"``, ``"ssl"`` or a self-training student (``"ssl+st"``), which starts as its
+        teacher's init and learns from the pseudo-labels of the teacher child of the same fraction and seed."""
         pl, key = self.pl, _child_key(fraction, init, seed)
         c = ChildOutcome(key, fraction, init, seed, self.sweep_dir / key, "FAILED")
         base = finetune_dict(pl, fraction, init)
+        teacher = teacher_init(init)
+        if teacher is not None:  # the teacher's best.pt (a path inside the sweep: the same before and after it runs)
+            best = self.sweep_dir / _child_key(fraction, teacher, seed) / "checkpoints" / "best.pt"
+            base["self_training"] = {**pl.student_options(), "teacher": str(best)}
+        start = teacher or init
         enc = self.result.encoder_path
         cfg = {
             **base,
@@ -228,9 +236,13 @@ class SweepRun:
             "study": pl.study,
             "out_dir": str(c.out_dir),
             "run_name": f"{pl.study}/{key}",
-            "init": "scratch" if init == "scratch" else f"ssl:{enc if enc is not None else 'unavailable'}",
+            "init": "scratch" if start == "scratch" else f"ssl:{enc if enc is not None else 'unavailable'}",
         }
-        identity = config_identity(cfg, encoder_sha256=self.encoder_sha if init == "ssl" else None)
+        ident_cfg = cfg
+        if teacher is not None:  # the teacher as a role + its config, not its per-seed path: one hash per cell
+            teacher_hash = self._plan(fraction, teacher, seed)[0].config_hash
+            ident_cfg = {**cfg, "self_training": {**cfg["self_training"], "teacher": f"sweep:{teacher}:{teacher_hash}"}}
+        identity = config_identity(ident_cfg, encoder_sha256=self.encoder_sha if start == "ssl" else None)
         c.config_hash = config_hash(identity)
         c.data_hash = split_data_hash(self.datalist, self.splits, seed=seed, fraction=fraction)
         cfg["tags"] = {**base.get("tags", {}), **self._tags(c)}
@@ -284,8 +296,15 @@ class SweepRun:
         from medssl.engines.finetune.ledger import adopt_run
 
         try:
-            if c.init == "ssl" and self.result.encoder_path is None:
+            teacher = teacher_init(c.init)
+            if (teacher or c.init) == "ssl" and self.result.encoder_path is None:
                 raise MedsslError(pretrain_error or "no SSL checkpoint")
+            if teacher is not None:
+                tkey = _child_key(c.fraction, teacher, c.seed)
+                state = read_marker(self.sweep_dir / tkey).get("status")
+                if state != "FINISHED":
+                    raise MedsslError(f"self-training teacher {tkey} has not finished (status {state or 'not started'}); "
+                                      "the student runs once it has (re-run the sweep)")
             c.status = "RUNNING"
             _write_marker(c, identity)  # what this child runs with, before anything of it exists
             c.status, config = "FAILED", FinetuneConfig.from_dict(cfg)

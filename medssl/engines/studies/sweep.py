@@ -27,6 +27,7 @@ from medssl.engines.studies.pipeline import (
     finetune_dict,
     load_pipeline,
     prepare_data,
+    teacher_init,
 )
 from medssl.engines.studies.results import SweepResult
 from medssl.engines.studies.runner import SweepRun
@@ -85,7 +86,7 @@ def run_sweep(
         pretrain_fn: ``fn(PretrainConfig, *, resume, progress) -> result`` with ``.encoder_path`` and
             ``.run_id``; default :func:`medssl.engines.pretrain.engine.run_pretraining`.
         progress: show the engines' progress bars.
-        child: run only ``"pretrain"`` or the child with this 0-based index (order: fractions × seeds × inits,
+        child: run only ``"pretrain"`` or the child with this 0-based index (order: :meth:`Pipeline.children`,
             as in ``sweep.json``), leaving the parent run open: one SLURM array task
             (:mod:`medssl.cluster.sweep_jobs`). A child needs the pretraining finished.
         parent_run_id: attach to this parent run (the one the SLURM submission made) instead of the newest.
@@ -103,12 +104,11 @@ def run_sweep(
     pl = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline, overrides)
     datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
     check_fractions_available(splits, pl.fractions, pl.seeds)
-    for f in pl.fractions:  # fail fast on bad finetune settings, before any run exists
-        for init in pl.inits:
-            paths = {"datalist": str(datalist), "splits": str(splits), "fraction": f}
-            FinetuneConfig.from_dict(
-                {**finetune_dict(pl, f, init), **paths, "init": "ssl:x" if init == "ssl" else init}
-            )
+    for f, arm, _ in dict.fromkeys((f, a, 0) for f, a, _ in pl.children()):  # fail fast on bad finetune settings
+        start = teacher_init(arm) or arm
+        paths = {"datalist": str(datalist), "splits": str(splits), "fraction": f}
+        st = {"self_training": {**pl.student_options(), "teacher": "-"}} if start != arm else {}
+        FinetuneConfig.from_dict({**finetune_dict(pl, f, arm), **paths, **st, "init": "ssl:x" if start == "ssl" else start})
     reuse = (pl.pretrain or {}).get("checkpoint") if "ssl" in pl.inits else None
     if reuse and not Path(reuse).exists():
         raise MedsslError(f"pretrain.checkpoint {reuse} does not exist")

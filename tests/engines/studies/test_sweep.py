@@ -58,6 +58,7 @@ class FakeFinetune:
         self.configs: list[Any] = []
         self.tracker_kw = tracker_kw
         self.on_epoch: Any = None  # hook(key, epoch) for outage tests
+        self.bonus: Any = None  # fn(cfg) -> float added to the fake value (e.g. self-training students)
 
     def __call__(self, cfg: Any, *, resume: str | None, progress: bool) -> SimpleNamespace:
         key = cfg.tags["medssl.sweep_key"]
@@ -81,7 +82,7 @@ class FakeFinetune:
         )
         if not state:
             tr.log_params({"fraction": cfg.fraction, "seed": cfg.seed, "init": cfg.init})
-        value = fake_value(cfg.fraction, cfg.init_kind, cfg.seed)
+        value = fake_value(cfg.fraction, cfg.init_kind, cfg.seed) + (self.bonus(cfg) if self.bonus else 0.0)
         for epoch in range(state.get("epoch", 0), 3):
             tr.log_metrics(
                 {"val_dice_mean": value - 0.01 * (2 - epoch), "train_loss": 1.0 / (epoch + 1)}, epoch

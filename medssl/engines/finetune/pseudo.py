@@ -1,0 +1,266 @@
+"""Self-training (semi-supervised): a finetuned *teacher* labels the seed's unlabeled volumes, and the run (the
+*student*) trains on its few true labels plus those pseudo-labels.
+
+The classic recipe (Lee, "Pseudo-Label", ICML-W 2013; Xie et al., "Self-training with Noisy Student improves
+ImageNet classification", CVPR 2020; for 3D medical segmentation e.g. Bai et al., "Semi-supervised learning for
+network-based cardiac MR image segmentation", MICCAI 2017): the student sees many more volumes than were labelled,
+with the augmentation as the "noise", and is validated, selected and tested exactly as any run (true labels
+only). It uses the unlabeled pool that SSL pretraining uses, so it complements an SSL init (teacher and student
+may both start from the pretrained encoder).
+
+Config (``FinetuneConfig.self_training``)::
+
+    self_training:
+      teacher: runs/f5-scratch-s0/checkpoints/best.pt   # a finetune checkpoint, run folder, runs:/ or models:/ URI
+      pool: seed            # "seed": splits["unlabeled"][seed] (outside test ∪ this seed's validation);
+                            # "study": splits["pretrain_pool"] (outside test ∪ every seed's validation)
+      labelled_share: 0.5   # share of the training items that are truly labelled (true cases repeated)
+      tta: true             # the teacher predicts with test-time flips (along the axes it was trained to flip)
+
+What it guarantees (each refused with a :class:`~medssl.errors.MedsslError` naming the case and the file):
+
+- no pool case is in this run's validation or test set, and the run's own labelled cases are not relabelled;
+- the teacher never saw the run's test cases (neither trained nor selected on them) and never trained on the
+  run's validation cases (its checkpoint's config is resolved to its cases);
+- the pool volumes' own label files, if the datalist has any, are never read;
+- the pseudo-labels are written once to ``<out_dir>/pseudo_labels/`` (``<case>_seg.nii.gz`` on each volume's own
+  grid, by :func:`medssl.deploy.predict.predict`) with ``manifest.json`` (teacher sha256, pool, tta); a resumed
+  run reuses them when the manifest matches, so resume stays exact; a volume the teacher cannot read is
+  reported and left out (the others are used).
+
+Mixing: with ``L`` labelled and ``P`` pseudo-labelled cases the labelled ones are repeated ``r = max(1,
+round(share · P / ((1 − share) · L)))`` times in the epoch (indices into one cached dataset, no copy), e.g. 7
+labelled, 133 pseudo, share 0.5 → r = 19 (133 true of 266 items per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medssl.errors import MedsslError
+
+__all__ = ["POOLS", "DEFAULTS", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels"]
+
+log = logging.getLogger(__name__)
+
+POOLS = ("seed", "study")
+DEFAULTS: dict[str, Any] = {"teacher": None, "pool": "seed", "labelled_share": 0.5, "tta": True}
+MANIFEST = "manifest.json"
+
+
+def normalise_self_training(value: Any) -> dict[str, Any] | None:
+    """``None`` / ``{}`` → ``None`` (off); a string → ``{"teacher": value}``; a mapping → every key of
+    :data:`DEFAULTS` filled.
+
+    Raises:
+        ValueError: an unknown key, no teacher, a pool not in :data:`POOLS`, ``labelled_share`` outside (0, 1).
+    """
+    if value is None or value == {}:
+        return None
+    if isinstance(value, str):
+        value = {"teacher": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"self_training must be a mapping or a teacher path, got {value!r}")
+    unknown = sorted(set(value) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"self_training: unknown key(s) {unknown} (known: {sorted(DEFAULTS)})")
+    out = DEFAULTS | dict(value)
+    if not out["teacher"] or not isinstance(out["teacher"], str):
+        raise ValueError("self_training.teacher must name a finetune checkpoint, run folder or MLflow URI")
+    if out["pool"] not in POOLS:
+        raise ValueError(f"self_training.pool must be one of {POOLS}, got {out['pool']!r}")
+    share = float(out["labelled_share"])
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"self_training.labelled_share must be in (0, 1), got {out['labelled_share']!r}")
+    out["labelled_share"], out["tta"] = share, bool(out["tta"])
+    return out
+
+
+def pool_ids(splits: dict[str, Any], seed: int, pool: str, exclude: Sequence[str]) -> list[str]:
+    """Case ids to pseudo-label: the seed's unlabeled pool (``"seed"``) or the study-wide pretraining pool
+    (``"study"``) of a loaded ``splits.json``, minus ``exclude`` (the run's labelled cases), sorted.
+
+    Raises:
+        MedsslError: the splits have no such pool for the seed.
+    """
+    if pool == "seed":
+        ids = splits.get("unlabeled", {}).get(str(seed))
+    else:
+        ids = splits.get("pretrain_pool")
+    if ids is None:
+        raise MedsslError(f"self_training.pool={pool!r}: the splits hold no such pool for seed {seed}")
+    drop = set(exclude)
+    return sorted(c for c in ids if c not in drop)
+
+
+def labelled_repeats(n_labelled: int, n_pseudo: int, share: float) -> int:
+    """How often each labelled case appears per epoch so that about ``share`` of the items are truly labelled.
+
+    Example: ``labelled_repeats(7, 133, 0.5) == 19``; no pseudo case → 1.
+    """
+    if n_labelled < 1 or n_pseudo < 1:
+        return 1
+    return max(1, round(share * n_pseudo / ((1.0 - share) * n_labelled)))
+
+
+def _teacher_cases(config: dict[str, Any], source: str) -> tuple[set[str], set[str], set[str]]:
+    """(training, validation, test) case ids of the teacher's own run, from its checkpoint's config."""
+    from medssl.engines.finetune.data import finetune_items
+
+    try:
+        items = finetune_items(
+            config["datalist"], config["splits"], fraction=float(config["fraction"]), seed=int(config["seed"]),
+            task="segmentation",
+        )
+    except (KeyError, TypeError, MedsslError) as e:
+        raise MedsslError(
+            f"self_training teacher {source}: cannot resolve the cases it was trained on from its config "
+            f"({type(e).__name__}: {e}); the leakage check needs its datalist and splits"
+        ) from e
+    return tuple({it["case_id"] for it in items[r]} for r in ("training", "validation", "test"))  # type: ignore[return-value]
+
+
+class PseudoLabels:
+    """The teacher's labels for one run's pool, made (or reused) at construction.
+
+    Args:
+        spec: the normalised ``self_training`` mapping (:func:`normalise_self_training`).
+        datalist: the run's datalist (pool images are looked up by case id; relative paths against its folder).
+        splits: the run's ``splits.json``.
+        seed: the run's split seed.
+        items: the run's ``{"training", "validation", "test"}`` items (:func:`~medssl.engines.finetune.data.finetune_items`).
+        out_channels: the run's classes incl. background (the teacher's must match).
+        out_dir: the run folder (labels go to ``<out_dir>/pseudo_labels``).
+        device: where the teacher runs.
+
+    Attributes:
+        items: the pseudo-labelled training items ``{"image", "label": <pseudo file>, "case_id": "pseudo:<id>"}``.
+        report: ``{"teacher", "teacher_sha256", "pool", "cases", "failed", "reused", "tta"}`` (recorded in the recipe).
+
+    Raises:
+        MedsslError: a pool case in the run's validation/test set, a teacher that saw the run's test cases or
+            trained on its validation cases, a teacher of another task or class count, an empty pool, or a pool
+            case whose image is not one NIfTI file.
+    """
+
+    def __init__(self, spec: dict[str, Any], *, datalist: str | Path, splits: str | Path, seed: int,
+                 items: dict[str, list[dict[str, Any]]], out_channels: int, out_dir: str | Path,
+                 device: str = "cpu") -> None:
+        from medssl.data.splits import load_splits
+        from medssl.deploy.model import load_finetune_checkpoint, resolve_source
+        from medssl.engines.finetune.identity import file_sha256
+
+        self.spec, self.folder = spec, Path(out_dir) / "pseudo_labels"
+        teacher = str(spec["teacher"])
+        sp = load_splits(splits)
+        labelled = [it["case_id"] for it in items["training"]]
+        ids = pool_ids(sp, seed, spec["pool"], labelled)
+        held = {it["case_id"]: role for role in ("validation", "test") for it in items[role]}
+        leaked = [c for c in ids if c in held]
+        if leaked:
+            raise MedsslError(
+                f"self_training: pool case(s) {leaked[:3]} of {splits} are in this run's "
+                f"{held[leaked[0]]} set; pseudo-labels must never come from held-out cases"
+            )
+        if not ids:
+            raise MedsslError(f"self_training: the {spec['pool']!r} pool of seed {seed} in {splits} holds no "
+                              "unlabelled case outside the run's training cases")
+        with tempfile.TemporaryDirectory(prefix="medssl_teacher_") as tmp:
+            path = resolve_source(teacher, tmp)
+            ckpt = load_finetune_checkpoint(path, source=teacher)
+            sha = file_sha256(path)
+            self._check_teacher(ckpt, teacher, items, int(out_channels))
+            images = self._pool_images(ids, Path(datalist))
+            manifest = {"teacher": teacher, "teacher_sha256": sha, "pool": spec["pool"], "tta": spec["tta"],
+                        "cases": ids}
+            reused = self._matches(manifest)
+            if not reused:
+                self._predict(path, images, spec["tta"], device)
+        done = self._written(ids)
+        failed = [c for c in ids if c not in done]
+        if not done:
+            raise MedsslError(f"self_training: the teacher {teacher} labelled none of the {len(ids)} pool cases "
+                              f"(see {self.folder / 'predict_report.json'})")
+        if not reused:
+            (self.folder / MANIFEST).write_text(json.dumps(manifest | {"failed": failed}, indent=1))
+        if failed:
+            log.warning("self_training: %d pool case(s) failed in the teacher and are left out (e.g. %s; %s)",
+                        len(failed), failed[:3], self.folder / "predict_report.json")
+        self.items = [{"image": images[c], "label": str(done[c]), "case_id": f"pseudo:{c}"} for c in ids if c in done]
+        self.report = {"teacher": teacher, "teacher_sha256": sha, "pool": spec["pool"], "cases": len(self.items),
+                       "failed": failed, "reused": reused, "tta": spec["tta"]}
+        log.info("self_training: %d pseudo-labelled case(s) from %s (%s)", len(self.items), teacher,
+                 "reused" if reused else "predicted")
+
+    @staticmethod
+    def _check_teacher(ckpt: dict[str, Any], source: str, items: dict[str, list[dict[str, Any]]],
+                       out_channels: int) -> None:
+        recipe, config = ckpt.get("recipe") or {}, ckpt.get("config") or {}
+        task = config.get("task", recipe.get("task"))
+        if task != "segmentation":
+            raise MedsslError(f"self_training teacher {source}: a {task!r} model; self-training needs a segmentation one")
+        k = int(config.get("out_channels", out_channels))
+        if k != out_channels:
+            raise MedsslError(f"self_training teacher {source}: {k} classes, this run has out_channels={out_channels}")
+        train, val, test = _teacher_cases(config, source)
+        run_test = {it["case_id"] for it in items["test"]}
+        run_val = {it["case_id"] for it in items["validation"]}
+        saw = sorted((train | val) & run_test)
+        if saw:
+            raise MedsslError(f"self_training teacher {source} was trained or selected on {len(saw)} of this run's "
+                              f"test case(s) (e.g. {saw[:3]}): its labels would leak the test set")
+        trained = sorted(train & run_val)
+        if trained:
+            raise MedsslError(f"self_training teacher {source} was trained on {len(trained)} of this run's validation "
+                              f"case(s) (e.g. {trained[:3]}): selection would be biased")
+
+    @staticmethod
+    def _pool_images(ids: Sequence[str], datalist: Path) -> dict[str, str]:
+        data = json.loads(datalist.read_text())
+        by_id: dict[str, dict[str, Any]] = {}
+        for entries in data.values():
+            for it in entries if isinstance(entries, list) else []:
+                if isinstance(it, dict) and "case_id" in it:
+                    by_id.setdefault(it["case_id"], it)
+        out: dict[str, str] = {}
+        for c in ids:
+            if c not in by_id:
+                raise MedsslError(f"self_training: pool case {c} of the splits is not in {datalist}")
+            image = by_id[c].get("image")
+            if not isinstance(image, str) or not image.endswith((".nii", ".nii.gz")):
+                raise MedsslError(f"self_training: pool case {c} of {datalist} has image {image!r}; the teacher "
+                                  "reads one NIfTI file per case (the datalists `medssl ingest` writes; multi-file "
+                                  "channels are not supported)")
+            p = Path(image)
+            out[c] = str(p if p.is_absolute() else (datalist.parent / p).resolve())
+        return out
+
+    def _matches(self, manifest: dict[str, Any]) -> bool:
+        path = self.folder / MANIFEST
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return {k: old.get(k) for k in manifest} == manifest
+
+    def _written(self, ids: Sequence[str]) -> dict[str, Path]:
+        return {c: self.folder / f"{c}_seg.nii.gz" for c in ids if (self.folder / f"{c}_seg.nii.gz").is_file()}
+
+    def _predict(self, teacher: Path, images: dict[str, str], tta: bool, device: str) -> None:
+        """Teacher labels for every pool image, named by case id (staged as links named ``<case id>.nii.gz``: files
+        of different folders may share a name)."""
+        from medssl.deploy.predict import predict
+
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        for old in self.folder.glob("*_seg.nii.gz"):
+            old.unlink()
+        with tempfile.TemporaryDirectory(prefix="medssl_pool_") as stage:
+            for c, image in images.items():
+                os.symlink(image, Path(stage) / (c + (".nii.gz" if image.endswith(".nii.gz") else ".nii")))
+            predict(teacher, [stage], self.folder, device=device, tta=tta)

@@ -1,0 +1,128 @@
+"""Self-training students in a study (pipeline ``self_training``): arms ``<init>+st`` after their teachers, each
+learning from the teacher child of its fraction and seed; refused when the teacher did not finish; compared
+against scratch like SSL; adding students leaves a finished study's children as they are."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from medssl.cluster.sweep_jobs import emit_sweep_jobs
+from medssl.engines.studies.pipeline import load_pipeline
+from medssl.engines.studies.sweep import run_sweep
+from medssl.errors import MedsslError
+from medssl.tracking.compare import compare_study
+from tests.engines.studies._helpers import children, fresh_sqlite_uri
+from tests.engines.studies.test_sweep import FakeFinetune, FakePretrain, fake_value, pipeline
+
+ST = {"inits": ["scratch", "ssl"], "fractions": [10], "labelled_share": 0.25, "tta": False}
+
+
+def test_students_run_after_their_teachers_with_the_teachers_labels(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    ft = FakeFinetune()
+    ft.bonus = lambda cfg: 0.02 if cfg.self_training else 0.0
+    res = run_sweep(pipeline(tmp_path, uri, self_training=ST), finetune_fn=ft, pretrain_fn=FakePretrain())
+    keys = [k for k, _ in ft.calls]
+    teachers = [f"f{f}-{i}-s{s}" for f in (10, 100) for s in (0, 1) for i in ("scratch", "ssl")]
+    students = [f"f10-{i}+st-s{s}" for s in (0, 1) for i in ("scratch", "ssl")]
+    assert keys == teachers + students and not res.failed  # the existing order first, students last
+    cfgs = {c.tags["medssl.sweep_key"]: c for c in ft.configs}
+    for s in (0, 1):
+        for init in ("scratch", "ssl"):
+            student, teacher = cfgs[f"f10-{init}+st-s{s}"], cfgs[f"f10-{init}-s{s}"]
+            assert student.self_training == {"teacher": str(res.sweep_dir / f"f10-{init}-s{s}" / "checkpoints" / "best.pt"),
+                                             "pool": "seed", "labelled_share": 0.25, "tta": False}
+            assert student.init == teacher.init and student.tags["medssl.init"] == f"{init}+st"
+            assert teacher.self_training is None
+            assert student.tags["medssl.config_hash"] != teacher.tags["medssl.config_hash"]
+    runs = {r.data.tags["medssl.sweep_key"]: r for r in children(uri, res.parent_run_id)}
+    assert runs["f10-ssl+st-s1"].data.tags["medssl.init"] == "ssl+st"
+
+    cmp = compare_study("toy", tracking_uri=uri, out_dir=tmp_path / "cmp")
+    assert cmp.summaries[(10.0, "scratch+st-scratch")].mean == pytest.approx(0.02)
+    assert cmp.summaries[(10.0, "ssl+st-scratch")].mean == pytest.approx(0.07)  # the fake's SSL bonus + 0.02
+    assert cmp.summaries[(10.0, "ssl-scratch")].mean == pytest.approx(0.05)
+    assert (100.0, "scratch+st") not in cmp.cells
+    text = io.StringIO()
+    Console(file=text, width=300).print(cmp.table)
+    out = text.getvalue()
+    assert "scratch+st − scratch (paired)" in out and "ssl+st − scratch (paired)" in out and "SSL − scratch" in out
+    rows = list(csv.DictReader(open(cmp.csv_path)))
+    diff = next(r for r in rows if r["init"] == "scratch+st-scratch")
+    assert diff["fraction"] == "10.0" and diff["values"] == "0.02 0.02"
+    assert cmp.parent_metrics["test_dice_mean/f10_delta_scratch_st_mean"] == pytest.approx(0.02)
+    assert cmp.parent_metrics["test_dice_mean/f10_ssl_st_mean"] == pytest.approx(
+        (fake_value(10, "ssl", 0) + fake_value(10, "ssl", 1)) / 2 + 0.02)
+
+
+def test_a_student_whose_teacher_failed_fails_clearly_and_reruns(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    spec = pipeline(tmp_path, uri, self_training=ST | {"inits": ["scratch"]})
+    res = run_sweep(spec, finetune_fn=FakeFinetune(fail={"f10-scratch-s1"}), pretrain_fn=FakePretrain())
+    failed = {c.key: c.error for c in res.failed}
+    assert set(failed) == {"f10-scratch-s1", "f10-scratch+st-s1"}
+    assert "teacher f10-scratch-s1 has not finished" in failed["f10-scratch+st-s1"]
+    ft = FakeFinetune()
+    res2 = run_sweep(spec, finetune_fn=ft, pretrain_fn=FakePretrain())
+    assert [k for k, _ in ft.calls] == ["f10-scratch-s1", "f10-scratch+st-s1"] and not res2.failed
+
+
+def test_adding_students_to_a_finished_study_keeps_its_children(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    run_sweep(pipeline(tmp_path, uri), finetune_fn=FakeFinetune(), pretrain_fn=FakePretrain())
+    ft = FakeFinetune()
+    res = run_sweep(pipeline(tmp_path, uri, self_training=ST), finetune_fn=ft, pretrain_fn=FakePretrain())
+    assert [k for k, _ in ft.calls] == [f"f10-{i}+st-s{s}" for s in (0, 1) for i in ("scratch", "ssl")]
+    assert sum(c.status == "SKIPPED" for c in res.children) == 8
+
+
+def test_bad_self_training_sections_are_refused(tmp_path: Path) -> None:
+    base = pipeline(tmp_path, None)
+    for st, match in (({"inits": ["ssl"], "bogus": 1}, "unknown self_training key"),
+                      ({"inits": ["scratch"], "fractions": [25]}, "must be swept fractions"),
+                      ({"inits": ["genesis"]}, "not swept"),
+                      ({"pool": "everything"}, "pool"),
+                      ({"labelled_share": 1.5}, "labelled_share")):
+        with pytest.raises(MedsslError, match=match):
+            load_pipeline(base | {"self_training": st})
+    with pytest.raises(MedsslError, match="not swept"):
+        load_pipeline(base | {"inits": ["scratch"], "self_training": {"inits": ["ssl"]}})
+    pl = load_pipeline(base | {"self_training": {}})  # empty: off
+    assert pl.self_training is None and pl.arms == ["scratch", "ssl"]
+    pl = load_pipeline(base | {"self_training": {"inits": ["scratch"]}})  # default fractions: all below 100
+    assert pl.self_training["fractions"] == [10.0] and pl.arms == ["scratch", "ssl", "scratch+st"]
+    assert load_pipeline(base | {"self_training": {"inits": ["scratch"]},
+                                 "finetune_by_init": {"scratch+st": {"lr": 0.1}}}).finetune_by_init
+    with pytest.raises(MedsslError, match="SLURM"):
+        emit_sweep_jobs(base | {"self_training": ST}, submit=False, out=tmp_path / "slurm")
+
+
+def test_real_engines_teacher_then_student(tmp_path: Path) -> None:
+    """The real finetuning engine end to end: the student reads the teacher child's best.pt and trains on its labels."""
+    import json
+
+    from medssl.engines.runtime.checkpoint import load_checkpoint
+    from tests.engines.finetune.test_self_training import SEG_NET, synthetic_cases
+
+    dl, sp = synthetic_cases(tmp_path / "data")
+    uri = fresh_sqlite_uri(tmp_path)
+    spec = {"study": "st-real", "experiment": "st", "tracking_uri": uri, "out_dir": str(tmp_path / "runs"),
+            "data": {"datalist": str(dl), "splits": str(sp)}, "inits": ["scratch"], "fractions": [20], "seeds": [0],
+            "finetune": {"task": "segmentation", "network": "SegResNet", "network_kwargs": SEG_NET, "out_channels": 2,
+                         "roi_size": [8, 8, 8], "normalisation": "none", "batch_size": 2, "num_samples": 1,
+                         "max_steps": 3, "sw_overlap": 0.0, "sw_batch_size": 1, "device": "cpu", "lr": 1e-2,
+                         "augment": {"flip_prob": 0.0}},
+            "self_training": {"tta": False}}
+    res = run_sweep(spec, progress=False)
+    assert not res.failed and [c.key for c in res.children] == ["f20-scratch-s0", "f20-scratch+st-s0"]
+    student = res.sweep_dir / "f20-scratch+st-s0"
+    best = load_checkpoint(student / "checkpoints" / "best.pt")
+    st = best["recipe"]["self_training"]
+    assert st["teacher"] == str(res.sweep_dir / "f20-scratch-s0" / "checkpoints" / "best.pt") and st["cases"] > 0
+    manifest = json.loads((student / "pseudo_labels" / "manifest.json").read_text())
+    assert len(manifest["cases"]) == st["cases"] and not manifest["failed"]
