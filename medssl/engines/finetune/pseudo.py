@@ -25,8 +25,8 @@ What it guarantees (each refused with a :class:`~medssl.errors.MedsslError` nami
 - the pool volumes' own label files, if the datalist has any, are never read;
 - the pseudo-labels are written once to ``<out_dir>/pseudo_labels/`` (``<case>_seg.nii.gz`` on each volume's own
   grid, by :func:`medssl.deploy.predict.predict`) with ``manifest.json`` (teacher sha256, pool, tta); a resumed
-  run reuses them when the manifest matches, so resume stays exact; a volume the teacher cannot read is
-  reported and left out (the others are used).
+  run reuses them, so resume stays exact, and labels of another teacher, pool or tta setting are refused, never
+  silently replaced; a volume the teacher cannot read is reported and left out (the others are used).
 
 Mixing: with ``L`` labelled and ``P`` pseudo-labelled cases the labelled ones are repeated ``r = max(1,
 round(share · P / ((1 − share) · L)))`` times in the epoch (indices into one cached dataset, no copy), e.g. 7
@@ -179,7 +179,7 @@ class PseudoLabels:
             images = self._pool_images(ids, Path(datalist))
             manifest = {"teacher": teacher, "teacher_sha256": sha, "pool": spec["pool"], "tta": spec["tta"],
                         "cases": ids}
-            reused = self._matches(manifest)
+            reused = self._reusable(manifest)
             if not reused:
                 self._predict(path, images, spec["tta"], device)
         done = self._written(ids)
@@ -241,13 +241,25 @@ class PseudoLabels:
             out[c] = str(p if p.is_absolute() else (datalist.parent / p).resolve())
         return out
 
-    def _matches(self, manifest: dict[str, Any]) -> bool:
+    def _reusable(self, manifest: dict[str, Any]) -> bool:
+        """``True`` when the folder holds the labels of ``manifest``; ``False`` when it holds none (no manifest:
+        never made, or interrupted while predicting).
+
+        Raises:
+            MedsslError: the folder holds labels of another teacher, pool or tta setting: relabelling would change
+                the training data under a run that may already have trained on them (delete the folder to relabel).
+        """
         path = self.folder / MANIFEST
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             return False
-        return {k: old.get(k) for k in manifest} == manifest
+        changed = sorted(k for k in manifest if old.get(k) != manifest[k])
+        if changed:
+            raise MedsslError(f"self_training: {path} was made with other {changed} than this run's; its pseudo-labels "
+                              "would change under a run that may have trained on them. Delete that folder (and the "
+                              "run's checkpoints) to relabel, or use another out_dir")
+        return True
 
     def _written(self, ids: Sequence[str]) -> dict[str, Path]:
         return {c: self.folder / f"{c}_seg.nii.gz" for c in ids if (self.folder / f"{c}_seg.nii.gz").is_file()}

@@ -29,9 +29,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return synthetic_cases(tmp_path_factory.mktemp("st"))
 
 
-def synthetic_cases(folder: Path) -> tuple[Path, Path]:
+def synthetic_cases(folder: Path, unlabeled: dict[str, bytes] | None = None) -> tuple[Path, Path]:
     """14 cases of 8×8×8 voxels (a bright cube = class 1 on a noisy background), 2 seeds, fractions 20 / 100;
-    every case has a true label file (which a pseudo-labelled case must never use). Returns (datalist, splits)."""
+    every case has a true label file (which a pseudo-labelled case must never use). ``unlabeled``: label-less
+    images (case id → file bytes) in the datalist's ``unlabeled`` section. Returns (datalist, splits)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     items = []
@@ -44,7 +45,12 @@ def synthetic_cases(folder: Path) -> tuple[Path, Path]:
         nib.save(nib.Nifti1Image(img, np.eye(4)), folder / f"img{i}.nii.gz")
         nib.save(nib.Nifti1Image(lab, np.eye(4)), folder / f"lab{i}.nii.gz")
         items.append({"image": f"img{i}.nii.gz", "label": f"lab{i}.nii.gz", "case_id": f"case{i:02d}"})
-    (folder / "datalist.json").write_text(json.dumps({"labels": {"0": "background", "1": "cube"}, "training": items}))
+    extra = []
+    for case, raw in (unlabeled or {}).items():
+        (folder / f"{case}.nii.gz").write_bytes(raw)
+        extra.append({"image": f"{case}.nii.gz", "case_id": case})
+    (folder / "datalist.json").write_text(json.dumps({"labels": {"0": "background", "1": "cube"}, "training": items,
+                                                      "unlabeled": extra}))
     splits, _ = split_datalist(folder / "datalist.json", fractions=[20, 100], seeds=[0, 1], test_fraction=0.2,
                                val_fraction=0.2)
     return folder / "datalist.json", splits
@@ -111,6 +117,8 @@ def test_student_trains_on_labelled_plus_pseudo_labels(data, teacher: Path, tmp_
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*_seg.nii.gz")} == stamp
     res = again.fit(progress=False)
     assert load_checkpoint(res.best_checkpoint)["recipe"]["self_training"]["cases"] == len(pool)
+    with pytest.raises(MedsslError, match=r"other \['tta'\]"):  # never relabelled under a run
+        Finetuner(cfg.replace(self_training={"teacher": str(teacher), "tta": True}))
 
 
 def test_study_pool_excludes_every_seeds_validation(data, teacher: Path, tmp_path: Path) -> None:
@@ -168,3 +176,14 @@ def test_resume_is_exact_and_refuses_switching_self_training(data, teacher: Path
     assert resumed.test_metrics == straight.test_metrics
     with pytest.raises(ConfigMismatchError, match="self_training"):
         run_finetune(_cfg(data, tmp_path / "b", max_steps=0, max_epochs=3), resume=last, progress=False)
+
+
+def test_an_unreadable_pool_volume_is_left_out_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = synthetic_cases(tmp_path / "d", unlabeled={"broken": b"not a nifti"})
+    assert "broken" in json.loads(Path(data[1]).read_text())["unlabeled"]["0"]
+    teacher = run_finetune(_cfg(data, tmp_path / "t", max_steps=1), progress=False).best_checkpoint
+    ft = Finetuner(_cfg(data, tmp_path / "s", self_training={"teacher": str(teacher), "tta": False}))
+    assert ft.pseudo.report["failed"] == ["broken"] and "pseudo:broken" not in {it["case_id"] for it in ft.pseudo.items}
+    assert ft.pseudo.items and "left out" in caplog.text
+    report = json.loads((tmp_path / "s" / "pseudo_labels" / "predict_report.json").read_text())
+    assert report["failed"] == 1

@@ -126,7 +126,8 @@ def test_real_engines_teacher_then_student(tmp_path: Path) -> None:
     assert st["teacher"] == str(res.sweep_dir / "f20-scratch-s0" / "checkpoints" / "best.pt") and st["cases"] > 0
     manifest = json.loads((student / "pseudo_labels" / "manifest.json").read_text())
     assert len(manifest["cases"]) == st["cases"] and not manifest["failed"]
-    from medssl.deploy.predict import predict  # a student deploys like any run (its recipe only gains a record)
+    from medssl.deploy.predict import predict
 
+    # a student deploys like any run (its recipe only gains a record)
     out = predict(student / "checkpoints" / "best.pt", [dl.parent / "img0.nii.gz"], tmp_path / "pred")
     assert out.exit_code == 0 and (tmp_path / "pred" / "img0_seg.nii.gz").is_file()
