@@ -165,12 +165,13 @@ def label_efficiency(
 
 
 def efficiency_metrics(eff: LabelEfficiency | None) -> dict[str, float]:
-    """Flat MLflow metrics for the parent run: ``<metric>/goal``, ``<metric>/labels_needed_<init>`` (percent;
-    absent where not reached) and ``<metric>/label_saving``."""
+    """Flat MLflow metrics for the parent run: ``<metric>/goal``, ``<metric>/labels_needed_<arm>`` (percent;
+    absent where not reached; ``+`` of a student arm as ``_``) and ``<metric>/label_saving``."""
     if eff is None:
         return {}
     out = {f"{eff.metric}/goal": eff.goal}
-    out |= {f"{eff.metric}/labels_needed_{i}": f for i, f in eff.needed.items() if f is not None}
+    # an arm name in an MLflow metric name: "scratch+st" → "scratch_st" ("+" is not allowed there)
+    out |= {f"{eff.metric}/labels_needed_{i.replace('+', '_')}": f for i, f in eff.needed.items() if f is not None}
     if eff.saving is not None:
         out[f"{eff.metric}/label_saving"] = eff.saving
     return out

@@ -56,6 +56,11 @@ def test_students_run_after_their_teachers_with_the_teachers_labels(tmp_path: Pa
     diff = next(r for r in rows if r["init"] == "scratch+st-scratch")
     assert diff["fraction"] == "10.0" and diff["values"] == "0.02 0.02"
     assert cmp.parent_metrics["test_dice_mean/f10_delta_scratch_st_mean"] == pytest.approx(0.02)
+    from medssl.tracking.mlflow_tracker import make_client
+
+    logged = make_client(uri).get_run(res.parent_run_id).data.metrics  # every name valid for MLflow
+    assert not set(cmp.parent_metrics) - set(logged), sorted(set(cmp.parent_metrics) - set(logged))
+    assert "test_dice_mean/f10_delta_scratch_st_mean" in logged and "test_dice_mean/f10_scratch_st_n" in logged
     assert cmp.parent_metrics["test_dice_mean/f10_ssl_st_mean"] == pytest.approx(
         (fake_value(10, "ssl", 0) + fake_value(10, "ssl", 1)) / 2 + 0.02)
 
@@ -131,3 +136,14 @@ def test_real_engines_teacher_then_student(tmp_path: Path) -> None:
     # a student deploys like any run (its recipe only gains a record)
     out = predict(student / "checkpoints" / "best.pt", [dl.parent / "img0.nii.gz"], tmp_path / "pred")
     assert out.exit_code == 0 and (tmp_path / "pred" / "img0_seg.nii.gz").is_file()
+
+
+def test_labels_needed_of_a_student_arm_is_a_valid_mlflow_name() -> None:
+    from medssl.tracking.efficiency import efficiency_metrics, label_efficiency
+    from medssl.tracking.stats import mean_ci
+
+    summaries = {(10.0, "scratch"): mean_ci([0.80, 0.82]), (100.0, "scratch"): mean_ci([0.86, 0.87]),
+                 (10.0, "scratch+st"): mean_ci([0.86, 0.87])}
+    eff = label_efficiency(summaries, "test_dice_mean", within=0.01)
+    assert eff.needed["scratch+st"] == 10.0 and "scratch+st needs 10 %" in eff.sentence()
+    assert efficiency_metrics(eff)["test_dice_mean/labels_needed_scratch_st"] == 10.0
