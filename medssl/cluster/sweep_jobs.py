@@ -1,5 +1,7 @@
 """A label-fraction sweep as SLURM jobs: pretraining once, then ONE job array with a task per
-(fraction, init, seed) child, ``--dependency=afterok:<pretraining>``, all logging into one MLflow parent run.
+(fraction, init, seed) child, ``--dependency=afterok:<pretraining>``, all logging into one MLflow parent run;
+self-training students (pipeline ``self_training``) as a second array after the first (``afterany``: a student
+whose teacher failed fails naming it, the others run).
 
 The submitter (``medssl sweep FILE --slurm`` / ``--emit-jobs DIR``) prepares the data, creates (or reattaches)
 the parent run, writes the resolved pipeline (overrides applied) and the batch scripts, and submits them::
@@ -7,6 +9,7 @@ the parent run, writes the resolved pipeline (overrides applied) and the batch s
     <study>/slurm/pipeline.yaml      the pipeline every task runs (same config → same child hashes)
     <study>/slurm/pretrain.sbatch    medssl sweep pipeline.yaml --child pretrain --parent-run ID
     <study>/slurm/children.sbatch    #SBATCH --array=0-(N-1): medssl sweep ... --child $SLURM_ARRAY_TASK_ID
+    <study>/slurm/students.sbatch    #SBATCH --array=N-(M-1): the students (only with self_training)
     <study>/slurm/submit.sh          the two sbatch calls (what --slurm runs; --emit-jobs only writes)
     <study>/slurm/jobs.json          job ids, parent run, child keys (written on submission)
 
@@ -81,6 +84,13 @@ class SweepJobs:
     pretrain_job: str | None = None
     children_job: str | None = None
     skipped: list[str] = field(default_factory=list)
+    students_script: Path | None = None
+    students_from: int | None = None  # index of the first student in ``keys`` (None: no students)
+    students_job: str | None = None
+
+    def job_of(self, i: int) -> str | None:
+        """The array job (not yet the task) that runs child ``i``."""
+        return self.students_job if self.students_from is not None and i >= self.students_from else self.children_job
 
     def table(self) -> Any:
         """Rich ``Table``: array index, child key, and the jobs."""
@@ -92,7 +102,7 @@ class SweepJobs:
         if self.pretrain_script is not None:
             t.add_row("-", "pretrain", self.pretrain_job or f"not submitted: {self.pretrain_script}")
         for i, key in enumerate(self.keys):
-            job = f"{self.children_job}_{i}" if self.children_job else "not submitted"
+            job = f"{self.job_of(i)}_{i}" if self.job_of(i) else "not submitted"
             t.add_row(str(i), key, job + (" (finished earlier)" if key in self.skipped else ""))
         return t
 
@@ -130,18 +140,13 @@ def emit_sweep_jobs(
         The :class:`SweepJobs` (job ids filled when submitted).
 
     Raises:
-        MedsslError: an invalid pipeline or data (as ``run_sweep``), a pipeline with ``self_training`` (students
-            wait for their teachers, which one array does not order), ``docker/slurm/launch.sh`` missing, no
+        MedsslError: an invalid pipeline or data (as ``run_sweep``), ``docker/slurm/launch.sh`` missing, no
             ``sbatch`` on PATH, or a failed submission (sbatch's message).
     """
     from medssl.engines.studies.pipeline import check_fractions_available, load_pipeline, prepare_data
     from medssl.engines.studies.runner import SweepRun
 
     pl = load_pipeline(pipeline, overrides)
-    if pl.self_training:  # one array runs its tasks in any order: a student could start before its teacher ends
-        raise MedsslError(f"study {pl.study}: self_training students need their teachers finished, which one SLURM "
-                          "array does not order; submit the study without self_training, then run the students "
-                          "with `medssl sweep FILE` once the array has finished")
     datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
     check_fractions_available(splits, pl.fractions, pl.seeds)
     if not LAUNCH_SH.is_file():
@@ -172,12 +177,21 @@ def emit_sweep_jobs(
         pre_path.write_text(_SCRIPT.format(**common, what="pretraining", job_name=f"{pl.study}-pretrain",
                                            extra=extra, self_path=shlex.quote(str(pre_path.resolve())),
                                            child="pretrain"))
-    array = f"--array=0-{len(keys) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    n_students = len(keys) - len(pl.fractions) * len(pl.seeds) * len(pl.inits)  # Pipeline.children(): students last
+    first_student = len(keys) - n_students if n_students else None
+    limit = f"%{max_parallel}" if max_parallel else ""
     kids = folder / "children.sbatch"
-    kids.write_text(_SCRIPT.format(**common, what=f"{len(keys)} children as one array", job_name=pl.study,
-                                   extra=_sbatch_directives([array]) + extra,
+    n_kids = first_student if first_student is not None else len(keys)
+    kids.write_text(_SCRIPT.format(**common, what=f"{n_kids} children as one array", job_name=pl.study,
+                                   extra=_sbatch_directives([f"--array=0-{n_kids - 1}{limit}"]) + extra,
                                    self_path=shlex.quote(str(kids.resolve())),
                                    child='"$SLURM_ARRAY_TASK_ID"'))
+    studs = folder / "students.sbatch" if first_student is not None else None
+    if studs is not None:  # their own array, after the teachers' (one array orders nothing between its tasks)
+        studs.write_text(_SCRIPT.format(
+            **common, what=f"{n_students} self-training students as one array", job_name=f"{pl.study}-students",
+            extra=_sbatch_directives([f"--array={first_student}-{len(keys) - 1}{limit}"]) + extra,
+            self_path=shlex.quote(str(studs.resolve())), child='"$SLURM_ARRAY_TASK_ID"'))
     lines = ["#!/usr/bin/env bash", "set -euo pipefail", f"cd {shlex.quote(str(folder.resolve()))}"]
     if pre_path is not None:
         lines += ["PRE=$(sbatch --parsable pretrain.sbatch)", "echo \"pretraining: job ${PRE%%;*}\"",
@@ -185,13 +199,17 @@ def emit_sweep_jobs(
     else:
         lines += ["KIDS=$(sbatch --parsable children.sbatch)"]
     lines.append("echo \"children: array job ${KIDS%%;*}\"")
+    if studs is not None:
+        lines += ["STUD=$(sbatch --parsable --dependency=afterany:${KIDS%%;*} students.sbatch)",
+                  "echo \"students: array job ${STUD%%;*}\""]
     sub = folder / "submit.sh"
     sub.write_text("\n".join(lines) + "\n")
     sub.chmod(0o755)
-    for p in (pre_path, kids):
+    for p in (pre_path, kids, studs):
         if p is not None:
             p.chmod(0o755)
-    jobs = SweepJobs(pl.study, parent, folder, keys, pre_path, kids, sub, skipped=skipped)
+    jobs = SweepJobs(pl.study, parent, folder, keys, pre_path, kids, sub, skipped=skipped, students_script=studs,
+                     students_from=first_student)
     if submit:
         _submit(jobs)
     log.info("study %s: %d children, scripts in %s", pl.study, len(keys), folder)
@@ -212,14 +230,18 @@ def _sbatch(*args: str) -> str:
 
 
 def _submit(jobs: SweepJobs) -> None:
-    """sbatch the pretraining, then the array depending on it; record ``jobs.json``."""
+    """sbatch the pretraining, then the array depending on it, then the students' array after that; record
+    ``jobs.json``."""
     dep: list[str] = []
     if jobs.pretrain_script is not None:
         jobs.pretrain_job = _sbatch(str(jobs.pretrain_script))
         dep = [f"--dependency=afterok:{jobs.pretrain_job}"]
     jobs.children_job = _sbatch(*dep, str(jobs.children_script))
+    if jobs.students_script is not None:
+        jobs.students_job = _sbatch(f"--dependency=afterany:{jobs.children_job}", str(jobs.students_script))
     record = {"study": jobs.study, "parent_run_id": jobs.parent_run_id, "pretrain_job": jobs.pretrain_job,
-              "children_job": jobs.children_job, "keys": jobs.keys}
+              "children_job": jobs.children_job, "keys": jobs.keys, "students_job": jobs.students_job,
+              "students_from": jobs.students_from}
     (jobs.folder / "jobs.json").write_text(json.dumps(record, indent=1))
     log.info("submitted: pretraining %s, array %s", jobs.pretrain_job or "-", jobs.children_job)
 
@@ -245,10 +267,10 @@ class _Queued:
 def _queued(pl: Any, rec: dict[str, Any]) -> dict[str, _Queued]:
     """The study's pending/running jobs: by the ids in ``jobs.json`` and by the emitted scripts' job names
     (``<study>``, ``<study>-pretrain``): a job that ``launch.sh`` resubmitted (requeue not allowed) has a new id."""
-    ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job")) if j]
+    ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job"), rec.get("students_job")) if j]
     if not ids or shutil.which("squeue") is None:
         return {}
-    names = f"{pl.study},{pl.study}-pretrain"
+    names = f"{pl.study},{pl.study}-pretrain,{pl.study}-students"
     out: dict[str, _Queued] = {}
     for select in (["-j", ",".join(ids)], ["-n", names, "-u", str(os.getuid())]):
         p = subprocess.run(["squeue", "-h", "-r", *select, "-o", "%i|%T|%j|%r|%E"], capture_output=True,
@@ -265,7 +287,7 @@ def _queued(pl: Any, rec: dict[str, Any]) -> dict[str, _Queued]:
 def active_jobs(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, str]:
     """Submitted jobs of the study still pending or running: ``{"<job>[_<task>]": state}`` (empty when
     nothing was submitted, all are done, or ``squeue`` is unavailable). Jobs of this user named as the
-    emitted scripts name them (``<study>``, ``<study>-pretrain``) count too: a pretraining job or an array task
+    emitted scripts name them (``<study>``, ``<study>-pretrain``, ``<study>-students``) count too: a pretraining job or an array task
     resubmitted by ``launch.sh`` where requeue is not allowed runs under a new job id."""
     from medssl.engines.studies.pipeline import load_pipeline
 
@@ -314,9 +336,11 @@ def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | N
     pre = rec.get("pretrain_job")
     if pre:
         row("-", "pretrain", pre, [q for q in queued.values() if q.name == f"{pl.study}-pretrain"])
-    array = rec.get("children_job")
+    first_student = rec.get("students_from")
     for i, key in enumerate(rec.get("keys", [])):
-        mine = [q for q in queued.values() if q.name == pl.study and q.job.partition("_")[2] == str(i)]
+        student = first_student is not None and i >= first_student
+        array, name = (rec.get("students_job"), f"{pl.study}-students") if student else (rec.get("children_job"), pl.study)
+        mine = [q for q in queued.values() if q.name == name and q.job.partition("_")[2] == str(i)]
         row(str(i), key, f"{array}_{i}", mine)
     return t
 

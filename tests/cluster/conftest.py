@@ -56,14 +56,14 @@ def study_spec(hippocampus_dir: Path, tmp_path: Path) -> Callable[..., Path]:
     ``tmp_path/<study>.yaml`` (runs under ``tmp_path/runs``, MLflow in ``tmp_path/mlruns.db`` unless ``uri``).
 
     ``study_spec(study, *, uri=None, experiment="sweep-slurm", cases=6, test_fraction=0.2, val_fraction=0.2,
-    inits=("scratch", "ssl"), fractions=(100,), pretrain=None, finetune=None)``: ``pretrain`` / ``finetune``
-    update the sections' defaults (SimCLR 2 steps; SegResNet 1 epoch, batch 2).
+    inits=("scratch", "ssl"), fractions=(100,), pretrain=None, finetune=None, **extra)``: ``pretrain`` / ``finetune``
+    update the sections' defaults (SimCLR 2 steps; SegResNet 1 epoch, batch 2); ``extra``: more pipeline keys.
     """
 
     def make(study: str, *, uri: str | None = None, experiment: str = "sweep-slurm", cases: int = 6,
              test_fraction: float = 0.2, val_fraction: float = 0.2, inits: tuple[str, ...] = ("scratch", "ssl"),
              fractions: tuple[int, ...] = (100,), pretrain: dict[str, Any] | None = None,
-             finetune: dict[str, Any] | None = None) -> Path:
+             finetune: dict[str, Any] | None = None, **extra: Any) -> Path:
         datalist = hippocampus_datalist(hippocampus_dir, tmp_path / "data", cases)
         spec = {
             "study": study, "experiment": experiment, "tracking_uri": uri or f"sqlite:///{tmp_path / 'mlruns.db'}",
@@ -74,7 +74,7 @@ def study_spec(hippocampus_dir: Path, tmp_path: Path) -> Callable[..., Path]:
                          "target_spacing": [1.0, 1.0, 1.0], "device": "cpu", "preview": False, **(pretrain or {})},
             "finetune": {"network": "SegResNet", "network_kwargs": SEG_NET, "roi_size": [16] * 3, "max_epochs": 1,
                          "batch_size": 2, "sw_overlap": 0.0, "sw_batch_size": 8, "device": "cpu", **(finetune or {})},
-            "fractions": list(fractions), "inits": list(inits), "seeds": [0], "metric": "test_dice_mean",
+            "fractions": list(fractions), "inits": list(inits), "seeds": [0], "metric": "test_dice_mean", **extra,
         }  # fmt: skip
         path = tmp_path / f"{study}.yaml"
         path.write_text(yaml.safe_dump(spec))

@@ -103,8 +103,22 @@ def test_bad_self_training_sections_are_refused(tmp_path: Path) -> None:
     assert pl.self_training["fractions"] == [10.0] and pl.arms == ["scratch", "ssl", "scratch+st"]
     assert load_pipeline(base | {"self_training": {"inits": ["scratch"]},
                                  "finetune_by_init": {"scratch+st": {"lr": 0.1}}}).finetune_by_init
-    with pytest.raises(MedsslError, match="SLURM"):
-        emit_sweep_jobs(base | {"self_training": ST}, submit=False, out=tmp_path / "slurm")
+
+
+def test_slurm_students_are_a_second_array_after_the_teachers(tmp_path: Path) -> None:
+    jobs = emit_sweep_jobs(pipeline(tmp_path, fresh_sqlite_uri(tmp_path), self_training=ST), out=tmp_path / "slurm")
+    n_teachers = 8  # fractions 10 / 100 × seeds 0 / 1 × scratch / ssl; students: 10 % × 2 seeds × 2 arms
+    assert jobs.keys[n_teachers:] == [f"f10-{i}+st-s{s}" for s in (0, 1) for i in ("scratch", "ssl")]
+    assert jobs.students_from == n_teachers and jobs.students_script == tmp_path / "slurm" / "students.sbatch"
+    kids, studs = (jobs.children_script.read_text(), jobs.students_script.read_text())
+    assert "#SBATCH --array=0-7\n" in kids and "#SBATCH --array=8-11\n" in studs
+    assert "#SBATCH --job-name=toy-students" in studs and '--child "$SLURM_ARRAY_TASK_ID"' in studs
+    submit = jobs.submit_script.read_text()
+    assert "--dependency=afterany:${KIDS%%;*} students.sbatch" in submit
+    assert submit.index("children.sbatch") < submit.index("students.sbatch")
+    plain = emit_sweep_jobs(pipeline(tmp_path / "plain", fresh_sqlite_uri(tmp_path / "plain"), study="plain"),
+                            out=tmp_path / "plain_slurm")
+    assert plain.students_script is None and "students.sbatch" not in plain.submit_script.read_text()
 
 
 def test_real_engines_teacher_then_student(tmp_path: Path) -> None:
