@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model  # noqa: E402
 
-from medssl.tracking.compare import DIFF  # noqa: E402  (the paired SSL − scratch row of the summaries)
+from medssl.tracking.compare import DIFF, diff_name, is_diff  # noqa: E402  (paired-difference rows of the summaries)
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 
@@ -108,9 +108,17 @@ def report(results: list[Any], *, pipeline: Path, seconds: float | None, minutes
         "|---:|---:|---:|---:|---:|",
     ]
     for f in fracs:
-        n = max((x.n for k, x in s.items() if k[0] == f and k[1] != DIFF), default=0)
+        n = max((x.n for k, x in s.items() if k[0] == f and not is_diff(k[1])), default=0)
         lines.append(f"| {f:g} | {n} | {_fmt(s.get((f, 'scratch')))} | {_fmt(s.get((f, 'ssl')))} | "
                      f"{_fmt(s.get((f, DIFF)))} |")
+    students = sorted({i for _, i in s if i not in ("scratch", "ssl") and not is_diff(i)})
+    if students:  # self-training arms (pipeline self_training): each with its paired difference to scratch
+        lines += ["", "| fraction % | " + " | ".join(f"{a} | {a} − scratch (paired)" for a in students) + " |",
+                  "|---:|" + "---:|---:|" * len(students)]
+        for f in fracs:
+            if any((f, a) in s for a in students):
+                cells = [f"{f:g}"] + [c for a in students for c in (_fmt(s.get((f, a))), _fmt(s.get((f, diff_name(a)))))]
+                lines.append("| " + " | ".join(cells) + " |")
     if len(results) > 1:
         lines += ["", "| fraction % | " + " | ".join(f"{r.metric} scratch | {r.metric} SSL" for r in results[1:])
                   + " |", "|---:|" + "---:|---:|" * (len(results) - 1)]
@@ -120,7 +128,7 @@ def report(results: list[Any], *, pipeline: Path, seconds: float | None, minutes
                 cells += [_fmt(r.summaries.get((f, "scratch"))), _fmt(r.summaries.get((f, "ssl")))]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "mean ± half-width of the 95 % t-interval over seeds (n per cell: "
-              + ", ".join(sorted({str(x.n) for k, x in s.items() if k[1] != DIFF})) + ").", ""]
+              + ", ".join(sorted({str(x.n) for k, x in s.items() if not is_diff(k[1])})) + ").", ""]
     per_seed = sorted(main.records, key=lambda r: (r["fraction"], r["init"], r["seed"]))
     lines.append(f"Per seed ({main.metric}): " + "; ".join(
         f"{r['fraction']:g} % {r['init']} s{r['seed']} {_value(r)}" for r in per_seed) + ".")
