@@ -10,7 +10,7 @@ the parent run, writes the resolved pipeline (overrides applied) and the batch s
     <study>/slurm/pretrain.sbatch    medssl sweep pipeline.yaml --child pretrain --parent-run ID
     <study>/slurm/children.sbatch    #SBATCH --array=0-(N-1): medssl sweep ... --child $SLURM_ARRAY_TASK_ID
     <study>/slurm/students.sbatch    #SBATCH --array=N-(M-1): the students (only with self_training)
-    <study>/slurm/submit.sh          the two sbatch calls (what --slurm runs; --emit-jobs only writes)
+    <study>/slurm/submit.sh          the sbatch calls (what --slurm runs; --emit-jobs only writes)
     <study>/slurm/jobs.json          job ids, parent run, child keys (written on submission)
 
 Array task ``i`` runs child ``i`` of :func:`medssl.engines.studies.sweep.run_sweep` (order: fractions × seeds × inits,
