@@ -276,8 +276,8 @@ class Finetuner:
     @property
     def eval_model(self) -> nn.Module:
         """The network that is validated, selected and tested: the weight average with ``ema_decay``, else
-        the trained model. Read from :attr:`model` at each call (not from the checkpointer's reference), so a
-        network assigned to ``model`` after construction is the one evaluated."""
+        the trained model; the one definition of that choice (``best.pt`` is written from it). Read from
+        :attr:`model` at each call, so a network assigned to ``model`` after construction is the one evaluated."""
         return self.ema.module if self.ema is not None else self.model
 
     def evaluate(self, dataset: Any) -> dict[str, float]:
@@ -288,7 +288,7 @@ class Finetuner:
         """Evaluate on validation; ``best.pt`` on improvement of the selection metric; early stopping."""
         vals = self.evaluate(self.val_ds)
         if self.selection.update(vals, self.epoch):
-            self.checkpointer.save_best(self.epoch, vals)
+            self.checkpointer.save_best(self.epoch, vals, self.eval_model)
         return vals
 
     def _validate(self) -> dict[str, float]:

@@ -77,11 +77,6 @@ class FinetuneCheckpointer:
         self.transfer, self.run_id, self.ema = transfer, run_id, ema
 
     @property
-    def evaluated(self) -> torch.nn.Module:
-        """The network that is validated and saved as ``best.pt``: the weight average with EMA, else the model."""
-        return self.ema.module if self.ema is not None else self.model
-
-    @property
     def best_path(self) -> Path:
         return self.folder / "best.pt"
 
@@ -89,15 +84,15 @@ class FinetuneCheckpointer:
     def last_path(self) -> Path:
         return self.folder / "last.pt"
 
-    def save_best(self, epoch: int, values: dict[str, float]) -> Path:
-        """Write ``best.pt``: the current weights (averaged ones with EMA) with the validation ``values`` of
-        ``epoch``."""
+    def save_best(self, epoch: int, values: dict[str, float], network: torch.nn.Module) -> Path:
+        """Write ``best.pt``: the weights of ``network``, the one that was validated (the EMA average with
+        ``ema_decay``: :attr:`Finetuner.eval_model`), with the validation ``values`` of ``epoch``."""
         state = {
             "format": 1,
             "recipe": self.recipe,
             "config": self.config.to_dict(),
             "epoch": epoch,
-            "model": self.evaluated.state_dict(),
+            "model": network.state_dict(),
             "val": values,
         }
         return ck.atomic_save(state, self.best_path)
