@@ -73,6 +73,7 @@ class SweepRun:
         self.encoder_sha: str | None = None
         self.pretrain_identity: dict[str, Any] | None = None
         self.existing: dict[str, tuple[str, str, str | None, str | None]] = {}  # sweep key → its run (run())
+        self.planned: dict[str, str] = {}  # sweep key → config hash of the children planned so far (_plan)
         self.common = {
             "experiment": pl.experiment,
             "tracking_uri": self.uri,
@@ -240,10 +241,10 @@ class SweepRun:
         }
         ident_cfg = cfg
         if teacher is not None:  # the teacher as a role + its config, not its per-seed path: one hash per cell
-            teacher_hash = self._plan(fraction, teacher, seed)[0].config_hash
+            teacher_hash = self.planned[_child_key(fraction, teacher, seed)]  # planned first (Pipeline.children)
             ident_cfg = {**cfg, "self_training": {**cfg["self_training"], "teacher": f"sweep:{teacher}:{teacher_hash}"}}
         identity = config_identity(ident_cfg, encoder_sha256=self.encoder_sha if start == "ssl" else None)
-        c.config_hash = config_hash(identity)
+        c.config_hash = self.planned[key] = config_hash(identity)
         c.data_hash = split_data_hash(self.datalist, self.splits, seed=seed, fraction=fraction)
         cfg["tags"] = {**base.get("tags", {}), **self._tags(c)}
         return c, cfg, identity
