@@ -24,6 +24,7 @@ def predict(
     model: Annotated[str, typer.Argument(help="Finetune checkpoint (best.pt), run folder, runs:/… or models:/… URI; an exported file for --backend torchscript|onnx.")],
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, DICOM series folders, or folders of either.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (<case>_seg.nii.gz, predict_report.json).")],
+    ensemble: Annotated[list[str] | None, typer.Option("--ensemble", help="Another model to average with MODEL (softmax mean; repeat for more, e.g. a study's seeds). Members must preprocess alike.")] = None,
     backend: Annotated[str, typer.Option(help="torch | torchscript | onnx.")] = "torch",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
     batch: Annotated[int | None, typer.Option(help="Sliding windows per forward pass (default: the recipe's).", min=1)] = None,
@@ -33,7 +34,8 @@ def predict(
     tracking_uri: Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow store for runs:/ and models:/ URIs.")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Segment NIfTI files / DICOM series with a finetuned model; label maps on each input's own grid.
+    """Segment NIfTI files / DICOM series with a finetuned model (or an ensemble: --ensemble); label maps on each
+    input's own grid.
 
     Exit code 1 when any input failed (reported with its reason and skipped; the others are written).
     """
@@ -41,7 +43,7 @@ def predict(
 
     setup(verbose)
     try:
-        res = run_predict(model, inputs, out, backend=backend, device=device, batch=batch, tta=tta,
+        res = run_predict([model, *ensemble] if ensemble else model, inputs, out, backend=backend, device=device, batch=batch, tta=tta,
                           probabilities=probabilities, dicom_seg=dicom_seg, progress=sys.stderr.isatty(),
                           tracking_uri=tracking_uri)
     except MedsslError as e:

@@ -6,6 +6,10 @@ Per case (:mod:`medssl.deploy.predict_inputs` finds and reads them with the inge
         [+ test-time flips along the recipe's flip_axes, softmax averaged]  →  Invertd (probabilities)
         →  argmax  →  <out>/<case>_seg.nii.gz  [+ _prob.nii.gz, _uncertainty.nii.gz, _seg.dcm]
 
+Ensembles: several models (e.g. the seeds or folds of one study, or a scratch and an SSL-initialised run) are
+loaded once each and their softmax maps averaged (each with its own sliding window and test-time flips) before
+the argmax, as nnU-Net ensembles its folds; the members must preprocess alike (`ENSEMBLE_KEYS`).
+
 The label map has exactly the input's shape and affine (DICOM: the series' geometry as the ingest reader
 builds it). The model is loaded once; the next case is read and preprocessed in a background thread while
 the current one is computed, and outputs are written in another (measured: module comment at `predict`).
@@ -38,12 +42,17 @@ import torch
 from medssl.engines.finetune.tta import flip_dims
 from medssl.errors import MedsslError
 
-__all__ = ["BACKENDS", "PredictResult", "case_progress", "tta_flips", "predict_probabilities", "predict"]
+__all__ = ["BACKENDS", "ENSEMBLE_KEYS", "PredictResult", "case_progress", "tta_flips", "predict_probabilities",
+           "predict"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "torchscript", "onnx")
 REPORT_NAME = "predict_report.json"
+# What an ensemble's members must share: everything that makes the input tensor or names the output channels.
+# Window size, overlap and test-time flips may differ (each member runs its own).
+ENSEMBLE_KEYS = ("task", "in_channels", "out_channels", "class_names", "axcodes", "target_spacing", "normalisation",
+                 "ct_window")
 
 
 def tta_flips(flip_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -154,6 +163,52 @@ def _load_runner(model: Any, backend: str, device: torch.device, tracking_uri: s
     return exported.runner, dict(exported.preprocessing), str(exported.source)
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One loaded model of a (possibly one-model) ensemble with its own inferer and test-time flips."""
+
+    runner: Callable[[torch.Tensor], torch.Tensor]
+    prep: dict[str, Any]
+    source: str
+    inferer: Callable[..., torch.Tensor]
+    flips: list[tuple[int, ...]]
+
+
+def _load_members(models: Sequence[Any], backend: str, dev: torch.device, tracking_uri: str | None,
+                  batch: int | None, tta: bool) -> list[_Member]:
+    """Load every model once; check they are segmentation models that preprocess alike (`ENSEMBLE_KEYS`).
+
+    Raises:
+        MedsslError: a model that cannot be loaded or is not a segmentation model, or two members that differ in
+            an `ENSEMBLE_KEYS` field (naming both sources, the field and both values).
+    """
+    from monai.inferers import SlidingWindowInferer
+
+    members: list[_Member] = []
+    for model in models:
+        runner, prep, source = _load_runner(model, backend, dev, tracking_uri)
+        if prep.get("task") != "segmentation":
+            raise MedsslError(f"model {source}: predict needs a segmentation model, this one is {prep.get('task')!r}")
+        if members:
+            first = members[0]
+            for key in ENSEMBLE_KEYS:
+                if prep.get(key) != first.prep.get(key):
+                    raise MedsslError(
+                        f"ensemble: model {source} has {key}={prep.get(key)!r}, model {first.source} "
+                        f"{first.prep.get(key)!r}; the members of an ensemble must preprocess alike and predict the "
+                        f"same classes ({', '.join(ENSEMBLE_KEYS)})"
+                    )
+        inferer = SlidingWindowInferer(roi_size=list(prep["roi_size"]),
+                                       sw_batch_size=int(batch or prep.get("sw_batch_size") or 4),
+                                       overlap=float(prep.get("sw_overlap", 0.25)), mode="gaussian")
+        flips = tta_flips(prep.get("flip_axes") or []) if tta else []
+        if tta and not flips:
+            log.warning("--tta: the training of %s flipped no axis, so no test-time flip is allowed; predicting "
+                        "without", source)
+        members.append(_Member(runner, prep, source, inferer, flips))
+    return members
+
+
 def _prepare(case: Any, chain: Any, in_channels: int) -> tuple[list[tuple[Any, dict[str, Any]]], float]:
     """Reader-thread work: read one case (ingest readers), preprocess each of its volumes; ``(volumes, s)``."""
     from monai.data import MetaTensor
@@ -167,11 +222,15 @@ def _prepare(case: Any, chain: Any, in_channels: int) -> tuple[list[tuple[Any, d
     return out, time.perf_counter() - t0
 
 
-def _infer(d: dict[str, Any], loaded: Any, runner: Callable, inferer: Callable, inverter: Callable,
-           flips: Sequence[tuple[int, ...]], dev: torch.device) -> np.ndarray:
-    """Probabilities ``(K, X, Y, Z)`` float32 on the input's own grid (sliding window, flips, Invertd)."""
+def _infer(d: dict[str, Any], loaded: Any, members: Sequence[_Member], inverter: Callable,
+           dev: torch.device) -> np.ndarray:
+    """Probabilities ``(K, X, Y, Z)`` float32 on the input's own grid (sliding window, flips, the members' mean,
+    Invertd)."""
     x = d["image"].unsqueeze(0).to(dev)
-    d["pred"] = predict_probabilities(x, runner, inferer, flips)[0].cpu()
+    total = predict_probabilities(x, members[0].runner, members[0].inferer, members[0].flips)
+    for m in members[1:]:
+        total += predict_probabilities(x, m.runner, m.inferer, m.flips)
+    d["pred"] = (total / len(members))[0].cpu()
     probs = inverter(d)["pred"]
     probs = np.asarray(probs.detach().cpu().numpy() if torch.is_tensor(probs) else probs, np.float32)
     if tuple(probs.shape[1:]) != loaded.shape:
@@ -225,7 +284,8 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
         model: a finetune checkpoint / run folder / ``runs:/`` / ``models:/`` URI (torch backend; see
             :func:`medssl.deploy.model.load_model`), an exported file for ``torchscript`` / ``onnx``, or an
             already loaded :class:`~medssl.deploy.model.DeployModel` (torch) or
-            :class:`~medssl.deploy.export.Exported` (its backend).
+            :class:`~medssl.deploy.export.Exported` (its backend); a list or tuple of these is an ensemble
+            (softmax averaged over the members; module docstring).
         inputs: NIfTI files, DICOM series folders, or folders of either (walked recursively).
         out: output folder (created).
         backend: ``torch`` | ``torchscript`` | ``onnx``.
@@ -244,10 +304,9 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
         A `PredictResult`; ``exit_code`` is 1 when any input failed (the others are written).
 
     Raises:
-        MedsslError: the model cannot be loaded or is not a segmentation model, a bad option, or no input
-            holds any case at all (nothing to report on).
+        MedsslError: the model cannot be loaded or is not a segmentation model, ensemble members that do not
+            preprocess alike, a bad option, or no input holds any case at all (nothing to report on).
     """
-    from monai.inferers import SlidingWindowInferer
     from monai.transforms import Invertd
 
     import medssl
@@ -257,19 +316,16 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
     t0 = time.perf_counter()
     out = Path(out)
     dev = torch.device(device)
-    runner, prep, source = _load_runner(model, backend, dev, tracking_uri)
-    if prep.get("task") != "segmentation":
-        raise MedsslError(f"model {source}: predict needs a segmentation model, this one is {prep.get('task')!r}")
     if batch is not None and batch < 1:
         raise MedsslError(f"--batch must be >= 1, got {batch}")
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise MedsslError("no model given")
+    members = _load_members(models, backend, dev, tracking_uri, batch, tta)
+    prep, source, flips = members[0].prep, members[0].source, members[0].flips
     chain = preprocess_transforms(prep, load=False)
     inverter = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False, to_tensor=True, device="cpu")
     sw_batch = int(batch or prep.get("sw_batch_size") or 4)
-    inferer = SlidingWindowInferer(roi_size=list(prep["roi_size"]), sw_batch_size=sw_batch,
-                                   overlap=float(prep.get("sw_overlap", 0.25)), mode="gaussian")
-    flips = tta_flips(prep.get("flip_axes") or []) if tta else []
-    if tta and not flips:
-        log.warning("--tta: the model's training flipped no axis, so no test-time flip is allowed; predicting without")
     class_names = {str(k): str(v) for k, v in (prep.get("class_names") or {}).items()}
     cases, problems = discover_cases(inputs, exclude=out)
     if not cases and not problems:
@@ -317,7 +373,7 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
                     row = {"input": str(case.path), "case": loaded.name, "status": "ok", "shape": list(loaded.shape)}
                     t_inf = time.perf_counter()
                     try:
-                        probs = _infer(d, loaded, runner, inferer, inverter, flips, dev)
+                        probs = _infer(d, loaded, members, inverter, dev)
                         row["infer_s"] = round(time.perf_counter() - t_inf, 3)
                         pending.append((row, writer.submit(_write, loaded, probs, out, **kw) if writer
                                         else _write(loaded, probs, out, **kw)))
@@ -341,12 +397,17 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
                 pool.shutdown(wait=True, cancel_futures=True)
     result = PredictResult(out_dir=out, report_path=out / REPORT_NAME, cases=rows,
                            seconds=round(time.perf_counter() - t0, 3))
-    report = {"model": source, "backend": backend, "device": str(dev), "tta": bool(flips),
+    report = {"model": source if len(members) == 1 else [m.source for m in members], "backend": backend,
+              "device": str(dev), "tta": any(m.flips for m in members),
               "tta_flips": [[d - 2 for d in f] for f in flips], "sw_batch_size": sw_batch,
               "sw_overlap": float(prep.get("sw_overlap", 0.25)), "roi_size": list(prep["roi_size"]),
               "preprocessing": prep, "ok": len(result.ok), "failed": len(result.failed),
               "skipped": sum(r["status"] == "skipped" for r in rows), "seconds": result.seconds,
               "prefetch": prefetch, "stages": {k: round(v, 3) for k, v in stages.items()}, "cases": rows}
+    if len(members) > 1:  # top-level window and flip fields are the first member's; each member's here
+        report["ensemble"] = [{"model": m.source, "roi_size": list(m.prep["roi_size"]),
+                               "sw_overlap": float(m.prep.get("sw_overlap", 0.25)),
+                               "tta_flips": [[d - 2 for d in f] for f in m.flips]} for m in members]
     result.report_path.write_text(json.dumps(report, indent=2, default=str))
     log.info("predict: %d written, %d failed → %s", len(result.ok), len(result.failed), result.report_path)
     return result

@@ -199,3 +199,64 @@ def test_exported_backends_give_the_same_labels(model: DeployModel, volumes, tmp
             assert clear.mean() > 0.99
             seg_got, seg_want = _load(got["outputs"]["seg"])[0], _load(want["outputs"]["seg"])[0]
             assert np.array_equal(seg_got[clear], seg_want[clear]), backend
+
+
+@pytest.fixture(scope="module")
+def second_run(hippocampus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny real run on the same cases: other window (24×16×16) and other trained flip axis (1)."""
+    _, out = finetune_seg(hippocampus_dir, tmp_path_factory.mktemp("ft2"), roi_size=[24, 16, 16],
+                          augment={"flip_axes": [1]})
+    return out
+
+
+def test_ensemble_averages_members_with_their_own_windows_and_flips(model: DeployModel, second_run: Path, volumes,
+                                                                    tmp_path: Path) -> None:
+    """Two real models: the ensemble's probabilities are the mean of each member's own MONAI reference (its own
+    window and its own test-time flip), its labels their argmax, on the input's grid; the report names both."""
+    other = load_model(second_run)
+    assert other.preprocessing["roi_size"] == [24, 16, 16] and other.preprocessing["flip_axes"] == [1]
+    ras, pil = volumes
+    res = predict([model, other], [ras, pil], tmp_path, tta=True, probabilities=True)
+    assert res.exit_code == 0
+    want = (reference_probs(model, ras, flips=((2,),)) + reference_probs(other, ras, flips=((3,),))) / 2
+    prob, affine = _load(res.ok[0]["outputs"]["prob"])
+    assert np.allclose(prob, np.moveaxis(want, 0, -1), atol=1e-5)
+    seg = _load(res.ok[0]["outputs"]["seg"])[0]
+    assert np.array_equal(seg, want.argmax(0)) and np.allclose(affine, nib.load(ras).affine, atol=1e-5)
+    # not just one member's output
+    assert not np.allclose(prob, np.moveaxis(reference_probs(model, ras, flips=((2,),)), 0, -1), atol=1e-3)
+    assert nib.load(res.ok[1]["outputs"]["seg"]).shape == nib.load(pil).shape
+    report = json.loads(res.report_path.read_text())
+    assert report["model"] == [model.source, other.source]
+    assert [m["roi_size"] for m in report["ensemble"]] == [[16, 16, 16], [24, 16, 16]]
+    assert [m["tta_flips"] for m in report["ensemble"]] == [[[0]], [[1]]]
+
+
+def test_ensemble_refuses_members_that_preprocess_differently(model: DeployModel, volumes, tmp_path: Path) -> None:
+    import dataclasses
+
+    ras, _ = volumes
+    coarse = dataclasses.replace(model, source="coarse.pt",
+                                 preprocessing=model.preprocessing | {"target_spacing": [2.0, 2.0, 2.0]})
+    with pytest.raises(MedsslError, match=r"ensemble: model coarse.pt has target_spacing=\[2.0, 2.0, 2.0\]"):
+        predict([model, coarse], [ras], tmp_path / "a")
+    renamed = dataclasses.replace(model, source="renamed.pt", preprocessing=model.preprocessing | {
+        "class_names": {"0": "background", "1": "head", "2": "tail"}})
+    with pytest.raises(MedsslError, match="class_names"):
+        predict([model, renamed], [ras], tmp_path / "b")
+    with pytest.raises(MedsslError, match="no model"):
+        predict([], [ras], tmp_path / "c")
+    assert not (tmp_path / "a").exists()  # refused before any output
+
+
+def test_ensemble_cli(seg_run: Path, second_run: Path, volumes, tmp_path: Path) -> None:
+    ras, _ = volumes
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(seg_run), str(ras), "--out", str(out),
+                                      "--ensemble", str(second_run)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "predict_report.json").read_text())
+    assert report["model"] == [str(seg_run), str(second_run)] and report["ok"] == 1
+    lib = predict([seg_run, second_run], [ras], tmp_path / "lib")
+    name = Path(lib.ok[0]["outputs"]["seg"]).name
+    assert np.array_equal(_load(out / name)[0], _load(lib.ok[0]["outputs"]["seg"])[0])
