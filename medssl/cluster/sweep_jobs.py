@@ -1,7 +1,8 @@
 """A label-fraction sweep as SLURM jobs: pretraining once, then ONE job array with a task per
 (fraction, init, seed) child, ``--dependency=afterok:<pretraining>``, all logging into one MLflow parent run;
 self-training students (pipeline ``self_training``) as a second array after the first (``afterany``: a student
-whose teacher failed fails naming it, the others run).
+whose teacher failed fails naming it, the others run), and each further self-training round as one more array after
+the previous round's.
 
 The submitter (``medssl sweep FILE --slurm`` / ``--emit-jobs DIR``) prepares the data, creates (or reattaches)
 the parent run, writes the resolved pipeline (overrides applied) and the batch scripts, and submits them::
@@ -10,6 +11,7 @@ the parent run, writes the resolved pipeline (overrides applied) and the batch s
     <study>/slurm/pretrain.sbatch    medssl sweep pipeline.yaml --child pretrain --parent-run ID
     <study>/slurm/children.sbatch    #SBATCH --array=0-(N-1): medssl sweep ... --child $SLURM_ARRAY_TASK_ID
     <study>/slurm/students.sbatch    #SBATCH --array=N-(M-1): the students (only with self_training)
+    <study>/slurm/students2.sbatch   the second round's students (self_training.rounds: 2), after students.sbatch
     <study>/slurm/submit.sh          the sbatch calls (what --slurm runs; --emit-jobs only writes)
     <study>/slurm/jobs.json          job ids, parent run, child keys (written on submission)
 
@@ -44,7 +46,7 @@ import yaml
 
 from medssl.errors import MedsslError
 
-__all__ = ["SweepJobs", "LAUNCH_SH", "emit_sweep_jobs", "active_jobs", "status_table"]
+__all__ = ["SweepJobs", "StudentArray", "LAUNCH_SH", "emit_sweep_jobs", "active_jobs", "status_table"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,21 @@ medssl_preemptible USR1 medssl_exec {python} -m medssl.cli sweep {pipeline} --ch
 
 
 @dataclass
+class StudentArray:
+    """The job array of one self-training round: children ``first``..``last`` (indices into the keys)."""
+
+    round: int
+    script: Path
+    first: int
+    last: int
+    job: str | None = None
+
+    def job_name(self, study: str) -> str:
+        """``<study>-students`` (round 1), ``<study>-students2`` …"""
+        return f"{study}-students" if self.round == 1 else f"{study}-students{self.round}"
+
+
+@dataclass
 class SweepJobs:
     """What :func:`emit_sweep_jobs` wrote (and submitted): scripts, child keys, job ids."""
 
@@ -84,13 +101,26 @@ class SweepJobs:
     pretrain_job: str | None = None
     children_job: str | None = None
     skipped: list[str] = field(default_factory=list)
-    students_script: Path | None = None
-    students_from: int | None = None  # index of the first student in ``keys`` (None: no students)
-    students_job: str | None = None
+    student_arrays: list[StudentArray] = field(default_factory=list)  # one per self-training round, in order
+
+    @property
+    def students_script(self) -> Path | None:
+        """The first round's students script (``None``: no students)."""
+        return self.student_arrays[0].script if self.student_arrays else None
+
+    @property
+    def students_from(self) -> int | None:
+        """Index of the first student in ``keys`` (``None``: no students)."""
+        return self.student_arrays[0].first if self.student_arrays else None
+
+    @property
+    def students_job(self) -> str | None:
+        """The first round's array job."""
+        return self.student_arrays[0].job if self.student_arrays else None
 
     def job_of(self, i: int) -> str | None:
         """The array job (not yet the task) that runs child ``i``."""
-        return self.students_job if self.students_from is not None and i >= self.students_from else self.children_job
+        return next((a.job for a in self.student_arrays if a.first <= i <= a.last), self.children_job)
 
     def table(self) -> Any:
         """Rich ``Table``: array index, child key, and the jobs."""
@@ -143,7 +173,12 @@ def emit_sweep_jobs(
         MedsslError: an invalid pipeline or data (as ``run_sweep``), ``docker/slurm/launch.sh`` missing, no
             ``sbatch`` on PATH, or a failed submission (sbatch's message).
     """
-    from medssl.engines.studies.pipeline import check_fractions_available, load_pipeline, prepare_data
+    from medssl.engines.studies.pipeline import (
+        check_fractions_available,
+        load_pipeline,
+        prepare_data,
+        student_round,
+    )
     from medssl.engines.studies.runner import SweepRun
 
     pl = load_pipeline(pipeline, overrides)
@@ -160,7 +195,8 @@ def emit_sweep_jobs(
     (folder / "logs").mkdir(exist_ok=True)
     frozen = dataclasses.asdict(pl) | {"data": {**pl.data, "datalist": str(datalist), "splits": str(splits)}}
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
-    keys = [f"f{_fk(f)}-{i}-s{s}" for f, i, s in pl.children()]
+    children = pl.children()
+    keys = [f"f{_fk(f)}-{i}-s{s}" for f, i, s in children]
     from medssl.engines.studies.results import read_marker
 
     skipped = [k for k in keys if read_marker(sweep.sweep_dir / k).get("status") == "FINISHED"]
@@ -177,21 +213,25 @@ def emit_sweep_jobs(
         pre_path.write_text(_SCRIPT.format(**common, what="pretraining", job_name=f"{pl.study}-pretrain",
                                            extra=extra, self_path=shlex.quote(str(pre_path.resolve())),
                                            child="pretrain"))
-    n_students = len(keys) - len(pl.fractions) * len(pl.seeds) * len(pl.inits)  # Pipeline.children(): students last
-    first_student = len(keys) - n_students if n_students else None
     limit = f"%{max_parallel}" if max_parallel else ""
+    # Pipeline.children(): the teachers, then each round's students as one contiguous block
+    arrays = []
+    for r in range(1, pl.rounds + 1):
+        idx = [i for i, (_, arm, _) in enumerate(children) if student_round(arm) == r]
+        if idx:
+            name = "students.sbatch" if r == 1 else f"students{r}.sbatch"
+            arrays.append(StudentArray(r, folder / name, idx[0], idx[-1]))
     kids = folder / "children.sbatch"
-    n_kids = first_student if first_student is not None else len(keys)
+    n_kids = arrays[0].first if arrays else len(keys)
     kids.write_text(_SCRIPT.format(**common, what=f"{n_kids} children as one array", job_name=pl.study,
                                    extra=_sbatch_directives([f"--array=0-{n_kids - 1}{limit}"]) + extra,
                                    self_path=shlex.quote(str(kids.resolve())),
                                    child='"$SLURM_ARRAY_TASK_ID"'))
-    studs = folder / "students.sbatch" if first_student is not None else None
-    if studs is not None:  # their own array, after the teachers' (one array orders nothing between its tasks)
-        studs.write_text(_SCRIPT.format(
-            **common, what=f"{n_students} self-training students as one array", job_name=f"{pl.study}-students",
-            extra=_sbatch_directives([f"--array={first_student}-{len(keys) - 1}{limit}"]) + extra,
-            self_path=shlex.quote(str(studs.resolve())), child='"$SLURM_ARRAY_TASK_ID"'))
+    for a in arrays:  # their own array, after the teachers' (one array orders nothing between its tasks)
+        a.script.write_text(_SCRIPT.format(
+            **common, what=f"{a.last - a.first + 1} self-training students of round {a.round} as one array",
+            job_name=a.job_name(pl.study), extra=_sbatch_directives([f"--array={a.first}-{a.last}{limit}"]) + extra,
+            self_path=shlex.quote(str(a.script.resolve())), child='"$SLURM_ARRAY_TASK_ID"'))
     lines = ["#!/usr/bin/env bash", "set -euo pipefail", f"cd {shlex.quote(str(folder.resolve()))}"]
     if pre_path is not None:
         lines += ["PRE=$(sbatch --parsable pretrain.sbatch)", "echo \"pretraining: job ${PRE%%;*}\"",
@@ -199,17 +239,19 @@ def emit_sweep_jobs(
     else:
         lines += ["KIDS=$(sbatch --parsable children.sbatch)"]
     lines.append("echo \"children: array job ${KIDS%%;*}\"")
-    if studs is not None:
-        lines += ["STUD=$(sbatch --parsable --dependency=afterany:${KIDS%%;*} students.sbatch)",
-                  "echo \"students: array job ${STUD%%;*}\""]
+    prev = "KIDS"
+    for a in arrays:
+        var = "STUD" if a.round == 1 else f"STUD{a.round}"
+        lines += [f"{var}=$(sbatch --parsable --dependency=afterany:${{{prev}%%;*}} {a.script.name})",
+                  f"echo \"students, round {a.round}: array job ${{{var}%%;*}}\""]
+        prev = var
     sub = folder / "submit.sh"
     sub.write_text("\n".join(lines) + "\n")
     sub.chmod(0o755)
-    for p in (pre_path, kids, studs):
+    for p in (pre_path, kids, *(a.script for a in arrays)):
         if p is not None:
             p.chmod(0o755)
-    jobs = SweepJobs(pl.study, parent, folder, keys, pre_path, kids, sub, skipped=skipped, students_script=studs,
-                     students_from=first_student)
+    jobs = SweepJobs(pl.study, parent, folder, keys, pre_path, kids, sub, skipped=skipped, student_arrays=arrays)
     if submit:
         _submit(jobs)
     log.info("study %s: %d children, scripts in %s", pl.study, len(keys), folder)
@@ -230,18 +272,21 @@ def _sbatch(*args: str) -> str:
 
 
 def _submit(jobs: SweepJobs) -> None:
-    """sbatch the pretraining, then the array depending on it, then the students' array after that; record
-    ``jobs.json``."""
+    """sbatch the pretraining, then the array depending on it, then each round's students' array after the
+    previous array; record ``jobs.json``."""
     dep: list[str] = []
     if jobs.pretrain_script is not None:
         jobs.pretrain_job = _sbatch(str(jobs.pretrain_script))
         dep = [f"--dependency=afterok:{jobs.pretrain_job}"]
     jobs.children_job = _sbatch(*dep, str(jobs.children_script))
-    if jobs.students_script is not None:
-        jobs.students_job = _sbatch(f"--dependency=afterany:{jobs.children_job}", str(jobs.students_script))
+    prev = jobs.children_job
+    for a in jobs.student_arrays:
+        a.job = prev = _sbatch(f"--dependency=afterany:{prev}", str(a.script))
     record = {"study": jobs.study, "parent_run_id": jobs.parent_run_id, "pretrain_job": jobs.pretrain_job,
               "children_job": jobs.children_job, "keys": jobs.keys, "students_job": jobs.students_job,
-              "students_from": jobs.students_from}
+              "students_from": jobs.students_from,
+              "student_arrays": [{"round": a.round, "from": a.first, "to": a.last, "job": a.job,
+                                  "name": a.job_name(jobs.study)} for a in jobs.student_arrays]}
     (jobs.folder / "jobs.json").write_text(json.dumps(record, indent=1))
     log.info("submitted: pretraining %s, array %s", jobs.pretrain_job or "-", jobs.children_job)
 
@@ -264,13 +309,26 @@ class _Queued:
     dependency: str  # "afterok:12(unfulfilled)" or "(null)"
 
 
+def _student_arrays(study: str, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """``jobs.json``'s student arrays (``{"round", "from", "to", "job", "name"}``); a record written before rounds
+    existed has one, from ``students_from`` to the last key."""
+    if rec.get("student_arrays") is not None:
+        return list(rec["student_arrays"])
+    if rec.get("students_from") is None:
+        return []
+    return [{"round": 1, "from": rec["students_from"], "to": len(rec.get("keys", [])) - 1,
+             "job": rec.get("students_job"), "name": f"{study}-students"}]
+
+
 def _queued(pl: Any, rec: dict[str, Any]) -> dict[str, _Queued]:
     """The study's pending/running jobs: by the ids in ``jobs.json`` and by the emitted scripts' job names
-    (``<study>``, ``<study>-pretrain``): a job that ``launch.sh`` resubmitted (requeue not allowed) has a new id."""
-    ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job"), rec.get("students_job")) if j]
+    (``<study>``, ``<study>-pretrain``, ``<study>-students`` …): a job that ``launch.sh`` resubmitted (requeue not
+    allowed) has a new id."""
+    arrays = _student_arrays(pl.study, rec)
+    ids = [j for j in (rec.get("pretrain_job"), rec.get("children_job"), *(a.get("job") for a in arrays)) if j]
     if not ids or shutil.which("squeue") is None:
         return {}
-    names = f"{pl.study},{pl.study}-pretrain,{pl.study}-students"
+    names = ",".join([pl.study, f"{pl.study}-pretrain", *(a["name"] for a in arrays)])
     out: dict[str, _Queued] = {}
     for select in (["-j", ",".join(ids)], ["-n", names, "-u", str(os.getuid())]):
         p = subprocess.run(["squeue", "-h", "-r", *select, "-o", "%i|%T|%j|%r|%E"], capture_output=True,
@@ -287,7 +345,7 @@ def _queued(pl: Any, rec: dict[str, Any]) -> dict[str, _Queued]:
 def active_jobs(pipeline: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, str]:
     """Submitted jobs of the study still pending or running: ``{"<job>[_<task>]": state}`` (empty when
     nothing was submitted, all are done, or ``squeue`` is unavailable). Jobs of this user named as the
-    emitted scripts name them (``<study>``, ``<study>-pretrain``, ``<study>-students``) count too: a pretraining job or an array task
+    emitted scripts name them (``<study>``, ``<study>-pretrain``, ``<study>-students`` …) count too: a pretraining job or an array task
     resubmitted by ``launch.sh`` where requeue is not allowed runs under a new job id."""
     from medssl.engines.studies.pipeline import load_pipeline
 
@@ -336,10 +394,10 @@ def status_table(pipeline: str | Path | dict[str, Any], overrides: list[str] | N
     pre = rec.get("pretrain_job")
     if pre:
         row("-", "pretrain", pre, [q for q in queued.values() if q.name == f"{pl.study}-pretrain"])
-    first_student = rec.get("students_from")
+    arrays = _student_arrays(pl.study, rec)
     for i, key in enumerate(rec.get("keys", [])):
-        student = first_student is not None and i >= first_student
-        array, name = (rec.get("students_job"), f"{pl.study}-students") if student else (rec.get("children_job"), pl.study)
+        a = next((a for a in arrays if a["from"] <= i <= a["to"]), None)
+        array, name = (a.get("job"), a["name"]) if a else (rec.get("children_job"), pl.study)
         mine = [q for q in queued.values() if q.name == name and q.job.partition("_")[2] == str(i)]
         row(str(i), key, f"{array}_{i}", mine)
     return t

@@ -71,22 +71,28 @@ def test_sweep_as_job_array(slurm_env: LocalSlurm, study_spec: Callable[..., Pat
 @pytest.mark.timeout(600)
 def test_self_training_students_run_after_their_teachers(slurm_env: LocalSlurm, study_spec: Callable[..., Path],
                                                          tmp_path: Path) -> None:
-    """The students' array waits for the teachers' (``afterany``); each student trains on its teacher's labels."""
-    study = study_spec("hippo-st", inits=("scratch",), fractions=(50, 100), self_training={"tta": False})
+    """The students' array waits for the teachers' (``afterany``), the second round's for the first's; each student
+    trains on its teacher's labels."""
+    study = study_spec("hippo-st", inits=("scratch",), fractions=(50, 100), self_training={"tta": False, "rounds": 2})
     sub = CliRunner().invoke(app, ["sweep", str(study), "--slurm"])
     assert sub.exit_code == 0, sub.output
     rec = json.loads((tmp_path / "runs" / "hippo-st" / "slurm" / "jobs.json").read_text())
-    assert rec["keys"] == ["f50-scratch-s0", "f100-scratch-s0", "f50-scratch+st-s0"] and rec["students_from"] == 2
-    dep = slurm_env.job_field(rec["students_job"] + "_2", "Dependency") or slurm_env.job_field(
-        rec["students_job"], "Dependency")
-    assert f"afterany:{rec['children_job']}" in dep
+    assert rec["keys"] == ["f50-scratch-s0", "f100-scratch-s0", "f50-scratch+st-s0", "f50-scratch+st2-s0"]
+    assert rec["students_from"] == 2 and [(a["round"], a["from"], a["to"]) for a in rec["student_arrays"]] == [
+        (1, 2, 2), (2, 3, 3)]
+    round2 = rec["student_arrays"][1]["job"]
+    for job, task, after in ((rec["students_job"], 2, rec["children_job"]), (round2, 3, rec["students_job"])):
+        dep = slurm_env.job_field(f"{job}_{task}", "Dependency") or slurm_env.job_field(job, "Dependency")
+        assert f"afterany:{after}" in dep, (job, dep)
     logs = lambda: log_tails(tmp_path / "runs" / "hippo-st" / "slurm" / "logs")  # noqa: E731
     assert slurm_env.wait_job(rec["children_job"], timeout=400) == "COMPLETED", logs()
     assert slurm_env.wait_job(rec["students_job"], timeout=400) == "COMPLETED", logs()
-    student = tmp_path / "runs" / "hippo-st" / "sweep" / "f50-scratch+st-s0"
-    manifest = json.loads((student / "pseudo_labels" / "manifest.json").read_text())
-    assert manifest["teacher"].endswith("f50-scratch-s0/checkpoints/best.pt") and manifest["cases"]
+    assert slurm_env.wait_job(round2, timeout=400) == "COMPLETED", logs()
+    for key, teacher in (("f50-scratch+st-s0", "f50-scratch-s0"), ("f50-scratch+st2-s0", "f50-scratch+st-s0")):
+        student = tmp_path / "runs" / "hippo-st" / "sweep" / key
+        manifest = json.loads((student / "pseudo_labels" / "manifest.json").read_text())
+        assert manifest["teacher"].endswith(f"{teacher}/checkpoints/best.pt") and manifest["cases"]
     res = run_sweep(study)  # afterwards nothing runs again
     assert {c.status for c in res.children} == {"SKIPPED"}
     out = compare_study("hippo-st", tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
-    assert (50.0, "scratch+st-scratch") in out.cells
+    assert (50.0, "scratch+st-scratch") in out.cells and (50.0, "scratch+st2-scratch") in out.cells

@@ -22,7 +22,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "pipeline": (
         "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "finetune_dict",
-        "teacher_init",
+        "teacher_init", "base_init", "student_round", "student_arm",
     ),
     "runner": (
         "SweepRun",
@@ -37,7 +37,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "run_sweep", "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
-    "finetune_dict", "teacher_init", "SweepRun", "ChildOutcome", "SweepResult", "read_marker", "PREPROCESSING_KEYS",
+    "finetune_dict", "teacher_init", "base_init", "student_round", "student_arm", "SweepRun", "ChildOutcome", "SweepResult", "read_marker", "PREPROCESSING_KEYS",
     "resolve_preprocessing", "pretrain_identity", "Conflict", "refuse_conflicts",
 ]
 

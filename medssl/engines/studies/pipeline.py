@@ -21,6 +21,7 @@ Pipeline file (YAML; paths relative to the working directory, ``${VAR}`` expande
     self_training:                     # optional student arms "<init>+st" (medssl.engines.finetune.pseudo)
       inits: [scratch, ssl]            # teacher = the (fraction, init, seed) child; default: every init
       fractions: [5, 10]               # default: every fraction below 100
+      rounds: 1                        # 2: "<init>+st2" students taught by the "<init>+st" ones (noisy student)
       pool: seed                       # labelled_share, tta: as FinetuneConfig.self_training
     fractions: [5, 10, 25, 50, 100]
     inits: [scratch, ssl]
@@ -33,8 +34,9 @@ data), ``<out_dir>/<study>/sweep/`` (the first parent run; a parent made with ``
 ``sweep-<run id[:8]>``) holding ``pretrain/`` and one folder per child ``f<fraction>-<init>-s<seed>``.
 
 Children run in the order of :meth:`Pipeline.children`: fractions × seeds × inits, then the self-training
-students (``f5-scratch+st-s0`` …) after every teacher, so adding ``self_training`` to a study leaves the
-existing children (and their SLURM array indices) as they are.
+students (``f5-scratch+st-s0`` …) after every teacher, round by round (``f5-scratch+st2-s0`` after every first-round
+student), so adding ``self_training`` (or a round) to a study leaves the existing children (and their SLURM array
+indices) as they are.
 """
 
 from __future__ import annotations
@@ -53,19 +55,40 @@ from medssl.config import apply_overrides
 from medssl.errors import MedsslError
 
 __all__ = ["INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
-           "finetune_dict", "teacher_init"]
+           "finetune_dict", "teacher_init", "base_init", "student_round", "student_arm"]
 
 log = logging.getLogger(__name__)
 
 INITS = ("scratch", "ssl")
-#: suffix of a self-training student arm: ``"scratch+st"`` learns from the ``"scratch"`` child's pseudo-labels
+#: suffix of a self-training student arm: ``"scratch+st"`` learns from the ``"scratch"`` child's pseudo-labels,
+#: ``"scratch+st2"`` (second round) from the ``"scratch+st"`` child's
 STUDENT = "+st"
-_ST_KEYS = ("inits", "fractions", "pool", "labelled_share", "tta")
+_ST_KEYS = ("inits", "fractions", "rounds", "pool", "labelled_share", "tta")
+_STUDENT_ARM = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\+st(?P<round>[2-9]|[1-9][0-9]+)?$")
+
+
+def student_arm(init: str, round_: int = 1) -> str:
+    """The arm of round ``round_``'s students of ``init``: ``("ssl", 1)`` → ``"ssl+st"``, ``("ssl", 2)`` → ``"ssl+st2"``."""
+    return f"{init}{STUDENT}" if round_ == 1 else f"{init}{STUDENT}{round_}"
+
+
+def student_round(arm: str) -> int:
+    """0 for a plain init, else the self-training round of a student arm (``"ssl+st"`` → 1, ``"ssl+st2"`` → 2)."""
+    m = _STUDENT_ARM.match(arm)
+    return 0 if m is None else int(m["round"] or 1)
+
+
+def base_init(arm: str) -> str:
+    """The init an arm's network starts from: ``"ssl+st2"`` → ``"ssl"`` (students start as their first teacher)."""
+    m = _STUDENT_ARM.match(arm)
+    return arm if m is None else m["base"]
 
 
 def teacher_init(arm: str) -> str | None:
-    """The init whose child teaches student arm ``arm`` (``"ssl+st"`` → ``"ssl"``); ``None`` for a plain init."""
-    return arm[: -len(STUDENT)] if arm.endswith(STUDENT) else None
+    """The arm whose child teaches student arm ``arm`` (``"ssl+st"`` → ``"ssl"``, ``"ssl+st2"`` → ``"ssl+st"``);
+    ``None`` for a plain init."""
+    r = student_round(arm)
+    return None if r == 0 else base_init(arm) if r == 1 else student_arm(base_init(arm), r - 1)
 
 
 @dataclass
@@ -134,18 +157,32 @@ class Pipeline:
         if missing or not fractions:
             raise MedsslError(f"self_training.fractions {missing or fractions} must be swept fractions "
                               f"{self.fractions} (its teachers)")
+        rounds = st.get("rounds", 1)
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 99:
+            raise MedsslError(f"self_training.rounds must be a whole number of rounds in 1..99, got {rounds!r}")
         from medssl.engines.finetune.pseudo import normalise_self_training
 
         try:  # pool / labelled_share / tta checked as FinetuneConfig checks them
-            normalise_self_training({k: v for k, v in st.items() if k not in ("inits", "fractions")} | {"teacher": "-"})
+            normalise_self_training({k: v for k, v in st.items() if k not in ("inits", "fractions", "rounds")}
+                                    | {"teacher": "-"})
         except ValueError as e:
             raise MedsslError(str(e)) from e
-        self.self_training = {**st, "inits": inits, "fractions": fractions}
+        self.self_training = {**st, "inits": inits, "fractions": fractions, "rounds": rounds}
+
+    def round_arms(self, round_: int) -> list[str]:
+        """The student arms of one self-training round (``round_`` ≥ 1), one per ``self_training.inits``."""
+        return [student_arm(i, round_) for i in (self.self_training or {}).get("inits", [])]
+
+    @property
+    def rounds(self) -> int:
+        """Self-training rounds (0 without ``self_training``)."""
+        return int((self.self_training or {}).get("rounds", 0))
 
     @property
     def student_arms(self) -> list[str]:
-        """The self-training arms, ``"<init>+st"`` per ``self_training.inits`` (none without ``self_training``)."""
-        return [f"{i}{STUDENT}" for i in (self.self_training or {}).get("inits", [])]
+        """The self-training arms, round by round: ``"<init>+st"`` per ``self_training.inits``, then ``"<init>+st2"``
+        … (none without ``self_training``)."""
+        return [a for r in range(1, self.rounds + 1) for a in self.round_arms(r)]
 
     @property
     def arms(self) -> list[str]:
@@ -154,15 +191,15 @@ class Pipeline:
 
     def children(self) -> list[tuple[float, str, int]]:
         """``(fraction, arm, seed)`` of every child in run order: fractions × seeds × inits, then the students
-        (fractions × seeds × student arms), so that every teacher runs before its students."""
+        round by round (fractions × seeds × the round's arms), so that every teacher runs before its students."""
         out = [(f, i, s) for f in self.fractions for s in self.seeds for i in self.inits]
         st = self.self_training or {}
-        return out + [(f, a, s) for f in self.fractions if f in st.get("fractions", []) for s in self.seeds
-                      for a in self.student_arms]
+        return out + [(f, a, s) for r in range(1, self.rounds + 1) for f in self.fractions
+                      if f in st.get("fractions", []) for s in self.seeds for a in self.round_arms(r)]
 
     def student_options(self) -> dict[str, Any]:
         """The per-run ``self_training`` options of a student (without its teacher): pool, labelled_share, tta."""
-        return {k: v for k, v in (self.self_training or {}).items() if k not in ("inits", "fractions")}
+        return {k: v for k, v in (self.self_training or {}).items() if k not in ("inits", "fractions", "rounds")}
 
     @property
     def study_root(self) -> Path:
@@ -318,9 +355,12 @@ def check_fractions_available(splits_path: Path, fractions: list[float], seeds: 
 def finetune_dict(pl: Pipeline, fraction: float, init: str) -> dict[str, Any]:
     """The base ``finetune`` mapping updated by ``finetune_by_fraction[fraction]``, then by
     ``finetune_by_init[init]`` (top-level keys replaced, e.g. ``ssl: {network_kwargs: {}}``). A student arm
-    (``"ssl+st"``) gets its teacher's mapping, then its own ``finetune_by_init`` entry."""
+    (``"ssl+st2"``) gets the mappings of its chain of teachers (``ssl``, then ``ssl+st``), then its own entry."""
     by_fraction = next((v for k, v in pl.finetune_by_fraction.items() if float(k) == fraction), {})
-    teacher = teacher_init(init)
-    by_init = {**pl.finetune_by_init.get(teacher, {}), **pl.finetune_by_init.get(init, {})} if teacher else \
-        pl.finetune_by_init.get(init, {})
+    chain = [init]
+    while (t := teacher_init(chain[0])) is not None:
+        chain.insert(0, t)
+    by_init: dict[str, Any] = {}
+    for arm in chain:
+        by_init.update(pl.finetune_by_init.get(arm, {}))
     return {**pl.finetune, **by_fraction, **by_init}

@@ -21,7 +21,7 @@ from medssl.engines.studies.identity import (
     refuse_conflicts,
     resolve_preprocessing,
 )
-from medssl.engines.studies.pipeline import Pipeline, finetune_dict, teacher_init
+from medssl.engines.studies.pipeline import Pipeline, base_init, finetune_dict, teacher_init
 from medssl.engines.studies.results import (
     _MARKER,
     ChildOutcome,
@@ -215,8 +215,9 @@ class SweepRun:
     def _plan(self, fraction: float, init: str, seed: int) -> tuple[ChildOutcome, dict[str, Any], dict]:
         """The child's outcome record, its effective finetune config and its config identity (hashed).
 
-        ``init`` is an arm: ``"scratch"``, ``"ssl"`` or a self-training student (``"ssl+st"``), which starts as its
-        teacher's init and learns from the pseudo-labels of the teacher child of the same fraction and seed."""
+        ``init`` is an arm: ``"scratch"``, ``"ssl"`` or a self-training student (``"ssl+st"``, second round
+        ``"ssl+st2"``), which starts as its base init (``ssl``) and learns from the pseudo-labels of its teacher arm's
+        child (``ssl``, resp. ``ssl+st``) of the same fraction and seed."""
         pl, key = self.pl, _child_key(fraction, init, seed)
         c = ChildOutcome(key, fraction, init, seed, self.sweep_dir / key, "FAILED")
         base = finetune_dict(pl, fraction, init)
@@ -224,7 +225,7 @@ class SweepRun:
         if teacher is not None:  # the teacher's best.pt (a path inside the sweep: the same before and after it runs)
             best = self.sweep_dir / _child_key(fraction, teacher, seed) / "checkpoints" / "best.pt"
             base["self_training"] = {**pl.student_options(), "teacher": str(best)}
-        start = teacher or init
+        start = base_init(init)
         enc = self.result.encoder_path
         cfg = {
             **base,
@@ -298,7 +299,7 @@ class SweepRun:
 
         try:
             teacher = teacher_init(c.init)
-            if (teacher or c.init) == "ssl" and self.result.encoder_path is None:
+            if base_init(c.init) == "ssl" and self.result.encoder_path is None:
                 raise MedsslError(pretrain_error or "no SSL checkpoint")
             if teacher is not None:
                 tkey = _child_key(c.fraction, teacher, c.seed)

@@ -23,11 +23,11 @@ from typing import Any
 
 from medssl.engines.studies.pipeline import (
     Pipeline,
+    base_init,
     check_fractions_available,
     finetune_dict,
     load_pipeline,
     prepare_data,
-    teacher_init,
 )
 from medssl.engines.studies.results import SweepResult
 from medssl.engines.studies.runner import SweepRun
@@ -105,7 +105,7 @@ def run_sweep(
     datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
     check_fractions_available(splits, pl.fractions, pl.seeds)
     for f, arm, _ in dict.fromkeys((f, a, 0) for f, a, _ in pl.children()):  # fail fast on bad finetune settings
-        start = teacher_init(arm) or arm
+        start = base_init(arm)
         paths = {"datalist": str(datalist), "splits": str(splits), "fraction": f}
         st = {"self_training": {**pl.student_options(), "teacher": "-"}} if start != arm else {}
         FinetuneConfig.from_dict({**finetune_dict(pl, f, arm), **paths, **st, "init": "ssl:x" if start == "ssl" else start})

@@ -12,7 +12,13 @@ import pytest
 from rich.console import Console
 
 from medssl.cluster.sweep_jobs import emit_sweep_jobs
-from medssl.engines.studies.pipeline import load_pipeline
+from medssl.engines.studies.pipeline import (
+    base_init,
+    finetune_dict,
+    load_pipeline,
+    student_round,
+    teacher_init,
+)
 from medssl.engines.studies.sweep import run_sweep
 from medssl.errors import MedsslError
 from medssl.tracking.compare import compare_study
@@ -121,6 +127,84 @@ def test_slurm_students_are_a_second_array_after_the_teachers(tmp_path: Path) ->
     assert plain.students_script is None and "students.sbatch" not in plain.submit_script.read_text()
 
 
+def test_arm_names_of_rounds() -> None:
+    assert [teacher_init(a) for a in ("scratch", "ssl+st", "ssl+st2", "scratch+st12")] == [None, "ssl", "ssl+st",
+                                                                                           "scratch+st11"]
+    assert [base_init(a) for a in ("scratch", "ssl+st", "ssl+st2")] == ["scratch", "ssl", "ssl"]
+    assert [student_round(a) for a in ("ssl", "ssl+st", "ssl+st2", "ssl+st1", "ssl+stx")] == [0, 1, 2, 0, 0]
+
+
+def test_second_round_students_learn_from_the_first_rounds(tmp_path: Path) -> None:
+    """``rounds: 2``: ``<init>+st2`` children after every first-round student, each taught by the ``<init>+st``
+    child of its fraction and seed, starting from the base init; its own config hash; compared with scratch."""
+    uri = fresh_sqlite_uri(tmp_path)
+    ft = FakeFinetune()
+    ft.bonus = lambda cfg: 0.03 if cfg.self_training and "+st" in cfg.self_training["teacher"] else \
+        0.02 if cfg.self_training else 0.0
+    spec = pipeline(tmp_path, uri, self_training=ST | {"rounds": 2},
+                    finetune_by_init={"ssl": {"lr": 0.5}, "ssl+st": {"max_steps": 7}})
+    res = run_sweep(spec, finetune_fn=ft, pretrain_fn=FakePretrain())
+    keys = [k for k, _ in ft.calls]
+    round1 = [f"f10-{i}+st-s{s}" for s in (0, 1) for i in ("scratch", "ssl")]
+    round2 = [f"f10-{i}+st2-s{s}" for s in (0, 1) for i in ("scratch", "ssl")]
+    assert keys[8:] == round1 + round2 and not res.failed
+    cfgs = {c.tags["medssl.sweep_key"]: c for c in ft.configs}
+    for init in ("scratch", "ssl"):
+        st2, st1, base = cfgs[f"f10-{init}+st2-s1"], cfgs[f"f10-{init}+st-s1"], cfgs[f"f10-{init}-s1"]
+        assert st2.self_training["teacher"] == str(res.sweep_dir / f"f10-{init}+st-s1" / "checkpoints" / "best.pt")
+        assert st2.init == base.init and st2.tags["medssl.init"] == f"{init}+st2"
+        assert len({st2.tags["medssl.config_hash"], st1.tags["medssl.config_hash"], base.tags["medssl.config_hash"]}) == 3
+    # finetune_by_init follows the chain of teachers: ssl → ssl+st → ssl+st2
+    assert (cfgs["f10-ssl+st2-s0"].lr, cfgs["f10-ssl+st2-s0"].max_steps) == (0.5, 7)
+    pl = load_pipeline(spec)
+    assert "lr" not in finetune_dict(pl, 10.0, "scratch+st2") and "max_steps" not in finetune_dict(pl, 10.0, "scratch+st2")
+    assert finetune_dict(pl, 10.0, "ssl+st2") == {**pl.finetune, "lr": 0.5, "max_steps": 7}
+    cmp = compare_study("toy", tracking_uri=uri, out_dir=tmp_path / "cmp")
+    assert cmp.summaries[(10.0, "scratch+st2-scratch")].mean == pytest.approx(0.03)
+    assert cmp.summaries[(10.0, "scratch+st-scratch")].mean == pytest.approx(0.02)
+    assert "test_dice_mean/f10_delta_scratch_st2_mean" in cmp.parent_metrics
+
+
+def test_adding_a_round_keeps_the_first_and_a_failed_teacher_is_named(tmp_path: Path) -> None:
+    uri = fresh_sqlite_uri(tmp_path)
+    st = ST | {"inits": ["scratch"]}
+    run_sweep(pipeline(tmp_path, uri, self_training=st), finetune_fn=FakeFinetune(fail={"f10-scratch+st-s1"}),
+              pretrain_fn=FakePretrain())
+    ft = FakeFinetune(fail={"f10-scratch+st-s1"})
+    res = run_sweep(pipeline(tmp_path, uri, self_training=st | {"rounds": 2}), finetune_fn=ft,
+                    pretrain_fn=FakePretrain())
+    assert [k for k, _ in ft.calls] == ["f10-scratch+st-s1", "f10-scratch+st2-s0"]  # st2-s1 refused before training
+    failed = {c.key: c.error for c in res.failed}
+    assert set(failed) == {"f10-scratch+st-s1", "f10-scratch+st2-s1"}
+    assert "teacher f10-scratch+st-s1 has not finished" in failed["f10-scratch+st2-s1"]
+
+
+def test_bad_rounds_are_refused(tmp_path: Path) -> None:
+    base = pipeline(tmp_path, None)
+    for rounds in (0, 1.5, True, "2", 100):
+        with pytest.raises(MedsslError, match="rounds"):
+            load_pipeline(base | {"self_training": {"inits": ["scratch"], "rounds": rounds}})
+    pl = load_pipeline(base | {"self_training": {"inits": ["scratch", "ssl"], "rounds": 2}})
+    assert pl.arms == ["scratch", "ssl", "scratch+st", "ssl+st", "scratch+st2", "ssl+st2"]
+    assert "rounds" not in pl.student_options()
+
+
+def test_slurm_each_round_is_an_array_after_the_previous(tmp_path: Path) -> None:
+    jobs = emit_sweep_jobs(pipeline(tmp_path, fresh_sqlite_uri(tmp_path), self_training=ST | {"rounds": 2}),
+                           out=tmp_path / "slurm")
+    assert [(a.round, a.first, a.last, a.script.name) for a in jobs.student_arrays] == [
+        (1, 8, 11, "students.sbatch"), (2, 12, 15, "students2.sbatch")]
+    assert jobs.keys[12:] == [f"f10-{i}+st2-s{s}" for s in (0, 1) for i in ("scratch", "ssl")]
+    second = (tmp_path / "slurm" / "students2.sbatch").read_text()
+    assert "#SBATCH --array=12-15\n" in second and "#SBATCH --job-name=toy-students2" in second
+    submit = jobs.submit_script.read_text()
+    assert "STUD2=$(sbatch --parsable --dependency=afterany:${STUD%%;*} students2.sbatch)" in submit
+    assert submit.index("students.sbatch") < submit.index("students2.sbatch")
+    assert [jobs.job_of(i) for i in (7, 8, 15)] == [None, None, None]  # nothing submitted
+    jobs.children_job, jobs.student_arrays[0].job, jobs.student_arrays[1].job = "10", "11", "12"
+    assert [jobs.job_of(i) for i in (7, 8, 11, 12, 15)] == ["10", "11", "11", "12", "12"]
+
+
 def test_real_engines_teacher_then_student(tmp_path: Path) -> None:
     """The real finetuning engine end to end: the student reads the teacher child's best.pt and trains on its labels."""
     import json
@@ -161,3 +245,17 @@ def test_labels_needed_of_a_student_arm_is_a_valid_mlflow_name() -> None:
     eff = label_efficiency(summaries, "test_dice_mean", within=0.01)
     assert eff.needed["scratch+st"] == 10.0 and "scratch+st needs 10 %" in eff.sentence()
     assert efficiency_metrics(eff)["test_dice_mean/labels_needed_scratch_st"] == 10.0
+
+
+def test_status_reads_jobs_records_written_before_rounds() -> None:
+    """A ``jobs.json`` of the previous layout (one students array: ``students_from`` / ``students_job``) still maps
+    each child to its array; a record with no students maps none."""
+    from medssl.cluster.sweep_jobs import _student_arrays
+
+    keys = [f"k{i}" for i in range(12)]
+    old = {"keys": keys, "children_job": "10", "students_job": "11", "students_from": 8}
+    assert _student_arrays("toy", old) == [{"round": 1, "from": 8, "to": 11, "job": "11", "name": "toy-students"}]
+    assert _student_arrays("toy", {"keys": keys, "children_job": "10", "students_from": None}) == []
+    new = old | {"student_arrays": [{"round": 1, "from": 8, "to": 9, "job": "11", "name": "toy-students"},
+                                    {"round": 2, "from": 10, "to": 11, "job": "12", "name": "toy-students2"}]}
+    assert [a["job"] for a in _student_arrays("toy", new)] == ["11", "12"]
