@@ -33,7 +33,7 @@ OPTIONS = {
     "sweep": ["PIPELINE", "--new", "--set", "--slurm", "--emit-jobs", "--child", "--parent-run", "--verbose"],
     "compare": ["--study", "--metric", "--tracking-uri", "--out", "--config-hash", "--target", "--within", "--verbose"],
     "demo": ["--out", "--sample", "--verbose"],
-    "predict": ["MODEL", "INPUTS", "--out", "--backend", "--device", "--batch", "--tta", "--probabilities",
+    "predict": ["MODEL", "INPUTS", "--out", "--ensemble", "--backend", "--device", "--batch", "--tta", "--probabilities",
                 "--dicom-seg", "--tracking-uri", "--verbose"],
     "export": ["MODEL", "--out", "--bundle", "--format", "--opset", "--volume", "--method", "--tracking-uri",
                "--verbose"],
