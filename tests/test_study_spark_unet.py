@@ -81,3 +81,14 @@ def test_planner_unet_pretrains_and_both_arms_build_it(pl, hippocampus_dir: Path
     assert 4.5e6 < sum(p.numel() for p in ssl.parameters()) < 5e6  # the 4.7 M-parameter planner UNet
     assert rep.share == 1.0 and all(k.startswith("model.2.") for k in rep.new)
     assert build_downstream("UNet", recipe=enc.recipe, out_channels=3) is not None
+
+
+def test_self_training_students_follow_the_unchanged_children(pl) -> None:
+    """The shipped study's scratch+st arm at 5 / 10 %: six students after the 24 children, whose order (and SLURM
+    array indices) is that of the study without students."""
+    assert pl.self_training["inits"] == ["scratch"] and pl.self_training["fractions"] == [5.0, 10.0]
+    assert pl.rounds == 1 and pl.arms == ["scratch", "ssl", "scratch+st"]
+    kids = pl.children()
+    without = dict(vars(pl)) | {"self_training": None}
+    assert kids[:24] == type(pl)(**without).children() and len(kids) == 30
+    assert kids[24:] == [(f, "scratch+st", s) for f in (5.0, 10.0) for s in (0, 1, 2)]
