@@ -37,8 +37,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "run_sweep", "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
-    "finetune_dict", "teacher_init", "base_init", "student_round", "student_arm", "SweepRun", "ChildOutcome", "SweepResult", "read_marker", "PREPROCESSING_KEYS",
-    "resolve_preprocessing", "pretrain_identity", "Conflict", "refuse_conflicts",
+    "finetune_dict", "teacher_init", "base_init", "student_round", "student_arm", "SweepRun", "ChildOutcome",
+    "SweepResult", "read_marker", "PREPROCESSING_KEYS", "resolve_preprocessing", "pretrain_identity", "Conflict",
+    "refuse_conflicts",
 ]
 
 

@@ -64,6 +64,7 @@ INITS = ("scratch", "ssl")
 #: ``"scratch+st2"`` (second round) from the ``"scratch+st"`` child's
 STUDENT = "+st"
 _ST_KEYS = ("inits", "fractions", "rounds", "pool", "labelled_share", "tta")
+_ARM_KEYS = ("inits", "fractions", "rounds")  # which students a study has; the rest are each student's options
 _STUDENT_ARM = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\+st(?P<round>[2-9]|[1-9][0-9]+)?$")
 
 
@@ -163,8 +164,7 @@ class Pipeline:
         from medssl.engines.finetune.pseudo import normalise_self_training
 
         try:  # pool / labelled_share / tta checked as FinetuneConfig checks them
-            normalise_self_training({k: v for k, v in st.items() if k not in ("inits", "fractions", "rounds")}
-                                    | {"teacher": "-"})
+            normalise_self_training({k: v for k, v in st.items() if k not in _ARM_KEYS} | {"teacher": "-"})
         except ValueError as e:
             raise MedsslError(str(e)) from e
         self.self_training = {**st, "inits": inits, "fractions": fractions, "rounds": rounds}
@@ -199,7 +199,7 @@ class Pipeline:
 
     def student_options(self) -> dict[str, Any]:
         """The per-run ``self_training`` options of a student (without its teacher): pool, labelled_share, tta."""
-        return {k: v for k, v in (self.self_training or {}).items() if k not in ("inits", "fractions", "rounds")}
+        return {k: v for k, v in (self.self_training or {}).items() if k not in _ARM_KEYS}
 
     @property
     def study_root(self) -> Path:
