@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,10 @@ def _cases(config: dict[str, Any], which: str) -> list[dict[str, Any]]:
                            seed=int(config["seed"]), task="segmentation")
     if which == "test":
         return items["test"]
-    datalist = Path(config["datalist"])
     ids = pool_ids(load_splits(config["splits"]), int(config["seed"]), "seed",
                    [it["case_id"] for it in items["training"]])
-    data = json.loads(datalist.read_text())
-    by_id = {it["case_id"]: it for v in data.values() if isinstance(v, list) for it in v if isinstance(it, dict)}
-    absolute = lambda p: str(p if Path(p).is_absolute() else (datalist.parent / p).resolve())  # noqa: E731
-    return [{"case_id": c, "image": absolute(by_id[c]["image"]), "label": absolute(by_id[c]["label"])}
-            for c in ids if by_id.get(c, {}).get("label")]
+    labelled = _plq.labelled_cases(Path(config["datalist"]))
+    return [{"case_id": c, **labelled[c]} for c in ids if c in labelled]
 
 
 def _scores(res: Any, cases: list[dict[str, Any]], classes: list[int]) -> dict[str, float]:

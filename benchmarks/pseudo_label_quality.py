@@ -16,6 +16,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medssl.data.splits_io import datalist_items
+from medssl.engines.finetune.data import _resolve
+
 
 def case_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> float:
     """Mean over ``classes`` of Dice(pred == k, truth == k); a class absent from both counts as 1."""
@@ -27,20 +30,28 @@ def case_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> float:
     return float(np.mean(out))
 
 
+def labelled_cases(datalist: Path) -> dict[str, dict[str, str]]:
+    """case id → ``{"image", "label"}`` (absolute paths) of every item of the datalist's sections that has a label
+    file (the first item of a case id wins)."""
+    out: dict[str, dict[str, str]] = {}
+    for items in datalist_items(datalist).values():
+        for it in items:
+            if it.get("case_id") and isinstance(it.get("label"), str) and isinstance(it.get("image"), str):
+                out.setdefault(it["case_id"], {k: str(_resolve(it[k], datalist.parent)) for k in ("image", "label")})
+    return out
+
+
 def run_quality(run: Path, datalist: Path, classes: list[int]) -> dict[str, float | int | str]:
     """``{"run", "cases", "dice_mean", "dice_min"}`` of ``run``'s pseudo-labels (cases of its ``manifest.json``)."""
-    data = json.loads(datalist.read_text())
-    items = {it["case_id"]: it for v in data.values() if isinstance(v, list) for it in v if isinstance(it, dict)}
+    items = labelled_cases(datalist)
     folder = run / "pseudo_labels"
     manifest = json.loads((folder / "manifest.json").read_text())
     dice = []
     for case in manifest["cases"]:
         seg = folder / f"{case}_seg.nii.gz"
-        label = items.get(case, {}).get("label")
-        if not seg.is_file() or not label:
+        if not seg.is_file() or case not in items:
             continue  # left out by the teacher, or a truly unlabeled case
-        path = Path(label) if Path(label).is_absolute() else (datalist.parent / label).resolve()
-        pred, truth = np.asarray(nib.load(seg).dataobj), np.asarray(nib.load(path).dataobj)
+        pred, truth = np.asarray(nib.load(seg).dataobj), np.asarray(nib.load(items[case]["label"]).dataobj)
         dice.append(case_dice(pred, truth, classes))
     return {"run": run.name, "cases": len(dice), "dice_mean": float(np.mean(dice)) if dice else float("nan"),
             "dice_min": float(np.min(dice)) if dice else float("nan")}
