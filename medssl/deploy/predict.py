@@ -325,7 +325,6 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
     prep, source, flips = members[0].prep, members[0].source, members[0].flips
     chain = preprocess_transforms(prep, load=False)
     inverter = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False, to_tensor=True, device="cpu")
-    sw_batch = int(batch or prep.get("sw_batch_size") or 4)
     class_names = {str(k): str(v) for k, v in (prep.get("class_names") or {}).items()}
     cases, problems = discover_cases(inputs, exclude=out)
     if not cases and not problems:
@@ -399,7 +398,7 @@ def predict(model: Any, inputs: Sequence[str | Path], out: str | Path, *, backen
                            seconds=round(time.perf_counter() - t0, 3))
     report = {"model": source if len(members) == 1 else [m.source for m in members], "backend": backend,
               "device": str(dev), "tta": any(m.flips for m in members),
-              "tta_flips": [[d - 2 for d in f] for f in flips], "sw_batch_size": sw_batch,
+              "tta_flips": [[d - 2 for d in f] for f in flips], "sw_batch_size": members[0].inferer.sw_batch_size,
               "sw_overlap": float(prep.get("sw_overlap", 0.25)), "roi_size": list(prep["roi_size"]),
               "preprocessing": prep, "ok": len(result.ok), "failed": len(result.failed),
               "skipped": sum(r["status"] == "skipped" for r in rows), "seconds": result.seconds,
