@@ -31,7 +31,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "build_model", "rebuild_model", "single_param_group", "param_groups",
     ),
     "data": (
-        "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms",
+        "datalist_by_case", "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms",
         "make_dataset", "seed_epoch", "epoch_loader", "items_hash", "data_channels", "run_items",
     ),
     "augment": (
@@ -84,8 +84,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "Finetuner", "run_finetune", "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS",
-    "is_auto", "build_model", "rebuild_model", "single_param_group", "param_groups", "finetune_items",
-    "planning_items", "class_weights", "eval_transforms", "train_transforms", "make_dataset", "seed_epoch",
+    "is_auto", "build_model", "rebuild_model", "single_param_group", "param_groups", "datalist_by_case",
+    "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms", "make_dataset", "seed_epoch",
     "epoch_loader", "items_hash", "data_channels", "run_items", "AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL",
     "SAMPLINGS", "resolve_augment", "augment_transforms", "class_ratios", "crop_transforms",
     "trained_flip_axes", "PLANNER_DEFAULTS", "plan_segmentation", "volume_header", "read_headers",

@@ -34,6 +34,7 @@ from medssl.errors import MedsslError
 from medssl.transforms.preprocess import preprocess_transforms
 
 __all__ = [
+    "datalist_by_case",
     "finetune_items",
     "planning_items",
     "class_weights",
@@ -56,6 +57,28 @@ def _resolve(path: str | list[str], root: Path) -> str | list[str]:
     if isinstance(path, (list, tuple)):  # a multi-channel item: one file per channel, order kept
         return [str(_resolve(p, root)) for p in path]
     return str(Path(path) if Path(path).is_absolute() else (root / path).resolve())
+
+
+def datalist_by_case(datalist: str | Path) -> dict[str, dict[str, Any]]:
+    """The items of a datalist keyed by ``case_id``, from every section that is a list (``training``,
+    ``validation``, ``test``, ``unlabeled``, ...); a case listed twice keeps its first item. The one lookup behind
+    :func:`finetune_items`, :func:`planning_items` and the self-training pool
+    (:class:`~medssl.engines.finetune.pseudo.PseudoLabels`).
+
+    Raises:
+        MedsslError: the file cannot be read or is not JSON.
+    """
+    datalist = Path(datalist)
+    try:
+        data = json.loads(datalist.read_text())
+    except (OSError, ValueError) as e:
+        raise MedsslError(f"cannot read datalist {datalist}: {e}") from e
+    by_id: dict[str, dict[str, Any]] = {}
+    for entries in data.values() if isinstance(data, dict) else []:
+        for it in entries if isinstance(entries, list) else []:
+            if isinstance(it, dict) and "case_id" in it:
+                by_id.setdefault(it["case_id"], it)
+    return by_id
 
 
 def finetune_items(
@@ -93,10 +116,7 @@ def finetune_items(
             class without training cases (fraction and class named).
     """
     datalist = Path(datalist)
-    try:
-        data = json.loads(datalist.read_text())
-    except (OSError, ValueError) as e:
-        raise MedsslError(f"cannot read datalist {datalist}: {e}") from e
+    by_id = datalist_by_case(datalist)
     sp = load_splits(splits)
     s = sp["seeds"].get(str(seed))
     if s is None:
@@ -106,12 +126,6 @@ def finetune_items(
         raise MedsslError(
             f"fraction {fkey} % is not in {splits} for seed {seed} (fractions: {sorted(s['fractions'], key=float)})"
         )
-    by_id: dict[str, dict[str, Any]] = {}
-    for entries in data.values():
-        if isinstance(entries, list):
-            for it in entries:
-                if isinstance(it, dict) and "case_id" in it:
-                    by_id.setdefault(it["case_id"], it)
     ids = {"training": s["fractions"][fkey], "validation": s["validation"], "test": sp["test"]}
     out: dict[str, list[dict[str, Any]]] = {}
     for role in _ROLES:
@@ -161,21 +175,13 @@ def planning_items(datalist: str | Path, splits: str | Path) -> list[dict[str, A
         MedsslError: an unreadable datalist, case ids missing from it, items without ``label``.
     """
     datalist = Path(datalist)
-    try:
-        data = json.loads(datalist.read_text())
-    except (OSError, ValueError) as e:
-        raise MedsslError(f"cannot read datalist {datalist}: {e}") from e
+    by_id = datalist_by_case(datalist)
     sp = load_splits(splits)
     ids: set[str] = set()
     for s in sp["seeds"].values():
         largest = max(s["fractions"], key=float) if s["fractions"] else None
         ids |= set(s["validation"]) | set(s["fractions"].get(largest, []) if largest else [])
     ids -= set(sp["test"])
-    by_id: dict[str, dict[str, Any]] = {}
-    for entries in data.values():  # first occurrence wins, as in finetune_items
-        for it in entries if isinstance(entries, list) else []:
-            if isinstance(it, dict) and "case_id" in it:
-                by_id.setdefault(it["case_id"], it)
     missing = sorted(ids - set(by_id))
     if missing:
         raise MedsslError(f"{len(missing)} case(s) of {splits} are not in {datalist} (e.g. {missing[:3]})")

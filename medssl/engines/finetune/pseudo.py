@@ -222,12 +222,9 @@ class PseudoLabels:
 
     @staticmethod
     def _pool_images(ids: Sequence[str], datalist: Path) -> dict[str, str]:
-        data = json.loads(datalist.read_text())
-        by_id: dict[str, dict[str, Any]] = {}
-        for entries in data.values():
-            for it in entries if isinstance(entries, list) else []:
-                if isinstance(it, dict) and "case_id" in it:
-                    by_id.setdefault(it["case_id"], it)
+        from medssl.engines.finetune.data import datalist_by_case
+
+        by_id = datalist_by_case(datalist)
         out: dict[str, str] = {}
         for c in ids:
             if c not in by_id:

@@ -13,6 +13,7 @@ from medssl.data.splits import split_datalist
 from medssl.engines.finetune.config import FinetuneConfig
 from medssl.engines.finetune.data import (
     class_weights,
+    datalist_by_case,
     eval_transforms,
     finetune_items,
     make_dataset,
@@ -118,6 +119,27 @@ def test_items_bad_inputs(hippo, tmp_path: Path) -> None:
         finetune_items(tmp_path / "nolabel.json", splits_path, fraction=100, seed=0)
     with pytest.raises(MedsslError, match="has no 'class'"):
         finetune_items(datalist, splits_path, fraction=100, seed=0, task="classification")
+
+
+def test_datalist_by_case_one_lookup_for_every_reader(tmp_path: Path) -> None:
+    """Every list section counts, the first item of a case wins, bare paths and id-less items are skipped; the
+    training cases, the planner and the self-training pool all read a datalist through it."""
+    dl = {
+        "training": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "case_id": "a"}, "bare.nii.gz"],
+        "unlabeled": [{"image": "u.nii.gz", "case_id": "u"}, {"image": "dup.nii.gz", "case_id": "a"}],
+        "extra": [{"image": "x.nii.gz", "case_id": "x"}, {"image": "noid.nii.gz"}],
+        "meta": {"case_id": "not-a-list"},
+    }
+    (tmp_path / "dl.json").write_text(json.dumps(dl))
+    by_id = datalist_by_case(tmp_path / "dl.json")
+    assert sorted(by_id) == ["a", "u", "x"] and by_id["a"]["image"] == "a.nii.gz"
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MedsslError, match=r"cannot read datalist .*bad\.json"):
+        datalist_by_case(tmp_path / "bad.json")
+    with pytest.raises(MedsslError, match=r"cannot read datalist .*missing\.json"):
+        datalist_by_case(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[]")
+    assert datalist_by_case(tmp_path / "list.json") == {}
 
 
 def test_preprocessing_is_the_pretraining_one(hippo) -> None:
