@@ -57,6 +57,7 @@ from medssl.engines.finetune.identity import run_config_hash
 from medssl.engines.finetune.leakage import check_pretrain_leakage
 from medssl.engines.finetune.ledger import close_run, open_run
 from medssl.engines.finetune.metrics import as_tensor
+from medssl.engines.finetune.mix import bidirectional_copy_paste, copy_paste_pairs, mix_generator
 from medssl.engines.finetune.plan import resolve_plan, training_sampling
 from medssl.engines.finetune.pseudo import PseudoLabels, labelled_repeats
 from medssl.engines.finetune.result import FinetuneResult, fmt_metrics, log_run_start
@@ -139,12 +140,15 @@ class Finetuner:
         )
         self.train_ds = make_dataset(train_items, train_tf, cfg.cache_rate, cfg.num_workers)
         self.train_view: Any = self.train_ds  # what an epoch iterates (labelled cases repeated with self-training)
+        # bidirectional copy-paste of (true, pseudo) pairs in each batch (medssl.engines.finetune.mix); 0 = off
+        self.copy_paste = float((cfg.self_training or {}).get("copy_paste", 0.0))
         if self.pseudo is not None:
             n_lab, n_ps = len(self.items["training"]), len(self.pseudo.items)
             repeats = labelled_repeats(n_lab, n_ps, cfg.self_training["labelled_share"])
             self.train_view = Subset(self.train_ds, [i for i in range(n_lab) for _ in range(repeats)]
                                      + list(range(n_lab, n_lab + n_ps)))
-            self.recipe["self_training"] |= {"labelled": n_lab, "labelled_repeats": repeats}
+            self.recipe["self_training"] |= {"labelled": n_lab, "labelled_repeats": repeats,
+                                             "copy_paste": self.copy_paste}
             log.info("self_training: %d labelled case(s) × %d + %d pseudo-labelled per epoch", n_lab, repeats, n_ps)
         self.val_ds = make_dataset(self.items["validation"], self.eval_tf, cfg.cache_rate, cfg.num_workers)
         if self.seg:
@@ -221,6 +225,9 @@ class Finetuner:
             self.warm.apply(self.optimizer, self.step)
         x = as_tensor(batch["image"]).to(self.device, non_blocking=True)
         y = as_tensor(batch["label"]).to(self.device, non_blocking=True)
+        if self.copy_paste and "case_id" in batch:  # a function of (seed, step): resume mixes the same boxes
+            g = mix_generator(self.cfg.seed, self.step)
+            x, y = bidirectional_copy_paste(x, y, copy_paste_pairs(batch["case_id"], self.copy_paste, g), g)
         with self._autocast():
             out = self.model(x)
         loss = self.loss_fn(out.float(), y if self.seg else y.long().reshape(-1))

@@ -16,6 +16,8 @@ Config (``FinetuneConfig.self_training``)::
                             # "study": splits["pretrain_pool"] (outside test ∪ every seed's validation)
       labelled_share: 0.5   # share of the training items that are truly labelled (true cases repeated)
       tta: true             # the teacher predicts with test-time flips (along the axes it was trained to flip)
+      copy_paste: 0.0       # probability that a (true, pseudo) pair of a batch swaps a box (BCP, CVPR 2023;
+                            # medssl.engines.finetune.mix); 0 (default) = off, and then absent from the config
 
 What it guarantees (each refused with a :class:`~medssl.errors.MedsslError` naming the case and the file):
 
@@ -45,21 +47,25 @@ from typing import Any
 
 from medssl.errors import MedsslError
 
-__all__ = ["POOLS", "DEFAULTS", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels"]
+__all__ = ["POOLS", "DEFAULTS", "OPTIONAL", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels"]
 
 log = logging.getLogger(__name__)
 
 POOLS = ("seed", "study")
 DEFAULTS: dict[str, Any] = {"teacher": None, "pool": "seed", "labelled_share": 0.5, "tta": True}
+#: keys added after studies ran: kept only when they differ from these values, so an existing student's config
+#: (and its ``medssl.config_hash``) is unchanged
+OPTIONAL: dict[str, Any] = {"copy_paste": 0.0}
 MANIFEST = "manifest.json"
 
 
 def normalise_self_training(value: Any) -> dict[str, Any] | None:
     """``None`` / ``{}`` → ``None`` (off); a string → ``{"teacher": value}``; a mapping → every key of
-    :data:`DEFAULTS` filled.
+    :data:`DEFAULTS` filled, and the keys of :data:`OPTIONAL` kept only when they differ from their default.
 
     Raises:
-        ValueError: an unknown key, no teacher, a pool not in :data:`POOLS`, ``labelled_share`` outside (0, 1).
+        ValueError: an unknown key, no teacher, a pool not in :data:`POOLS`, ``labelled_share`` outside (0, 1),
+            ``copy_paste`` outside [0, 1].
     """
     if value is None or value == {}:
         return None
@@ -67,9 +73,9 @@ def normalise_self_training(value: Any) -> dict[str, Any] | None:
         value = {"teacher": value}
     if not isinstance(value, dict):
         raise ValueError(f"self_training must be a mapping or a teacher path, got {value!r}")
-    unknown = sorted(set(value) - set(DEFAULTS))
+    unknown = sorted(set(value) - set(DEFAULTS) - set(OPTIONAL))
     if unknown:
-        raise ValueError(f"self_training: unknown key(s) {unknown} (known: {sorted(DEFAULTS)})")
+        raise ValueError(f"self_training: unknown key(s) {unknown} (known: {sorted(DEFAULTS | OPTIONAL)})")
     out = DEFAULTS | dict(value)
     if not out["teacher"] or not isinstance(out["teacher"], str):
         raise ValueError("self_training.teacher must name a finetune checkpoint, run folder or MLflow URI")
@@ -79,6 +85,16 @@ def normalise_self_training(value: Any) -> dict[str, Any] | None:
     if not 0.0 < share < 1.0:
         raise ValueError(f"self_training.labelled_share must be in (0, 1), got {out['labelled_share']!r}")
     out["labelled_share"], out["tta"] = share, bool(out["tta"])
+    if "copy_paste" in out:
+        try:
+            cp = float(out["copy_paste"])
+        except (TypeError, ValueError):
+            cp = -1.0
+        if not 0.0 <= cp <= 1.0:
+            raise ValueError(f"self_training.copy_paste must be a probability in [0, 1], got {out['copy_paste']!r}")
+        out["copy_paste"] = cp
+        if cp == OPTIONAL["copy_paste"]:
+            del out["copy_paste"]
     return out
 
 
