@@ -124,8 +124,10 @@ class FinetuneConfig(ConfigBase):
             ``best.pt`` then holds; ``None`` (default): the trained weights themselves.
         self_training: train on the run's labelled cases plus a teacher's pseudo-labels of the seed's unlabeled
             volumes (segmentation; :mod:`medssl.engines.finetune.pseudo`): ``{teacher: <finetune checkpoint / run
-            folder / URI>, pool: seed | study, labelled_share: 0.5, tta: true}`` or just the teacher; ``None``
-            (default): labelled cases only. Validation, selection and test use true labels only.
+            folder / URI>, pool: seed | study, labelled_share: 0.5, tta: true, copy_paste: 0.0}`` or just the
+            teacher; ``copy_paste`` > 0 swaps a box between (true, pseudo) pairs of each batch with that probability
+            (:mod:`medssl.engines.finetune.mix`); ``None`` (default): labelled cases only. Validation, selection and
+            test use true labels only.
         max_nan_steps: this many non-finite losses in a row abort the run (each is skipped).
         amp: ``"bf16"``, ``"fp16"`` or ``None`` (CUDA only).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.

@@ -22,7 +22,7 @@ Pipeline file (YAML; paths relative to the working directory, ``${VAR}`` expande
       inits: [scratch, ssl]            # teacher = the (fraction, init, seed) child; default: every init
       fractions: [5, 10]               # default: every fraction below 100
       rounds: 1                        # 2: "<init>+st2" students taught by the "<init>+st" ones (noisy student)
-      pool: seed                       # labelled_share, tta: as FinetuneConfig.self_training
+      pool: seed                       # labelled_share, tta, copy_paste: as FinetuneConfig.self_training
     fractions: [5, 10, 25, 50, 100]
     inits: [scratch, ssl]
     seeds: [0, 1]
