@@ -52,6 +52,8 @@ from typing import Any
 import yaml
 
 from medssl.config import apply_overrides
+from medssl.engines.finetune.pseudo import DEFAULTS as _ST_DEFAULTS
+from medssl.engines.finetune.pseudo import OPTIONAL as _ST_OPTIONAL
 from medssl.errors import MedsslError
 
 __all__ = ["INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
@@ -63,8 +65,9 @@ INITS = ("scratch", "ssl")
 #: suffix of a self-training student arm: ``"scratch+st"`` learns from the ``"scratch"`` child's pseudo-labels,
 #: ``"scratch+st2"`` (second round) from the ``"scratch+st"`` child's
 STUDENT = "+st"
-_ST_KEYS = ("inits", "fractions", "rounds", "pool", "labelled_share", "tta")
 _ARM_KEYS = ("inits", "fractions", "rounds")  # which students a study has; the rest are each student's options
+#: a study's self_training keys: the arm keys and every per-student option of FinetuneConfig.self_training
+_ST_KEYS = _ARM_KEYS + tuple(k for k in {**_ST_DEFAULTS, **_ST_OPTIONAL} if k != "teacher")
 _STUDENT_ARM = re.compile(r"^(?P<base>[A-Za-z0-9_]+)\+st(?P<round>[2-9]|[1-9][0-9]+)?$")
 
 

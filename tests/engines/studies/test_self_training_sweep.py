@@ -189,6 +189,18 @@ def test_bad_rounds_are_refused(tmp_path: Path) -> None:
     assert "rounds" not in pl.student_options()
 
 
+def test_copy_paste_reaches_every_student_and_only_them(tmp_path: Path) -> None:
+    ft = FakeFinetune()
+    st = ST | {"inits": ["scratch"], "copy_paste": 0.5}
+    run_sweep(pipeline(tmp_path, fresh_sqlite_uri(tmp_path), self_training=st), finetune_fn=ft,
+              pretrain_fn=FakePretrain())
+    cfgs = {c.tags["medssl.sweep_key"]: c for c in ft.configs}
+    assert {k for k, c in cfgs.items() if c.self_training} == {"f10-scratch+st-s0", "f10-scratch+st-s1"}
+    assert all(cfgs[f"f10-scratch+st-s{s}"].self_training["copy_paste"] == 0.5 for s in (0, 1))
+    with pytest.raises(MedsslError, match="copy_paste"):
+        load_pipeline(pipeline(tmp_path, None) | {"self_training": {"inits": ["scratch"], "copy_paste": 2}})
+
+
 def test_slurm_each_round_is_an_array_after_the_previous(tmp_path: Path) -> None:
     jobs = emit_sweep_jobs(pipeline(tmp_path, fresh_sqlite_uri(tmp_path), self_training=ST | {"rounds": 2}),
                            out=tmp_path / "slurm")
