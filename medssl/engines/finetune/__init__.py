@@ -3,7 +3,7 @@
 (the run's cases per (fraction, seed), transforms, datasets, epoch loaders), ``augment`` (crops and nnU-Net-style
 augmentation), ``planner`` + ``plan`` (the data-derived segmentation recipe and its resolution at run start),
 ``evaluation`` (:class:`FinetuneEvaluator`, :class:`Selection`), ``metrics`` (Dice / HD95 / AUC …), ``native``
-(scoring on the label's native grid), ``tta`` (test-time flips), ``ema`` (the weight average that is validated
+(scoring on the label's native grid), ``tta`` (test-time flips), ``mix`` (copy-paste of a self-training batch), ``ema`` (the weight average that is validated
 and tested with ``ema_decay``), ``state`` (:class:`FinetuneCheckpointer`:
 ``best.pt`` / ``last.pt``, exact resume), ``ledger`` (the folder's MLflow run and what reached it: a resume logs
 each metric step once), ``identity`` (``medssl.config_hash``), ``leakage`` (refusing an encoder
@@ -64,6 +64,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "pseudo": (
         "POOLS", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels",
     ),
+    "mix": (
+        "copy_paste_pairs", "bidirectional_copy_paste", "mix_generator",
+    ),
     "state": (
         "RESUME_FIELDS", "FinetuneCheckpointer",
     ),
@@ -85,15 +88,16 @@ _MODULES: dict[str, tuple[str, ...]] = {
 __all__ = [
     "Finetuner", "run_finetune", "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS",
     "is_auto", "build_model", "rebuild_model", "single_param_group", "param_groups", "datalist_by_case",
-    "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms", "make_dataset", "seed_epoch",
-    "epoch_loader", "items_hash", "data_channels", "run_items", "AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL",
+    "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms", "make_dataset",
+    "seed_epoch", "epoch_loader", "items_hash", "data_channels", "run_items", "AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL",
     "SAMPLINGS", "resolve_augment", "augment_transforms", "class_ratios", "crop_transforms",
     "trained_flip_axes", "PLANNER_DEFAULTS", "plan_segmentation", "volume_header", "read_headers",
     "shapes_at", "median_target_spacing", "plan_patch", "plan_classes", "resolve_plan", "check_run",
     "training_sampling", "present_classes", "FinetuneEvaluator", "Selection", "SegmentationMetrics",
     "classification_metrics", "evaluate_model", "as_tensor", "image_diagonal_mm", "SELECTION_METRIC",
     "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "WeightEMA", "ema_decay_at", "POOLS",
-    "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels", "RESUME_FIELDS",
+    "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels", "copy_paste_pairs",
+    "bidirectional_copy_paste", "mix_generator", "RESUME_FIELDS",
     "FinetuneCheckpointer", "RUN_KEYS", "config_identity", "config_hash", "config_changes", "file_sha256",
     "split_data_hash", "run_config_hash", "check_pretrain_leakage", "pretrained_case_ids", "FinetuneResult",
     "fmt_metrics", "open_tracker", "log_run_start", "PLAN_PARAMS", "adopt_run", "open_run", "close_run",

@@ -21,10 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["PSEUDO_PREFIX", "copy_paste_pairs", "bidirectional_copy_paste", "mix_generator"]
+from medssl.engines.finetune.pseudo import PSEUDO_PREFIX
 
-#: case ids of pseudo-labelled training items start with this (:class:`~medssl.engines.finetune.pseudo.PseudoLabels`)
-PSEUDO_PREFIX = "pseudo:"
+__all__ = ["copy_paste_pairs", "bidirectional_copy_paste", "mix_generator"]
 
 
 def mix_generator(seed: int, step: int) -> torch.Generator:

@@ -47,7 +47,8 @@ from typing import Any
 
 from medssl.errors import MedsslError
 
-__all__ = ["POOLS", "DEFAULTS", "OPTIONAL", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels"]
+__all__ = ["POOLS", "DEFAULTS", "OPTIONAL", "PSEUDO_PREFIX", "normalise_self_training", "pool_ids", "labelled_repeats",
+           "PseudoLabels"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ DEFAULTS: dict[str, Any] = {"teacher": None, "pool": "seed", "labelled_share": 0
 #: (and its ``medssl.config_hash``) is unchanged
 OPTIONAL: dict[str, Any] = {"copy_paste": 0.0}
 MANIFEST = "manifest.json"
+#: case ids of pseudo-labelled training items: ``"pseudo:<pool case id>"`` (never a datalist case id)
+PSEUDO_PREFIX = "pseudo:"
 
 
 def normalise_self_training(value: Any) -> dict[str, Any] | None:
@@ -208,7 +211,8 @@ class PseudoLabels:
         if failed:
             log.warning("self_training: %d pool case(s) failed in the teacher and are left out (e.g. %s; %s)",
                         len(failed), failed[:3], self.folder / "predict_report.json")
-        self.items = [{"image": images[c], "label": str(done[c]), "case_id": f"pseudo:{c}"} for c in ids if c in done]
+        self.items = [{"image": images[c], "label": str(done[c]), "case_id": PSEUDO_PREFIX + c}
+                      for c in ids if c in done]
         self.report = {"teacher": teacher, "teacher_sha256": sha, "pool": spec["pool"], "cases": len(self.items),
                        "failed": failed, "reused": reused, "tta": spec["tta"]}
         log.info("self_training: %d pseudo-labelled case(s) from %s (%s)", len(self.items), teacher,
