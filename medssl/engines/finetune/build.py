@@ -166,6 +166,7 @@ def build_model(config: FinetuneConfig) -> tuple[nn.Module, dict[str, Any], Any,
         "init": config.init,
         "ssl_pool": ckpt.recipe.get("pool") if src is not None else None,  # what the encoder saw (leakage)
         "versions": ck.library_versions(),
+        "machine": ck.machine_info(),  # runs repeat bit for bit only on the same kind (runtime.checkpoint)
     }
     return model, recipe, report, pre
 

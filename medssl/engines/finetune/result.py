@@ -87,7 +87,8 @@ def log_run_start(
     out_dir: Path,
 ) -> None:
     """Params (a fresh run only: the flat config, ``data.n_training``, ``config_hash``, ``sampling_used``,
-    ``plan.*``, ``transfer.share``), tags (``medssl.config_hash``; ``medssl.data_hash`` unless a sweep set it) and
+    ``plan.*``, ``transfer.share``), tags (``medssl.config_hash``, ``medssl.machine``; ``medssl.data_hash`` unless a
+    sweep set it) and
     the artifacts ``config.yaml`` / ``plan.json`` / ``transfer_report.json`` already written in ``out_dir``."""
     if fresh:
         from medssl.config import flatten_dict
@@ -101,8 +102,9 @@ def log_run_start(
             params["transfer.share"] = round(transfer["share"], 6)
         tracker.log_params(params)
     from medssl.engines.finetune.data import items_hash  # torch & MONAI only when a run logs
+    from medssl.engines.runtime.checkpoint import machine_tag
 
-    tags = {"medssl.config_hash": config_hash}
+    tags = {"medssl.config_hash": config_hash, "medssl.machine": machine_tag()}  # the latest (re)start's machine
     if "medssl.data_hash" not in cfg.tags:  # a sweep sets its own data hash
         tags["medssl.data_hash"] = items_hash([it for role in items.values() for it in role])
     tracker.set_tags(tags)

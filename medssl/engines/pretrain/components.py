@@ -147,6 +147,7 @@ def make_recipe(config: PretrainConfig, encoder: torch.nn.Module) -> dict[str, A
         "normalisation": config.normalisation,
         "ct_window": list(config.ct_window),
         "versions": ck.library_versions(),
+        "machine": ck.machine_info(),  # runs repeat bit for bit only on the same kind (runtime.checkpoint)
     }
 
 

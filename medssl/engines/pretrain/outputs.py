@@ -58,6 +58,9 @@ def start_tracking(
     if not config.experiment:
         return None
     tracker = make_tracker(config, pool_fingerprint(pool), out_dir, run_id)
+    from medssl.engines.runtime.checkpoint import machine_tag
+
+    tracker.set_tags({"medssl.machine": machine_tag()})  # the latest (re)start's machine (runtime.checkpoint)
     if fresh:
         tracker.log_params(flatten_dict(config.to_dict()))
     if preview is not None:

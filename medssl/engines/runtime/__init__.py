@@ -18,7 +18,7 @@ from medssl.engines._lazy import load_attribute
 #: module of this package that defines each public name
 _MODULES: dict[str, tuple[str, ...]] = {
     "checkpoint": (
-        "library_versions", "capture_rng", "restore_rng", "seed_all", "atomic_save", "load_checkpoint",
+        "library_versions", "cpu_model", "machine_info", "machine_tag", "capture_rng", "restore_rng", "seed_all", "atomic_save", "load_checkpoint",
         "check_recipe", "save_encoder", "component_state", "load_component_state", "IDENTITY_FIELDS",
     ),
     "distributed": (
@@ -42,7 +42,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 __all__ = [
-    "library_versions", "capture_rng", "restore_rng", "seed_all", "atomic_save", "load_checkpoint",
+    "library_versions", "cpu_model", "machine_info", "machine_tag", "capture_rng", "restore_rng", "seed_all", "atomic_save", "load_checkpoint",
     "check_recipe", "save_encoder", "component_state", "load_component_state", "IDENTITY_FIELDS", "DistInfo",
     "env_world_size", "init_distributed", "dist_info", "cleanup_distributed", "barrier", "all_gather_objects",
     "mean_across_ranks", "any_across_ranks", "wrap_ddp", "select_rank_state", "warmup_cosine",

@@ -27,6 +27,9 @@ from medssl.errors import ConfigMismatchError, MedsslError
 
 __all__ = [
     "library_versions",
+    "cpu_model",
+    "machine_info",
+    "machine_tag",
     "capture_rng",
     "restore_rng",
     "seed_all",
@@ -56,6 +59,52 @@ def library_versions() -> dict[str, str]:
         "monai": str(monai.__version__),
         "torch": str(torch.__version__),
     }
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU model name from ``cpuinfo`` (Linux), else ``platform.processor()``, else ``"unknown"``."""
+    import platform
+
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a run's floating-point results depend on besides code, data, config and seed (recorded in every
+    recipe and as the MLflow tag ``medssl.machine``, :func:`machine_tag`).
+
+    ``cpu_capability`` is the instruction set torch's CPU kernels dispatch to
+    (``torch.backends.cpu.get_cpu_capability()``: ``"AVX512"``, ``"AVX2"``, ...). A run repeats bit for bit on the
+    same kind of machine; on another kind its floating-point sums differ in the last bits and the training
+    trajectory diverges: the hippocampus UNet's seed-0 5 % run gave 0.8455 test Dice on an AVX512 Xeon and
+    0.8414 on an AVX2 EPYC with identical code, data and config (benchmarks/RESULTS.md, session 11), a spread
+    like that between seeds.
+
+    Returns:
+        ``{"cpu": model name, "cpu_capability": str, "cuda": device name or None, "cuda_capability": "9.0" or None}``.
+    """
+    cuda = torch.cuda.is_available()
+    cap = torch.cuda.get_device_capability() if cuda else None
+    return {
+        "cpu": cpu_model(),
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "cuda": torch.cuda.get_device_name() if cuda else None,
+        "cuda_capability": f"{cap[0]}.{cap[1]}" if cap else None,
+    }
+
+
+def machine_tag(info: dict[str, Any] | None = None) -> str:
+    """``"AMD EPYC | AVX2"`` or ``"... | AVX512 | NVIDIA H200 (9.0)"``: :func:`machine_info` as one tag value."""
+    info = info if info is not None else machine_info()
+    parts = [str(info.get("cpu")), str(info.get("cpu_capability"))]
+    if info.get("cuda"):
+        parts.append(f"{info['cuda']} ({info.get('cuda_capability')})")
+    return " | ".join(parts)
 
 
 def capture_rng() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from medssl.data.medmnist import convert_medmnist
 from medssl.data.splits import split_datalist
 from medssl.engines.finetune import Finetuner, build_model, rebuild_model, run_finetune
 from medssl.engines.finetune.config import FinetuneConfig
-from medssl.engines.runtime.checkpoint import load_checkpoint
+from medssl.engines.runtime.checkpoint import load_checkpoint, machine_info, machine_tag
 from medssl.errors import ConfigMismatchError, MedsslError
 from medssl.networks.transfer import TransferError
 from tests.engines.finetune._crash import crash_at_epoch
@@ -182,6 +182,8 @@ def test_segmentation_run_logs_metrics_and_selects_on_validation(
     assert (
         tags["medssl.seed"] == "0" and tags["medssl.study"] == "hippo-test" and run.info.status == "FINISHED"
     )
+    assert tags["medssl.machine"] == machine_tag() and machine_info()["cpu_capability"] in tags["medssl.machine"]
+    assert load_checkpoint(res.best_checkpoint)["recipe"]["machine"] == machine_info()
     assert len(tags["medssl.data_hash"]) == 16
     assert run.data.params["normalisation"] == "robust" and run.data.params["network"] == "SegResNet"
     arts = {a.path for a in _client(mlflow_uri).list_artifacts(res.run_id)}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from medssl.engines.pretrain import Pretrainer, build_components, run_pretraining
-from medssl.engines.runtime.checkpoint import load_checkpoint
+from medssl.engines.runtime.checkpoint import load_checkpoint, machine_info, machine_tag
 from medssl.errors import ConfigMismatchError, MedsslError
 from tests.engines.conftest import TOYS, toy_config
 
@@ -44,6 +44,7 @@ def test_run_writes_checkpoints_encoder_and_metrics(tiny_datalist: Path, tmp_pat
     assert ckpt["step"] == 4 and ckpt["scheduler"]["last_step"] == 4 and ckpt["data"]["position"] == 8 % 6
     assert ckpt["recipe"]["method"] == f"{TOYS}:toy_method" and ckpt["recipe"]["roi_size"] == [16, 16, 16]
     assert set(ckpt["recipe"]["versions"]) == {"medssl", "monai", "torch"} and ckpt["config"]["lr"] == 1e-2
+    assert ckpt["recipe"]["machine"] == machine_info()  # the run's machine kind travels with its weights
     enc = torch.load(res.encoder_path, weights_only=True)
     assert enc["recipe"]["encoder"]["name"] == "tiny" and "net.0.weight" in enc["state_dict"]
     assert json.loads(res.encoder_json.read_text())["downstream_prefixes"] == {"TinyNet": "encoder."}
@@ -203,6 +204,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_datalist: Path, tmp_pa
     assert p["method"] == f"{TOYS}:toy_method"
     t = run.data.tags
     assert t["medssl.kind"] == "pretrain" and t["medssl.seed"] == "0" and t["medssl.study"] == "unit"
+    assert t["medssl.machine"] == machine_tag()
     assert len(t["medssl.data_hash"]) == 16
     for key in ("loss", "lr", "pred_mean", "grad_norm"):
         assert [m.step for m in client.get_metric_history(res.run_id, key)] == [1, 2, 3], key

@@ -81,3 +81,20 @@ def test_save_encoder_files(tmp_path: Path) -> None:
         8,
         8,
     ]
+
+
+def test_machine_info_names_the_kernels_runs_depend_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from medssl.engines.runtime import checkpoint as ck
+
+    info = ck.machine_info()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["cpu"]
+    assert (info["cuda"] is None) == (not torch.cuda.is_available())
+    assert ck.machine_tag(info) == f"{info['cpu']} | {info['cpu_capability']}" + (
+        f" | {info['cuda']} ({info['cuda_capability']})" if info["cuda"] else "")
+    assert ck.machine_tag({"cpu": "Xeon", "cpu_capability": "AVX512", "cuda": "NVIDIA H200", "cuda_capability": "9.0"}) \
+        == "Xeon | AVX512 | NVIDIA H200 (9.0)"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t: fpu\n")
+    assert ck.cpu_model(cpuinfo) == "Test CPU 9000"
+    monkeypatch.setattr("platform.processor", lambda: "")
+    assert ck.cpu_model(tmp_path / "absent") == "unknown"
