@@ -83,6 +83,8 @@ def compare(
     except (MedsslError, ValueError) as e:
         raise fail(e, verbose) from None
     console.print(r.table)
+    if r.machine_note:
+        console.print(f"[bold yellow]Note:[/] {escape(r.machine_note)}", soft_wrap=True)
     if r.efficiency is not None:
         console.print(f"[bold]Labels needed:[/] {escape(r.efficiency.sentence())}", soft_wrap=True)
     console.print(

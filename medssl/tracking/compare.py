@@ -23,7 +23,13 @@ from typing import Any
 from rich.table import Table
 
 from medssl.errors import MedsslError
-from medssl.tracking.compare_select import child_runs, collect_records, find_study_runs, known_studies
+from medssl.tracking.compare_select import (
+    child_runs,
+    collect_records,
+    find_study_runs,
+    known_studies,
+    machine_note,
+)
 from medssl.tracking.efficiency import LabelEfficiency, efficiency_metrics, label_efficiency
 from medssl.tracking.mlflow_tracker import default_tracking_uri, make_client
 from medssl.tracking.stats import Summary, format_summary, mean_ci, paired_difference
@@ -108,6 +114,8 @@ class CompareResult:
         parent_metrics: the summary metrics logged on the parent run (:func:`summary_metrics` and
             :func:`~medssl.tracking.efficiency.efficiency_metrics`).
         efficiency: the labels each init needs to reach the goal (:mod:`medssl.tracking.efficiency`).
+        machine_note: set when the used runs ran on more than one kind of machine
+            (:func:`~medssl.tracking.compare_select.machine_note`), else ``None``.
     """
 
     study: str
@@ -122,6 +130,7 @@ class CompareResult:
     cells: dict[tuple[float, str], Cell] = field(default_factory=dict)
     parent_metrics: dict[str, float] = field(default_factory=dict)
     efficiency: LabelEfficiency | None = None
+    machine_note: str | None = None
 
 
 def _ok(records: list[dict[str, Any]]) -> dict[tuple[float, str], dict[int, float]]:
@@ -391,6 +400,9 @@ def compare_study(
         raise MedsslError(
             f"study {study!r}: no FINISHED child run logged {metric!r}; metrics present: {have}"
         )
+    note = machine_note(records)
+    if note:
+        log.warning("study %s: %s", study, note)
     summaries = summarise(records, confidence)
     cells = cell_counts(records)
     rows = _rows(summaries, cells)
@@ -418,6 +430,7 @@ def compare_study(
         cells,
         parent_metrics,
         eff,
+        note,
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from medssl.errors import MedsslError
@@ -20,6 +20,9 @@ from medssl.errors import MedsslError
 __all__ = [
     "HASH_TAG",
     "UNKNOWN_HASH",
+    "MACHINE_TAG",
+    "UNKNOWN_MACHINE",
+    "machine_note",
     "find_study_runs",
     "child_runs",
     "collect_records",
@@ -32,6 +35,10 @@ log = logging.getLogger(__name__)
 HASH_TAG = "medssl.config_hash"
 #: the hash of children without :data:`HASH_TAG` (runs from before config hashes)
 UNKNOWN_HASH = "unknown"
+#: the kind of machine a run (last) ran on (:func:`medssl.engines.runtime.checkpoint.machine_tag`)
+MACHINE_TAG = "medssl.machine"
+#: the machine of children without :data:`MACHINE_TAG` (runs from before it)
+UNKNOWN_MACHINE = "unknown"
 
 
 def _quote(v: str) -> str:
@@ -77,7 +84,8 @@ def _finished_children(client: Any, parent: Any) -> list[dict[str, Any]]:
         except (KeyError, ValueError):
             continue  # not a (fraction, init, seed) child
         sweep_key = t.get("medssl.sweep_key") or f"f{key[0]:g}-{key[1]}-s{key[2]}"
-        out.append({"key": key, "run": run, "hash": t.get(HASH_TAG) or UNKNOWN_HASH, "sweep_key": sweep_key})
+        out.append({"key": key, "run": run, "hash": t.get(HASH_TAG) or UNKNOWN_HASH, "sweep_key": sweep_key,
+                    "machine": t.get(MACHINE_TAG) or UNKNOWN_MACHINE})
     return out
 
 
@@ -135,7 +143,8 @@ def collect_records(
     Returns:
         Records sorted by key: ``fraction`` (percent), ``init``, ``seed``, ``value`` (float, NaN unless
         ``status == "ok"``), ``status`` (``"ok"``, ``"nonfinite"`` or ``"missing"``), ``run_id``,
-        ``config_hash``, ``sweep_key``.
+        ``config_hash``, ``sweep_key``, ``machine`` (tag ``medssl.machine``; ``"unknown"`` for runs that predate
+        it).
 
     Raises:
         MedsslError: a cell holds children of several config hashes (hashes, counts and an example key
@@ -167,6 +176,7 @@ def collect_records(
                 "run_id": best["run"].info.run_id,
                 "config_hash": best["hash"],
                 "sweep_key": best["sweep_key"],
+                "machine": best["machine"],
             }
         )
     out.sort(key=lambda r: (r["fraction"], r["init"], r["seed"]))
@@ -175,6 +185,22 @@ def collect_records(
         if r["status"] != "ok":
             log.warning("%s: %s %s (run %s)", r["sweep_key"], metric, r["status"], r["run_id"])
     return out
+
+
+def machine_note(records: list[dict[str, Any]]) -> str | None:
+    """A warning when the used runs come from more than one known kind of machine, else ``None``.
+
+    Runs repeat bit for bit only on one kind (CPU kernel capability, GPU): a pair whose arms ran on different
+    kinds also differs by the machine, an effect within seed noise but not zero (0.8455 vs 0.8414 test Dice for
+    one hippocampus run, benchmarks/RESULTS.md session 11). Runs without the tag are not counted as a kind.
+    """
+    kinds = Counter(r.get("machine", UNKNOWN_MACHINE) for r in records)
+    known = {k: n for k, n in kinds.items() if k != UNKNOWN_MACHINE}
+    if len(known) < 2:
+        return None
+    listed = ", ".join(f"{k}: {n}" for k, n in sorted(known.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"runs of {len(known)} machine kinds ({listed}); runs repeat bit for bit only on one kind, so arms "
+            "compared across kinds also differ by the machine (within seed noise)")
 
 
 def known_studies(client: Any) -> list[str]:

@@ -203,6 +203,27 @@ def test_compare_refuses_mixed_config_hashes_unless_one_is_chosen(tmp_path: Path
     assert res.exit_code == 0, res.output
 
 
+def test_runs_of_several_machine_kinds_are_named(tmp_path: Path) -> None:
+    st = Study(tmp_path)
+    xeon, epyc = "Intel Xeon | AVX512", "AMD EPYC | AVX2"
+    for seed in (0, 1, 2):
+        st.child(10, "scratch", seed, 0.80 + 0.01 * seed, **{"medssl.machine": xeon})
+    st.child(10, "ssl", 0, 0.81, **{"medssl.machine": xeon})
+    st.child(10, "ssl", 1, 0.82, **{"medssl.machine": epyc})
+    st.child(10, "ssl", 2, 0.83)  # from before the tag: not a kind
+    res = compare_study("hand", tracking_uri=st.uri, out_dir=tmp_path / "o", log_to_parent=False)
+    assert {r["seed"]: r["machine"] for r in res.records if r["init"] == "ssl"} == {0: xeon, 1: epyc, 2: "unknown"}
+    assert res.machine_note is not None and "2 machine kinds (Intel Xeon | AVX512: 4, AMD EPYC | AVX2: 1)" in \
+        res.machine_note
+    out = _cli(st, tmp_path / "c")
+    assert out.exit_code == 0 and "machine kinds" in out.output
+    same = Study(tmp_path / "same")
+    for seed in (0, 1):
+        same.child(10, "scratch", seed, 0.8, **{"medssl.machine": epyc})
+        same.child(10, "ssl", seed, 0.8)
+    assert compare_study("hand", tracking_uri=same.uri, out_dir=tmp_path / "o2", log_to_parent=False).machine_note is None
+
+
 def test_summary_metrics_are_logged_on_the_parent_run(tmp_path: Path) -> None:
     st = Study(tmp_path)
     for seed in (0, 1, 2):
