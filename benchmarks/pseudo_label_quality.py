@@ -16,8 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medssl.data.splits_io import datalist_items
-from medssl.engines.finetune.data import _resolve
+from medssl.engines.finetune.data import _resolve, datalist_by_case
 
 
 def case_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> float:
@@ -31,14 +30,11 @@ def case_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> float:
 
 
 def labelled_cases(datalist: Path) -> dict[str, dict[str, str]]:
-    """case id → ``{"image", "label"}`` (absolute paths) of every item of the datalist's sections that has a label
-    file (the first item of a case id wins)."""
-    out: dict[str, dict[str, str]] = {}
-    for items in datalist_items(datalist).values():
-        for it in items:
-            if it.get("case_id") and isinstance(it.get("label"), str) and isinstance(it.get("image"), str):
-                out.setdefault(it["case_id"], {k: str(_resolve(it[k], datalist.parent)) for k in ("image", "label")})
-    return out
+    """case id → ``{"image", "label"}`` (absolute paths) of the cases whose datalist item has a label file (the
+    finetuning engine's lookup, :func:`~medssl.engines.finetune.data.datalist_by_case`: the first item of a case id)."""
+    return {c: {k: str(_resolve(it[k], datalist.parent)) for k in ("image", "label")}
+            for c, it in datalist_by_case(datalist).items()
+            if isinstance(it.get("label"), str) and isinstance(it.get("image"), str)}
 
 
 def run_quality(run: Path, datalist: Path, classes: list[int]) -> dict[str, float | int | str]:
