@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -90,6 +90,9 @@ def finetune(
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto.")] = None,
     resume: Annotated[str | None, typer.Option(help="'auto' (continue OUT/checkpoints/last.pt if present) or a last.pt path.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. --set lr=1e-4 --set llrd=0.75.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan, check and time the run on this machine (a few steps, a few validation cases); train and write nothing.")] = False,
+    time_steps: Annotated[int, typer.Option(help="--dry-run: optimizer steps timed.")] = 10,
+    json_out: Annotated[Path | None, typer.Option("--json", help="--dry-run: also write the estimate as JSON here.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Finetune on one label fraction (scratch or SSL init); best-on-validation weights tested once."""
@@ -107,6 +110,11 @@ def finetune(
             cfg = FinetuneConfig.from_dict(cfg.to_dict(), overrides=list(overrides))
         if not cfg.datalist or not cfg.splits:
             raise MedsslError("pass --datalist and --splits (or set them in --config)")
+        if dry_run:
+            from medssl.engines.finetune.estimate import estimate_run
+
+            _print_estimate(estimate_run(cfg, time_steps=time_steps), json_out)
+            return
         result = run_finetune(cfg, resume=resume, progress=sys.stderr.isatty())
     except MedsslError as e:  # TransferError's message holds the transfer report table
         raise fail(e, verbose) from None
@@ -121,3 +129,47 @@ def finetune(
         part = "encoder and decoder" if result.transfer.get("n_matched_decoder") else "encoder"
         console.print(f"SSL weights loaded: {100 * result.transfer['share']:.1f} % of the {part}")
     console.print(f"best checkpoint: {result.best_checkpoint}  MLflow run: {result.run_id or 'tracking disabled'}")
+
+
+def _print_estimate(est: Any, json_out: Path | None) -> None:
+    """``medssl finetune --dry-run``: the resolved recipe, the cases and the time on this machine."""
+    import json
+
+    from medssl.engines.runtime.checkpoint import machine_tag
+
+    c, t = est.config, est.timing
+    recipe = Table(title=f"medssl finetune --dry-run: {c['task']}, fraction {c['fraction']:g} %, seed {c['seed']}, "
+                         f"init {c['init']}")
+    recipe.add_column("field")
+    recipe.add_column("value")
+    rows = [("network", f"{c['network']} {c['network_kwargs']} ({est.parameters / 1e6:.2f} M trainable parameters)"),
+            ("patch (roi_size)", "×".join(map(str, c["roi_size"]))),
+            ("batch", f"{c['batch_size']} volume(s) × {c['num_samples']} crop(s), sampling {c['sampling']}"),
+            ("spacing / normalisation", f"{c['target_spacing']} mm / {c['normalisation']}"),
+            ("classes (out_channels)", str(c["out_channels"])),
+            ("cases", ", ".join(f"{k} {v}" for k, v in est.cases.items())),
+            ("schedule", f"{est.total_steps} steps ({est.steps_per_epoch} per epoch), lr {c['lr']:g}, "
+                         f"{est.validations} validations"),
+            ("planned", "yes (plan.json)" if est.plan else "no 'auto' field")]
+    for row in rows:
+        recipe.add_row(*row)
+    console.print(recipe)
+    timing = Table(title=f"time on this machine ({est.device}; {machine_tag(est.machine)})")
+    timing.add_column("part")
+    timing.add_column("measured")
+    timing.add_column("estimate", justify="right")
+    timing.add_row("setup (plan, model, cache)", f"{t['setup']:.1f} s", f"{t['setup'] / 60:.1f} min")
+    if "teacher_case" in t:
+        timing.add_row("teacher labels the pool", f"{t['teacher_case']:.2f} s/volume", f"{t['labelling'] / 60:.1f} min")
+    timing.add_row("training", f"{t['step']:.3f} s/step ({int(t['steps_timed'])} timed)", f"{t['training'] / 60:.1f} min")
+    timing.add_row("validation", f"{t['eval_case']:.2f} s/case ({int(t['eval_cases_timed'])} timed)",
+                   f"{t['validation'] / 60:.1f} min")
+    timing.add_row("test", f"{est.cases['test']} cases", f"{t['test'] / 60:.1f} min")
+    timing.add_row("[bold]total[/bold]", "", f"[bold]{est.total_minutes:.1f} min[/bold]")
+    console.print(timing)
+    for note in est.notes:
+        console.print(f"note: {note}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(est.to_dict(), indent=1, default=str))
+        console.print(f"estimate written to {json_out}")

@@ -7,7 +7,8 @@ augmentation), ``planner`` + ``plan`` (the data-derived segmentation recipe and 
 and tested with ``ema_decay``), ``state`` (:class:`FinetuneCheckpointer`:
 ``best.pt`` / ``last.pt``, exact resume), ``ledger`` (the folder's MLflow run and what reached it: a resume logs
 each metric step once), ``identity`` (``medssl.config_hash``), ``leakage`` (refusing an encoder
-pretrained on validation/test cases) and ``result`` (:class:`FinetuneResult` and the MLflow run).
+pretrained on validation/test cases), ``estimate`` (a run planned and timed on this machine without running it:
+``medssl finetune --dry-run``) and ``result`` (:class:`FinetuneResult` and the MLflow run).
 
 Every public name below is importable from this package (``from medssl.engines.finetune import ...``); it is
 loaded from its module on first use, so importing the package stays cheap.
@@ -23,6 +24,9 @@ from medssl.engines._lazy import load_attribute
 _MODULES: dict[str, tuple[str, ...]] = {
     "engine": (
         "Finetuner", "run_finetune",
+    ),
+    "estimate": (
+        "RunEstimate", "estimate_run", "validation_count",
     ),
     "config": (
         "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS", "is_auto",
@@ -62,7 +66,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "WeightEMA", "ema_decay_at",
     ),
     "pseudo": (
-        "POOLS", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels",
+        "POOLS", "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels", "time_teacher",
     ),
     "mix": (
         "copy_paste_pairs", "bidirectional_copy_paste", "mix_generator",
@@ -86,7 +90,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 __all__ = [
-    "Finetuner", "run_finetune", "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS",
+    "Finetuner", "run_finetune", "RunEstimate", "estimate_run", "validation_count", "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS",
     "is_auto", "build_model", "rebuild_model", "single_param_group", "param_groups", "datalist_by_case",
     "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms", "make_dataset",
     "seed_epoch", "epoch_loader", "items_hash", "data_channels", "run_items", "AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL",
@@ -96,7 +100,7 @@ __all__ = [
     "training_sampling", "present_classes", "FinetuneEvaluator", "Selection", "SegmentationMetrics",
     "classification_metrics", "evaluate_model", "as_tensor", "image_diagonal_mm", "SELECTION_METRIC",
     "to_native_grid", "evaluate_native", "flip_dims", "FlipTTAInferer", "WeightEMA", "ema_decay_at", "POOLS",
-    "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels", "copy_paste_pairs",
+    "normalise_self_training", "pool_ids", "labelled_repeats", "PseudoLabels", "time_teacher", "copy_paste_pairs",
     "bidirectional_copy_paste", "mix_generator", "RESUME_FIELDS",
     "FinetuneCheckpointer", "RUN_KEYS", "config_identity", "config_hash", "config_changes", "file_sha256",
     "split_data_hash", "run_config_hash", "check_pretrain_leakage", "pretrained_case_ids", "FinetuneResult",

@@ -48,7 +48,7 @@ from typing import Any
 from medssl.errors import MedsslError
 
 __all__ = ["POOLS", "DEFAULTS", "OPTIONAL", "PSEUDO_PREFIX", "normalise_self_training", "pool_ids", "labelled_repeats",
-           "PseudoLabels"]
+           "PseudoLabels", "time_teacher"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,67 @@ def _teacher_cases(config: dict[str, Any], source: str) -> tuple[set[str], set[s
     return tuple({it["case_id"] for it in items[r]} for r in ("training", "validation", "test"))  # type: ignore[return-value]
 
 
+def _teacher_and_pool(spec: dict[str, Any], *, datalist: str | Path, splits: str | Path, seed: int,
+                      items: dict[str, list[dict[str, Any]]], out_channels: int,
+                      tmp: str) -> tuple[Path, str, list[str], dict[str, str]]:
+    """Every check of :class:`PseudoLabels` before labelling: the pool (never a held-out case, not empty), the
+    teacher (task, classes, the cases it saw) and the pool images. Returns ``(teacher checkpoint path (under
+    tmp when it came from MLflow), its sha256, pool case ids, {case id: image path})``."""
+    from medssl.data.splits import load_splits
+    from medssl.deploy.model import load_finetune_checkpoint, resolve_source
+    from medssl.engines.finetune.identity import file_sha256
+
+    teacher = str(spec["teacher"])
+    sp = load_splits(splits)
+    labelled = [it["case_id"] for it in items["training"]]
+    ids = pool_ids(sp, seed, spec["pool"], labelled)
+    held = {it["case_id"]: role for role in ("validation", "test") for it in items[role]}
+    leaked = [c for c in ids if c in held]
+    if leaked:
+        raise MedsslError(
+            f"self_training: pool case(s) {leaked[:3]} of {splits} are in this run's "
+            f"{held[leaked[0]]} set; pseudo-labels must never come from held-out cases"
+        )
+    if not ids:
+        raise MedsslError(f"self_training: the {spec['pool']!r} pool of seed {seed} in {splits} holds no "
+                          "unlabelled case outside the run's training cases")
+    path = resolve_source(teacher, tmp)
+    ckpt = load_finetune_checkpoint(path, source=teacher)
+    PseudoLabels._check_teacher(ckpt, teacher, items, int(out_channels))
+    return path, file_sha256(path), ids, PseudoLabels._pool_images(ids, Path(datalist))
+
+
+def time_teacher(spec: dict[str, Any], *, datalist: str | Path, splits: str | Path, seed: int,
+                 items: dict[str, list[dict[str, Any]]], out_channels: int, device: str = "cpu",
+                 cases: int = 1) -> dict[str, Any]:
+    """What labelling a run's pool will cost, without labelling it: :class:`PseudoLabels`' checks, then the teacher
+    predicts the first ``cases`` pool volumes into a temporary folder (with the run's ``tta`` setting).
+
+    Returns:
+        ``{"pool": pool cases, "timed": volumes predicted, "s_per_case": seconds per volume (model load included)}``.
+
+    Raises:
+        MedsslError: as :class:`PseudoLabels` (a held-out or empty pool, an unfit teacher, a pool image that is not
+            one NIfTI file).
+    """
+    import time
+
+    from medssl.deploy.predict import predict
+
+    with tempfile.TemporaryDirectory(prefix="medssl_teacher_") as tmp:
+        path, _, ids, images = _teacher_and_pool(spec, datalist=datalist, splits=splits, seed=seed, items=items,
+                                                 out_channels=out_channels, tmp=tmp)
+        stage, out = Path(tmp) / "stage", Path(tmp) / "out"
+        stage.mkdir()
+        timed = ids[: max(1, int(cases))]
+        for c in timed:
+            os.symlink(images[c], stage / (c + (".nii.gz" if images[c].endswith(".nii.gz") else ".nii")))
+        t0 = time.perf_counter()
+        predict(path, [stage], out, device=device, tta=spec["tta"])
+        elapsed = time.perf_counter() - t0
+    return {"pool": len(ids), "timed": len(timed), "s_per_case": elapsed / len(timed)}
+
+
 class PseudoLabels:
     """The teacher's labels for one run's pool, made (or reused) at construction.
 
@@ -171,31 +232,11 @@ class PseudoLabels:
     def __init__(self, spec: dict[str, Any], *, datalist: str | Path, splits: str | Path, seed: int,
                  items: dict[str, list[dict[str, Any]]], out_channels: int, out_dir: str | Path,
                  device: str = "cpu") -> None:
-        from medssl.data.splits import load_splits
-        from medssl.deploy.model import load_finetune_checkpoint, resolve_source
-        from medssl.engines.finetune.identity import file_sha256
-
         self.spec, self.folder = spec, Path(out_dir) / "pseudo_labels"
         teacher = str(spec["teacher"])
-        sp = load_splits(splits)
-        labelled = [it["case_id"] for it in items["training"]]
-        ids = pool_ids(sp, seed, spec["pool"], labelled)
-        held = {it["case_id"]: role for role in ("validation", "test") for it in items[role]}
-        leaked = [c for c in ids if c in held]
-        if leaked:
-            raise MedsslError(
-                f"self_training: pool case(s) {leaked[:3]} of {splits} are in this run's "
-                f"{held[leaked[0]]} set; pseudo-labels must never come from held-out cases"
-            )
-        if not ids:
-            raise MedsslError(f"self_training: the {spec['pool']!r} pool of seed {seed} in {splits} holds no "
-                              "unlabelled case outside the run's training cases")
         with tempfile.TemporaryDirectory(prefix="medssl_teacher_") as tmp:
-            path = resolve_source(teacher, tmp)
-            ckpt = load_finetune_checkpoint(path, source=teacher)
-            sha = file_sha256(path)
-            self._check_teacher(ckpt, teacher, items, int(out_channels))
-            images = self._pool_images(ids, Path(datalist))
+            path, sha, ids, images = _teacher_and_pool(spec, datalist=datalist, splits=splits, seed=seed, items=items,
+                                                       out_channels=out_channels, tmp=tmp)
             manifest = {"teacher": teacher, "teacher_sha256": sha, "pool": spec["pool"], "tta": spec["tta"],
                         "cases": ids}
             reused = self._reusable(manifest)
