@@ -35,6 +35,9 @@ def pretrain(
     seed: Annotated[int | None, typer.Option(help="Seed of init, data order and augmentation.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Checkpoint to resume exactly (e.g. OUT/checkpoints/last.pt).")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. --set lr=3e-4 --set method_kwargs.temperature=0.2.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Build, check and time the run on this machine (a few steps, one monitor probe); train and write nothing.")] = False,
+    time_steps: Annotated[int, typer.Option(help="--dry-run: optimizer steps timed.")] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="--dry-run: also write the estimate as JSON here.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Pretrain an encoder on unlabeled volumes (tracked in MLflow; exact resume from checkpoints)."""
@@ -55,6 +58,11 @@ def pretrain(
             cfg = PretrainConfig.from_dict(cfg.to_dict(), overrides=list(overrides))
         if not cfg.datalist:
             raise MedsslError("no datalist: pass --datalist or set `datalist` in --config")
+        if dry_run:
+            from medssl.engines.pretrain.estimate import estimate_pretraining
+
+            _print_pretrain_estimate(estimate_pretraining(cfg, time_steps=time_steps), json_out)
+            return
         result = run_pretraining(cfg, resume=resume, progress=sys.stderr.isatty())
     except MedsslError as e:
         raise fail(e, verbose) from None
@@ -131,10 +139,44 @@ def finetune(
     console.print(f"best checkpoint: {result.best_checkpoint}  MLflow run: {result.run_id or 'tracking disabled'}")
 
 
-def _print_estimate(est: Any, json_out: Path | None) -> None:
-    """``medssl finetune --dry-run``: the resolved recipe, the cases and the time on this machine."""
+def _write_estimate(est: Any, json_out: Path | None) -> None:
+    """The notes under a --dry-run table, and the estimate as JSON when asked."""
     import json
 
+    for note in est.notes:
+        console.print(f"note: {note}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(est.to_dict(), indent=1, default=str))
+        console.print(f"estimate written to {json_out}")
+
+
+def _print_pretrain_estimate(est: Any, json_out: Path | None) -> None:
+    """``medssl pretrain --dry-run``: what the run trains and its time on this machine."""
+    from medssl.engines.runtime.checkpoint import machine_tag
+
+    c, t = est.config, est.timing
+    table = Table(title=f"medssl pretrain --dry-run: {c['method']} on {c['encoder']}, {est.pool} pool volumes "
+                        f"({est.device}; {machine_tag(est.machine)})")
+    table.add_column("part")
+    table.add_column("measured")
+    table.add_column("estimate", justify="right")
+    table.add_row("setup (pool, model, cache)", f"{t['setup']:.1f} s", f"{t['setup'] / 60:.1f} min")
+    table.add_row("training", f"{t['step']:.3f} s/step ({int(t['steps_timed'])} timed; batch {c['batch_size']} × "
+                  f"{'×'.join(map(str, c['roi_size']))}, {est.parameters / 1e6:.2f} M parameters)",
+                  f"{est.total_steps} steps: {t['training'] / 60:.1f} min")
+    if est.probes:
+        table.add_row("kNN monitor", f"{t['probe']:.1f} s/probe", f"{est.probes} probes: {t['monitor'] / 60:.1f} min")
+    if est.checkpoints:
+        table.add_row("checkpoints", f"{t['checkpoint']:.2f} s each",
+                      f"{est.checkpoints} writes: {t['checkpointing'] / 60:.1f} min")
+    table.add_row("[bold]total[/bold]", "", f"[bold]{est.total_minutes:.1f} min[/bold]")
+    console.print(table)
+    _write_estimate(est, json_out)
+
+
+def _print_estimate(est: Any, json_out: Path | None) -> None:
+    """``medssl finetune --dry-run``: the resolved recipe, the cases and the time on this machine."""
     from medssl.engines.runtime.checkpoint import machine_tag
 
     c, t = est.config, est.timing
@@ -167,9 +209,4 @@ def _print_estimate(est: Any, json_out: Path | None) -> None:
     timing.add_row("test", f"{est.cases['test']} cases", f"{t['test'] / 60:.1f} min")
     timing.add_row("[bold]total[/bold]", "", f"[bold]{est.total_minutes:.1f} min[/bold]")
     console.print(timing)
-    for note in est.notes:
-        console.print(f"note: {note}")
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(est.to_dict(), indent=1, default=str))
-        console.print(f"estimate written to {json_out}")
+    _write_estimate(est, json_out)

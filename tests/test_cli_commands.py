@@ -27,7 +27,7 @@ OPTIONS = {
     "split": ["DATALIST", "--fractions", "--seeds", "--test-fraction", "--val-fraction", "--out", "--report",
               "--verbose"],
     "pretrain": ["--datalist", "--method", "--encoder", "--out", "--config", "--splits", "--steps", "--batch-size",
-                 "--roi", "--device", "--seed", "--resume", "--set", "--verbose"],
+                 "--roi", "--device", "--seed", "--resume", "--set", "--dry-run", "--time-steps", "--json", "--verbose"],
     "finetune": ["--datalist", "--splits", "--fraction", "--seed", "--init", "--task", "--network", "--out",
                  "--config", "--epochs", "--roi", "--device", "--resume", "--set", "--dry-run", "--time-steps", "--json",
                  "--verbose"],

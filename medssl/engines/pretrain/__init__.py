@@ -7,7 +7,8 @@ and the restorable :class:`CropBatcher` stream), ``pool_cache`` (RAM / persisten
 :class:`Events` and the :class:`PretrainState` handlers read), ``handlers`` (the run's default handlers: checkpoint
 saver, ``metrics.jsonl``, MLflow, kNN monitor, preview, progress; each a bundle ``_target_``), ``outputs``
 (:class:`PretrainResult`, the MLflow run, encoder and end-of-run files), ``monitor`` (the kNN representation
-monitor) and ``preview`` (the augmentation preview PNG).
+monitor), ``preview`` (the augmentation preview PNG) and ``estimate`` (a run timed on this machine without
+running it: ``medssl pretrain --dry-run``).
 
 Every public name below is importable from this package (``from medssl.engines.pretrain import ...``); it is
 loaded from its module on first use, so importing the package stays cheap.
@@ -60,6 +61,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "preview": (
         "save_augment_preview", "augment_preview", "PREVIEW_KEYS",
     ),
+    "estimate": (
+        "PretrainEstimate", "estimate_pretraining",
+    ),
 }
 
 __all__ = [
@@ -74,7 +78,7 @@ __all__ = [
     "check_handlers", "fire", "fire_exception", "AugmentPreview", "KnnMonitor", "MetricsWriter", "StatsLogger",
     "MlflowLogger", "RichProgress", "CheckpointSaver", "default_handlers", "ProbeSet", "RepresentationMonitor", "build_monitor",
     "build_probe_set", "embed", "knn_scores", "probe_items", "save_augment_preview", "augment_preview",
-    "PREVIEW_KEYS",
+    "PREVIEW_KEYS", "PretrainEstimate", "estimate_pretraining",
 ]
 
 
