@@ -9,7 +9,8 @@ each other: ``python -m medssl.cli`` runs ``medssl.cli`` as ``__main__``, and a 
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +25,7 @@ __all__ = [
     "err_console",
     "fail",
     "setup",
+    "write_estimate",
 ]
 
 console = Console()
@@ -62,3 +64,15 @@ def csv_list(value: str, cast: type) -> list:
         return [cast(v.strip()) for v in value.split(",") if v.strip()]
     except ValueError as e:
         raise typer.BadParameter(f"{value!r}: expected a comma-separated list of {cast.__name__}") from e
+
+
+def write_estimate(est: Any, json_out: Path | None) -> None:
+    """The notes under a ``--dry-run`` table, and the estimate (``est.to_dict()``) as JSON when asked."""
+    import json
+
+    for note in est.notes:
+        console.print(f"note: {note}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(est.to_dict(), indent=1, default=str))
+        console.print(f"estimate written to {json_out}")

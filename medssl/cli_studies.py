@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from medssl.cli_common import EXIT_CHILDREN_FAILED, EXIT_ERROR, Verbose, console, err_console, fail, setup
+from medssl.cli_common import (
+    EXIT_CHILDREN_FAILED,
+    EXIT_ERROR,
+    Verbose,
+    console,
+    err_console,
+    fail,
+    setup,
+    write_estimate,
+)
 from medssl.errors import MedsslError
 
 __all__ = ["compare", "runs_app", "runs_sync", "sweep"]
@@ -27,6 +36,9 @@ def sweep(
     emit_jobs: Annotated[Path | None, typer.Option("--emit-jobs", help="Only write the SLURM scripts (+ submit.sh) into this folder.")] = None,
     child: Annotated[str | None, typer.Option("--child", help="Run only 'pretrain' or child N (0-based): what a SLURM array task runs.")] = None,
     parent_run: Annotated[str | None, typer.Option("--parent-run", help="MLflow parent run id to log into (with --child).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count and time the whole study on this machine (one timed child per network shape, the pretraining timed): total and remaining hours; trains nothing, starts no MLflow run.")] = False,
+    time_steps: Annotated[int, typer.Option(help="--dry-run: finetuning steps timed per network shape.")] = 10,
+    json_out: Annotated[Path | None, typer.Option("--json", help="--dry-run: also write the estimate as JSON here.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Pretrain once, then finetune each (fraction, init, seed) as an MLflow child run of one study.
@@ -39,6 +51,11 @@ def sweep(
     setup(verbose)
     sets = list(overrides or [])
     try:
+        if dry_run:
+            from medssl.engines.studies.estimate import estimate_sweep
+
+            _print_sweep_estimate(estimate_sweep(pipeline, overrides=sets, time_steps=time_steps), json_out)
+            return
         if slurm or emit_jobs is not None:
             from medssl.cluster.sweep_jobs import emit_sweep_jobs
 
@@ -58,6 +75,40 @@ def sweep(
         raise fail(e, verbose) from None
     console.print(res.table())
     raise typer.Exit(EXIT_CHILDREN_FAILED if res.failed else 0)
+
+
+def _print_sweep_estimate(est: Any, json_out: Path | None) -> None:
+    """``medssl sweep --dry-run``: per (fraction, arm) the children's counts and minutes, the pretraining, totals."""
+    from collections import defaultdict
+
+    from rich.table import Table
+
+    from medssl.engines.runtime.checkpoint import machine_tag
+
+    table = Table(title=f"medssl sweep --dry-run: study {est.study} on this machine ({machine_tag(est.machine)})")
+    for col in ("part", "runs", "steps / validations", "cases (train/val/test/pool)", "minutes each", "done"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    if est.pretrain is not None:
+        p = est.pretrain["estimate"]
+        table.add_row("pretraining", "1", f"{p['total_steps']} / -", f"pool {p['pool']}",
+                      f"{est.pretrain['seconds'] / 60:.1f}", "yes" if est.pretrain["status"] == "FINISHED" else "no")
+    groups: dict[tuple[float, str], list[Any]] = defaultdict(list)
+    for c in est.children:
+        groups[(c.fraction, c.init)].append(c)
+    for (fraction, arm), cs in groups.items():
+        c = cs[0]
+        cases = "/".join(str(c.cases.get(k, "-")) for k in ("training", "validation", "test", "pseudo"))
+        each = sorted(x.seconds / 60 for x in cs)
+        minutes = f"{each[0]:.1f}" if each[-1] - each[0] < 0.05 else f"{each[0]:.1f}–{each[-1]:.1f}"
+        table.add_row(f"f{fraction:g} {arm}", str(len(cs)), f"{c.total_steps} / {c.validations}", cases, minutes,
+                      f"{sum(x.status == 'FINISHED' for x in cs)}/{len(cs)}")
+    console.print(table)
+    for i, shape in enumerate(est.shapes):
+        t = shape["timing"]
+        console.print(f"cost shape {i + 1} (timed on {shape['timed_child']}): {t['step']:.3f} s/step, "
+                      f"{t['eval_case']:.2f} s per evaluated case, setup {t['setup']:.1f} s")
+    console.print(f"[bold]whole study: {est.total_s / 3600:.2f} h; remaining: {est.remaining_s / 3600:.2f} h[/bold]")
+    write_estimate(est, json_out)
 
 
 def compare(

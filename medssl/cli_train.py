@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medssl.cli_common import Verbose, console, csv_list, fail, setup
+from medssl.cli_common import Verbose, console, csv_list, fail, setup, write_estimate
 from medssl.errors import MedsslError
 
 __all__ = ["finetune", "pretrain"]
@@ -139,18 +139,6 @@ def finetune(
     console.print(f"best checkpoint: {result.best_checkpoint}  MLflow run: {result.run_id or 'tracking disabled'}")
 
 
-def _write_estimate(est: Any, json_out: Path | None) -> None:
-    """The notes under a --dry-run table, and the estimate as JSON when asked."""
-    import json
-
-    for note in est.notes:
-        console.print(f"note: {note}")
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(est.to_dict(), indent=1, default=str))
-        console.print(f"estimate written to {json_out}")
-
-
 def _print_pretrain_estimate(est: Any, json_out: Path | None) -> None:
     """``medssl pretrain --dry-run``: what the run trains and its time on this machine."""
     from medssl.engines.runtime.checkpoint import machine_tag
@@ -172,7 +160,7 @@ def _print_pretrain_estimate(est: Any, json_out: Path | None) -> None:
                       f"{est.checkpoints} writes: {t['checkpointing'] / 60:.1f} min")
     table.add_row("[bold]total[/bold]", "", f"[bold]{est.total_minutes:.1f} min[/bold]")
     console.print(table)
-    _write_estimate(est, json_out)
+    write_estimate(est, json_out)
 
 
 def _print_estimate(est: Any, json_out: Path | None) -> None:
@@ -209,4 +197,4 @@ def _print_estimate(est: Any, json_out: Path | None) -> None:
     timing.add_row("test", f"{est.cases['test']} cases", f"{t['test'] / 60:.1f} min")
     timing.add_row("[bold]total[/bold]", "", f"[bold]{est.total_minutes:.1f} min[/bold]")
     console.print(timing)
-    _write_estimate(est, json_out)
+    write_estimate(est, json_out)

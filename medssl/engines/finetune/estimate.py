@@ -35,7 +35,7 @@ from medssl.engines.finetune.data import epoch_loader, seed_epoch
 from medssl.engines.finetune.pseudo import labelled_repeats, time_teacher
 from medssl.engines.runtime.checkpoint import machine_info
 
-__all__ = ["RunEstimate", "estimate_run", "validation_count"]
+__all__ = ["RunEstimate", "estimate_run", "validation_count", "run_counts"]
 
 
 @dataclass
@@ -92,6 +92,38 @@ def validation_count(total_steps: int, steps_per_epoch: int, *, val_every_steps:
     return epochs // val_every + (1 if epochs % val_every else 0)
 
 
+def run_counts(config: FinetuneConfig) -> dict[str, Any]:
+    """What a run of ``config`` will do, from its splits and the volumes' headers alone (no model, no data read):
+    the resolved config (``"auto"`` fields planned; every refusal of an unfit recipe), its cases (``"pseudo"``:
+    the self-training pool, counted from the splits: the teacher is not needed), ``steps_per_epoch``,
+    ``total_steps`` and ``validations``. With an SSL init the checkpoint must exist (it fixes the preprocessing).
+
+    Returns:
+        ``{"config": FinetuneConfig, "plan", "cases", "steps_per_epoch", "total_steps", "validations"}``.
+    """
+    from medssl.data.splits import load_splits
+    from medssl.engines.finetune.data import run_items
+    from medssl.engines.finetune.plan import resolve_plan
+    from medssl.engines.finetune.pseudo import pool_ids
+
+    items, channels = run_items(config)
+    cfg, plan = resolve_plan(config, items)
+    cases = {role: len(items[role]) for role in ("training", "validation", "test")}
+    per_epoch = cases["training"]
+    spec = cfg.self_training
+    if spec is not None:
+        labelled = [it["case_id"] for it in items["training"]]
+        cases["pseudo"] = len(pool_ids(load_splits(cfg.splits), cfg.seed, spec["pool"], labelled))
+        per_epoch = cases["training"] * labelled_repeats(cases["training"], cases["pseudo"],
+                                                         spec["labelled_share"]) + cases["pseudo"]
+    steps_per_epoch = math.ceil(per_epoch / int(cfg.batch_size))
+    total = cfg.max_steps or cfg.max_epochs * steps_per_epoch
+    return {"config": cfg.replace(in_channels=channels), "plan": plan, "cases": cases,
+            "steps_per_epoch": steps_per_epoch, "total_steps": int(total),
+            "validations": validation_count(total, steps_per_epoch, val_every_steps=cfg.val_every_steps,
+                                            val_every=cfg.val_every)}
+
+
 def _timed_steps(ft: Any, warmup: int, steps: int) -> list[float]:
     """Seconds of each of ``steps`` optimizer steps (batch fetch included) after ``warmup`` untimed ones."""
     cfg, out, epoch = ft.cfg, [], 0
@@ -139,18 +171,14 @@ def estimate_run(config: FinetuneConfig, *, time_steps: int = 10, warmup_steps: 
         ft = Finetuner(base, tracker=None)
         setup = time.perf_counter() - t0
         cfg = ft.cfg
-        cases = {role: len(ft.items[role]) for role in ("training", "validation", "test")}
+        counts = run_counts(config)  # the run's own counts (the student's epoch with self-training)
+        cases, steps_per_epoch, total_steps = counts["cases"], counts["steps_per_epoch"], counts["total_steps"]
         notes = []
         teacher: dict[str, Any] | None = None
-        steps_per_epoch = ft.steps_per_epoch
         spec = config.self_training  # normalised by FinetuneConfig
-        if spec is not None:
+        if spec is not None:  # the teacher and pool checks, and the teacher timed on one pool volume
             teacher = time_teacher(spec, datalist=cfg.datalist, splits=cfg.splits, seed=cfg.seed, items=ft.items,
                                    out_channels=int(cfg.out_channels), device=str(ft.device))
-            cases["pseudo"] = teacher["pool"]
-            reps = labelled_repeats(cases["training"], teacher["pool"], spec["labelled_share"])
-            steps_per_epoch = math.ceil((cases["training"] * reps + teacher["pool"]) / cfg.batch_size)
-        total_steps = cfg.max_steps or cfg.max_epochs * steps_per_epoch
         frozen = int((ft.ssl_plan or {}).get("freeze_steps") or 0)
         if frozen:  # time the joint phase (most of the run), not the SSL schedule's cheaper frozen one
             ft.step = frozen
@@ -161,8 +189,7 @@ def estimate_run(config: FinetuneConfig, *, time_steps: int = 10, warmup_steps: 
         ft.evaluate(Subset(ft.val_ds, range(k)))
         eval_case = (time.perf_counter() - t0) / k
     step = float(np.mean(step_times))
-    validations = validation_count(total_steps, steps_per_epoch, val_every_steps=cfg.val_every_steps,
-                                   val_every=cfg.val_every)
+    validations = counts["validations"]
     parts = {
         "labelling": teacher["s_per_case"] * teacher["pool"] if teacher else 0.0,
         "training": total_steps * step,

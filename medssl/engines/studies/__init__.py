@@ -1,7 +1,8 @@
 """Label-efficiency studies (``medssl sweep``): ``pipeline`` (the pipeline YAML format, data preparation and
 checks), ``sweep`` (:func:`run_sweep`, the entry point), ``runner`` (:class:`SweepRun`: the MLflow parent run,
 pretraining once and one finetuning child per (fraction, init, seed)), ``results`` (child outcomes and local
-markers) and ``identity`` (what makes a child or the pretraining "the same run" when a study is re-run).
+markers), ``estimate`` (a study counted and timed on this machine before it runs: ``medssl sweep --dry-run``)
+and ``identity`` (what makes a child or the pretraining "the same run" when a study is re-run).
 Comparing finished studies (tables, mean ± CI, paired differences) is :mod:`medssl.tracking.compare` /
 :mod:`medssl.tracking.stats`: it reads MLflow, whoever wrote the runs (sweeps, bundles, single CLI runs).
 
@@ -30,6 +31,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "results": (
         "ChildOutcome", "SweepResult", "read_marker",
     ),
+    "estimate": (
+        "TIME_KEYS", "ChildEstimate", "SweepEstimate", "estimate_sweep",
+    ),
     "identity": (
         "PREPROCESSING_KEYS", "resolve_preprocessing", "pretrain_identity", "Conflict", "refuse_conflicts",
     ),
@@ -39,7 +43,7 @@ __all__ = [
     "run_sweep", "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
     "finetune_dict", "teacher_init", "base_init", "student_round", "student_arm", "SweepRun", "ChildOutcome",
     "SweepResult", "read_marker", "PREPROCESSING_KEYS", "resolve_preprocessing", "pretrain_identity", "Conflict",
-    "refuse_conflicts",
+    "refuse_conflicts", "TIME_KEYS", "ChildEstimate", "SweepEstimate", "estimate_sweep",
 ]
 
 
