@@ -139,17 +139,23 @@ def finetune(
     console.print(f"best checkpoint: {result.best_checkpoint}  MLflow run: {result.run_id or 'tracking disabled'}")
 
 
+def _time_table(title: str, setup_label: str, setup_s: float) -> Table:
+    """A --dry-run time table (part, measured, estimate) opened by its setup row."""
+    table = Table(title=title)
+    table.add_column("part")
+    table.add_column("measured")
+    table.add_column("estimate", justify="right")
+    table.add_row(setup_label, f"{setup_s:.1f} s", f"{setup_s / 60:.1f} min")
+    return table
+
+
 def _print_pretrain_estimate(est: Any, json_out: Path | None) -> None:
     """``medssl pretrain --dry-run``: what the run trains and its time on this machine."""
     from medssl.engines.runtime.checkpoint import machine_tag
 
     c, t = est.config, est.timing
-    table = Table(title=f"medssl pretrain --dry-run: {c['method']} on {c['encoder']}, {est.pool} pool volumes "
-                        f"({est.device}; {machine_tag(est.machine)})")
-    table.add_column("part")
-    table.add_column("measured")
-    table.add_column("estimate", justify="right")
-    table.add_row("setup (pool, model, cache)", f"{t['setup']:.1f} s", f"{t['setup'] / 60:.1f} min")
+    table = _time_table(f"medssl pretrain --dry-run: {c['method']} on {c['encoder']}, {est.pool} pool volumes "
+                        f"({est.device}; {machine_tag(est.machine)})", "setup (pool, model, cache)", t["setup"])
     table.add_row("training", f"{t['step']:.3f} s/step ({int(t['steps_timed'])} timed; batch {c['batch_size']} × "
                   f"{'×'.join(map(str, c['roi_size']))}, {est.parameters / 1e6:.2f} M parameters)",
                   f"{est.total_steps} steps: {t['training'] / 60:.1f} min")
@@ -184,11 +190,8 @@ def _print_estimate(est: Any, json_out: Path | None) -> None:
     for row in rows:
         recipe.add_row(*row)
     console.print(recipe)
-    timing = Table(title=f"time on this machine ({est.device}; {machine_tag(est.machine)})")
-    timing.add_column("part")
-    timing.add_column("measured")
-    timing.add_column("estimate", justify="right")
-    timing.add_row("setup (plan, model, cache)", f"{t['setup']:.1f} s", f"{t['setup'] / 60:.1f} min")
+    timing = _time_table(f"time on this machine ({est.device}; {machine_tag(est.machine)})",
+                         "setup (plan, model, cache)", t["setup"])
     if "teacher_case" in t:
         timing.add_row("teacher labels the pool", f"{t['teacher_case']:.2f} s/volume", f"{t['labelling'] / 60:.1f} min")
     timing.add_row("training", f"{t['step']:.3f} s/step ({int(t['steps_timed'])} timed)", f"{t['training'] / 60:.1f} min")

@@ -173,17 +173,10 @@ def emit_sweep_jobs(
         MedsslError: an invalid pipeline or data (as ``run_sweep``), ``docker/slurm/launch.sh`` missing, no
             ``sbatch`` on PATH, or a failed submission (sbatch's message).
     """
-    from medssl.engines.studies.pipeline import (
-        check_fractions_available,
-        load_pipeline,
-        prepare_data,
-        student_round,
-    )
+    from medssl.engines.studies.pipeline import open_study, student_round
     from medssl.engines.studies.runner import SweepRun
 
-    pl = load_pipeline(pipeline, overrides)
-    datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
-    check_fractions_available(splits, pl.fractions, pl.seeds)
+    pl, datalist, splits = open_study(pipeline, overrides)
     if not LAUNCH_SH.is_file():
         raise MedsslError(f"{LAUNCH_SH} not found: the batch scripts inline it (a medssl source checkout)")
     if submit and shutil.which("sbatch") is None:

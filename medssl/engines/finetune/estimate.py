@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,12 +34,13 @@ from medssl.engines.finetune.config import FinetuneConfig
 from medssl.engines.finetune.data import epoch_loader, seed_epoch
 from medssl.engines.finetune.pseudo import labelled_repeats, time_teacher
 from medssl.engines.runtime.checkpoint import machine_info
+from medssl.engines.runtime.estimate import TimedEstimate
 
 __all__ = ["RunEstimate", "estimate_run", "validation_count", "run_counts"]
 
 
 @dataclass
-class RunEstimate:
+class RunEstimate(TimedEstimate):
     """What a finetuning run will train and how long it will take on this machine.
 
     Attributes:
@@ -63,19 +64,6 @@ class RunEstimate:
     total_steps: int
     steps_per_epoch: int
     validations: int
-    timing: dict[str, float]
-    device: str
-    machine: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total_minutes(self) -> float:
-        """The whole run, minutes."""
-        return self.timing["total"] / 60.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields."""
-        return asdict(self)
 
 
 def validation_count(total_steps: int, steps_per_epoch: int, *, val_every_steps: int | None,

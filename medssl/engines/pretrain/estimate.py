@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from medssl.config import PretrainConfig
 from medssl.engines.runtime import checkpoint as ck
+from medssl.engines.runtime.estimate import TimedEstimate
 
 __all__ = ["PretrainEstimate", "estimate_pretraining"]
 
 
 @dataclass
-class PretrainEstimate:
+class PretrainEstimate(TimedEstimate):
     """What a pretraining run will do and how long it will take on this machine.
 
     Attributes:
@@ -53,19 +54,6 @@ class PretrainEstimate:
     epoch_length: int
     probes: int
     checkpoints: int
-    timing: dict[str, float]
-    device: str
-    machine: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total_minutes(self) -> float:
-        """The whole run, minutes."""
-        return self.timing["total"] / 60.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields."""
-        return asdict(self)
 
 
 def estimate_pretraining(config: PretrainConfig, *, time_steps: int = 5, warmup_steps: int = 1) -> PretrainEstimate:

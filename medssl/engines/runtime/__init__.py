@@ -2,8 +2,8 @@
 ``checkpoint`` (atomic checkpoint files, RNG capture/restore and seeding, the encoder file, recipe checks),
 ``distributed`` (torchrun process groups, DDP wrapping, cross-rank reductions), ``schedules`` (warm-up + cosine lr
 and the finetuning schedule of pretrained weights), ``preemption`` (SIGUSR1/SIGTERM trap → checkpoint → exit 75
-for a SLURM requeue), ``progress`` (the rich progress bar) and ``ledger`` (``checkpoints/mlflow.json``: what a run's
-MLflow run already holds, so a resumed run logs each metric step once).
+for a SLURM requeue), ``progress`` (the rich progress bar) ``ledger`` (``checkpoints/mlflow.json``: what a run's
+MLflow run already holds, so a resumed run logs each metric step once) and ``estimate`` (what the dry runs share).
 
 Every public name below is importable from this package (``from medssl.engines.runtime import ...``); it is
 loaded from its module on first use, so importing the package stays cheap.
@@ -20,6 +20,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "checkpoint": (
         "library_versions", "cpu_model", "machine_info", "machine_tag", "capture_rng", "restore_rng", "seed_all", "atomic_save", "load_checkpoint",
         "check_recipe", "save_encoder", "component_state", "load_component_state", "IDENTITY_FIELDS",
+    ),
+    "estimate": (
+        "TimedEstimate",
     ),
     "distributed": (
         "DistInfo", "env_world_size", "init_distributed", "dist_info", "cleanup_distributed", "barrier",
@@ -42,6 +45,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 __all__ = [
+    "TimedEstimate",
     "library_versions", "cpu_model", "machine_info", "machine_tag", "capture_rng", "restore_rng", "seed_all", "atomic_save", "load_checkpoint",
     "check_recipe", "save_encoder", "component_state", "load_component_state", "IDENTITY_FIELDS", "DistInfo",
     "env_world_size", "init_distributed", "dist_info", "cleanup_distributed", "barrier", "all_gather_objects",

@@ -22,7 +22,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "run_sweep",
     ),
     "pipeline": (
-        "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "finetune_dict",
+        "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "open_study",
+        "finetune_dict",
         "teacher_init", "base_init", "student_round", "student_arm",
     ),
     "runner": (
@@ -40,7 +41,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 __all__ = [
-    "run_sweep", "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
+    "run_sweep", "INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "open_study",
     "finetune_dict", "teacher_init", "base_init", "student_round", "student_arm", "SweepRun", "ChildOutcome",
     "SweepResult", "read_marker", "PREPROCESSING_KEYS", "resolve_preprocessing", "pretrain_identity", "Conflict",
     "refuse_conflicts", "TIME_KEYS", "ChildEstimate", "SweepEstimate", "estimate_sweep",

@@ -90,18 +90,10 @@ def estimate_sweep(pipeline: str | Path | dict[str, Any], *, overrides: list[str
     from medssl.engines.finetune.config import FinetuneConfig
     from medssl.engines.finetune.estimate import estimate_run, run_counts
     from medssl.engines.pretrain.estimate import estimate_pretraining
-    from medssl.engines.studies.pipeline import (
-        check_fractions_available,
-        finetune_dict,
-        load_pipeline,
-        prepare_data,
-        teacher_init,
-    )
+    from medssl.engines.studies.pipeline import finetune_dict, open_study, teacher_init
     from medssl.engines.studies.results import _child_key, read_marker
 
-    pl = load_pipeline(pipeline, overrides)
-    datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
-    check_fractions_available(splits, pl.fractions, pl.seeds)
+    pl, datalist, splits = open_study(pipeline, overrides)
     sweep_dir = pl.study_root / "sweep"
     paths = {"datalist": str(datalist), "splits": str(splits)}
     notes = [f"children run one after another ({len(pl.children())} of them); `--slurm` runs them side by side"]

@@ -56,7 +56,7 @@ from medssl.engines.finetune.pseudo import DEFAULTS as _ST_DEFAULTS
 from medssl.engines.finetune.pseudo import OPTIONAL as _ST_OPTIONAL
 from medssl.errors import MedsslError
 
-__all__ = ["INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available",
+__all__ = ["INITS", "STUDENT", "Pipeline", "load_pipeline", "prepare_data", "check_fractions_available", "open_study",
            "finetune_dict", "teacher_init", "base_init", "student_round", "student_arm"]
 
 log = logging.getLogger(__name__)
@@ -353,6 +353,21 @@ def check_fractions_available(splits_path: Path, fractions: list[float], seeds: 
                 raise MedsslError(
                     f"fraction {fk} % (seed {seed}) leaves class(es) {empty or ['any']} without cases"
                 )
+
+
+def open_study(pipeline: str | Path | dict[str, Any] | Pipeline,
+               overrides: list[str] | dict[str, Any] | None = None) -> tuple[Pipeline, Path, Path]:
+    """What every study command starts with (the sweep, its SLURM jobs, its dry run): the parsed pipeline
+    (``overrides`` not with a :class:`Pipeline`), its data prepared (:func:`prepare_data`) and every fraction and
+    seed checked in the splits (:func:`check_fractions_available`). Returns ``(pipeline, datalist, splits)``.
+
+    Raises:
+        MedsslError: as :func:`load_pipeline`, :func:`prepare_data` and :func:`check_fractions_available`.
+    """
+    pl = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline, overrides)
+    datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
+    check_fractions_available(splits, pl.fractions, pl.seeds)
+    return pl, datalist, splits
 
 
 def finetune_dict(pl: Pipeline, fraction: float, init: str) -> dict[str, Any]:

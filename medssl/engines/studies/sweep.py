@@ -21,14 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medssl.engines.studies.pipeline import (
-    Pipeline,
-    base_init,
-    check_fractions_available,
-    finetune_dict,
-    load_pipeline,
-    prepare_data,
-)
+from medssl.engines.studies.pipeline import Pipeline, base_init, finetune_dict, open_study
 from medssl.engines.studies.results import SweepResult
 from medssl.engines.studies.runner import SweepRun
 from medssl.errors import MedsslError
@@ -101,9 +94,7 @@ def run_sweep(
     """
     from medssl.engines.finetune.config import FinetuneConfig
 
-    pl = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline, overrides)
-    datalist, splits = prepare_data(pl.data, pl.study_root, fractions=pl.fractions, seeds=pl.seeds)
-    check_fractions_available(splits, pl.fractions, pl.seeds)
+    pl, datalist, splits = open_study(pipeline, overrides)
     for f, arm, _ in dict.fromkeys((f, a, 0) for f, a, _ in pl.children()):  # fail fast on bad finetune settings
         start = base_init(arm)
         paths = {"datalist": str(datalist), "splits": str(splits), "fraction": f}
