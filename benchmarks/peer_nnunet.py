@@ -11,7 +11,8 @@ Stages (each resumable: a finished stage is skipped on a re-run; wall times in `
    ``all``, keeps ``checkpoint_final`` and selects nothing). Symlinks to the datalist's files.
 2. ``plan``: ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` (stock planner); ``--batch`` other than the plan's
    = a copy of the plans with only ``batch_size`` changed (a new plans identifier, nnU-Net's documented way).
-3. ``probe`` (``--minutes``): the budget trainer (``_nnunet_budget_trainer.py``) runs ``--probe-warmup`` (3)
+3. ``probe`` (``--minutes``, or ``--match-medssl CONFIG``: the minutes medssl's run of the same fraction, seed and
+   splits trains for on this machine, timed now by its dry run — equal compute wherever the comparison runs): the budget trainer (``_nnunet_budget_trainer.py``) runs ``--probe-warmup`` (3)
    + ``--probe-iterations`` (10) iterations with 0, 1 and 2 data-augmentation workers (``nnUNet_n_proc_DA``; or
    only ``--n-proc-da``); the fastest sets ``N = floor(minutes · 60 / s_per_it)``. ``--iterations N`` skips it.
 4. ``train``: ``nnUNetv2_train <id> 3d_fullres all -tr nnUNetTrainerMedsslBudget -device <--device>`` with N
@@ -193,6 +194,44 @@ def _probe(nn: NnUNet, ds: str, plans: str, run_dir: Path, n_proc: list[int], wa
     return out
 
 
+def matched_budget(config: Path, study_data: Path, fraction: float, seed: int, workdir: Path,
+                   time_steps: int = 10) -> dict[str, Any]:
+    """Equal compute on this machine (``--match-medssl``): the training seconds of medssl's finetuning run ``config``
+    (its optimizer steps; validation excluded, as nnU-Net's budget excludes planning and prediction), timed now by
+    its dry run (:func:`medssl.engines.finetune.estimate.estimate_run`). The first measurement of a (config, fraction,
+    seed) is kept in ``<workdir>/matched_budgets.json`` and reused, so a re-run resumes the same run folder.
+
+    Raises:
+        MedsslError: the config is of another fraction or seed, or of other cases (its splits are not
+            ``<study_data>/splits.json``), or its run is refused (an unfit recipe).
+    """
+    from medssl.engines.finetune.config import FinetuneConfig
+    from medssl.engines.finetune.estimate import estimate_run
+    from medssl.engines.runtime.checkpoint import machine_tag
+
+    cfg = FinetuneConfig.from_yaml(config)
+    if float(cfg.fraction) != float(fraction) or int(cfg.seed) != int(seed):
+        raise MedsslError(f"--match-medssl {config} is fraction {cfg.fraction:g} seed {cfg.seed}, the peer runs "
+                          f"fraction {fraction:g} seed {seed}: equal compute needs the same run")
+    if not cfg.splits or Path(cfg.splits).resolve() != (study_data / "splits.json").resolve():
+        raise MedsslError(f"--match-medssl {config} uses splits {cfg.splits}, the peer {study_data / 'splits.json'}: "
+                          "not the same cases")
+    store = workdir / "matched_budgets.json"
+    known = json.loads(store.read_text()) if store.exists() else {}
+    key = f"{config.resolve()}:f{fraction_key(fraction)}:s{seed}"
+    if key not in known:
+        est = estimate_run(cfg, time_steps=time_steps)
+        known[key] = {"config": str(config.resolve()), "medssl_steps": est.total_steps,
+                      "medssl_s_per_step": round(est.timing["step"], 4), "training_s": round(est.timing["training"], 1),
+                      "minutes": round(est.timing["training"] / 60.0, 2), "machine": machine_tag(est.machine),
+                      "load_average": round(os.getloadavg()[0], 2)}
+        workdir.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(known, indent=1))
+        log.info("equal compute: medssl %s trains %d steps at %.3f s/step here = %.2f min", config,
+                 est.total_steps, est.timing["step"], known[key]["minutes"])
+    return known[key]
+
+
 def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     """All stages for one (fraction, seed, batch, budget); returns the result dict (also ``result.json``)."""
     work = args.workdir.resolve()
@@ -217,6 +256,10 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
                       nn.env(work / "nnUNet_results"), work / "logs" / f"{ds}_plan.txt")
         (pre / "medssl_plan_seconds.json").write_text(json.dumps({"seconds": round(secs, 1)}))
     planner_batch = int(json.loads((pre / "nnUNetPlans.json").read_text())["configurations"][CONFIG]["batch_size"])
+    matched = None
+    if args.match_medssl is not None:  # equal compute: medssl's training minutes for this run, timed here
+        matched = matched_budget(args.match_medssl, args.study_data, args.fraction, args.seed, work)
+        args.minutes = matched["minutes"]
     batch = resolve_batch(args.batch, planner_batch)
     plans = plans_with_batch(pre, batch)
     budget = f"{args.minutes:g}min" if args.minutes else f"{args.iterations}it"
@@ -261,7 +304,7 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     versions = nn.versions(args.device)
     result = {
         "fraction": args.fraction, "seed": args.seed, "batch": batch, "batch_spec": args.batch,
-        "planner_batch": planner_batch, "plans": plans, "budget_minutes": args.minutes,
+        "planner_batch": planner_batch, "plans": plans, "budget_minutes": args.minutes, "matched_medssl": matched,
         "iterations_budgeted": total, "iterations": epochs * per_epoch, "epochs": epochs,
         "iterations_per_epoch": per_epoch, "iterations_timed": len(step_ends),
         "seconds_train": state["stages"]["train"]["seconds"], "seconds_predict": state["stages"]["predict"]["seconds"],
@@ -302,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = ap.add_mutually_exclusive_group(required=True)
     budget.add_argument("--minutes", type=float, help="training budget; N from a timed probe")
     budget.add_argument("--iterations", type=int, help="training iterations N (no probe)")
+    budget.add_argument("--match-medssl", type=Path, metavar="CONFIG",
+                        help="equal compute on this machine: the training minutes of this medssl finetune config "
+                             "(same fraction, seed and splits), timed now by its dry run; N from a timed probe")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--nnunet-venv", type=Path, default=REPO / ".venv-nnunet",
                     help="nnU-Net's venv, or a `pip install --target` folder on PYTHONPATH (bin/nnUNetv2_train)")

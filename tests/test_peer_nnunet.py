@@ -263,3 +263,34 @@ def test_end_to_end_few_iterations(study: Path, tmp_path: Path) -> None:
     assert res["batch"] == 2 and res["tta_mirroring"] and res["seconds_train"] > 0
     assert peer_nnunet.main(argv) == 0  # resumed: every stage skipped
     assert json.loads((run / "result.json").read_text())["stages"] == res["stages"]
+
+
+def test_match_medssl_budget_is_medssls_training_time_here(study: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--match-medssl CONFIG``: nnU-Net's budget = the training minutes of medssl's run of the same fraction, seed
+    and splits, timed on this machine by its dry run; kept for re-runs; another fraction or other splits refused."""
+    import yaml
+
+    from medssl.engines.finetune.config import FinetuneConfig
+
+    cfg = FinetuneConfig(datalist=str(study / "datalist.json"), splits=str(study / "splits.json"), fraction=50, seed=0,
+                         network="UNet", network_kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 0},
+                         out_channels=3, roi_size=[16, 16, 16], batch_size=2, num_samples=1, max_steps=40,
+                         val_every_steps=20, device="cpu", out_dir=str(tmp_path / "medssl"), experiment=None)
+    path = tmp_path / "medssl.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    work = tmp_path / "work"
+    first = peer_nnunet.matched_budget(path, study, 50, 0, work, time_steps=2)
+    assert first["medssl_steps"] == 40 and first["training_s"] == pytest.approx(40 * first["medssl_s_per_step"], abs=0.06)
+    assert first["minutes"] == pytest.approx(first["training_s"] / 60, abs=0.01) and first["machine"]
+    assert peer_nnunet.matched_budget(path, study, 50, 0, work) == first  # measured once, reused by a re-run
+    with pytest.raises(MedsslError, match="fraction 50 seed 0, the peer runs fraction 100 seed 0"):
+        peer_nnunet.matched_budget(path, study, 100, 0, work)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "splits.json").write_text((study / "splits.json").read_text())
+    with pytest.raises(MedsslError, match="not the same cases"):
+        peer_nnunet.matched_budget(path, other, 50, 0, work)
+    with pytest.raises(SystemExit):  # one budget only
+        peer_nnunet.main(["--study-data", str(study), "--fraction", "50", "--seed", "0", "--minutes", "1",
+                          "--match-medssl", str(path), "--workdir", str(work)])
