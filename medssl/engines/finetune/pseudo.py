@@ -145,6 +145,14 @@ def _teacher_cases(config: dict[str, Any], source: str) -> tuple[set[str], set[s
     return tuple({it["case_id"] for it in items[r]} for r in ("training", "validation", "test"))  # type: ignore[return-value]
 
 
+def _stage_pool(images: dict[str, str], stage: Path) -> None:
+    """Links ``<stage>/<case id>.nii(.gz)`` to the pool images, so the teacher's outputs are named by case id (files
+    of different folders may share a name)."""
+    stage.mkdir(parents=True, exist_ok=True)
+    for c, image in images.items():
+        os.symlink(image, stage / (c + (".nii.gz" if image.endswith(".nii.gz") else ".nii")))
+
+
 def _teacher_and_pool(spec: dict[str, Any], *, datalist: str | Path, splits: str | Path, seed: int,
                       items: dict[str, list[dict[str, Any]]], out_channels: int,
                       tmp: str) -> tuple[Path, str, list[str], dict[str, str]]:
@@ -195,13 +203,11 @@ def time_teacher(spec: dict[str, Any], *, datalist: str | Path, splits: str | Pa
     with tempfile.TemporaryDirectory(prefix="medssl_teacher_") as tmp:
         path, _, ids, images = _teacher_and_pool(spec, datalist=datalist, splits=splits, seed=seed, items=items,
                                                  out_channels=out_channels, tmp=tmp)
-        stage, out = Path(tmp) / "stage", Path(tmp) / "out"
-        stage.mkdir()
+        stage = Path(tmp) / "stage"
         timed = ids[: max(1, int(cases))]
-        for c in timed:
-            os.symlink(images[c], stage / (c + (".nii.gz" if images[c].endswith(".nii.gz") else ".nii")))
+        _stage_pool({c: images[c] for c in timed}, stage)
         t0 = time.perf_counter()
-        predict(path, [stage], out, device=device, tta=spec["tta"])
+        predict(path, [stage], Path(tmp) / "out", device=device, tta=spec["tta"])
         elapsed = time.perf_counter() - t0
     return {"pool": len(ids), "timed": len(timed), "s_per_case": elapsed / len(timed)}
 
@@ -331,6 +337,5 @@ class PseudoLabels:
         for old in self.folder.glob("*_seg.nii.gz"):
             old.unlink()
         with tempfile.TemporaryDirectory(prefix="medssl_pool_") as stage:
-            for c, image in images.items():
-                os.symlink(image, Path(stage) / (c + (".nii.gz" if image.endswith(".nii.gz") else ".nii")))
+            _stage_pool(images, Path(stage))
             predict(teacher, [stage], self.folder, device=device, tta=tta)
