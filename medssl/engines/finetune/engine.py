@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -192,6 +193,8 @@ class Finetuner:
         )  # fmt: skip
         self.epoch, self.step, self.nan_run = 0, 0, 0
         self.val_step = -1  # optimizer step of the last validation
+        # wall seconds measured in this process (FinetuneResult.timing): what the dry run estimates
+        self.clock = {"train_s": 0.0, "steps": 0.0, "validation_s": 0.0, "validations": 0.0}
         self.history: list[dict[str, float]] = []
         self.pretrained_frozen = False
         self._sync_pretrained_freeze()  # an SSL schedule's frozen phase starts now
@@ -263,6 +266,7 @@ class Finetuner:
         self.model.train()  # a linear probe's encoder stays in eval mode (finetune_opts.freeze_encoder)
         seed_epoch(self.train_ds, self.cfg.seed, epoch)
         losses = []
+        tick = time.perf_counter()  # a step's time runs from fetching its batch to the end of the optimizer step
         for batch in epoch_loader(
             self.train_view, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.num_workers
         ):
@@ -273,10 +277,13 @@ class Finetuner:
             value = self.train_step(batch)
             if value is not None:
                 losses.append(value)
+            self.clock["train_s"] += time.perf_counter() - tick
+            self.clock["steps"] += 1
             every = self.cfg.val_every_steps
             if every and self.step % every == 0 and self.step < self.total_steps:  # the last: in fit
                 self._record({f"val_{k}": v for k, v in self._validate().items()})
                 self.model.train()
+            tick = time.perf_counter()
         return float(np.mean(losses)) if losses else math.nan
 
     # -- evaluation, selection and checkpoints (the held objects) -------------------------------------
@@ -300,7 +307,11 @@ class Finetuner:
 
     def _validate(self) -> dict[str, float]:
         self.val_step = self.step
-        return self.validate()
+        t0 = time.perf_counter()
+        vals = self.validate()
+        self.clock["validation_s"] += time.perf_counter() - t0
+        self.clock["validations"] += 1
+        return vals
 
     def state_dict(self) -> dict[str, Any]:
         """The ``last.pt`` dict (:meth:`FinetuneCheckpointer.state_dict`)."""
@@ -381,12 +392,16 @@ class Finetuner:
             transfer=self.transfer,
             status="early_stopped" if sel.stopped else "finished",
             best_epoch=int(sel.best["epoch"]),
+            timing=self.clock | {"s_per_step": self.clock["train_s"] / max(1.0, self.clock["steps"])},
         )
         (self.out / "results.json").write_text(json.dumps(asdict(res), indent=1, default=str))
         log.info("best validation (epoch %d): %s; test: %s", res.best_epoch, fmt_metrics(res.best_val), fmt_metrics(test))
         if self.tracker:
             self._log({f"test_{k}": v for k, v in test.items()} | {"best_epoch": float(sel.best["epoch"])}, self.epoch)
-            self.tracker.set_tags({"medssl.status": res.status})
+            # wall times as tags, not metrics: a resumed run's metric history equals the uninterrupted one's
+            timing = {"medssl.s_per_step": f"{res.timing['s_per_step']:.4f}",
+                      "medssl.train_minutes": f"{res.timing['train_s'] / 60:.2f}"} if self.clock["steps"] else {}
+            self.tracker.set_tags({"medssl.status": res.status} | timing)
             self.tracker.log_artifact(best_path, "checkpoints")
             self.tracker.log_artifact(self.out / "results.json")
         return res

@@ -22,7 +22,7 @@ PLAN_PARAMS = ("target_spacing", "spacing_source", "median_shape", "patch_size",
 class FinetuneResult:
     """Outcome of :func:`~medssl.engines.finetune.engine.run_finetune`. ``status`` is ``"finished"`` or
     ``"early_stopped"``; ``best_val`` and ``test_metrics`` use metric names without the ``val_`` / ``test_``
-    prefix."""
+    prefix; ``timing`` the measured seconds (MLflow tags ``medssl.s_per_step``, ``medssl.train_minutes``)."""
 
     out_dir: Path
     run_id: str | None = None
@@ -33,6 +33,10 @@ class FinetuneResult:
     transfer: dict[str, Any] | None = None
     status: str = "finished"
     best_epoch: int | None = None
+    #: wall seconds of this process's part of the run (a resumed run: since the resume): ``train_s`` (optimizer
+    #: steps incl. fetching their batches), ``steps``, ``s_per_step``, ``validation_s``, ``validations``; what
+    #: ``medssl finetune --dry-run`` estimates, measured
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def fmt_metrics(values: dict[str, float]) -> str:

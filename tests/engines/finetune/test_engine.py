@@ -185,6 +185,9 @@ def test_segmentation_run_logs_metrics_and_selects_on_validation(
     assert tags["medssl.machine"] == machine_tag() and machine_info()["cpu_capability"] in tags["medssl.machine"]
     assert load_checkpoint(res.best_checkpoint)["recipe"]["machine"] == machine_info()
     assert len(tags["medssl.data_hash"]) == 16
+    assert res.timing["steps"] == 2 and float(tags["medssl.s_per_step"]) == pytest.approx(res.timing["s_per_step"],
+                                                                                          abs=1e-4)
+    assert float(tags["medssl.train_minutes"]) == pytest.approx(res.timing["train_s"] / 60, abs=0.01)
     assert run.data.params["normalisation"] == "robust" and run.data.params["network"] == "SegResNet"
     arts = {a.path for a in _client(mlflow_uri).list_artifacts(res.run_id)}
     assert {"config.yaml", "results.json", "checkpoints"} <= arts

@@ -58,8 +58,12 @@ def test_estimate_resolves_counts_and_times_as_the_run(data, tmp_path: Path) -> 
     assert t["total"] == pytest.approx(t["setup"] + t["training"] + t["validation"] + t["test"])
     assert "labelling" in t and t["labelling"] == 0 and "teacher_case" not in t
     assert est.machine["cpu_capability"] and est.device == "cpu"
-    run_finetune(cfg, progress=False)  # the config the run resolves and records is the one the estimate shows
+    res = run_finetune(cfg, progress=False)  # the config the run resolves and records is the one the estimate shows
     assert est.config == FinetuneConfig.from_yaml(tmp_path / "run" / "config.yaml").to_dict()
+    # and the run measures what the estimate predicts: the same steps and validations, seconds of each
+    assert (res.timing["steps"], res.timing["validations"]) == (est.total_steps, est.validations)
+    assert res.timing["s_per_step"] == pytest.approx(res.timing["train_s"] / 5) and res.timing["validation_s"] > 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["timing"]["steps"] == 5
     assert json.loads(json.dumps(est.to_dict(), default=str))["total_steps"] == 5
 
 
