@@ -271,6 +271,8 @@ class Pretrainer:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 logs = self.train_step()
+                self.result.timing["train_s"] = self.result.timing.get("train_s", 0.0) + time.perf_counter() - t0
+                self.result.timing["steps"] = self.result.timing.get("steps", 0.0) + 1
                 if self.cfg.compile and self.compile_s is None and logs is not None:
                     self.compile_s = time.perf_counter() - t0  # first step = compile + one step
                     log.info("torch.compile: first step took %.1f s", self.compile_s)
@@ -278,11 +280,15 @@ class Pretrainer:
                     self.result.loss_history.append((self.step, logs["loss"]))
                 self.state.clear_outputs()
                 self.state.output = logs
+                t1 = time.perf_counter()  # the handlers' share: monitor probes, checkpoints, logging
                 self.fire(Events.ITERATION_COMPLETED)
+                self.result.timing["handlers_s"] = self.result.timing.get("handlers_s", 0.0) + time.perf_counter() - t1
                 if preemption is not None and self.step < self.total_steps and preemption.should_stop(
                     lambda flag: dd.any_across_ranks(flag, self.device)
                 ):
                     self._preempted(preemption)
+            if self.result.timing.get("steps"):
+                self.result.timing["s_per_step"] = self.result.timing["train_s"] / self.result.timing["steps"]
             self._finish()
         except BaseException as e:
             fire_exception(self._active, self, e)

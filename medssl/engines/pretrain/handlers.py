@@ -267,6 +267,10 @@ class MlflowLogger(PretrainHandler):
     def completed(self, trainer: Any) -> None:
         if self.tracker is not None:
             self._log_outputs(trainer.state)
+            t = trainer.result.timing  # wall times as tags: a resumed run's metric history stays the straight run's
+            if t.get("steps"):
+                self.tracker.set_tags({"medssl.s_per_step": f"{t['s_per_step']:.4f}",
+                                       "medssl.train_minutes": f"{t['train_s'] / 60:.2f}"})
             close_tracker(self.tracker)
             self.tracker = None
 

@@ -42,6 +42,10 @@ class PretrainResult:
     skipped_steps: list[int] = field(default_factory=list)
     skipped_volumes: dict[str, str] = field(default_factory=dict)
     monitor_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    #: wall seconds of this process's steps (a resumed run: since the resume): ``train_s`` (optimizer steps incl.
+    #: batching and augmentation), ``steps``, ``s_per_step``, ``handlers_s`` (monitor, checkpoints, logging); what
+    #: ``medssl pretrain --dry-run`` estimates, measured
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def start_tracking(

@@ -205,6 +205,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_datalist: Path, tmp_pa
     t = run.data.tags
     assert t["medssl.kind"] == "pretrain" and t["medssl.seed"] == "0" and t["medssl.study"] == "unit"
     assert t["medssl.machine"] == machine_tag()
+    assert res.timing["steps"] == 3 and float(t["medssl.s_per_step"]) == pytest.approx(res.timing["s_per_step"], abs=1e-4)
     assert len(t["medssl.data_hash"]) == 16
     for key in ("loss", "lr", "pred_mean", "grad_norm"):
         assert [m.step for m in client.get_metric_history(res.run_id, key)] == [1, 2, 3], key

@@ -29,7 +29,8 @@ def test_estimate_counts_as_the_run_and_adds_up(seg_datalist: Path, tmp_path: Pa
     est = estimate_pretraining(cfg, time_steps=2, warmup_steps=1)
     assert not (tmp_path / "run").exists()
     res = run_pretraining(cfg, progress=False)
-    assert est.total_steps == 10 == len(res.loss_history)
+    assert est.total_steps == 10 == len(res.loss_history) == res.timing["steps"]  # the run measures what was estimated
+    assert res.timing["s_per_step"] == pytest.approx(res.timing["train_s"] / 10) and res.timing["handlers_s"] > 0
     assert est.probes == len(res.monitor_history) == 3  # steps 0, 4, 8
     assert est.checkpoints == 2 and est.pool == 8  # steps 5, 10; the test case is not pooled
     t = est.timing
