@@ -20,6 +20,7 @@ from medssl.engines.finetune.estimate import estimate_run, validation_count
 from medssl.engines.finetune.pseudo import labelled_repeats, pool_ids
 from medssl.engines.runtime.checkpoint import load_checkpoint
 from medssl.errors import MedsslError
+from tests.engines.finetune.test_engine import adrenal, cls_config  # noqa: F401 - the fixture
 from tests.engines.finetune.test_self_training import _cfg, synthetic_cases
 
 
@@ -117,3 +118,12 @@ def test_cli_dry_run_prints_the_estimate_and_writes_only_the_json(data, tmp_path
     assert "total" in res.output and "s/step" in res.output and "4 steps" in res.output
     assert json.loads((tmp_path / "est.json").read_text())["total_steps"] == 4
     assert not (tmp_path / "run").exists()
+
+
+def test_classification_run_is_estimated(adrenal, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    cfg = cls_config(adrenal, tmp_path / "cls", max_epochs=3)
+    est = estimate_run(cfg, time_steps=2, warmup_steps=0, eval_cases=3)
+    ft = Finetuner(cfg)
+    assert est.plan is None and est.cases == {r: len(ft.items[r]) for r in ("training", "validation", "test")}
+    assert est.total_steps == 3 * ft.steps_per_epoch and est.validations == 3
+    assert est.timing["eval_cases_timed"] == 3 and est.timing["total"] > est.timing["training"] > 0
