@@ -62,7 +62,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "save_augment_preview", "augment_preview", "PREVIEW_KEYS",
     ),
     "estimate": (
-        "PretrainEstimate", "estimate_pretraining",
+        "PretrainEstimate", "estimate_pretraining", "checkpoint_count",
     ),
 }
 
@@ -78,7 +78,7 @@ __all__ = [
     "check_handlers", "fire", "fire_exception", "AugmentPreview", "KnnMonitor", "MetricsWriter", "StatsLogger",
     "MlflowLogger", "RichProgress", "CheckpointSaver", "default_handlers", "ProbeSet", "RepresentationMonitor", "build_monitor",
     "build_probe_set", "embed", "knn_scores", "probe_items", "save_augment_preview", "augment_preview",
-    "PREVIEW_KEYS", "PretrainEstimate", "estimate_pretraining",
+    "PREVIEW_KEYS", "PretrainEstimate", "estimate_pretraining", "checkpoint_count",
 ]
 
 

@@ -9,7 +9,7 @@ of bad data or config), then times:
   forward, backward, optimizer; gradient accumulation included);
 - one probe of the representation monitor when ``monitor_every`` is on (it probes at step 0 and every
   ``monitor_every`` steps);
-- one checkpoint write when ``checkpoint_every`` is on.
+- one checkpoint write (every ``checkpoint_every`` steps and at the last one).
 
 Estimate (seconds): ``setup + total_steps · step + probes · probe + checkpoints · checkpoint``. One process: under
 ``torchrun`` each rank runs ``total_steps`` steps of its own ``batch_size`` (the estimate is a rank's, before
@@ -29,7 +29,7 @@ from medssl.config import PretrainConfig
 from medssl.engines.runtime import checkpoint as ck
 from medssl.engines.runtime.estimate import TimedEstimate
 
-__all__ = ["PretrainEstimate", "estimate_pretraining"]
+__all__ = ["PretrainEstimate", "estimate_pretraining", "checkpoint_count"]
 
 
 @dataclass
@@ -40,7 +40,8 @@ class PretrainEstimate(TimedEstimate):
         config: the run's config (``in_channels`` resolved from the pool).
         pool: volumes in the pretraining pool; ``parameters``: trainable parameters of the method (encoder + heads).
         total_steps: optimizer steps; ``epoch_length``: steps per pass over the pool.
-        probes: representation-monitor probes (0 when off); ``checkpoints``: periodic checkpoint writes.
+        probes: representation-monitor probes (0 when off); ``checkpoints``: checkpoint writes (the last step's
+            included).
         timing: seconds: ``setup``, ``step`` (mean of the timed steps), ``steps_timed``, ``probe``, ``checkpoint``,
             then the parts ``training``, ``monitor``, ``checkpointing`` and ``total``.
         device: where it ran; ``machine``: :func:`~medssl.engines.runtime.checkpoint.machine_info`.
@@ -54,6 +55,14 @@ class PretrainEstimate(TimedEstimate):
     epoch_length: int
     probes: int
     checkpoints: int
+
+
+def checkpoint_count(total_steps: int, every: int) -> int:
+    """Checkpoint writes of a run (:class:`~medssl.engines.pretrain.handlers.CheckpointSaver`): every ``every``
+    steps and at the last step (``every`` = 0: only the last). Example: 7 steps, every 3 → steps 3, 6, 7 = 3."""
+    if not every:
+        return 1
+    return total_steps // every + (1 if total_steps % every else 0)
 
 
 def estimate_pretraining(config: PretrainConfig, *, time_steps: int = 5, warmup_steps: int = 1) -> PretrainEstimate:
@@ -93,17 +102,15 @@ def estimate_pretraining(config: PretrainConfig, *, time_steps: int = 5, warmup_
                 notes.append("monitor_every is set but the pool has no labelled case: no probes")
             else:
                 probe = float(monitor.evaluate(trainer.encoder)["monitor/seconds"])
-        save = 0.0
-        if cfg.checkpoint_every:
-            t0 = time.perf_counter()
-            trainer.checkpointer.save(trainer.step, None)
-            save = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        trainer.checkpointer.save(trainer.step, None)
+        save = time.perf_counter() - t0
         total_steps, epoch_length = trainer.total_steps, trainer.state.epoch_length
         parameters = sum(p.numel() for p in trainer.method.parameters() if p.requires_grad)
         device = str(trainer.device)
     step = float(np.mean(times))
     probes = (1 + total_steps // cfg.monitor_every) if probe else 0  # step 0 and every monitor_every
-    checkpoints = total_steps // cfg.checkpoint_every if cfg.checkpoint_every else 0
+    checkpoints = checkpoint_count(total_steps, cfg.checkpoint_every)
     parts = {"training": total_steps * step, "monitor": probes * probe, "checkpointing": checkpoints * save}
     timing = {"setup": setup, "step": step, "steps_timed": float(len(times)), "probe": probe, "checkpoint": save}
     timing |= parts | {"total": setup + sum(parts.values())}

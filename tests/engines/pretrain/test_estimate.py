@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from medssl.cli import app
 from medssl.engines.pretrain.engine import run_pretraining
-from medssl.engines.pretrain.estimate import estimate_pretraining
+from medssl.engines.pretrain.estimate import checkpoint_count, estimate_pretraining
 from medssl.errors import MedsslError
 from tests.engines.conftest import toy_config
 from tests.engines.pretrain.test_monitor import _write_seg_datalist
@@ -45,7 +45,14 @@ def test_estimate_counts_as_the_run_and_adds_up(seg_datalist: Path, tmp_path: Pa
 def test_epochs_and_monitor_off(seg_datalist: Path, tmp_path: Path) -> None:
     est = estimate_pretraining(toy_config(seg_datalist, tmp_path / "e", total_steps=0, epochs=3), time_steps=1)
     assert est.epoch_length == 4 and est.total_steps == 12  # 8 volumes, batch 2
-    assert est.probes == 0 and est.checkpoints == 0 and est.timing["monitor"] == 0
+    assert est.probes == 0 and est.checkpoints == 1 and est.timing["monitor"] == 0  # only the last step's
+
+
+def test_checkpoint_count_follows_the_saver(seg_datalist: Path, tmp_path: Path) -> None:
+    assert [checkpoint_count(7, 3), checkpoint_count(6, 3), checkpoint_count(5, 0)] == [3, 2, 1]
+    res = run_pretraining(toy_config(seg_datalist, tmp_path / "r", total_steps=7, checkpoint_every=3,
+                                     keep_checkpoints=5), progress=False)
+    assert len(res.checkpoints) == checkpoint_count(7, 3)  # steps 3, 6 and 7
 
 
 def test_what_the_run_refuses_is_refused(tmp_path: Path) -> None:
