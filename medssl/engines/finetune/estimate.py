@@ -35,6 +35,7 @@ from medssl.engines.finetune.data import epoch_loader, seed_epoch
 from medssl.engines.finetune.pseudo import labelled_repeats, time_teacher
 from medssl.engines.runtime.checkpoint import machine_info
 from medssl.engines.runtime.estimate import TimedEstimate
+from medssl.errors import MedsslError
 
 __all__ = ["RunEstimate", "estimate_run", "validation_count", "run_counts"]
 
@@ -119,11 +120,15 @@ def _timed_steps(ft: Any, warmup: int, steps: int) -> list[float]:
         seed_epoch(ft.train_ds, cfg.seed, epoch)
         ft.model.train()
         it = iter(epoch_loader(ft.train_view, cfg.batch_size, cfg.seed, epoch, cfg.num_workers))
+        fetched = 0
         while len(out) < steps:
             t0 = time.perf_counter()
             batch = next(it, None)
             if batch is None:
+                if not fetched:  # an epoch without a batch would loop forever
+                    raise MedsslError(f"the training cases of {cfg.out_dir} make no batch of {cfg.batch_size}")
                 break
+            fetched += 1
             ft.train_step(batch)
             if warmup > 0:
                 warmup -= 1

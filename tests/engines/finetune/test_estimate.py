@@ -127,3 +127,11 @@ def test_classification_run_is_estimated(adrenal, tmp_path: Path) -> None:  # no
     assert est.plan is None and est.cases == {r: len(ft.items[r]) for r in ("training", "validation", "test")}
     assert est.total_steps == 3 * ft.steps_per_epoch and est.validations == 3
     assert est.timing["eval_cases_timed"] == 3 and est.timing["total"] > est.timing["training"] > 0
+
+
+def test_an_epoch_without_a_batch_is_an_error_not_a_hang(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medssl.engines.finetune.estimate as estimate
+
+    monkeypatch.setattr(estimate, "epoch_loader", lambda *a, **k: [])
+    with pytest.raises(MedsslError, match="make no batch of 2"):
+        estimate_run(_cfg(data, tmp_path / "n"), time_steps=1)
