@@ -26,7 +26,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "Finetuner", "run_finetune",
     ),
     "estimate": (
-        "RunEstimate", "estimate_run", "validation_count",
+        "RunEstimate", "estimate_run", "validation_count", "run_counts",
     ),
     "config": (
         "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS", "is_auto",
@@ -36,7 +36,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "data": (
         "datalist_by_case", "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms",
-        "make_dataset", "seed_epoch", "epoch_loader", "items_hash", "data_channels", "run_items",
+        "make_dataset", "seed_epoch", "epoch_loader", "items_hash", "data_channels", "run_items", "run_length",
     ),
     "augment": (
         "AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL", "SAMPLINGS", "resolve_augment", "augment_transforms",
@@ -90,10 +90,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 
 __all__ = [
-    "Finetuner", "run_finetune", "RunEstimate", "estimate_run", "validation_count", "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS",
+    "Finetuner", "run_finetune", "RunEstimate", "estimate_run", "validation_count", "run_counts", "FinetuneConfig", "TASKS", "NETWORKS", "SCRATCH_ONLY", "AUTO", "AUTO_FIELDS",
     "is_auto", "build_model", "rebuild_model", "single_param_group", "param_groups", "datalist_by_case",
     "finetune_items", "planning_items", "class_weights", "eval_transforms", "train_transforms", "make_dataset",
-    "seed_epoch", "epoch_loader", "items_hash", "data_channels", "run_items", "AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL",
+    "seed_epoch", "epoch_loader", "items_hash", "data_channels", "run_items", "run_length", "AUGMENT_DEFAULTS", "AUGMENT_OPTIONAL",
     "SAMPLINGS", "resolve_augment", "augment_transforms", "class_ratios", "crop_transforms",
     "trained_flip_axes", "PLANNER_DEFAULTS", "plan_segmentation", "volume_header", "read_headers",
     "shapes_at", "median_target_spacing", "plan_patch", "plan_classes", "resolve_plan", "check_run",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "make_dataset",
     "seed_epoch",
     "epoch_loader",
+    "run_length",
     "items_hash",
     "data_channels",
     "run_items",
@@ -344,6 +346,16 @@ def epoch_loader(
     flattened into the batch (``list_data_collate``): ``(batch_size * num_samples, C, D, H, W)``."""
     gen = torch.Generator().manual_seed(_derive(seed, epoch, 2))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)
+
+
+def run_length(epoch_items: int, batch_size: int, max_steps: int, max_epochs: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` of a run whose epoch holds ``epoch_items`` items (self-training: the
+    repeated labelled cases and the pseudo-labelled ones): ``max_steps`` when set, else ``max_epochs`` epochs.
+    The one definition of the run's length (:class:`~medssl.engines.finetune.engine.Finetuner` and
+    :func:`~medssl.engines.finetune.estimate.run_counts`). Example: 266 items, batch 4, max_steps 2,400 → (67, 2400).
+    """
+    steps_per_epoch = math.ceil(epoch_items / int(batch_size))
+    return steps_per_epoch, int(max_steps or max_epochs * steps_per_epoch)
 
 
 def items_hash(items: Sequence[dict[str, Any]]) -> str:

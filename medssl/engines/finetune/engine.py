@@ -49,6 +49,7 @@ from medssl.engines.finetune.data import (
     eval_transforms,
     make_dataset,
     run_items,
+    run_length,
     seed_epoch,
     train_transforms,
 )
@@ -159,8 +160,8 @@ class Finetuner:
             self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         if cfg.freeze_encoder:
             freeze_encoder(self.model, cfg.network)
-        self.steps_per_epoch = math.ceil(len(self.train_view) / cfg.batch_size)
-        self.total_steps = cfg.max_steps or cfg.max_epochs * self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps = run_length(len(self.train_view), cfg.batch_size, cfg.max_steps,
+                                                            cfg.max_epochs)
         self.max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         # the pretrained part's schedule (SSL init): frozen phase, warm-up, scaled lr; None from scratch
         self.ssl_plan = resolve_ssl_schedule(cfg.ssl_schedule, total_steps=self.total_steps, init_kind=cfg.init_kind)

@@ -81,22 +81,28 @@ def validation_count(total_steps: int, steps_per_epoch: int, *, val_every_steps:
     return epochs // val_every + (1 if epochs % val_every else 0)
 
 
-def run_counts(config: FinetuneConfig) -> dict[str, Any]:
+def run_counts(config: FinetuneConfig, *, items: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """What a run of ``config`` will do, from its splits and the volumes' headers alone (no model, no data read):
     the resolved config (``"auto"`` fields planned; every refusal of an unfit recipe), its cases (``"pseudo"``:
     the self-training pool, counted from the splits: the teacher is not needed), ``steps_per_epoch``,
     ``total_steps`` and ``validations``. With an SSL init the checkpoint must exist (it fixes the preprocessing).
+    ``items``: the run's cases when the caller already resolved them (``config`` is then the resolved config and
+    is not planned again; ``plan`` is ``None``).
 
     Returns:
         ``{"config": FinetuneConfig, "plan", "cases", "steps_per_epoch", "total_steps", "validations"}``.
     """
     from medssl.data.splits import load_splits
-    from medssl.engines.finetune.data import run_items
+    from medssl.engines.finetune.data import run_items, run_length
     from medssl.engines.finetune.plan import resolve_plan
     from medssl.engines.finetune.pseudo import pool_ids
 
-    items, channels = run_items(config)
-    cfg, plan = resolve_plan(config, items)
+    if items is None:
+        items, channels = run_items(config)
+        cfg, plan = resolve_plan(config, items)
+        cfg = cfg.replace(in_channels=channels)
+    else:
+        cfg, plan = config, None
     cases = {role: len(items[role]) for role in ("training", "validation", "test")}
     per_epoch = cases["training"]
     spec = cfg.self_training
@@ -105,10 +111,8 @@ def run_counts(config: FinetuneConfig) -> dict[str, Any]:
         cases["pseudo"] = len(pool_ids(load_splits(cfg.splits), cfg.seed, spec["pool"], labelled))
         per_epoch = cases["training"] * labelled_repeats(cases["training"], cases["pseudo"],
                                                          spec["labelled_share"]) + cases["pseudo"]
-    steps_per_epoch = math.ceil(per_epoch / int(cfg.batch_size))
-    total = cfg.max_steps or cfg.max_epochs * steps_per_epoch
-    return {"config": cfg.replace(in_channels=channels), "plan": plan, "cases": cases,
-            "steps_per_epoch": steps_per_epoch, "total_steps": int(total),
+    steps_per_epoch, total = run_length(per_epoch, cfg.batch_size, cfg.max_steps, cfg.max_epochs)
+    return {"config": cfg, "plan": plan, "cases": cases, "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "validations": validation_count(total, steps_per_epoch, val_every_steps=cfg.val_every_steps,
                                             val_every=cfg.val_every)}
 
@@ -164,11 +168,12 @@ def estimate_run(config: FinetuneConfig, *, time_steps: int = 10, warmup_steps: 
         ft = Finetuner(base, tracker=None)
         setup = time.perf_counter() - t0
         cfg = ft.cfg
-        counts = run_counts(config)  # the run's own counts (the student's epoch with self-training)
+        spec = config.self_training  # normalised by FinetuneConfig
+        # the run's own counts (the student's epoch with self-training), on the cases the Finetuner resolved
+        counts = run_counts(cfg.replace(self_training=spec), items=ft.items)
         cases, steps_per_epoch, total_steps = counts["cases"], counts["steps_per_epoch"], counts["total_steps"]
         notes = []
         teacher: dict[str, Any] | None = None
-        spec = config.self_training  # normalised by FinetuneConfig
         if spec is not None:  # the teacher and pool checks, and the teacher timed on one pool volume
             teacher = time_teacher(spec, datalist=cfg.datalist, splits=cfg.splits, seed=cfg.seed, items=ft.items,
                                    out_channels=int(cfg.out_channels), device=str(ft.device))
