@@ -8,8 +8,11 @@ fixed test set).
     python benchmarks/peer_summary.py studies/peer_nnunet --medssl 10:0=0.8552 --medssl 10:1=0.8502 ...
 
 nnU-Net side: every ``<peer workdir>/*/result.json`` that ``benchmarks/peer_nnunet.py`` wrote, grouped by
-(device, fraction, batch choice, iterations); a group with two results of one seed is refused (two budgets or TTA
-settings of the same seed must not be averaged as if they were seeds). medssl side: a ``medssl compare`` CSV (its
+(device, fraction, batch choice, budget); a group with two results of one seed is refused (two budgets or TTA
+settings of the same seed must not be averaged as if they were seeds). The budget is what the run was given, not
+the iterations it came to: ``--match-medssl`` runs group as "equal compute" and ``--minutes M`` runs as "M min"
+(their iteration counts differ per seed because each run's probe times its own machine; the table lists them per
+seed), ``--iterations N`` runs as "N it.". medssl side: a ``medssl compare`` CSV (its
 ``seeds`` and per-seed ``values`` columns) for one arm (``--arm``), and/or values given as
 ``FRACTION:SEED=VALUE`` (``--medssl``, e.g. the per-seed values RESULTS.md recorded from a study store that is
 not on this machine; given values override the CSV's for that seed, and the output names the source).
@@ -31,13 +34,25 @@ from typing import Any
 from medssl.errors import MedsslError
 from medssl.tracking.stats import Summary, format_summary, mean_ci, paired_difference
 
-__all__ = ["peer_results", "medssl_values", "summary_rows", "markdown", "main"]
+__all__ = ["peer_runs", "peer_results", "budget_label", "medssl_values", "summary_rows", "markdown", "main"]
 
-GroupKey = tuple[str, float, str, int]  # device, fraction, batch choice ("planner" / "max-iter" / "2 …"), iterations
+GroupKey = tuple[str, float, str, str]  # device, fraction, batch choice ("planner (batch 2)" …), budget label
 
 
-def peer_results(workdir: Path, metric: str = "dice_mean") -> dict[GroupKey, dict[int, float]]:
-    """``{(device, fraction, batch, iterations): {seed: metric}}`` from ``<workdir>/*/result.json``.
+def budget_label(result: dict[str, Any]) -> str:
+    """The budget a peer run was *given*: ``"equal compute"`` (``--match-medssl``), ``"20 min"`` (``--minutes``)
+    or ``"1125 it."`` (``--iterations``). Seeds of one label are comparable; their iteration counts may differ."""
+    if result.get("matched_medssl"):
+        return "equal compute"
+    if result.get("budget_minutes"):
+        return f"{float(result['budget_minutes']):g} min"
+    return f"{int(result['iterations'])} it."
+
+
+def peer_runs(workdir: Path, metric: str = "dice_mean") -> dict[GroupKey, dict[int, dict[str, Any]]]:
+    """``{(device, fraction, batch, budget): {seed: {"value", "iterations", "minutes", "run"}}}`` from
+    ``<workdir>/*/result.json``; ``minutes`` = the training minutes nnU-Net was given (``None`` for a fixed
+    iteration count).
 
     Raises:
         MedsslError: no result file, an unreadable one or one without ``metric``, or two results of one seed in
@@ -46,21 +61,28 @@ def peer_results(workdir: Path, metric: str = "dice_mean") -> dict[GroupKey, dic
     files = sorted(Path(workdir).glob("*/result.json"))
     if not files:
         raise MedsslError(f"no */result.json under {workdir}: run benchmarks/peer_nnunet.py first")
-    out: dict[GroupKey, dict[int, float]] = defaultdict(dict)
-    where: dict[tuple[GroupKey, int], Path] = {}
+    out: dict[GroupKey, dict[int, dict[str, Any]]] = defaultdict(dict)
     for f in files:
         try:
             r = json.loads(f.read_text())
             value = float(r["metrics"][metric])
             key: GroupKey = (str(r.get("device", "cpu")), float(r["fraction"]), f"{r['batch_spec']} (batch "
-                             f"{r['batch']}{'' if r.get('tta_mirroring', True) else ', no TTA'})", int(r["iterations"]))
+                             f"{r['batch']}{'' if r.get('tta_mirroring', True) else ', no TTA'})", budget_label(r))
             seed = int(r["seed"])
+            minutes = r.get("budget_minutes")
+            record = {"value": value, "iterations": int(r["iterations"]), "run": f.parent,
+                      "minutes": None if minutes is None else float(minutes)}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MedsslError(f"{f}: not a peer_nnunet result with metrics.{metric} ({type(e).__name__}: {e})") from e
         if seed in out[key]:
-            raise MedsslError(f"{f} and {where[(key, seed)]} are both seed {seed} of {key}: keep one")
-        out[key][seed], where[(key, seed)] = value, f.parent
+            raise MedsslError(f"{f} and {out[key][seed]['run']} are both seed {seed} of {key}: keep one")
+        out[key][seed] = record
     return dict(out)
+
+
+def peer_results(workdir: Path, metric: str = "dice_mean") -> dict[GroupKey, dict[int, float]]:
+    """``{(device, fraction, batch, budget): {seed: metric}}`` (:func:`peer_runs` without the run details)."""
+    return {k: {s: r["value"] for s, r in v.items()} for k, v in peer_runs(workdir, metric).items()}
 
 
 def medssl_values(csv_path: Path | None, arm: str, given: Iterable[str] = ()) -> dict[float, dict[int, float]]:
@@ -98,20 +120,34 @@ def medssl_values(csv_path: Path | None, arm: str, given: Iterable[str] = ()) ->
     return dict(out)
 
 
-def summary_rows(peer: dict[GroupKey, dict[int, float]], medssl: dict[float, dict[int, float]]) -> list[dict[str, Any]]:
+def summary_rows(peer: dict[GroupKey, dict[int, Any]], medssl: dict[float, dict[int, float]]) -> list[dict[str, Any]]:
     """One row per nnU-Net group: its summary, medssl's on the same fraction (all its seeds) and the paired
-    medssl − nnU-Net difference on the seeds both have."""
+    medssl − nnU-Net difference on the seeds both have. ``peer`` is :func:`peer_runs` (per-seed iterations and
+    minutes kept in the row) or :func:`peer_results` (values only)."""
     rows = []
     for key in sorted(peer):
-        device, fraction, batch, iterations = key
-        nn, ms = peer[key], medssl.get(fraction, {})
+        device, fraction, batch, budget = key
+        runs = {s: (r if isinstance(r, dict) else {"value": r}) for s, r in peer[key].items()}
+        nn, ms = {s: r["value"] for s, r in runs.items()}, medssl.get(fraction, {})
         rows.append({
-            "device": device, "fraction": fraction, "batch": batch, "iterations": iterations,
+            "device": device, "fraction": fraction, "batch": batch, "budget": budget,
+            "iterations": {s: runs[s].get("iterations") for s in sorted(runs)},
+            "minutes": {s: runs[s].get("minutes") for s in sorted(runs)},
             "nnunet": mean_ci([nn[s] for s in sorted(nn)], seeds=sorted(nn)),
             "medssl": mean_ci([ms[s] for s in sorted(ms)], seeds=sorted(ms)) if ms else None,
             "paired": paired_difference(ms, nn) if ms else None,
         })
     return rows
+
+
+def _budget(row: dict[str, Any]) -> str:
+    """``"equal compute (0: 54.6 min / 2,870 it., 1: …)"``: what each seed was given and the iterations it came to
+    (a fixed iteration budget is the label alone)."""
+    if row["budget"].endswith("it."):
+        return row["budget"]
+    parts = [f"{seed}: {'' if minutes is None else f'{minutes:g} min / '}{row['iterations'].get(seed) or 0:,} it."
+             for seed, minutes in row["minutes"].items()]
+    return f"{row['budget']} ({', '.join(parts)})"
 
 
 def _per_seed(s: Summary | None) -> str:
@@ -127,13 +163,13 @@ def _paired(s: Summary | None) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], arm: str, metric: str) -> str:
-    """The RESULTS.md table: one line per (device, fraction, nnU-Net batch, iterations)."""
-    lines = [f"| fraction | device | nnU-Net batch, iterations | nnU-Net {metric} | per seed | medssl `{arm}` | per seed "
+    """The RESULTS.md table: one line per (device, fraction, nnU-Net batch, budget)."""
+    lines = [f"| fraction | device | nnU-Net batch, budget (per seed) | nnU-Net {metric} | per seed | medssl `{arm}` | per seed "
              f"| medssl − nnU-Net (paired) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         nn, ms = r["nnunet"], r["medssl"]
         nn_n, ms_n = (("" if x is None or x.half_width is None else f" (n={x.n})") for x in (nn, ms))
-        lines.append(f"| {r['fraction']:g} % | {r['device']} | {r['batch']}, {r['iterations']} | "
+        lines.append(f"| {r['fraction']:g} % | {r['device']} | {r['batch']}, {_budget(r)} | "
                      f"{format_summary(nn, 4)}{nn_n} | {_per_seed(nn)} | {format_summary(ms, 4)}{ms_n} | "
                      f"{_per_seed(ms)} | {_paired(r['paired'])} |")
     return "\n".join(lines)
@@ -149,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="dice_mean", help="key of result.json's metrics (the CSV must be the same)")
     args = ap.parse_args(argv)
     try:
-        rows = summary_rows(peer_results(args.workdir, args.metric),
+        rows = summary_rows(peer_runs(args.workdir, args.metric),
                             medssl_values(args.medssl_csv, args.arm, args.medssl))
     except MedsslError as e:
         print(f"peer_summary: {e}", file=sys.stderr)

@@ -19,11 +19,13 @@ import peer_summary  # noqa: E402
 
 
 def _result(root: Path, name: str, *, fraction: float, seed: int, dice: float, batch_spec: str = "planner",
-            batch: int = 2, iterations: int = 1125, device: str = "cpu", tta: bool = True) -> None:
+            batch: int = 2, iterations: int = 1125, device: str = "cpu", tta: bool = True,
+            minutes: float | None = None, matched: bool = False) -> None:
     (root / name).mkdir(parents=True)
     (root / name / "result.json").write_text(json.dumps({
         "fraction": fraction, "seed": seed, "batch": batch, "batch_spec": batch_spec, "iterations": iterations,
         "device": device, "tta_mirroring": tta, "metrics": {"dice_mean": dice, "hd95_mean": 1.8},
+        "budget_minutes": minutes, "matched_medssl": {"minutes": minutes, "medssl_steps": 2400} if matched else None,
     }))
 
 
@@ -53,7 +55,7 @@ def test_pairs_by_seed_with_compares_statistics(tmp_path: Path) -> None:
     five = rows[0]  # only seed 1 in common: a difference without CI; medssl's own summary keeps its 3 seeds
     assert five["paired"].seeds == (1,) and five["paired"].half_width is None and five["medssl"].n == 3
     table = peer_summary.markdown(rows, "scratch", "dice_mean")
-    assert "| 10 % | cpu | planner (batch 2), 1125 |" in table and "(3+ 0−, CI " in table
+    assert "| 10 % | cpu | planner (batch 2), 1125 it. |" in table and "(3+ 0−, CI " in table
     assert "1: 0.8300" in table and "+0.0153 (1+ 0−)" in table and "0.8442 ± 0.0050 (n=3)" in table
 
 
@@ -98,3 +100,24 @@ def test_cli_prints_the_table_and_exits_1_on_bad_input(tmp_path: Path, capsys: p
     assert "| 0.8390 (n=1, no CI) | 0: 0.8390 |" in out and "+0.0162 (1+ 0−)" in out
     assert peer_summary.main([str(tmp_path / "nothing")]) == 1
     assert "no */result.json" in capsys.readouterr().err
+
+
+def test_seeds_given_one_budget_group_together_though_their_iterations_differ(tmp_path: Path) -> None:
+    """Each run's probe times its own machine, so seeds of one ``--match-medssl`` or ``--minutes`` budget come to
+    different iteration counts: they are still one group (averaged over seeds), with the iterations listed per seed;
+    a matched budget never mixes with a fixed-minutes one."""
+    peer = tmp_path / "peer"
+    for seed, (dice, minutes, its) in enumerate([(0.84, 54.6, 2870), (0.85, 55.1, 2905), (0.83, 53.9, 2810)]):
+        _result(peer, f"m{seed}", fraction=5, seed=seed, dice=dice, minutes=minutes, iterations=its, matched=True)
+    _result(peer, "t0", fraction=5, seed=0, dice=0.82, minutes=20, iterations=1122)
+    _result(peer, "t1", fraction=5, seed=1, dice=0.81, minutes=20, iterations=1125)
+    runs = peer_summary.peer_runs(peer)
+    assert sorted(k[3] for k in runs) == ["20 min", "equal compute"]
+    rows = peer_summary.summary_rows(runs, {5.0: {0: 0.85, 1: 0.86, 2: 0.84}})
+    matched = next(r for r in rows if r["budget"] == "equal compute")
+    assert matched["nnunet"].n == 3 and matched["paired"].mean == pytest.approx(0.01)
+    assert matched["iterations"] == {0: 2870, 1: 2905, 2: 2810}
+    table = peer_summary.markdown(rows, "scratch", "dice_mean")
+    assert "equal compute (0: 54.6 min / 2,870 it., 1: 55.1 min / 2,905 it., 2: 53.9 min / 2,810 it.)" in table
+    assert "20 min (0: 20 min / 1,122 it., 1: 20 min / 1,125 it.)" in table
+    assert peer_summary.budget_label({"iterations": 500}) == "500 it."
