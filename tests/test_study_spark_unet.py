@@ -92,3 +92,5 @@ def test_self_training_students_follow_the_unchanged_children(pl) -> None:
     without = dict(vars(pl)) | {"self_training": None}
     assert kids[:24] == type(pl)(**without).children() and len(kids) == 30
     assert kids[24:] == [(f, "scratch+st", s) for f in (5.0, 10.0) for s in (0, 1, 2)]
+    # the students mix true and pseudo-labelled volumes by bidirectional copy-paste (chosen on validation, 3 seeds)
+    assert pl.student_options() == {"copy_paste": 1.0}
