@@ -120,19 +120,19 @@ def medssl_values(csv_path: Path | None, arm: str, given: Iterable[str] = ()) ->
     return dict(out)
 
 
-def summary_rows(peer: dict[GroupKey, dict[int, Any]], medssl: dict[float, dict[int, float]]) -> list[dict[str, Any]]:
-    """One row per nnU-Net group: its summary, medssl's on the same fraction (all its seeds) and the paired
-    medssl − nnU-Net difference on the seeds both have. ``peer`` is :func:`peer_runs` (per-seed iterations and
-    minutes kept in the row) or :func:`peer_results` (values only)."""
+def summary_rows(peer: dict[GroupKey, dict[int, dict[str, Any]]],
+                 medssl: dict[float, dict[int, float]]) -> list[dict[str, Any]]:
+    """One row per nnU-Net group of :func:`peer_runs`: its summary, medssl's on the same fraction (all its seeds),
+    the paired medssl − nnU-Net difference on the seeds both have, and each seed's iterations and minutes."""
     rows = []
     for key in sorted(peer):
         device, fraction, batch, budget = key
-        runs = {s: (r if isinstance(r, dict) else {"value": r}) for s, r in peer[key].items()}
+        runs = peer[key]
         nn, ms = {s: r["value"] for s, r in runs.items()}, medssl.get(fraction, {})
         rows.append({
             "device": device, "fraction": fraction, "batch": batch, "budget": budget,
-            "iterations": {s: runs[s].get("iterations") for s in sorted(runs)},
-            "minutes": {s: runs[s].get("minutes") for s in sorted(runs)},
+            "iterations": {s: runs[s]["iterations"] for s in sorted(runs)},
+            "minutes": {s: runs[s]["minutes"] for s in sorted(runs)},
             "nnunet": mean_ci([nn[s] for s in sorted(nn)], seeds=sorted(nn)),
             "medssl": mean_ci([ms[s] for s in sorted(ms)], seeds=sorted(ms)) if ms else None,
             "paired": paired_difference(ms, nn) if ms else None,
@@ -145,7 +145,7 @@ def _budget(row: dict[str, Any]) -> str:
     (a fixed iteration budget is the label alone)."""
     if row["budget"].endswith("it."):
         return row["budget"]
-    parts = [f"{seed}: {'' if minutes is None else f'{minutes:g} min / '}{row['iterations'].get(seed) or 0:,} it."
+    parts = [f"{seed}: {'' if minutes is None else f'{minutes:g} min / '}{row['iterations'][seed]:,} it."
              for seed, minutes in row["minutes"].items()]
     return f"{row['budget']} ({', '.join(parts)})"
 

@@ -44,7 +44,7 @@ def test_pairs_by_seed_with_compares_statistics(tmp_path: Path) -> None:
     for seed, dice in enumerate([0.839, 0.842, 0.836]):
         _result(peer, f"f10_s{seed}", fraction=10, seed=seed, dice=dice)
     _result(peer, "f5_s1", fraction=5, seed=1, dice=0.83)
-    rows = peer_summary.summary_rows(peer_summary.peer_results(peer),
+    rows = peer_summary.summary_rows(peer_summary.peer_runs(peer),
                                      peer_summary.medssl_values(_csv(tmp_path / "c.csv"), "scratch"))
     assert [(r["fraction"], r["nnunet"].n) for r in rows] == [(5.0, 1), (10.0, 3)]
     ten = rows[1]
